@@ -1,0 +1,18 @@
+"""Where things live by default: everything written at run time goes below DAGSTER_HOME (git-ignored)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def dagster_home() -> Path:
+    """$DAGSTER_HOME if set (Dagster requires it absolute), else ./dagster_home of this checkout."""
+    home = os.environ.get("DAGSTER_HOME")
+    return Path(home).resolve() if home else REPO_ROOT / "dagster_home"
+
+
+def default_warehouse() -> Path:
+    return dagster_home() / "warehouse.duckdb"

@@ -1,0 +1,182 @@
+"""The seven semantic signals and the keyword labeller (first labelling stage of the paper).
+
+A step is labelled by the longest keyword its opening words match (case-insensitive, punctuation stripped).
+The final step of a trace is the answer (`response_generation`). A step with no keyword gets a
+deterministic fallback signal and `labeller = "fallback"`, so it is always counted, never hidden.
+"""
+
+from __future__ import annotations
+
+import string
+import tomllib
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+SIGNALS: tuple[str, ...] = (
+    "addition_elaboration",
+    "examples_illustration",
+    "opinion_recall",
+    "contrast_concession",
+    "reasoning_analysis",
+    "conclusion_summary",
+    "response_generation",
+)
+SIGNAL_INDEX: dict[str, int] = {name: i for i, name in enumerate(SIGNALS)}
+NUM_SIGNALS = len(SIGNALS)
+ANSWER_SIGNAL = "response_generation"
+CONCLUSION_SIGNAL = "conclusion_summary"
+
+# labeller values written to signal_labels.labeller
+KEYWORD, FALLBACK, FINAL_STEP = "keyword", "fallback", "final_step"
+
+_STRIP = string.punctuation + "“”‘’«»"
+DEFAULT_KEYWORDS_PATH = "scaffold_lib/data/signal_keywords.toml"
+
+
+class KeywordFileError(ValueError):
+    """The keyword file is malformed; the message names the file and the entry."""
+
+
+def _words(text: str, limit: int) -> list[str]:
+    out = []
+    for token in text[: 24 * limit].lower().split()[:limit]:
+        token = token.strip(_STRIP)
+        if token:
+            out.append(token)
+    return out
+
+
+@dataclass(frozen=True)
+class KeywordTable:
+    """Keyword -> signal, keyed by normalised word tuples, plus the text prefix of each signal."""
+
+    by_words: dict[str, tuple[str, str]]  # "in addition" -> (signal, original keyword)
+    prefixes: dict[str, str]  # signal -> short prefix tag ("conclusion")
+    max_words: int
+    source: str
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "KeywordTable":
+        if path is None:
+            text = resources.files("scaffold_lib").joinpath("data/signal_keywords.toml").read_text("utf-8")
+            source = DEFAULT_KEYWORDS_PATH
+        else:
+            source = str(path)
+            try:
+                text = Path(path).read_text("utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise KeywordFileError(f"{source}: cannot read keyword file: {exc}") from exc
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise KeywordFileError(f"{source}: not valid TOML: {exc}") from exc
+        return cls.from_mapping(data, source)
+
+    @classmethod
+    def from_mapping(cls, data: dict, source: str = "<mapping>") -> "KeywordTable":
+        unknown = sorted(set(data) - set(SIGNALS))
+        if unknown:
+            raise KeywordFileError(f"{source}: unknown signal name(s) {unknown}; expected some of {list(SIGNALS)}")
+        by_words: dict[str, tuple[str, str]] = {}
+        prefixes: dict[str, str] = {}
+        for signal in SIGNALS:
+            entry = data.get(signal, {})
+            prefixes[signal] = str(entry.get("prefix", signal.split("_")[0]))
+            keywords = entry.get("keywords", [])
+            if not isinstance(keywords, list) or not all(isinstance(k, str) for k in keywords):
+                raise KeywordFileError(f"{source}: [{signal}].keywords must be a list of strings")
+            for keyword in keywords:
+                key = " ".join(_words(keyword, 16))
+                if not key:
+                    raise KeywordFileError(f"{source}: [{signal}] keyword {keyword!r} is empty after normalising")
+                if key in by_words and by_words[key][0] != signal:
+                    raise KeywordFileError(
+                        f"{source}: keyword {keyword!r} is listed under both {by_words[key][0]} and {signal}"
+                    )
+                by_words[key] = (signal, keyword)
+        max_words = max((k.count(" ") + 1 for k in by_words), default=1)
+        return cls(by_words=by_words, prefixes=prefixes, max_words=max_words, source=source)
+
+    def match(self, step: str) -> tuple[str, str] | None:
+        """(signal, keyword) of the longest keyword the step opens with, or None."""
+        words = _words(step, self.max_words)
+        for n in range(len(words), 0, -1):
+            hit = self.by_words.get(" ".join(words[:n]))
+            if hit is not None:
+                return hit
+        return None
+
+
+@lru_cache(maxsize=8)
+def keyword_table(path: str | None = None) -> KeywordTable:
+    return KeywordTable.load(path)
+
+
+@dataclass(frozen=True)
+class Label:
+    signal: str
+    labeller: str
+    keyword: str | None
+    confidence: float
+
+
+@dataclass(frozen=True)
+class LabellerConfig:
+    keywords_path: str | None = None
+    fallback_signal: str = "reasoning_analysis"
+
+    def __post_init__(self) -> None:
+        if self.fallback_signal not in SIGNAL_INDEX:
+            raise ValueError(f"fallback_signal {self.fallback_signal!r} is not one of {list(SIGNALS)}")
+
+
+def label_step(step: str, is_final: bool, table: KeywordTable, fallback_signal: str = "reasoning_analysis") -> Label:
+    hit = table.match(step)
+    if is_final:
+        # The final step carries the answer whatever it opens with.
+        if hit is not None and hit[0] == ANSWER_SIGNAL:
+            return Label(ANSWER_SIGNAL, KEYWORD, hit[1], 1.0)
+        return Label(ANSWER_SIGNAL, FINAL_STEP, None, 1.0)
+    if hit is not None:
+        return Label(hit[0], KEYWORD, hit[1], 1.0)
+    return Label(fallback_signal, FALLBACK, None, 0.0)
+
+
+def label_steps(steps: list[str], config: LabellerConfig = LabellerConfig()) -> list[Label]:
+    table = keyword_table(config.keywords_path)
+    last = len(steps) - 1
+    return [label_step(s, i == last, table, config.fallback_signal) for i, s in enumerate(steps)]
+
+
+@dataclass
+class LabelStats:
+    """Counts like the paper reports them: keyword coverage (paper: 74 %), per-signal counts, fallback share."""
+
+    steps: int = 0
+    by_labeller: Counter = field(default_factory=Counter)
+    by_signal: Counter = field(default_factory=Counter)
+
+    def add(self, label: Label) -> None:
+        self.steps += 1
+        self.by_labeller[label.labeller] += 1
+        self.by_signal[label.signal] += 1
+
+    @property
+    def keyword_coverage(self) -> float:
+        return self.by_labeller[KEYWORD] / self.steps if self.steps else 0.0
+
+    @property
+    def fallback_share(self) -> float:
+        return self.by_labeller[FALLBACK] / self.steps if self.steps else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "keyword_coverage": round(self.keyword_coverage, 4),
+            "fallback_share": round(self.fallback_share, 4),
+            "by_labeller": dict(self.by_labeller),
+            "by_signal": {s: self.by_signal.get(s, 0) for s in SIGNALS},
+        }

@@ -1,0 +1,198 @@
+"""Teachers write reasoning traces. The embedded default is a programmatic teacher that solves the synthetic
+problems and writes R1-style traces: short paragraphs separated by blank lines, opening with transition words
+of the seven signal kinds, with elaborations, occasional mistakes corrected by a "Wait, …" step, a
+conclusion and a final answer step. Endpoint / local-HF teachers and trace import plug into `Teacher`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, Sequence
+
+from pydantic import BaseModel, Field
+
+from scaffold_lib.answers import answers_match, extract_final_answer
+from scaffold_lib.ids import content_id
+from scaffold_lib.problems import ParsedQuestion, Problem, parse_question
+
+DEFAULT_PROMPT = (
+    "Solve the problem. Think step by step in short paragraphs separated by blank lines, "
+    "then give the final answer as 'The answer is N.'\n\nProblem: {question}"
+)
+
+
+@dataclass(frozen=True)
+class Trace:
+    trace_id: str
+    problem_id: str
+    teacher: str
+    text: str
+    final_answer: str | None
+    is_correct: bool
+    prompt_tokens: int
+    completion_tokens: int
+
+    def as_row(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TeacherFailure:
+    """A problem the teacher could not answer; recorded (and retried on the next run), never dropped."""
+
+    trace_id: str
+    problem_id: str
+    teacher: str
+    error: str
+
+    def as_row(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TeacherResult:
+    traces: list[Trace] = field(default_factory=list)
+    failures: list[TeacherFailure] = field(default_factory=list)
+
+
+class Teacher(Protocol):
+    """Anything that writes traces. `trace_id_for` must be computable before generating, so a stage can skip
+    the problems whose traces already exist (a refresh only does the new work)."""
+
+    identity: str
+
+    def trace_id_for(self, problem: Problem, sample: int = 0) -> str: ...
+
+    def generate(self, problems: Sequence[Problem]) -> TeacherResult: ...
+
+
+def make_trace_id(problem_id: str, teacher_identity: str, prompt: str, sampling: dict) -> str:
+    return content_id("trace", problem_id, teacher_identity, prompt, sampling)
+
+
+def verify(text: str, problem: Problem) -> tuple[str | None, bool]:
+    answer = extract_final_answer(text.strip().rsplit("\n\n", 1)[-1]) or extract_final_answer(text)
+    return answer, answers_match(answer, problem.answer, problem.answer_type)
+
+
+class ProgrammaticTeacherConfig(BaseModel):
+    seed: int = 0
+    wrong_fraction: float = Field(0.1, ge=0, le=1, description="share of traces made wrong on purpose")
+    mistake_prob: float = Field(0.2, ge=0, le=1, description="chance of a corrected mistake in a trace")
+    elaboration_prob: float = Field(0.5, ge=0, le=1)
+    bare_step_prob: float = Field(0.12, ge=0, le=1, description="steps with no opening keyword (fallback)")
+
+
+# Openings by signal: varied with the seed so no two traces share one template.
+OPENINGS = {
+    "reasoning_analysis": ("So", "Since", "Because", "That means", "Let me compute:", "Let's see:", "Now, since"),
+    "addition_elaboration": ("Then", "Next,", "After that,", "Also,", "Moreover,", "In addition,", "Then,"),
+}
+OP_PHRASES = {
+    "add": ("{name} gets {n} more, so {a} + {n} = {r}", "adding {n} gives {a} + {n} = {r}", "{a} + {n} = {r} {item}"),
+    "sub": ("{name} has {n} fewer, so {a} - {n} = {r}", "taking away {n} leaves {a} - {n} = {r}", "{a} - {n} = {r} {item}"),
+    "mul": ("the {item} grow {n} times, so {a} * {n} = {r}", "multiplying by {n} gives {a} * {n} = {r}", "{a} * {n} = {r} {item}"),
+    "div": ("the {item} are split into {n} groups, so {a} / {n} = {r}", "dividing by {n} gives {a} / {n} = {r}", "{a} / {n} = {r} {item}"),
+}
+SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+
+
+class ProgrammaticTeacher:
+    """Solves the embedded synthetic problems and writes a trace for each; problems it cannot parse fail."""
+
+    def __init__(self, config: ProgrammaticTeacherConfig = ProgrammaticTeacherConfig()) -> None:
+        self.config = config
+        self.identity = "programmatic-v1"
+
+    def _sampling(self) -> dict:
+        return self.config.model_dump()
+
+    def trace_id_for(self, problem: Problem, sample: int = 0) -> str:
+        return make_trace_id(problem.problem_id, self.identity, DEFAULT_PROMPT, {**self._sampling(), "sample": sample})
+
+    def generate(self, problems: Sequence[Problem]) -> TeacherResult:
+        result = TeacherResult()
+        for problem in problems:
+            trace_id = self.trace_id_for(problem)
+            parsed = parse_question(problem.question)
+            if parsed is None:
+                result.failures.append(TeacherFailure(trace_id, problem.problem_id, self.identity,
+                    "the programmatic teacher only solves the built-in synthetic problems; "
+                    "configure an endpoint teacher for this source"))
+                continue
+            rng = random.Random(f"{self.config.seed}:{problem.problem_id}")
+            text = write_trace(parsed, rng, self.config)
+            answer, correct = verify(text, problem)
+            prompt = DEFAULT_PROMPT.format(question=problem.question)
+            result.traces.append(Trace(trace_id, problem.problem_id, self.identity, text, answer, correct,
+                                       len(prompt.split()), len(text.split())))
+        return result
+
+
+def write_trace(parsed: ParsedQuestion, rng: random.Random, cfg: ProgrammaticTeacherConfig) -> str:
+    name, item = parsed.name, parsed.item
+    ops = [s for s in parsed.steps if s.kind not in ("start", "distractor")]
+    wrong_at = rng.randrange(len(ops)) if ops and rng.random() < cfg.wrong_fraction else -1
+    mistake_at = rng.randrange(len(ops)) if ops and wrong_at < 0 and rng.random() < cfg.mistake_prob else -1
+    start = parsed.steps[0].n
+    steps: list[str] = [rng.choice((
+        f"Okay, {name} starts with {start} {item}, and I need the number at the end.",
+        f"Let me start with what we know: {name} has {start} {item}.",
+        f"First, {name} has {start} {item}.",
+        f"So the question is about {name}'s {item}, starting from {start}.",
+        f"Alright, {name} begins with {start} {item}.",
+    ))]
+    value, chain, op_i = start, str(start), 0
+    for step in parsed.steps[1:]:
+        if step.kind == "distractor":
+            fact = step.sentence.rstrip(".")
+            fact = "a" + fact[1:] if fact.startswith("A ") else fact
+            steps.append(rng.choice((
+                f"I think the fact that {fact} does not matter here.",
+                f"But {fact} is about something else, so I ignore it.",
+                f"Hmm, {fact}; that is a distraction.",
+                f"However, {fact} does not change {name}'s {item}.",
+            )))
+            continue
+        a, n, op = value, step.n, step.kind
+        right = {"add": a + n, "sub": a - n, "mul": a * n, "div": a // n}[op]
+        shown = right
+        if op_i in (wrong_at, mistake_at):
+            shown = right + rng.choice((-2, -1, 1, 2))
+        phrase = rng.choice(OP_PHRASES[op]).format(name=name, n=n, a=a, r=shown, item=item)
+        if rng.random() < cfg.bare_step_prob:
+            steps.append(phrase[0].upper() + phrase[1:] + ".")
+        else:
+            signal = rng.choice(("reasoning_analysis", "addition_elaboration"))
+            steps.append(f"{rng.choice(OPENINGS[signal])} {phrase}.")
+        if op_i == mistake_at:
+            steps.append(rng.choice((
+                f"Wait, {a} {SYMBOL[op]} {n} is {right}, not {shown}. Let me fix that.",
+                f"But that is not right: {a} {SYMBOL[op]} {n} = {right}.",
+                f"Actually, I made a slip: {a} {SYMBOL[op]} {n} = {right}.",
+            )))
+            shown = right
+        value = shown
+        chain = f"({chain} {SYMBOL[op]} {n})" if op in ("mul", "div") and " " in chain else f"{chain} {SYMBOL[op]} {n}"
+        if op in ("mul", "div") and rng.random() < cfg.elaboration_prob:
+            steps.append(rng.choice((
+                f"For example, {n} groups of {value if op == 'div' else a} make {a if op == 'div' else value}, which checks out."
+                if op == "div" else f"For example, {n} piles of {a} {item} make {value} {item} in all.",
+                f"For instance, I can picture it as {n} rows of {value if op == 'div' else a}.",
+            )))
+        elif rng.random() < cfg.elaboration_prob / 3:
+            steps.append(rng.choice((
+                f"I recall that checking each step helps, and {value} looks right so far.",
+                f"Hmm, so far {name} has {value} {item}.",
+            )))
+        op_i += 1
+    steps.append(rng.choice((
+        f"Therefore, {name} has {value} {item} in the end.",
+        f"So overall, {chain} = {value}.",
+        f"Putting it together, {name} ends with {value} {item}.",
+        f"Thus the count is {value}.",
+        f"In summary, {name} has {value} {item}.",
+    )))
+    steps.append(rng.choice((f"The answer is {value}.", f"**Answer:** {value}", f"The final answer is {value}.")))
+    return "\n\n".join(steps)

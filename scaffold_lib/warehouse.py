@@ -1,0 +1,126 @@
+"""The warehouse: stage tables in one DuckDB file, keyed by content ids, written idempotently.
+
+Each row keeps its parent id(s), the Dagster run id that wrote it and (where it applies) the MLflow run id,
+so row-level lineage is a join (see `lineage.py`). DuckDB allows one writer process at a time: writers open
+short transactions and retry while another process holds the file (Dagster also serialises them in a pool).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import duckdb
+import pyarrow as pa
+
+SCHEMA: dict[str, str] = {
+    "problems": """
+        problem_id VARCHAR PRIMARY KEY, source VARCHAR NOT NULL, split VARCHAR NOT NULL, question VARCHAR NOT NULL,
+        answer VARCHAR NOT NULL, answer_type VARCHAR NOT NULL""",
+    "teacher_traces": """
+        trace_id VARCHAR PRIMARY KEY, problem_id VARCHAR NOT NULL, teacher VARCHAR NOT NULL, text VARCHAR NOT NULL,
+        final_answer VARCHAR, is_correct BOOLEAN NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER""",
+    "teacher_failures": """
+        failure_id VARCHAR PRIMARY KEY, trace_id VARCHAR NOT NULL, problem_id VARCHAR NOT NULL, teacher VARCHAR NOT NULL,
+        error VARCHAR NOT NULL""",
+    "segmented_steps": """
+        step_id VARCHAR PRIMARY KEY, trace_id VARCHAR NOT NULL, idx INTEGER NOT NULL, text VARCHAR NOT NULL""",
+    "signal_labels": """
+        step_id VARCHAR PRIMARY KEY, signal VARCHAR NOT NULL, labeller VARCHAR NOT NULL, keyword VARCHAR,
+        confidence DOUBLE NOT NULL""",
+    "quarantine": """
+        quarantine_id VARCHAR PRIMARY KEY, stage VARCHAR NOT NULL, source_file VARCHAR, line INTEGER, field VARCHAR,
+        error VARCHAR NOT NULL, raw VARCHAR""",
+    "shards": """
+        shard_id VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, path VARCHAR NOT NULL, n_rows INTEGER NOT NULL,
+        n_examples INTEGER NOT NULL, tokens BIGINT NOT NULL, fill_ratio DOUBLE NOT NULL, tokenizer_hash VARCHAR NOT NULL,
+        manifest_hash VARCHAR NOT NULL""",
+    "shard_members": """
+        shard_id VARCHAR NOT NULL, trace_id VARCHAR NOT NULL, PRIMARY KEY (shard_id, trace_id)""",
+    "model_versions": """
+        model_name VARCHAR NOT NULL, version VARCHAR NOT NULL, kind VARCHAR NOT NULL, mlflow_run_id VARCHAR NOT NULL,
+        manifest_hash VARCHAR NOT NULL, config_json VARCHAR NOT NULL, final_loss DOUBLE,
+        PRIMARY KEY (model_name, version)""",
+    "model_shards": """
+        model_name VARCHAR NOT NULL, version VARCHAR NOT NULL, shard_id VARCHAR NOT NULL,
+        PRIMARY KEY (model_name, version, shard_id)""",
+    "benchmark_scores": """
+        score_id VARCHAR PRIMARY KEY, model_name VARCHAR NOT NULL, version VARCHAR NOT NULL, benchmark VARCHAR NOT NULL,
+        variant VARCHAR NOT NULL, n INTEGER NOT NULL, accuracy DOUBLE NOT NULL, ci_low DOUBLE, ci_high DOUBLE,
+        next_signal_acc DOUBLE, signal_fidelity DOUBLE, answer_consistency DOUBLE, mean_steps DOUBLE,
+        eval_config_hash VARCHAR NOT NULL, mlflow_run_id VARCHAR""",
+}
+# every table also records who wrote each row and when
+AUDIT_COLUMNS = "dagster_run_id VARCHAR, created_at TIMESTAMP DEFAULT current_timestamp"
+
+
+class WarehouseBusyError(RuntimeError):
+    """Another process held the DuckDB file for longer than the configured wait."""
+
+
+class Warehouse:
+    def __init__(self, path: str | Path, lock_timeout_s: float = 300.0) -> None:
+        self.path = Path(path).expanduser().resolve()
+        self.lock_timeout_s = lock_timeout_s
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.connect() as con:
+            for table, columns in SCHEMA.items():
+                con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({columns}, {AUDIT_COLUMNS})")
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection, waiting (with backoff) while another process holds the file.
+
+        Always read-write: DuckDB refuses two connections with different settings in one process, and a
+        read-only one would not get past another process's lock either."""
+        deadline, delay = time.monotonic() + self.lock_timeout_s, 0.05
+        while True:
+            try:
+                con = duckdb.connect(str(self.path))
+                break
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                    if "lock" in str(exc).lower():
+                        raise WarehouseBusyError(f"{self.path} stayed locked by another process for "
+                                                 f"{self.lock_timeout_s:.0f}s: {exc}") from exc
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def insert_new(self, table: str, rows: Sequence[dict], dagster_run_id: str | None = None) -> int:
+        """Insert rows whose key is not there yet; returns how many were new. Re-running is a no-op."""
+        if table not in SCHEMA:
+            raise KeyError(f"unknown table {table!r}")
+        if not rows:
+            return 0
+        data = pa.Table.from_pylist([{**r, "dagster_run_id": dagster_run_id} for r in rows])
+        with self.connect() as con:
+            con.register("incoming", data)
+            con.execute("BEGIN TRANSACTION")
+            before = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            con.execute(f"INSERT OR IGNORE INTO {table} BY NAME SELECT * FROM incoming")
+            after = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            con.execute("COMMIT")
+            con.unregister("incoming")
+        return after - before
+
+    def query(self, sql: str, params: Sequence | dict | None = None) -> list[dict]:
+        """Rows as dicts. Values from users always go through `params`, never into `sql`."""
+        with self.connect() as con:
+            cursor = con.execute(sql, params or [])
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def scalar(self, sql: str, params: Sequence | dict | None = None):
+        with self.connect() as con:
+            return con.execute(sql, params or []).fetchone()[0]
+
+    def counts(self) -> dict[str, int]:
+        with self.connect() as con:
+            return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in SCHEMA}
