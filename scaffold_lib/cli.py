@@ -40,6 +40,12 @@ def _read_trace_lines(path: Path):
                     raise CliError(f"{path}:{number}: missing field {field_name!r}")
             if not isinstance(row["trace"], str):
                 raise CliError(f"{path}:{number}: field 'trace' must be a string, got {type(row['trace']).__name__}")
+            for field_name, value in (("id", str(row["id"])), ("trace", row["trace"])):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as exc:  # valid JSON such as "\ud800", but not writable as UTF-8
+                    raise CliError(f"{path}:{number}: field {field_name!r} contains an unpaired surrogate "
+                                   f"at character {exc.start}") from exc
             yield number, str(row["id"]), row["trace"]
 
 
@@ -61,6 +67,8 @@ def cmd_label(args: argparse.Namespace) -> None:
 
 def cmd_data(args: argparse.Namespace) -> None:
     """Run the data stages (problems -> traces -> steps -> labels) into the warehouse, without Dagster."""
+    from pydantic import ValidationError
+
     from scaffold_lib.problems import FieldMap, GeneratorConfig, ProblemFileError, generate_problems, load_problem_file
     from scaffold_lib.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
     from scaffold_lib.teachers import ProgrammaticTeacher
@@ -74,7 +82,12 @@ def cmd_data(args: argparse.Namespace) -> None:
             raise CliError(str(exc)) from exc
         reports = [store_problems(wh, loaded.problems, loaded.quarantined)]
     else:
-        reports = [store_problems(wh, generate_problems(GeneratorConfig(n_problems=args.n_problems, seed=args.seed)))]
+        try:
+            gen_config = GeneratorConfig(n_problems=args.n_problems, seed=args.seed)
+        except ValidationError as exc:
+            raise CliError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+                                     for e in exc.errors())) from exc
+        reports = [store_problems(wh, generate_problems(gen_config))]
     reports.append(generate_teacher_traces(wh, ProgrammaticTeacher()))
     reports.append(segment_traces(wh))
     reports.append(label_signals(wh))

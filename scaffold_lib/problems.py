@@ -275,7 +275,11 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, dict | None, str, str | None]]
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+        try:
+            table = pq.read_table(path)
+        except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError
+            raise ProblemFileError(f"{path}: cannot read as Parquet: {exc}") from exc
+        for i, row in enumerate(table.to_pylist(), start=1):
             yield i, row, json.dumps(row, default=str)[:500], None
         return
     if suffix not in (".jsonl", ".json", ".ndjson"):
@@ -298,6 +302,16 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, dict | None, str, str | None]]
                 yield i, None, text[:500], f"expected a JSON object, got {type(row).__name__}"
                 continue
             yield i, row, text[:500], None
+
+
+def _text_error(value: str) -> str | None:
+    if "\x00" in value:
+        return "contains NUL bytes"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape such as "\\ud800" in otherwise valid JSON
+        return "contains an unpaired surrogate (not encodable as UTF-8)"
+    return None
 
 
 def load_problem_file(path: str | Path, fields: FieldMap = FieldMap(), *, source: str | None = None,
@@ -330,8 +344,10 @@ def load_problem_file(path: str | Path, fields: FieldMap = FieldMap(), *, source
         if not isinstance(answer, str) or not answer.strip():
             bad(line, fields.answer, "missing" if answer is None else f"must be a non-empty string or number, got {answer!r:.60}", raw)
             continue
-        if "\x00" in question or "\x00" in answer:
-            bad(line, fields.question, "contains NUL bytes", raw)
+        text_error = next(((name, err) for name, value in ((fields.question, question), (fields.answer, answer))
+                           if (err := _text_error(value))), None)
+        if text_error is not None:
+            bad(line, *text_error, raw)
             continue
         gold, answer_type = normalise_gold_answer(answer)
         split = str(row.get(fields.split) or default_split) if fields.split else default_split

@@ -11,7 +11,7 @@ import string
 import tomllib
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -42,7 +42,11 @@ class KeywordFileError(ValueError):
 
 def _words(text: str, limit: int) -> list[str]:
     out = []
-    for token in text[: 24 * limit].lower().split()[:limit]:
+    cut = 24 * limit
+    tokens = text[:cut].lower().split()
+    if len(text) > cut and not text[cut].isspace() and not text[cut - 1].isspace():
+        tokens = tokens[:-1]  # the window cut a word in two: its first half is not a word ("is|land")
+    for token in tokens[:limit]:
         token = token.strip(_STRIP)
         if token:
             out.append(token)
@@ -100,14 +104,34 @@ class KeywordTable:
         max_words = max((k.count(" ") + 1 for k in by_words), default=1)
         return cls(by_words=by_words, prefixes=prefixes, max_words=max_words, source=source)
 
+    @cached_property
+    def _stems(self) -> frozenset[str]:
+        """Every proper word-prefix of a keyword ("so", "so the", "so the answer" for "so the answer is")."""
+        stems = set()
+        for key in self.by_words:
+            words = key.split(" ")
+            stems.update(" ".join(words[:n]) for n in range(1, len(words)))
+        return frozenset(stems)
+
     def match(self, step: str) -> tuple[str, str] | None:
-        """(signal, keyword) of the longest keyword the step opens with, or None."""
+        """(signal, keyword) of the longest keyword the step opens with, or None.
+
+        Grows the opening word by word and stops as soon as no keyword starts with it (usually after one or
+        two words), which finds the same longest keyword as trying every length from the longest down."""
         words = _words(step, self.max_words)
-        for n in range(len(words), 0, -1):
-            hit = self.by_words.get(" ".join(words[:n]))
-            if hit is not None:
-                return hit
-        return None
+        if not words:
+            return None
+        by_words, stems = self.by_words, self._stems
+        key = words[0]
+        hit = by_words.get(key)
+        for word in words[1:]:
+            if key not in stems:
+                break
+            key = f"{key} {word}"
+            longer = by_words.get(key)
+            if longer is not None:
+                hit = longer
+        return hit
 
 
 @lru_cache(maxsize=8)
@@ -133,16 +157,21 @@ class LabellerConfig:
             raise ValueError(f"fallback_signal {self.fallback_signal!r} is not one of {list(SIGNALS)}")
 
 
+# Labels are immutable and few distinct ones exist (one per keyword, plus fallback / final step): share them
+# instead of allocating one object per step (1 M steps would otherwise be 1 M objects for the GC to scan).
+_label = lru_cache(maxsize=4096)(Label)
+
+
 def label_step(step: str, is_final: bool, table: KeywordTable, fallback_signal: str = "reasoning_analysis") -> Label:
     hit = table.match(step)
     if is_final:
         # The final step carries the answer whatever it opens with.
         if hit is not None and hit[0] == ANSWER_SIGNAL:
-            return Label(ANSWER_SIGNAL, KEYWORD, hit[1], 1.0)
-        return Label(ANSWER_SIGNAL, FINAL_STEP, None, 1.0)
+            return _label(ANSWER_SIGNAL, KEYWORD, hit[1], 1.0)
+        return _label(ANSWER_SIGNAL, FINAL_STEP, None, 1.0)
     if hit is not None:
-        return Label(hit[0], KEYWORD, hit[1], 1.0)
-    return Label(fallback_signal, FALLBACK, None, 0.0)
+        return _label(hit[0], KEYWORD, hit[1], 1.0)
+    return _label(fallback_signal, FALLBACK, None, 0.0)
 
 
 def label_steps(steps: list[str], config: LabellerConfig = LabellerConfig()) -> list[Label]:

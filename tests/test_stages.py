@@ -1,0 +1,190 @@
+"""The data stages against a real DuckDB file: rows, parent-id joins, idempotence, growth, quarantine."""
+
+from __future__ import annotations
+
+import pytest
+
+from scaffold_lib.problems import GeneratorConfig, Problem, generate_problems, load_problem_file, make_problem_id
+from scaffold_lib.segmentation import segment
+from scaffold_lib.signals import SIGNALS
+from scaffold_lib.stages import (
+    generate_teacher_traces,
+    label_signals,
+    segment_traces,
+    signal_distribution_markdown,
+    store_problems,
+)
+from scaffold_lib.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig
+from scaffold_lib.warehouse import Warehouse
+
+DATA_TABLES = ("problems", "teacher_traces", "segmented_steps", "signal_labels")
+
+
+def problems(n: int) -> list[Problem]:
+    return generate_problems(GeneratorConfig(n_problems=n, seed=0))
+
+
+def run_all(wh: Warehouse, ps: list[Problem], teacher=None, run_id: str | None = None) -> dict:
+    teacher = teacher or ProgrammaticTeacher()
+    return {r.stage: r for r in (store_problems(wh, ps, run_id=run_id),
+                                 generate_teacher_traces(wh, teacher, run_id=run_id),
+                                 segment_traces(wh, run_id=run_id),
+                                 label_signals(wh, run_id=run_id))}
+
+
+def test_rows_in_every_data_table(warehouse_path):
+    wh = Warehouse(warehouse_path)
+    reports = run_all(wh, problems(20), run_id="run-1")
+    counts = wh.counts()
+    assert counts["problems"] == 20 and counts["teacher_traces"] == 20
+    assert counts["segmented_steps"] >= 20 * 4
+    assert counts["signal_labels"] == counts["segmented_steps"]
+    assert counts["teacher_failures"] == 0 and counts["quarantine"] == 0
+    for table in DATA_TABLES:
+        assert reports[table].new_rows == reports[table].total_rows == counts[table]
+    assert reports["teacher_traces"].details["asked"] == 20
+    # every row records the run that wrote it
+    for table in DATA_TABLES:
+        assert wh.scalar(f"SELECT count(*) FROM {table} WHERE dagster_run_id = 'run-1'") == counts[table]
+    labels = reports["signal_labels"].details
+    assert labels["steps"] == counts["signal_labels"]
+    assert 0.7 < labels["keyword_coverage"] <= 1.0
+    assert labels["by_signal"]["response_generation"] >= 20
+    assert "| conclusion_summary |" in signal_distribution_markdown(labels["by_signal"])
+
+
+def test_parent_ids_join(warehouse_path):
+    wh = Warehouse(warehouse_path)
+    run_all(wh, problems(20))
+    orphans = {
+        "trace without problem": "SELECT count(*) FROM teacher_traces t ANTI JOIN problems p USING (problem_id)",
+        "step without trace": "SELECT count(*) FROM segmented_steps s ANTI JOIN teacher_traces t USING (trace_id)",
+        "label without step": "SELECT count(*) FROM signal_labels l ANTI JOIN segmented_steps s USING (step_id)",
+        "step without label": "SELECT count(*) FROM segmented_steps s ANTI JOIN signal_labels l USING (step_id)",
+        "problem without trace": "SELECT count(*) FROM problems p ANTI JOIN teacher_traces t USING (problem_id)",
+    }
+    assert {k: wh.scalar(sql) for k, sql in orphans.items()} == {k: 0 for k in orphans}
+    # steps of each trace are numbered 0..n-1, are exactly segment(text), and the last one is the answer
+    for t in wh.query("SELECT trace_id, text FROM teacher_traces"):
+        rows = wh.query("SELECT s.idx, s.text, l.signal FROM segmented_steps s JOIN signal_labels l USING (step_id) "
+                        "WHERE trace_id = ? ORDER BY idx", [t["trace_id"]])
+        assert [r["idx"] for r in rows] == list(range(len(rows)))
+        assert [r["text"] for r in rows] == segment(t["text"])
+        assert rows[-1]["signal"] == "response_generation"
+    assert {r["signal"] for r in wh.query("SELECT DISTINCT signal FROM signal_labels")} <= set(SIGNALS)
+
+
+def test_rerun_is_idempotent(warehouse_path):
+    wh = Warehouse(warehouse_path)
+    run_all(wh, problems(15))
+    before = wh.counts()
+    reports = run_all(wh, problems(15))
+    assert wh.counts() == before
+    assert all(r.new_rows == 0 for r in reports.values())
+    assert reports["teacher_traces"].details["asked"] == 0
+    assert reports["teacher_traces"].details["skipped_existing"] == 15
+    # a fresh Warehouse object on the same file sees the same rows
+    assert Warehouse(warehouse_path).counts() == before
+
+
+def test_growing_the_problem_set_only_does_the_new_work(warehouse_path):
+    wh = Warehouse(warehouse_path)
+    run_all(wh, problems(12))
+    old_traces = {r["trace_id"] for r in wh.query("SELECT trace_id FROM teacher_traces")}
+    old_steps = {r["step_id"]: r["created_at"] for r in wh.query("SELECT step_id, created_at FROM segmented_steps")}
+
+    grown = problems(20)
+    assert grown[:12] == problems(12)
+    reports = run_all(wh, grown)
+    assert reports["problems"].new_rows == 8
+    assert reports["teacher_traces"].details["asked"] == 8  # the teacher is asked only for the new problems
+    assert reports["teacher_traces"].new_rows == 8
+
+    new_traces = {r["trace_id"] for r in wh.query("SELECT trace_id FROM teacher_traces")} - old_traces
+    assert len(new_traces) == 8
+    new_problem_ids = {p.problem_id for p in grown[12:]}
+    assert {r["problem_id"] for r in wh.query("SELECT problem_id FROM teacher_traces WHERE list_contains(?, trace_id)",
+                                              [sorted(new_traces)])} == new_problem_ids
+    steps_of_new = wh.scalar("SELECT count(*) FROM segmented_steps WHERE list_contains(?, trace_id)", [sorted(new_traces)])
+    assert reports["segmented_steps"].new_rows == steps_of_new
+    assert reports["signal_labels"].new_rows == steps_of_new
+    # old rows are untouched (not rewritten)
+    after = {r["step_id"]: r["created_at"] for r in wh.query("SELECT step_id, created_at FROM segmented_steps")}
+    assert {k: after[k] for k in old_steps} == old_steps
+
+
+def test_another_teacher_config_gets_its_own_traces(warehouse_path):
+    wh = Warehouse(warehouse_path)
+    run_all(wh, problems(10))
+    report = generate_teacher_traces(wh, ProgrammaticTeacher(ProgrammaticTeacherConfig(seed=5)))
+    assert report.details["asked"] == 10 and report.new_rows == 10
+    assert wh.counts()["teacher_traces"] == 20
+
+
+def test_splits_filter(warehouse_path):
+    wh = Warehouse(warehouse_path)
+    ps = problems(40)
+    store_problems(wh, ps)
+    report = generate_teacher_traces(wh, ProgrammaticTeacher(), splits=("test",))
+    n_test = sum(p.split == "test" for p in ps)
+    assert 0 < n_test < 40
+    assert report.details["asked"] == report.new_rows == n_test
+    assert wh.scalar("SELECT count(*) FROM teacher_traces JOIN problems USING (problem_id) WHERE split <> 'test'") == 0
+
+
+def test_whitespace_only_trace_is_quarantined_not_dropped(warehouse_path):
+    wh = Warehouse(warehouse_path)
+    run_all(wh, problems(5))
+    pid = wh.scalar("SELECT min(problem_id) FROM problems")
+    blank = {"trace_id": "blank-trace-0001", "problem_id": pid, "teacher": "imported", "text": " \n\n\t \r\n \n",
+             "final_answer": None, "is_correct": False, "prompt_tokens": 0, "completion_tokens": 0}
+    assert wh.insert_new("teacher_traces", [blank]) == 1
+    steps_before = wh.counts()["segmented_steps"]
+
+    report = segment_traces(wh)
+    assert report.new_rows == 0 and report.details["empty_traces_quarantined"] == 1
+    rows = wh.query("SELECT stage, source_file, field, error FROM quarantine")
+    assert rows == [{"stage": "segmented_steps", "source_file": "blank-trace-0001", "field": "text",
+                     "error": "trace has no non-empty step"}]
+    assert wh.counts()["segmented_steps"] == steps_before
+    # the next run neither re-quarantines it nor tries it again
+    again = segment_traces(wh)
+    assert again.details["empty_traces_quarantined"] == 0 and wh.counts()["quarantine"] == 1
+    assert label_signals(wh).new_rows == 0
+
+
+def test_lenient_loader_quarantine_lands_in_the_table(warehouse_path, write_jsonl):
+    path = write_jsonl([{"question": "What is 2+2?", "answer": "#### 4"}, b"{oops", {"question": "", "answer": "1"},
+                        {"question": "What is 3+3?", "answer": "#### 6"}], name="user.jsonl")
+    loaded = load_problem_file(path, lenient=True)
+    wh = Warehouse(warehouse_path)
+    report = store_problems(wh, loaded.problems, loaded.quarantined)
+    assert report.new_rows == 2 and report.details["quarantined"] == 2
+    rows = wh.query("SELECT stage, source_file, line, field FROM quarantine ORDER BY line")
+    assert rows == [{"stage": "problems", "source_file": str(path), "line": 2, "field": "<row>"},
+                    {"stage": "problems", "source_file": str(path), "line": 3, "field": "question"}]
+    assert "{oops" in wh.scalar("SELECT raw FROM quarantine WHERE line = 2")
+    # storing the same load again adds nothing
+    store_problems(wh, loaded.problems, loaded.quarantined)
+    assert wh.counts()["quarantine"] == 2 and wh.counts()["problems"] == 2
+
+
+def test_teacher_failures_are_recorded_and_retried(warehouse_path):
+    wh = Warehouse(warehouse_path)
+    foreign = Problem(make_problem_id("gsm8k", "What is the capital of France?", "Paris"), "gsm8k", "train",
+                      "What is the capital of France?", "Paris", "text")
+    store_problems(wh, [foreign, *problems(3)])
+    report = generate_teacher_traces(wh, ProgrammaticTeacher())
+    assert report.details["asked"] == 4 and report.details["failed"] == 1 and report.new_rows == 3
+    failure = wh.query("SELECT problem_id, error FROM teacher_failures")
+    assert len(failure) == 1 and failure[0]["problem_id"] == foreign.problem_id
+    # no trace exists for it, so the next run asks again (and does not duplicate the failure row)
+    again = generate_teacher_traces(wh, ProgrammaticTeacher())
+    assert again.details["asked"] == 1 and again.details["failed"] == 1 and again.new_rows == 0
+    assert wh.counts()["teacher_failures"] == 1
+
+
+def test_insert_new_rejects_unknown_table(warehouse_path):
+    with pytest.raises(KeyError):
+        Warehouse(warehouse_path).insert_new("nope", [{"a": 1}])
+    assert Warehouse(warehouse_path).insert_new("problems", []) == 0

@@ -1,0 +1,180 @@
+"""The programmatic teacher (varied, deterministic, wrong on purpose at the configured rate, failures recorded)
+and answer extraction."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+
+from scaffold_lib.answers import answers_match, extract_final_answer, last_number, normalise_number
+from scaffold_lib.problems import GeneratorConfig, Problem, generate_problems, make_problem_id
+from scaffold_lib.segmentation import segment
+from scaffold_lib.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig, verify
+
+CORRECTIONS = ("Wait", "Actually", "But that is not right")
+
+
+@pytest.fixture(scope="module")
+def problems() -> list[Problem]:
+    return generate_problems(GeneratorConfig(n_problems=300, seed=0))
+
+
+def teach(problems, **cfg):
+    return ProgrammaticTeacher(ProgrammaticTeacherConfig(**cfg)).generate(problems)
+
+
+def final_number(text: str) -> str:
+    """The number the last step of a trace states (independent of answers.py)."""
+    last = segment(text)[-1]
+    return re.findall(r"-?\d+", last)[-1]
+
+
+def test_traces_vary(problems):
+    result = teach(problems)
+    assert len(result.traces) == len(problems) and not result.failures
+    texts = [t.text for t in result.traces]
+    assert len(set(texts)) == len(texts)
+    openings = Counter(segment(t)[0].split()[0] for t in texts)
+    assert len(openings) >= 4  # not one template for the first step
+    assert max(openings.values()) < 0.5 * len(texts)
+    # the opening words of the steps form many different "shapes" across traces
+    shapes = {tuple(step.split()[0].strip(",:*").lower() for step in segment(t)) for t in texts}
+    assert len(shapes) > 0.5 * len(texts)
+    step_openers = Counter(step.split()[0].strip(",:*").lower() for t in texts for step in segment(t))
+    assert len(step_openers) >= 20
+    finals = Counter(re.sub(r"-?\d+", "N", segment(t)[-1]) for t in texts)
+    assert len(finals) >= 3
+    # traces are multi-step, R1-like
+    lengths = [len(segment(t)) for t in texts]
+    assert min(lengths) >= 4 and max(lengths) >= 8
+
+
+def test_deterministic_for_a_seed(problems):
+    a, b = teach(problems[:80], seed=3), teach(problems[:80], seed=3)
+    assert [t.as_row() for t in a.traces] == [t.as_row() for t in b.traces]
+    c = teach(problems[:80], seed=4)
+    differ = sum(x.text != y.text for x, y in zip(a.traces, c.traces))
+    assert differ > 60
+
+
+def test_trace_of_a_problem_does_not_depend_on_its_batch(problems):
+    alone = teach([problems[17]]).traces[0]
+    in_batch = teach(problems[:40]).traces[17]
+    assert alone == in_batch
+
+
+@pytest.mark.parametrize("wrong_fraction", [0.2, 0.5])
+def test_roughly_wrong_fraction_of_traces_are_incorrect(problems, wrong_fraction):
+    traces = teach(problems, wrong_fraction=wrong_fraction, mistake_prob=0.0).traces
+    gold = {p.problem_id: p.answer for p in problems}
+    wrong = [t for t in traces if not t.is_correct]
+    share = len(wrong) / len(traces)
+    # a slip can vanish again through a later integer division, so the share may be a little lower
+    assert wrong_fraction - 0.1 < share < wrong_fraction + 0.06, share
+    for t in wrong:
+        assert t.final_answer is not None and t.final_answer != gold[t.problem_id]
+        assert final_number(t.text) == t.final_answer
+    for t in traces:
+        if t.is_correct:
+            assert t.final_answer == gold[t.problem_id] == final_number(t.text)
+
+
+def test_wrong_fraction_zero_gives_all_correct(problems):
+    traces = teach(problems, wrong_fraction=0.0).traces
+    gold = {p.problem_id: p.answer for p in problems}
+    assert all(t.is_correct for t in traces)
+    assert all(t.final_answer == gold[t.problem_id] == final_number(t.text) for t in traces)
+
+
+def test_corrected_mistakes_still_end_correct(problems):
+    traces = teach(problems[:150], wrong_fraction=0.0, mistake_prob=1.0).traces
+    gold = {p.problem_id: p.answer for p in problems}
+    corrected = [t for t in traces if any(step.startswith(CORRECTIONS) for step in segment(t.text))]
+    assert len(corrected) == len(traces)  # every trace has one corrected slip
+    kinds = Counter(next(c for c in CORRECTIONS for s in segment(t.text) if s.startswith(c)) for t in corrected)
+    assert set(kinds) == set(CORRECTIONS)
+    for t in corrected:
+        assert t.is_correct and t.final_answer == gold[t.problem_id]
+
+
+def test_no_mistakes_when_disabled(problems):
+    traces = teach(problems[:100], wrong_fraction=0.0, mistake_prob=0.0).traces
+    assert not any(step.startswith(CORRECTIONS[2]) or step.startswith("Actually")
+                   for t in traces for step in segment(t.text))
+
+
+def test_trace_ids(problems):
+    p, q = problems[0], problems[1]
+    base = ProgrammaticTeacher()
+    assert base.trace_id_for(p) == ProgrammaticTeacher().trace_id_for(p)
+    assert base.trace_id_for(p) != base.trace_id_for(q)
+    assert base.trace_id_for(p) != base.trace_id_for(p, sample=1)
+    for change in ({"seed": 1}, {"wrong_fraction": 0.3}, {"mistake_prob": 0.5}, {"elaboration_prob": 0.1}):
+        other = ProgrammaticTeacher(ProgrammaticTeacherConfig(**change))
+        assert other.trace_id_for(p) != base.trace_id_for(p), change
+    trace = base.generate([p]).traces[0]
+    assert trace.trace_id == base.trace_id_for(p)
+    assert trace.problem_id == p.problem_id and trace.teacher == base.identity
+    assert trace.prompt_tokens > len(p.question.split()) and trace.completion_tokens == len(trace.text.split())
+
+
+def test_non_synthetic_problem_is_a_failure_record(problems):
+    foreign = Problem(make_problem_id("gsm8k", "What is the capital of France?", "Paris"), "gsm8k", "train",
+                      "What is the capital of France?", "Paris", "text")
+    teacher = ProgrammaticTeacher()
+    result = teacher.generate([problems[0], foreign, problems[1]])
+    assert [t.problem_id for t in result.traces] == [problems[0].problem_id, problems[1].problem_id]
+    assert len(result.failures) == 1
+    failure = result.failures[0]
+    assert failure.problem_id == foreign.problem_id
+    assert failure.trace_id == teacher.trace_id_for(foreign)
+    assert "synthetic" in failure.error
+    assert set(failure.as_row()) == {"trace_id", "problem_id", "teacher", "error"}
+
+
+def test_verify_reads_the_last_step():
+    p = Problem("x", "s", "train", "q", "12", "number")
+    assert verify("So 3 * 4 = 12.\n\nThe answer is 12.", p) == ("12", True)
+    assert verify("So 3 * 4 = 12.\n\nThe answer is 13.", p) == ("13", False)
+    # an answer phrase in the last step wins over numbers earlier in the trace
+    assert verify("The answer is 5?\n\nNo: 12 in the end, so 12.", p) == ("12", True)
+    assert verify("no numbers at all", p) == (None, False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# answers.py
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The answer is 1,000.", "1000"),
+    ("**Answer:** 42", "42"),
+    ("**Answer**: 42", "42"),
+    ("So we get \\boxed{7} in the end, not 8", "7"),
+    ("It costs $18.00", "18"),
+    ("The answer is $18.00.", "18"),
+    ("Final answer: -3.50", "-3.5"),
+    ("First 3 apples, then 5, finally 11 apples", "11"),  # last-number fallback
+    ("The answer is 4. Later 9 was mentioned.", "4"),  # an explicit answer phrase beats a later number
+    ("answer is 2 ... the answer is 6", "6"),  # the last explicit answer counts
+    ("No number here at all.", None),
+    ("", None),
+])
+def test_extract_final_answer(text, expected):
+    assert extract_final_answer(text) == expected
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("1,000", "1000"), ("$18.00", "18"), ("-3.50", "-3.5"), ("7.", "7"), ("-0", "0"), ("abc", None), ("1.2.3", None),
+])
+def test_normalise_number(raw, expected):
+    assert normalise_number(raw) == expected
+
+
+def test_last_number_and_matching():
+    assert last_number("from 3 to 1,250 items") == "1250"
+    assert last_number("none") is None
+    assert answers_match("18.0", "18") and answers_match("$1,000", "1000")
+    assert not answers_match("17", "18") and not answers_match(None, "18") and not answers_match("abc", "18")
+    assert answers_match("Paris.", "paris", "text") and not answers_match("Rome", "paris", "text")
