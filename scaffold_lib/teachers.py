@@ -82,6 +82,7 @@ class ProgrammaticTeacherConfig(BaseModel):
     mistake_prob: float = Field(0.2, ge=0, le=1, description="chance of a corrected mistake in a trace")
     elaboration_prob: float = Field(0.5, ge=0, le=1)
     bare_step_prob: float = Field(0.12, ge=0, le=1, description="steps with no opening keyword (fallback)")
+    signal_noise: float = Field(0.15, ge=0, le=1, description="chance an operation step uses the other opening kind")
 
 
 # Openings by signal: varied with the seed so no two traces share one template.
@@ -164,7 +165,11 @@ def write_trace(parsed: ParsedQuestion, rng: random.Random, cfg: ProgrammaticTea
         if rng.random() < cfg.bare_step_prob:
             steps.append(phrase[0].upper() + phrase[1:] + ".")
         else:
-            signal = rng.choice(("reasoning_analysis", "addition_elaboration"))
+            # the flow follows the problem (adding elaborates, the rest is analysis) with some noise, so the
+            # next signal is learnable from context while the wording still varies
+            signal = "addition_elaboration" if op == "add" else "reasoning_analysis"
+            if rng.random() < cfg.signal_noise:
+                signal = "reasoning_analysis" if signal == "addition_elaboration" else "addition_elaboration"
             steps.append(f"{rng.choice(OPENINGS[signal])} {phrase}.")
         if op_i == mistake_at:
             steps.append(rng.choice((

@@ -1,0 +1,194 @@
+"""Evaluation (paper §4): Pass@1 with greedy decoding per variant, plus the process metrics DESIGN.md defines:
+
+- next-signal accuracy: the signal head's argmax at each step boundary of held-out teacher traces (teacher
+  forced), overall and on the positions whose confidence reaches τ (with that coverage);
+- signal fidelity: share of generated steps whose keyword-labeller signal equals the signal that conditioned them;
+- answer consistency: share of answers equal to the result stated in the last conclusion step.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from scaffold_lib.answers import answers_match, last_number
+from scaffold_lib.decoding import DecodeConfig, Generation, ScaffoldDecoder, plain_generate
+from scaffold_lib.examples import Formatter, signal_tags
+from scaffold_lib.ids import content_id
+from scaffold_lib.model import ScaffoldStudent
+from scaffold_lib.signals import CONCLUSION_SIGNAL, keyword_table, label_step
+
+SCAFFOLD_VARIANTS = ("predicted", "golden", "random", "summaries_only")
+BASELINE_VARIANT = "cot_sft"
+PROMPT_FORMAT = "question-v1"  # Formatter.question_ids: "Question: {q}\n\n", zero-shot
+
+
+class EvalConfig(BaseModel):
+    benchmark: str = "synthetic-arith"
+    suite_version: str = "1"
+    variants: list[str] = Field(default_factory=lambda: list(SCAFFOLD_VARIANTS))
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    limit: int | None = Field(None, ge=1, description="evaluate on the first N items only")
+
+
+@dataclass
+class EvalItem:
+    doc_id: str
+    question: str
+    answer: str
+    answer_type: str = "number"
+    golden_signals: list[str] | None = None
+    golden_steps: list[str] | None = None
+
+
+@dataclass
+class ScoreRow:
+    benchmark: str
+    variant: str
+    n: int
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    next_signal_acc: float | None
+    signal_fidelity: float | None
+    answer_consistency: float | None
+    mean_steps: float
+    eval_config_hash: str
+
+    def as_row(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SampleRecord:
+    """One answer, in the per-sample form lm-evaluation-harness users know."""
+
+    doc_id: str
+    variant: str
+    prompt: str
+    response: str
+    extracted: str | None
+    gold: str
+    correct: bool
+    signals: list[str] = field(default_factory=list)
+
+
+def eval_config_hash(cfg: EvalConfig, variant: str) -> str:
+    """What makes two scores comparable: suite + version, prompt format, decoding settings (τ, guards), variant."""
+    return content_id("eval", cfg.benchmark, cfg.suite_version, PROMPT_FORMAT, cfg.decode.model_dump(), variant)
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 0.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def signal_fidelity(generations: Iterable[Generation]) -> float | None:
+    table = keyword_table()
+    pairs = [(label_step(s.text, False, table).signal, s.signal) for g in generations for s in g.steps]
+    return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
+
+
+def answer_consistency(generations: Iterable[Generation]) -> float | None:
+    """Among answers written after a conclusion step: share equal to the last number that step states."""
+    checks = []
+    for g in generations:
+        conclusions = [s.text for s in g.steps if s.signal == CONCLUSION_SIGNAL]
+        if conclusions and g.answer is not None and (stated := last_number(conclusions[-1])) is not None:
+            checks.append(answers_match(g.answer, stated))
+    return sum(checks) / len(checks) if checks else None
+
+
+@torch.no_grad()
+def next_signal_accuracy(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase, items: Sequence[EvalItem],
+                         tau: float, tags: dict[str, str] | None = None) -> dict:
+    fmt = Formatter(tokenizer, tags or signal_tags())
+    device = next(model.parameters()).device
+    correct = total = confident = confident_correct = 0
+    for item in items:
+        if not item.golden_signals:
+            continue
+        ex = fmt.scaffold(item.doc_id, item.question, item.golden_steps, item.golden_signals)
+        hidden = model.hidden_states(torch.tensor([ex.input_ids], dtype=torch.long, device=device))[0]
+        probs = torch.softmax(model.signal_head(hidden[torch.tensor(ex.signal_positions, dtype=torch.long)]).float(), -1)
+        conf, pred = probs.max(-1)
+        hit = pred.cpu() == torch.tensor(ex.signal_targets, dtype=torch.long)
+        correct += int(hit.sum())
+        total += len(hit)
+        sure = conf.cpu() >= tau
+        confident += int(sure.sum())
+        confident_correct += int((hit & sure).sum())
+    return {"next_signal_acc": correct / total if total else None,
+            "next_signal_acc_at_tau": confident_correct / confident if confident else None,
+            "coverage_at_tau": confident / total if total else None, "boundaries": total}
+
+
+def _score(cfg: EvalConfig, variant: str, items: Sequence[EvalItem], gens: Sequence[Generation],
+           next_acc: float | None) -> tuple[ScoreRow, list[SampleRecord]]:
+    records = []
+    for item, g in zip(items, gens):
+        response = "\n\n".join([s.text for s in g.steps] + [g.answer_text])
+        records.append(SampleRecord(item.doc_id, variant, item.question, response, g.answer, item.answer,
+                                    answers_match(g.answer, item.answer, item.answer_type), [s.signal for s in g.steps]))
+    k, n = sum(r.correct for r in records), len(records)
+    lo, hi = wilson_interval(k, n)
+    scaffolded = variant != BASELINE_VARIANT
+    row = ScoreRow(cfg.benchmark, variant, n, k / n if n else 0.0, lo, hi, next_acc,
+                   signal_fidelity(gens) if scaffolded else None, answer_consistency(gens) if scaffolded else None,
+                   sum(len(g.steps) for g in gens) / n if n else 0.0, eval_config_hash(cfg, variant))
+    return row, records
+
+
+def evaluate_scaffold(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase, items: Sequence[EvalItem],
+                      cfg: EvalConfig, progress: bool = True) -> tuple[list[ScoreRow], list[SampleRecord]]:
+    items = list(items)[: cfg.limit]
+    decoder = ScaffoldDecoder(model, tokenizer, cfg.decode)
+    next_acc = next_signal_accuracy(model, tokenizer, items, cfg.decode.tau)["next_signal_acc"]
+    rows, records = [], []
+    for variant in cfg.variants:
+        if variant not in SCAFFOLD_VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose from {SCAFFOLD_VARIANTS}")
+        usable = [i for i in items if variant != "golden" or i.golden_signals]
+        if not usable:
+            continue  # golden signals exist only where the eval set has teacher traces
+        rng = random.Random(cfg.decode.seed)
+        gens = [decoder.generate(i.question, variant, i.golden_signals, rng)
+                for i in tqdm(usable, desc=f"eval {variant}", disable=not progress)]
+        row, recs = _score(cfg, variant, usable, gens, next_acc)
+        rows.append(row)
+        records.extend(recs)
+    return rows, records
+
+
+def evaluate_baseline(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase, items: Sequence[EvalItem],
+                      cfg: EvalConfig, progress: bool = True) -> tuple[list[ScoreRow], list[SampleRecord]]:
+    items = list(items)[: cfg.limit]
+    gens = [plain_generate(model, tokenizer, i.question, cfg.decode.max_tokens)
+            for i in tqdm(items, desc=f"eval {BASELINE_VARIANT}", disable=not progress)]
+    row, records = _score(cfg, BASELINE_VARIANT, items, gens, None)
+    return [row], records
+
+
+def score_table_markdown(rows: Sequence[dict]) -> str:
+    """Markdown table of score rows (dicts with the ScoreRow fields and optionally `model`)."""
+    def pct(v):
+        return "–" if v is None else f"{100 * v:.1f} %"
+    lines = ["| model | variant | n | Pass@1 (95 % CI) | next-signal acc | signal fidelity | answer consistency |",
+             "|---|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.get('model', '')} | {r['variant']} | {r['n']} | {pct(r['accuracy'])} "
+                     f"({100 * r['ci_low']:.0f}–{100 * r['ci_high']:.0f}) | {pct(r['next_signal_acc'])} | "
+                     f"{pct(r['signal_fidelity'])} | {pct(r['answer_consistency'])} |")
+    return "\n".join(lines)

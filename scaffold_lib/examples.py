@@ -1,0 +1,100 @@
+"""Training examples in the scaffold format (paper §3.2) and the plain CoT-SFT format of the baseline.
+
+Scaffold example, tokenised piece by piece so step boundaries are exact token positions:
+
+    Question: {question}␤␤ [tag] {step 1}␤␤ [tag] {step 2}␤␤ … [answer] {answer step}<eos>
+
+Per token: `input_ids`; `labels` (the next token, -100 on the question); `signal_ids` (the signal conditioning the
+prediction made at this position, i.e. of the step the *next* token belongs to; -1 inside the question);
+`signal_positions` (the last token before each step: where the signal head reads) with `signal_targets`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from scaffold_lib.model import NO_SIGNAL
+from scaffold_lib.signals import SIGNAL_INDEX, keyword_table
+
+STEP_SEPARATOR = "\n\n"
+QUESTION_TEMPLATE = "Question: {question}"
+
+
+def signal_tags(keywords_path: str | None = None) -> dict[str, str]:
+    """signal -> its short text prefix, e.g. conclusion_summary -> "[conclusion] "."""
+    return {s: f"[{p}] " for s, p in keyword_table(keywords_path).prefixes.items()}
+
+
+@dataclass
+class Example:
+    trace_id: str
+    input_ids: np.ndarray  # int32 [T]
+    labels: np.ndarray  # int32 [T], shifted: labels[t] = input_ids[t+1] or -100
+    signal_ids: np.ndarray  # int8 [T]
+    signal_positions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    signal_targets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class Formatter:
+    """Turns (question, steps, signals) into token arrays, for the scaffold student or the baseline."""
+
+    tokenizer: PreTrainedTokenizerBase
+    tags: dict[str, str]
+
+    def __post_init__(self) -> None:
+        self.sep_ids = self._encode([STEP_SEPARATOR])[0]
+        self.tag_ids = dict(zip(self.tags, self._encode(list(self.tags.values()))))
+        self.eos_id = self.tokenizer.eos_token_id
+
+    def _encode(self, pieces: list[str]) -> list[list[int]]:
+        return self.tokenizer(pieces, add_special_tokens=False)["input_ids"]
+
+    def question_ids(self, question: str) -> list[int]:
+        return self._encode([QUESTION_TEMPLATE.format(question=question)])[0] + self.sep_ids
+
+    def scaffold(self, trace_id: str, question: str, steps: list[str], signals: list[str]) -> Example:
+        return self._build(trace_id, question, steps, signals, with_signals=True)
+
+    def baseline(self, trace_id: str, question: str, steps: list[str]) -> Example:
+        return self._build(trace_id, question, steps, None, with_signals=False)
+
+    def _build(self, trace_id: str, question: str, steps: list[str], signals: list[str] | None,
+               with_signals: bool) -> Example:
+        if with_signals and (signals is None or len(signals) != len(steps)):
+            raise ValueError(f"trace {trace_id}: {len(steps)} steps but {len(signals or [])} signals")
+        q_ids = self.question_ids(question)
+        step_ids = self._encode(steps) if steps else []
+        tokens: list[int] = list(q_ids)
+        owner: list[int] = [NO_SIGNAL] * len(q_ids)  # signal of the step each token belongs to
+        positions, targets = [], []
+        last = len(steps) - 1
+        for i, ids in enumerate(step_ids):
+            sig = SIGNAL_INDEX[signals[i]] if with_signals else NO_SIGNAL
+            if with_signals:
+                positions.append(len(tokens) - 1)
+                targets.append(sig)
+                ids = self.tag_ids[signals[i]] + ids
+            ids = ids + ([self.eos_id] if i == last else self.sep_ids)
+            tokens.extend(ids)
+            owner.extend([sig] * len(ids))
+        input_ids = np.asarray(tokens, dtype=np.int32)
+        labels = np.full(len(tokens), -100, dtype=np.int32)
+        labels[len(q_ids) - 1: -1] = input_ids[len(q_ids):]
+        signal_ids = np.full(len(tokens), NO_SIGNAL, dtype=np.int8)
+        signal_ids[:-1] = np.asarray(owner[1:], dtype=np.int8)
+        return Example(trace_id, input_ids, labels, signal_ids,
+                       np.asarray(positions, dtype=np.int32), np.asarray(targets, dtype=np.int8))
+
+
+def training_corpus(question: str, steps: list[str], signals: list[str], tags: dict[str, str]) -> str:
+    """The text the embedded tokenizer is trained on (tags included, so they become cheap tokens)."""
+    tagged = STEP_SEPARATOR.join(tags[s] + t for s, t in zip(signals, steps))
+    return QUESTION_TEMPLATE.format(question=question) + STEP_SEPARATOR + tagged
+

@@ -1,0 +1,198 @@
+"""The scaffold student (paper §3.2): a causal LM backbone plus
+(a) a signal embedding, one vector per signal, added to the last hidden state before the LM head for every
+    token of a step, so the step is generated conditioned on its signal, and
+(b) a signal head, a classifier over the seven signals that predicts the *next* step's signal from the hidden
+    state just before that step starts.
+
+The backbone is any HF causal LM (hub id or local path) or the embedded default: a tiny Qwen2-architecture
+model built from a config with a byte-level BPE tokenizer trained locally, saved with `save_pretrained` and
+loaded back by path like any other checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from pydantic import BaseModel, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from scaffold_lib.signals import NUM_SIGNALS, SIGNALS
+
+EMBEDDED = "embedded"
+HEADS_FILE = "scaffold_heads.safetensors"
+SCAFFOLD_CONFIG = "scaffold.json"
+NO_SIGNAL = -1  # signal id of tokens outside any step (the question, padding)
+EOS_TOKEN = "<|endoftext|>"
+
+
+class StudentConfig(BaseModel):
+    """Which backbone the student starts from. `base_model` = "embedded", a hub id or a local path."""
+
+    base_model: str = EMBEDDED
+    # sizes of the embedded default (about 1-3 M parameters)
+    vocab_size: int = Field(768, ge=260)
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 1024
+    seed: int = 0
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
+    """Byte-level BPE trained on the training traces; digits split one by one (arithmetic needs them)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+
+
+def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    payload = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def build_embedded_base(cfg: StudentConfig, texts: Iterable[str], out_dir: str | Path) -> Path:
+    """Train the tokenizer, initialise a tiny Qwen2 from a config, and save both as a normal HF checkpoint."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out_dir = Path(out_dir)
+    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    torch.manual_seed(cfg.seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(out_dir)
+    return out_dir
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class ScaffoldStudent(nn.Module):
+    """Backbone + signal embedding + signal head. `kind="baseline"` is the same backbone with the heads unused
+    (the CoT-SFT baseline); it saves as a plain HF checkpoint."""
+
+    def __init__(self, backbone: nn.Module, kind: str = "scaffold") -> None:
+        super().__init__()
+        if kind not in ("scaffold", "baseline"):
+            raise ValueError(f"kind must be 'scaffold' or 'baseline', got {kind!r}")
+        self.kind = kind
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        # row NUM_SIGNALS is "no signal": fixed at zero, so question and padding tokens get nothing added
+        self.signal_embedding = nn.Embedding(NUM_SIGNALS + 1, hidden, padding_idx=NUM_SIGNALS)
+        nn.init.normal_(self.signal_embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.signal_embedding.weight[NUM_SIGNALS].zero_()
+        self.signal_head = nn.Linear(hidden, NUM_SIGNALS)
+
+    @property
+    def decoder(self) -> nn.Module:
+        return getattr(self.backbone, self.backbone.base_model_prefix)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.backbone.get_output_embeddings()
+
+    def signal_vectors(self, signal_ids: torch.Tensor) -> torch.Tensor:
+        return self.signal_embedding(torch.where(signal_ids < 0, NUM_SIGNALS, signal_ids))
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        return self.decoder(input_ids=input_ids, position_ids=position_ids, **kwargs).last_hidden_state
+
+    def token_logits(self, hidden: torch.Tensor, signal_ids: torch.Tensor | None) -> torch.Tensor:
+        if self.kind == "scaffold" and signal_ids is not None:
+            hidden = hidden + self.signal_vectors(signal_ids).to(hidden.dtype)
+        return self.lm_head(hidden)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+                signal_ids: torch.Tensor | None = None, signal_positions: torch.Tensor | None = None,
+                signal_targets: torch.Tensor | None = None, token_loss: bool = True, signal_loss: bool = True) -> dict:
+        """Summed (not averaged) losses and their counts, so the trainer can normalise each term by its own count
+        over the whole accumulated batch. `labels[t]` is the target of position t (already shifted).
+        `signal_positions` are flat indices into batch*seq; -1 entries are padding."""
+        hidden = self.hidden_states(input_ids, position_ids)
+        out: dict[str, torch.Tensor] = {}
+        if token_loss:
+            logits = self.token_logits(hidden, signal_ids).float()
+            out["token_loss_sum"] = nn.functional.cross_entropy(
+                logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100, reduction="sum")
+            out["token_count"] = (labels != -100).sum()
+        if signal_loss and self.kind == "scaffold" and signal_positions is not None:
+            valid = signal_positions >= 0
+            flat = hidden.reshape(-1, hidden.size(-1))[signal_positions[valid]]
+            signal_logits = self.signal_head(flat).float()
+            out["signal_loss_sum"] = nn.functional.cross_entropy(signal_logits, signal_targets[valid], reduction="sum")
+            out["signal_count"] = valid.sum()
+            out["signal_correct"] = (signal_logits.argmax(-1) == signal_targets[valid]).sum()
+        return out
+
+    # --- persistence: backbone as a normal HF checkpoint (safetensors), heads in their own safetensors file
+
+    def save_pretrained(self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(out_dir, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+        if self.kind == "scaffold":
+            save_file({"signal_embedding.weight": self.signal_embedding.weight.detach().contiguous().cpu(),
+                       "signal_head.weight": self.signal_head.weight.detach().contiguous().cpu(),
+                       "signal_head.bias": self.signal_head.bias.detach().contiguous().cpu()},
+                      str(out_dir / HEADS_FILE))
+        (out_dir / SCAFFOLD_CONFIG).write_text(json.dumps({"kind": self.kind, "signals": list(SIGNALS)}, indent=2))
+        return out_dir
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, kind: str | None = None, **model_kwargs) -> "ScaffoldStudent":
+        """Any HF causal LM path/id; a saved scaffold student also gets its heads back. Weights load from
+        safetensors only (`use_safetensors=True`): a pickled checkpoint is refused."""
+        path_obj = Path(str(path))
+        meta_path = path_obj / SCAFFOLD_CONFIG
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if meta.get("signals", list(SIGNALS)) != list(SIGNALS):
+            raise ValueError(f"{path}: trained with signals {meta['signals']}, this build has {list(SIGNALS)}")
+        backbone = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, **model_kwargs)
+        student = cls(backbone, kind=kind or meta.get("kind", "scaffold"))
+        heads = path_obj / HEADS_FILE
+        if student.kind == "scaffold" and heads.exists():
+            state = load_file(str(heads))
+            student.signal_embedding.weight.data.copy_(state["signal_embedding.weight"])
+            student.signal_head.weight.data.copy_(state["signal_head.weight"])
+            student.signal_head.bias.data.copy_(state["signal_head.bias"])
+        return student
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

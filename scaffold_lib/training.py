@@ -1,0 +1,203 @@
+"""The trainer: multi-task loss L = (1 - β)·L_token + β·L_signal over packed rows, each term normalised by its
+own count over the whole accumulated batch. The CoT-SFT baseline uses the same loop with the token term only.
+
+CUDA with bf16 autocast when available, else CPU, on one code path. Checkpoints every N steps hold model,
+optimizer, scheduler, RNG and data position (written to a temp dir, then renamed), and `train` resumes from
+the newest one in `checkpoint_dir`. Batches are a pure function of (seed, micro-step), so a resumed run sees
+exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from pydantic import BaseModel, Field
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from scaffold_lib.model import ScaffoldStudent
+
+
+class TrainConfig(BaseModel):
+    kind: Literal["scaffold", "baseline"] = "scaffold"
+    beta: float = Field(0.3, ge=0.0, le=1.0, description="weight of the signal loss")
+    learning_rate: float = Field(3e-3, gt=0)
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    max_steps: int = Field(200, ge=1)
+    batch_size: int = Field(8, ge=1, description="rows per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = Field(0, ge=0, description="0 = no checkpoints")
+    keep_checkpoints: int = 2
+    log_every: int = 10
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)  # total loss per optimizer step
+    token_losses: list[float] = field(default_factory=list)
+    signal_losses: list[float] = field(default_factory=list)
+    tokens_per_s: float = 0.0
+    resumed_from: int = 0
+    train_tokens: int = 0
+
+    @property
+    def final_loss(self) -> float:
+        tail = self.losses[-10:]
+        return sum(tail) / len(tail) if tail else float("nan")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def micro_batch_indices(n_rows: int, batch_size: int, seed: int, micro_step: int) -> torch.Tensor:
+    """Row indices of micro-batch `micro_step`: epochs are seeded permutations, so this is resumable."""
+    start = micro_step * batch_size
+    idx = []
+    while len(idx) < batch_size:
+        epoch, offset = divmod(start + len(idx), n_rows)
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        idx.extend(perm[offset:offset + batch_size - len(idx)].tolist())
+    return torch.tensor(idx)
+
+
+def _batch(data: dict[str, torch.Tensor], idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    b = {k: v[idx].to(device) for k, v in data.items()}
+    seq = b["input_ids"].size(1)
+    rows = torch.arange(len(idx), device=device).unsqueeze(1) * seq
+    b["signal_positions"] = torch.where(b["signal_positions"] >= 0, b["signal_positions"] + rows, -1)
+    return b
+
+
+def train(model: ScaffoldStudent, data: dict[str, torch.Tensor], cfg: TrainConfig,
+          checkpoint_dir: str | Path | None = None, on_log: Callable[[int, dict], None] | None = None,
+          progress: bool = True) -> TrainResult:
+    device = pick_device(cfg.device)
+    model.to(device).train()
+    use_token, use_signal = cfg.kind == "baseline" or cfg.beta < 1.0, cfg.kind == "scaffold" and cfg.beta > 0.0
+    # parameters whose term is switched off get no gradient at all (not a zero gradient), so AdamW's weight
+    # decay cannot move them: β = 0 leaves the signal head untouched, β = 1 the signal embedding.
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+    ckpt_root = Path(checkpoint_dir) if checkpoint_dir else None
+    result = TrainResult(steps=cfg.max_steps)
+    start_step = 0
+    if ckpt_root is not None and (last := latest_checkpoint(ckpt_root)) is not None:
+        start_step = load_checkpoint(last, model, optimizer, scheduler, result)
+        result.resumed_from = start_step
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    n_rows = data["input_ids"].size(0)
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not progress, desc=f"train {cfg.kind}", unit="step")
+    t0, tokens_seen = time.perf_counter(), 0
+    for step in range(start_step, cfg.max_steps):
+        batches = [_batch(data, micro_batch_indices(n_rows, cfg.batch_size, cfg.seed, step * cfg.grad_accum + m), device)
+                   for m in range(cfg.grad_accum)]
+        # each term is normalised by its own count over the whole accumulated batch
+        n_tok = max(1, sum(int((b["labels"] != -100).sum()) for b in batches))
+        n_sig = max(1, sum(int((b["signal_positions"] >= 0).sum()) for b in batches))
+        tok_total = sig_total = 0.0
+        for b in batches:
+            with autocast:
+                out = model(b["input_ids"], b["labels"], b["position_ids"], b["signal_ids"], b["signal_positions"],
+                            b["signal_targets"], token_loss=use_token, signal_loss=use_signal)
+            loss = 0.0
+            if use_token:
+                weight = 1.0 if cfg.kind == "baseline" else 1.0 - cfg.beta
+                loss = loss + weight * out["token_loss_sum"] / n_tok
+                tok_total += out["token_loss_sum"].detach().item() / n_tok
+            if use_signal:
+                loss = loss + cfg.beta * out["signal_loss_sum"] / n_sig
+                sig_total += out["signal_loss_sum"].detach().item() / n_sig
+            loss.backward()
+            tokens_seen += int((b["labels"] != -100).sum())
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        total = ((1.0 if cfg.kind == "baseline" else 1.0 - cfg.beta) * tok_total if use_token else 0.0) + \
+            (cfg.beta * sig_total if use_signal else 0.0)
+        if not math.isfinite(total):
+            raise FloatingPointError(f"loss became {total} at step {step + 1}; lower the learning rate")
+        result.losses.append(total)
+        result.token_losses.append(tok_total)
+        result.signal_losses.append(sig_total)
+        elapsed = time.perf_counter() - t0
+        result.tokens_per_s = tokens_seen / elapsed if elapsed > 0 else 0.0
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{result.tokens_per_s:,.0f}")
+        if on_log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps):
+            on_log(step + 1, {"loss": total, "token_loss": tok_total, "signal_loss": sig_total,
+                              "tokens_per_s": result.tokens_per_s, "lr": scheduler.get_last_lr()[0]})
+        if ckpt_root is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(ckpt_root, step + 1, model, optimizer, scheduler, result, cfg.keep_checkpoints)
+    bar.close()
+    result.train_tokens = tokens_seen
+    model.eval()
+    return result
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+def latest_checkpoint(root: Path) -> Path | None:
+    if not root.exists():
+        return None
+    done = sorted((p for p in root.glob("step-*") if (p / "trainer_state.json").exists()),
+                  key=lambda p: int(p.name.split("-")[1]))
+    return done[-1] if done else None
+
+
+def save_checkpoint(root: Path, step: int, model: ScaffoldStudent, optimizer, scheduler, result: TrainResult,
+                    keep: int) -> Path:
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # tied weights share storage: safetensors wants each tensor once
+    seen, unique = {}, {}
+    for k, v in state.items():
+        key = (v.data_ptr(), v.shape)
+        if key not in seen:
+            seen[key] = k
+            unique[k] = v
+    save_file(unique, str(tmp / "model.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({
+        "step": step, "losses": result.losses, "token_losses": result.token_losses,
+        "signal_losses": result.signal_losses, "tied": {k: seen[(v.data_ptr(), v.shape)] for k, v in state.items()}}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model: ScaffoldStudent, optimizer, scheduler, result: TrainResult) -> int:
+    meta = json.loads((path / "trainer_state.json").read_text())
+    tensors = load_file(str(path / "model.safetensors"))
+    model.load_state_dict({k: tensors[src] for k, src in meta["tied"].items()})
+    # weights_only: the optimizer file holds tensors and plain containers; nothing is unpickled as code
+    extra = torch.load(path / "optim.pt", weights_only=True)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["torch_rng"])
+    result.losses, result.token_losses, result.signal_losses = meta["losses"], meta["token_losses"], meta["signal_losses"]
+    return int(meta["step"])
