@@ -70,9 +70,9 @@ class ScaffoldDecoder:
         self._feed(ids)
 
     def _feed(self, ids: list[int]) -> None:
-        out = self.model.decoder(input_ids=torch.tensor([ids], device=self.device), past_key_values=self.cache,
+        out = self.model.decoder(input_ids=torch.tensor([ids], device=self.device), cache=self.cache,
                                  use_cache=True)
-        self.cache = out.past_key_values
+        self.cache = out.cache
         self.h_last = out.last_hidden_state[0, -1]
 
     def predict_signal(self) -> tuple[str, float]:

@@ -121,10 +121,10 @@ def next_signal_accuracy(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerB
         if not item.golden_signals:
             continue
         ex = fmt.scaffold(item.doc_id, item.question, item.golden_steps, item.golden_signals)
-        hidden = model.hidden_states(torch.tensor([ex.input_ids], dtype=torch.long, device=device))[0]
-        probs = torch.softmax(model.signal_head(hidden[torch.tensor(ex.signal_positions, dtype=torch.long)]).float(), -1)
+        hidden = model.hidden_states(torch.from_numpy(ex.input_ids).long()[None].to(device))[0]
+        probs = torch.softmax(model.signal_head(hidden[torch.from_numpy(ex.signal_positions).long()]).float(), -1)
         conf, pred = probs.max(-1)
-        hit = pred.cpu() == torch.tensor(ex.signal_targets, dtype=torch.long)
+        hit = pred.cpu() == torch.from_numpy(ex.signal_targets).long()
         correct += int(hit.sum())
         total += len(hit)
         sure = conf.cpu() >= tau

@@ -1,0 +1,1 @@
+"""Dagster wiring for the Reasoning Scaffolding pipeline. All logic lives in `scaffold_lib`."""

@@ -1,0 +1,39 @@
+"""Jobs, schedules and the sensor that keep the pipeline fresh without anyone pressing a button."""
+
+import dagster as dg
+
+from pipelines.defs.common import DATA_GROUP
+from pipelines.defs.data_assets import incoming_dir, problem_files
+
+# the whole pipeline, in one run: what `make demo` launches
+full_pipeline_job = dg.define_asset_job("full_pipeline", selection=dg.AssetSelection.all(),
+                                        description="every stage, from problems to promotion")
+# new problems -> traces -> steps -> labels (incremental: only new problems reach the teacher)
+data_refresh_job = dg.define_asset_job("data_refresh", selection=dg.AssetSelection.groups(DATA_GROUP),
+                                       description="refresh problems, teacher traces, steps and labels")
+# shards -> students -> scores -> promotion
+retrain_job = dg.define_asset_job("retrain_and_evaluate",
+                                  selection=dg.AssetSelection.assets("packed_shards").downstream(),
+                                  description="repack, retrain both students, evaluate and promote")
+
+daily_data_refresh = dg.ScheduleDefinition(job=data_refresh_job, cron_schedule="0 3 * * *",
+                                           default_status=dg.DefaultScheduleStatus.RUNNING,
+                                           description="daily: new problems reach the teacher and the stages below")
+weekly_retrain = dg.ScheduleDefinition(job=retrain_job, cron_schedule="0 5 * * 0",
+                                       default_status=dg.DefaultScheduleStatus.RUNNING,
+                                       description="weekly: retrain, evaluate and maybe promote")
+
+
+@dg.sensor(job=data_refresh_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="starts a data refresh when a problem file appears or changes in $DAGSTER_HOME/incoming")
+def new_problem_file_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    folder = incoming_dir()
+    if not folder.exists():
+        return dg.SensorResult(skip_reason=f"{folder} does not exist yet")
+    requests = []
+    for path in problem_files(folder):
+        stat = path.stat()
+        # one run per (file, size, mtime): a file that changes is picked up again, an unchanged one never twice
+        requests.append(dg.RunRequest(run_key=f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}",
+                                      tags={"problem_file": path.name}))
+    return dg.SensorResult(run_requests=requests)

@@ -1,0 +1,242 @@
+"""The student stages: packed shards -> scaffold student and CoT-SFT baseline (MLflow) -> benchmark scores ->
+promotion of the challenger to champion."""
+
+import json
+
+import dagster as dg
+from pydantic import Field
+
+from pipelines.defs.common import GPU_POOL, STUDENT_GROUP, WAREHOUSE_POOL, markdown_table, upstream_metadata
+from pipelines.defs.data_assets import signal_labels
+from pipelines.defs.resources import MlflowResource, StudentResource, WarehouseResource
+from scaffold_lib import registry
+from scaffold_lib.decoding import DecodeConfig
+from scaffold_lib.distill import ShardsConfig, build_packed_shards, eval_items, train_student
+from scaffold_lib.evaluation import EvalConfig, evaluate_baseline, evaluate_scaffold, score_table_markdown
+from scaffold_lib.ids import content_id
+from scaffold_lib.model import ScaffoldStudent, load_tokenizer
+from scaffold_lib.shards import PackConfig
+from scaffold_lib.training import TrainConfig, pick_device
+
+MODEL_NAME_BASELINE_SUFFIX = "-baseline"
+
+
+class ShardsRunConfig(dg.Config):
+    row_len: int = 1024
+    rows_per_shard: int = 256
+    too_long: str = Field("split", description="split or drop examples longer than a row (counted either way)")
+    include_incorrect: bool = False
+    min_fill: float = Field(0.99, description="the blocking fill check's threshold")
+
+
+@dg.asset(group_name=STUDENT_GROUP, kinds={"python", "parquet", "duckdb"}, deps=[signal_labels], pool=WAREHOUSE_POOL)
+def packed_shards(context: dg.AssetExecutionContext, config: ShardsRunConfig, warehouse: WarehouseResource,
+                  student: StudentResource) -> dg.MaterializeResult:
+    """Correct training traces in the scaffold format (and plain CoT for the baseline), best-fit-decreasing packed
+    into fixed-length rows with per-example position ids, written as Parquet shards with a manifest."""
+    wh = warehouse.open()
+    cfg = ShardsConfig(student=student.student_config(),
+                       pack=PackConfig(row_len=config.row_len, rows_per_shard=config.rows_per_shard,
+                                       too_long=config.too_long), include_incorrect=config.include_incorrect)
+    report = build_packed_shards(wh, student.artifacts(), cfg, run_id=context.run_id)
+    rows = [[kind, s["examples"], s["rows"], s["tokens"], f"{100 * s['fill_ratio']:.2f} %", s["split_examples"],
+             s["dropped_examples"]] for kind, s in report.stats.items()]
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": sum(len(v) for v in report.shards.values()),
+        "scaffold_manifest": report.manifests["scaffold"], "baseline_manifest": report.manifests["baseline"],
+        "base_model": report.base_model, "tokenizer_hash": report.tokenizer_hash,
+        "training_traces": report.traces, "traces_skipped_unlabelled": report.skipped_incomplete,
+        "min_fill_ratio": min(s["fill_ratio"] for s in report.stats.values()), "min_fill_target": config.min_fill,
+        "packing": dg.MetadataValue.md(markdown_table(
+            ["kind", "examples", "rows", "tokens", "fill", "split (too long)", "dropped"], rows)),
+    })
+
+
+@dg.asset_check(asset=packed_shards, blocking=True,
+                description="every packed set fills its rows to the target (default 99 %)")
+def shard_fill_on_target(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    fill = float(upstream_metadata(context, "packed_shards", "min_fill_ratio"))
+    target = float(upstream_metadata(context, "packed_shards", "min_fill_target"))
+    return dg.AssetCheckResult(passed=fill >= target, metadata={"min_fill_ratio": fill, "target": target})
+
+
+class TrainingRunConfig(dg.Config):
+    max_steps: int = 300
+    beta: float = Field(0.3, description="weight of the signal loss: L = (1-β)·L_token + β·L_signal")
+    learning_rate: float = 3e-3
+    batch_size: int = 4
+    grad_accum: int = 1
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def train_config(self, kind: str, device: str) -> TrainConfig:
+        return TrainConfig(kind=kind, beta=self.beta, learning_rate=self.learning_rate, max_steps=self.max_steps,
+                           batch_size=self.batch_size, grad_accum=self.grad_accum, seed=self.seed,
+                           checkpoint_every=self.checkpoint_every, device=device,
+                           warmup_steps=min(20, max(1, self.max_steps // 10)))
+
+
+def _train_and_log(context: dg.AssetExecutionContext, kind: str, config: TrainingRunConfig,
+                   warehouse: WarehouseResource, student: StudentResource, mlflow_res: MlflowResource) -> dg.MaterializeResult:
+    wh = warehouse.open()
+    manifest = upstream_metadata(context, "packed_shards", f"{kind}_manifest")
+    base_model = upstream_metadata(context, "packed_shards", "base_model")
+    device = str(pick_device(student.device))
+    cfg = config.train_config(kind, device)
+    history: list[dict] = []
+
+    def on_log(step: int, metrics: dict) -> None:
+        history.append({"step": step, **metrics})
+        context.log.info(f"{kind} step {step}/{cfg.max_steps}: loss {metrics['loss']:.4f}, "
+                         f"{metrics['tokens_per_s']:,.0f} tokens/s")
+
+    trained = train_student(wh, student.artifacts(), base_model, manifest, cfg, on_log=on_log, progress=False)
+    reg = mlflow_res.config()
+    name = reg.model_name if kind == "scaffold" else reg.model_name + MODEL_NAME_BASELINE_SUFFIX
+    logged = registry.log_trained_model(
+        reg, trained.path, kind=kind, register_as=name,
+        params={"train": cfg.model_dump(), "base_model": base_model, "manifest_hash": manifest,
+                "dagster_run_id": context.run_id},
+        losses=history, tags={"manifest_hash": manifest, "dagster_run_id": context.run_id})
+    wh.insert_new("model_versions", [{"model_name": name, "version": logged.version, "kind": kind,
+                                      "mlflow_run_id": logged.run_id, "manifest_hash": manifest,
+                                      "config_json": json.dumps(cfg.model_dump()),
+                                      "final_loss": trained.result.final_loss}], context.run_id)
+    wh.insert_new("model_shards", [{"model_name": name, "version": logged.version, "shard_id": s}
+                                   for s in trained.shard_ids], context.run_id)
+    losses = trained.result.losses
+    return dg.MaterializeResult(metadata={
+        "model_name": name, "model_version": logged.version, "mlflow_run_id": logged.run_id,
+        "model_uri": f"models:/{name}/{logged.version}", "manifest_hash": manifest, "device": device,
+        "steps": cfg.max_steps, "resumed_from_step": trained.result.resumed_from,
+        "first_loss": losses[0] if losses else float("nan"), "final_loss": trained.result.final_loss,
+        "tokens_per_s": round(trained.result.tokens_per_s, 1), "train_tokens": trained.result.train_tokens,
+        "loss_curve": dg.MetadataValue.json({"step": [h["step"] for h in history], "loss": [h["loss"] for h in history]}),
+    })
+
+
+@dg.asset(group_name=STUDENT_GROUP, kinds={"pytorch", "mlflow"}, deps=[packed_shards], pool=GPU_POOL)
+def student_model(context: dg.AssetExecutionContext, config: TrainingRunConfig, warehouse: WarehouseResource,
+                  student: StudentResource, mlflow: MlflowResource) -> dg.MaterializeResult:
+    """The scaffold student trained with the multi-task loss, logged to MLflow and registered as a new version of
+    the student model with alias `challenger`. Device chosen at run time (CUDA + bf16 when present)."""
+    return _train_and_log(context, "scaffold", config, warehouse, student, mlflow)
+
+
+@dg.asset(group_name=STUDENT_GROUP, kinds={"pytorch", "mlflow"}, deps=[packed_shards], pool=GPU_POOL)
+def baseline_model(context: dg.AssetExecutionContext, config: TrainingRunConfig, warehouse: WarehouseResource,
+                   student: StudentResource, mlflow: MlflowResource) -> dg.MaterializeResult:
+    """The CoT-SFT baseline: same backbone, traces and budget, plain text without signals."""
+    return _train_and_log(context, "baseline", config, warehouse, student, mlflow)
+
+
+def _loss_check(context: dg.AssetCheckExecutionContext, asset_key: str) -> dg.AssetCheckResult:
+    first = float(upstream_metadata(context, asset_key, "first_loss"))
+    final = float(upstream_metadata(context, asset_key, "final_loss"))
+    ok = final == final and final < float("inf") and final < first
+    return dg.AssetCheckResult(passed=ok, metadata={"first_loss": first, "final_loss": final})
+
+
+@dg.asset_check(asset=student_model, blocking=True, description="training loss is finite and fell")
+def student_loss_finite_and_falling(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    return _loss_check(context, "student_model")
+
+
+@dg.asset_check(asset=baseline_model, blocking=True, description="training loss is finite and fell")
+def baseline_loss_finite_and_falling(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    return _loss_check(context, "baseline_model")
+
+
+class EvalRunConfig(dg.Config):
+    tau: float = Field(0.5, description="signal confidence needed to write another step (paper: 0.96)")
+    max_steps: int = 16
+    max_tokens: int = 400
+    limit: int | None = Field(None, description="evaluate the first N held-out problems only")
+    variants: list[str] = ["predicted", "golden", "random", "summaries_only"]
+
+
+@dg.asset(group_name=STUDENT_GROUP, kinds={"pytorch", "duckdb"}, deps=[student_model, baseline_model],
+          pool=WAREHOUSE_POOL)
+def benchmark_scores(context: dg.AssetExecutionContext, config: EvalRunConfig, warehouse: WarehouseResource,
+                     mlflow: MlflowResource) -> dg.MaterializeResult:
+    """Pass@1 on the held-out split for the challenger (predicted / golden / random signals, summaries-only) and the
+    CoT-SFT baseline, with next-signal accuracy, signal fidelity and answer consistency; rows carry the eval-config
+    hash and the model version."""
+    wh = warehouse.open()
+    reg = mlflow.config()
+    items = eval_items(wh, "test")
+    cfg = EvalConfig(variants=config.variants, limit=config.limit,
+                     decode=DecodeConfig(tau=config.tau, max_steps=config.max_steps, max_tokens=config.max_tokens))
+    all_rows = []
+    for asset_key, evaluate in (("student_model", evaluate_scaffold), ("baseline_model", evaluate_baseline)):
+        name = upstream_metadata(context, asset_key, "model_name")
+        version = upstream_metadata(context, asset_key, "model_version")
+        run_id = upstream_metadata(context, asset_key, "mlflow_run_id")
+        model_dir = registry.download_model(reg, version, model_name=name)
+        model = ScaffoldStudent.from_pretrained(model_dir)
+        rows, _ = evaluate(model, load_tokenizer(model_dir), items, cfg, progress=False)
+        dict_rows = [{**r.as_row(), "model_name": name, "version": version, "mlflow_run_id": run_id,
+                      "score_id": content_id("score", name, version, r.benchmark, r.variant, r.eval_config_hash)}
+                     for r in rows]
+        wh.insert_new("benchmark_scores", dict_rows, context.run_id)
+        registry.log_scores(reg, run_id, dict_rows, score_table_markdown(
+            [{**r, "model": f"{name} v{version}"} for r in dict_rows]))
+        all_rows += [{**r, "model": f"{name} v{version}"} for r in dict_rows]
+    by_variant = {r["variant"]: r["accuracy"] for r in all_rows}
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": len(all_rows), "n_items": len(items[: cfg.limit]),
+        "challenger_version": upstream_metadata(context, "student_model", "model_version"),
+        "predicted_accuracy": by_variant.get("predicted", 0.0), "baseline_accuracy": by_variant.get("cot_sft", 0.0),
+        "scores": dg.MetadataValue.md(score_table_markdown(all_rows)),
+        "eval_config_hash": all_rows[0]["eval_config_hash"] if all_rows else "",
+    })
+
+
+@dg.asset_check(asset=benchmark_scores, description="the scaffold student (predicted signals) beats the CoT-SFT "
+                                                     "baseline; otherwise says by how much it does not")
+def scaffold_beats_baseline(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    scaffold = float(upstream_metadata(context, "benchmark_scores", "predicted_accuracy"))
+    baseline = float(upstream_metadata(context, "benchmark_scores", "baseline_accuracy"))
+    return dg.AssetCheckResult(passed=scaffold > baseline, severity=dg.AssetCheckSeverity.WARN,
+                               description=f"scaffold {scaffold:.3f} vs baseline {baseline:.3f} "
+                                           f"(difference {scaffold - baseline:+.3f})",
+                               metadata={"scaffold": scaffold, "baseline": baseline, "difference": scaffold - baseline})
+
+
+@dg.asset(group_name=STUDENT_GROUP, kinds={"mlflow"}, deps=[benchmark_scores])
+def model_promotion(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
+                    mlflow: MlflowResource) -> dg.MaterializeResult:
+    """Moves the `champion` alias to the challenger when every gate passed and its predicted-signal accuracy beats
+    the current champion's by the configured margin (same eval config); otherwise records why on the version."""
+    reg = mlflow.config()
+    wh = warehouse.open()
+    version = str(upstream_metadata(context, "student_model", "model_version"))
+    eval_hash = upstream_metadata(context, "benchmark_scores", "eval_config_hash")
+    failed = [f"{key}: loss did not fall" for key in ("student_model",)
+              if not float(upstream_metadata(context, key, "final_loss")) < float(upstream_metadata(context, key, "first_loss"))]
+    champion = registry.alias_version(reg, registry.CHAMPION)
+
+    def accuracy(v: str | None) -> float | None:
+        if v is None:
+            return None
+        return wh.scalar("SELECT max(accuracy) FROM benchmark_scores WHERE model_name = ? AND version = ? "
+                         "AND variant = 'predicted' AND eval_config_hash = ?", [reg.model_name, v, eval_hash])
+
+    candidate = accuracy(version)
+    if candidate is None:
+        failed.append("no predicted-signal score for the challenger")
+    champion_acc = accuracy(champion) if champion and champion != version else None
+    if champion and champion != version and champion_acc is None:
+        context.log.warning(f"champion v{champion} has no score with eval config {eval_hash}: comparing as if none")
+    promoted, reason = registry.decide_promotion(candidate or 0.0, champion_acc, mlflow.promotion_margin, failed)
+    if champion == version:
+        promoted, reason = False, f"v{version} is already the champion"
+    elif promoted:
+        registry.set_champion(reg, version, reason, who=f"dagster run {context.run_id}")
+    else:
+        registry.record_refusal(reg, version, reason)
+    context.log.info(f"promotion of v{version}: {'yes' if promoted else 'no'} — {reason}")
+    return dg.MaterializeResult(metadata={
+        "challenger_version": version, "previous_champion": champion or "none", "promoted": promoted,
+        "champion_version": registry.alias_version(reg, registry.CHAMPION) or "none", "reason": reason,
+        "champion_uri": f"models:/{reg.model_name}@champion"})

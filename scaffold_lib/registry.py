@@ -1,0 +1,180 @@
+"""MLflow tracking and the model registry (DESIGN.md §5).
+
+Tracking on sqlite with an explicit artifact location. Each trained student is logged as a run (params:
+config, data manifest hash, Dagster run id — never secrets; metrics per step; the model directory with
+safetensors weights, tokenizer, heads and config as artifacts) and registered as a new version of
+`scaffold-student` with alias `challenger`. Promotion moves `champion`; aliases, never deprecated stages.
+`models:/scaffold-student@champion` downloads a directory `ScaffoldStudent.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from pydantic import BaseModel
+
+from scaffold_lib.paths import REPO_ROOT
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+MODEL_ARTIFACT = "student"
+
+
+class RegistryConfig(BaseModel):
+    tracking_uri: str  # sqlite:///<absolute path>
+    artifact_location: str  # absolute path or URL
+    model_name: str = "scaffold-student"
+    experiment: str = "reasoning-scaffold"
+
+
+def sqlite_config(home: str | Path, model_name: str = "scaffold-student") -> RegistryConfig:
+    home = Path(home).resolve()
+    return RegistryConfig(tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
+                          artifact_location=(home / "mlartifacts").as_uri(), model_name=model_name)
+
+
+def client(cfg: RegistryConfig) -> MlflowClient:
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_registry_uri(cfg.tracking_uri)
+    return MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
+
+
+def experiment_id(cfg: RegistryConfig) -> str:
+    c = client(cfg)
+    exp = c.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(cfg.experiment, artifact_location=cfg.artifact_location)
+    except MlflowException:  # created meanwhile by a concurrent run
+        return c.get_experiment_by_name(cfg.experiment).experiment_id
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _flatten(prefix: str, value, out: dict) -> dict:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else k, v, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+@dataclass
+class LoggedModel:
+    run_id: str
+    version: str | None
+    model_name: str
+
+
+def log_trained_model(cfg: RegistryConfig, model_dir: str | Path, *, kind: str, params: dict, losses: Sequence[dict],
+                      tags: dict[str, str], register_as: str | None) -> LoggedModel:
+    """One MLflow run for one trained student; registered (alias challenger) when `register_as` is given."""
+    c = client(cfg)
+    run = c.create_run(experiment_id(cfg), run_name=f"{kind}-{tags.get('manifest_hash', '')[:8]}",
+                       tags={**tags, "kind": kind, "git_commit": git_commit()})
+    run_id = run.info.run_id
+    flat = _flatten("", params, {})
+    for key, value in flat.items():
+        c.log_param(run_id, key, str(value)[:6000])
+    for row in losses:
+        step = int(row["step"])
+        for key, value in row.items():
+            if key != "step" and value is not None:
+                c.log_metric(run_id, key, float(value), step=step)
+    c.log_artifacts(run_id, str(model_dir), artifact_path=MODEL_ARTIFACT)
+    c.set_terminated(run_id)
+    version = None
+    if register_as:
+        try:
+            c.create_registered_model(register_as)
+        except MlflowException:
+            pass  # already registered
+        mv = c.create_model_version(register_as, source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run_id=run_id,
+                                    tags={**tags, "kind": kind, "git_commit": git_commit()})
+        version = str(mv.version)
+        c.set_registered_model_alias(register_as, CHALLENGER, version)
+    return LoggedModel(run_id, version, register_as or "")
+
+
+def resolve_version(cfg: RegistryConfig, ref: str, model_name: str | None = None) -> str:
+    """'champion' / 'challenger' / '3' -> version number as a string; clear error when it does not exist."""
+    c, name = client(cfg), model_name or cfg.model_name
+    try:
+        if ref.isdigit():
+            return str(c.get_model_version(name, ref).version)
+        return str(c.get_model_version_by_alias(name, ref).version)
+    except MlflowException as exc:
+        raise LookupError(f"model {name!r} has no version or alias {ref!r} in {cfg.tracking_uri}") from exc
+
+
+def download_model(cfg: RegistryConfig, ref: str = CHAMPION, model_name: str | None = None,
+                   dst: str | Path | None = None) -> Path:
+    """Local directory of `models:/NAME@alias` (or a version number), ready for `ScaffoldStudent.from_pretrained`."""
+    client(cfg)
+    name = model_name or cfg.model_name
+    uri = f"models:/{name}/{ref}" if ref.isdigit() else f"models:/{name}@{ref}"
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None))
+
+
+def alias_version(cfg: RegistryConfig, alias: str, model_name: str | None = None) -> str | None:
+    try:
+        return resolve_version(cfg, alias, model_name)
+    except LookupError:
+        return None
+
+
+@dataclass
+class PromotionDecision:
+    promoted: bool
+    version: str
+    previous_champion: str | None
+    reason: str
+
+
+def decide_promotion(candidate_accuracy: float, champion_accuracy: float | None, margin: float,
+                     failed_gates: Sequence[str]) -> tuple[bool, str]:
+    """Pure rule: every gate passed, and no champion or the candidate beats it by `margin`."""
+    if failed_gates:
+        return False, "blocked by failed checks: " + "; ".join(failed_gates)
+    if champion_accuracy is None:
+        return True, f"no champion yet; candidate accuracy {candidate_accuracy:.3f}"
+    if candidate_accuracy >= champion_accuracy + margin:
+        return True, f"accuracy {candidate_accuracy:.3f} beats champion {champion_accuracy:.3f} by >= {margin:.3f}"
+    return False, (f"accuracy {candidate_accuracy:.3f} does not beat champion {champion_accuracy:.3f} "
+                   f"by the margin {margin:.3f}")
+
+
+def set_champion(cfg: RegistryConfig, version: str, reason: str, who: str | None = None) -> None:
+    """Move `champion` to `version` and record who and why on the version (also how a rollback is done)."""
+    c = client(cfg)
+    c.set_registered_model_alias(cfg.model_name, CHAMPION, version)
+    c.set_model_version_tag(cfg.model_name, version, "promoted_by", who or getpass.getuser())
+    c.set_model_version_tag(cfg.model_name, version, "promotion_reason", reason[:5000])
+
+
+def record_refusal(cfg: RegistryConfig, version: str, reason: str) -> None:
+    client(cfg).set_model_version_tag(cfg.model_name, version, "promotion_refused", reason[:5000])
+
+
+def log_scores(cfg: RegistryConfig, run_id: str, rows: Sequence[dict], table_markdown: str) -> None:
+    """Scores onto the model's own run: one metric per benchmark/variant and the table as an artifact."""
+    c = client(cfg)
+    for r in rows:
+        c.log_metric(run_id, f"{r['benchmark']}.{r['variant']}.accuracy", float(r["accuracy"]))
+    c.log_text(run_id, table_markdown, "scores.md")
+    c.log_text(run_id, json.dumps(list(rows), indent=2, default=str), "scores.json")
