@@ -19,17 +19,23 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/scaffold demo
+	$(BIN)/python -m pipelines.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# Dagster UI on http://127.0.0.1:3000 and MLflow UI on http://127.0.0.1:5000 (loopback only); Ctrl-C stops both
 ui: $(STAMP)
-	$(BIN)/scaffold ui
+	mkdir -p $(DAGSTER_HOME)/mlartifacts
+	trap 'kill 0' EXIT; \
+	$(BIN)/mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(DAGSTER_HOME)/mlflow.db \
+		--default-artifact-root file://$(DAGSTER_HOME)/mlartifacts & \
+	$(BIN)/dagster dev -m pipelines.definitions -h 127.0.0.1 -p 3000
 
 bench: $(STAMP)
-	$(BIN)/pip install -q -e ".[bench]" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/pip install -q torch==2.13.0 -e ".[bench]" 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python bench/bench_segment_label.py
+	$(BIN)/python bench/bench_packing.py
 
 clean:
 	rm -rf $(VENV)

@@ -96,6 +96,149 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(f"warehouse: {wh.path}")
 
 
+def _registry(args: argparse.Namespace):
+    from scaffold_lib import registry
+
+    return registry.sqlite_config(paths.dagster_home(), model_name=args.model_name)
+
+
+def _model_dir(args: argparse.Namespace, ref: str) -> Path:
+    """A local directory, or a registry reference (champion / challenger / version number) downloaded from MLflow."""
+    from scaffold_lib import registry
+
+    if Path(ref).exists():
+        return Path(ref)
+    try:
+        return registry.download_model(_registry(args), ref)
+    except Exception as exc:  # MLflow raises several types; the user needs one line
+        raise CliError(f"--model {ref!r} is neither a directory nor a registered version/alias: {exc}") from exc
+
+
+def _version(args: argparse.Namespace, ref: str) -> str:
+    from scaffold_lib import registry
+
+    try:
+        return registry.resolve_version(_registry(args), ref)
+    except LookupError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def cmd_pack(args: argparse.Namespace) -> None:
+    from scaffold_lib.distill import ShardsConfig, build_packed_shards
+    from scaffold_lib.shards import PackConfig
+    from scaffold_lib.warehouse import Warehouse
+
+    try:
+        report = build_packed_shards(Warehouse(args.warehouse), args.artifacts,
+                                     ShardsConfig(pack=PackConfig(row_len=args.row_len)))
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    print(json.dumps({"base_model": report.base_model, "manifests": report.manifests, "stats": report.stats}, indent=2))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from scaffold_lib.distill import train_student
+    from scaffold_lib.training import TrainConfig
+    from scaffold_lib.warehouse import Warehouse
+
+    cfg = TrainConfig(kind=args.kind, beta=args.beta, max_steps=args.steps, batch_size=args.batch_size,
+                      learning_rate=args.lr, checkpoint_every=args.checkpoint_every, seed=args.seed)
+    wh = Warehouse(args.warehouse)
+    manifest = args.manifest or wh.scalar("SELECT manifest_hash FROM shards WHERE kind = ? ORDER BY created_at DESC "
+                                          "LIMIT 1", [args.kind])
+    if manifest is None:
+        raise CliError(f"no {args.kind} shards in {wh.path}: run `scaffold pack` first")
+    try:
+        trained = train_student(wh, args.artifacts, args.base_model, manifest, cfg)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    r = trained.result
+    print(f"trained {args.kind} for {cfg.max_steps} steps (resumed from {r.resumed_from}): loss {r.losses[0]:.3f} -> "
+          f"{r.final_loss:.3f}, {r.tokens_per_s:,.0f} tokens/s\nmodel: {trained.path}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from scaffold_lib.decoding import DecodeConfig
+    from scaffold_lib.distill import eval_items
+    from scaffold_lib.evaluation import EvalConfig, evaluate_baseline, evaluate_scaffold, score_table_markdown
+    from scaffold_lib.model import ScaffoldStudent, load_tokenizer
+    from scaffold_lib.warehouse import Warehouse
+
+    model_dir = _model_dir(args, args.model)
+    model = ScaffoldStudent.from_pretrained(model_dir)
+    cfg = EvalConfig(limit=args.limit, decode=DecodeConfig(tau=args.tau),
+                     variants=args.variants.split(",") if args.variants else EvalConfig().variants)
+    items = eval_items(Warehouse(args.warehouse), "test")
+    if not items:
+        raise CliError(f"no held-out problems in {args.warehouse}: run the data stages first")
+    evaluate = evaluate_scaffold if model.kind == "scaffold" else evaluate_baseline
+    rows, records = evaluate(model, load_tokenizer(model_dir), items, cfg)
+    print(score_table_markdown([{**r.as_row(), "model": str(args.model)} for r in rows]))
+    if args.samples:
+        with open(args.samples, "w", encoding="utf-8") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec.__dict__, ensure_ascii=False) + "\n")
+        print(f"per-sample answers: {args.samples}")
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    from scaffold_lib.decoding import DecodeConfig, ScaffoldDecoder, plain_generate
+    from scaffold_lib.model import ScaffoldStudent, load_tokenizer
+
+    model_dir = _model_dir(args, args.model)
+    model, tokenizer = ScaffoldStudent.from_pretrained(model_dir), load_tokenizer(model_dir)
+    if model.kind == "scaffold":
+        gen = ScaffoldDecoder(model, tokenizer, DecodeConfig(tau=args.tau)).generate(args.question)
+    else:
+        gen = plain_generate(model, tokenizer, args.question)
+    print(gen.render())
+    print(f"\nanswer: {gen.answer}")
+
+
+def cmd_lineage(args: argparse.Namespace) -> None:
+    from scaffold_lib import lineage
+    from scaffold_lib.warehouse import Warehouse
+
+    wh = Warehouse(args.warehouse)
+    if args.trace:
+        rows = lineage.models_of_trace(wh, args.trace)
+        print(f"trace {args.trace} reached {len(rows)} model version(s):")
+        for r in rows:
+            print(f"  {r['model_name']} v{r['version']} ({r['kind']}), mlflow run {r['mlflow_run_id']}, "
+                  f"dagster run {r['dagster_run_id']}")
+        return
+    version = _version(args, args.model)
+    summary = lineage.model_summary(wh, args.model_name, version)
+    print(f"{summary['model']}: trained on {summary['traces']} teacher traces of {summary['problems']} problems "
+          f"in {summary['shards']} shards")
+    for t in lineage.traces_of_model(wh, args.model_name, version)[: args.show]:
+        print(f"  trace {t['trace_id']}  problem {t['problem_id']}  ({t['source']}/{t['split']}, {t['teacher']})")
+    for s in summary["scores"]:
+        print(f"  score {s['benchmark']}/{s['variant']}: {100 * s['accuracy']:.1f} % of {s['n']} "
+              f"(eval config {s['eval_config_hash']})")
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    from scaffold_lib import registry
+
+    version = _version(args, args.version)
+    registry.set_champion(_registry(args), version, args.reason, who=args.who)
+    print(f"champion of {args.model_name} is now version {version} ({args.reason})")
+
+
+def cmd_scores(args: argparse.Namespace) -> None:
+    from scaffold_lib.evaluation import score_table_markdown
+    from scaffold_lib.warehouse import Warehouse
+
+    version = _version(args, args.model)
+    rows = Warehouse(args.warehouse).query(
+        "SELECT * FROM benchmark_scores WHERE model_name = ? AND version = ? ORDER BY benchmark, variant",
+        [args.model_name, version])
+    if not rows:
+        raise CliError(f"no scores for {args.model_name} v{version}: materialise benchmark_scores")
+    print(score_table_markdown([{**r, "model": f"{args.model_name} v{version}"} for r in rows]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaffold", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +255,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problems-file", default=None, help="JSONL/Parquet problems (GSM8K format by default)")
     p.add_argument("--lenient", action="store_true", help="quarantine bad rows instead of stopping")
     p.set_defaults(func=cmd_data)
+
+    warehouse = argparse.ArgumentParser(add_help=False)
+    warehouse.add_argument("--warehouse", default=str(paths.default_warehouse()), help="DuckDB file")
+    warehouse.add_argument("--artifacts", default=str(paths.dagster_home() / "artifacts"), help="shards, models")
+    warehouse.add_argument("--model-name", default="scaffold-student", help="registered model name in MLflow")
+
+    p = sub.add_parser("pack", parents=[warehouse], help="build the tokenizer/base model and the packed shards")
+    p.add_argument("--row-len", type=int, default=1024)
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("train", parents=[warehouse], help="train the scaffold student or the CoT-SFT baseline")
+    p.add_argument("--base-model", required=True, help="the base_model `scaffold pack` printed (or a hub id/path)")
+    p.add_argument("--kind", choices=["scaffold", "baseline"], default="scaffold")
+    p.add_argument("--manifest", default=None, help="shard manifest hash (default: the newest of this kind)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--beta", type=float, default=0.3)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", parents=[warehouse], help="score a model on the held-out split")
+    p.add_argument("--model", required=True, help="model directory, or champion / challenger / version number")
+    p.add_argument("--tau", type=float, default=0.5)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--variants", default=None, help="comma-separated: predicted,golden,random,summaries_only")
+    p.add_argument("--samples", default=None, help="write per-sample answers (JSONL) here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("ask", parents=[warehouse], help="answer one question, printing signal-tagged steps")
+    p.add_argument("question")
+    p.add_argument("--model", default="champion", help="model directory, or champion / challenger / version")
+    p.add_argument("--tau", type=float, default=0.5)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("lineage", parents=[warehouse], help="which traces trained a model / which models used a trace")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--model", help="champion / challenger / version number")
+    group.add_argument("--trace", help="a trace_id")
+    p.add_argument("--show", type=int, default=10, help="how many traces to list")
+    p.set_defaults(func=cmd_lineage)
+
+    p = sub.add_parser("promote", parents=[warehouse], help="move the champion alias (e.g. to roll back)")
+    p.add_argument("--version", required=True)
+    p.add_argument("--reason", default="manual promotion")
+    p.add_argument("--who", default=None, help="recorded on the version (default: the OS user)")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("scores", parents=[warehouse], help="print the score table of a model version")
+    p.add_argument("--model", default="champion")
+    p.set_defaults(func=cmd_scores)
     return parser
 
 

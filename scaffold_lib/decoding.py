@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from scaffold_lib.answers import extract_final_answer
-from scaffold_lib.examples import Formatter, signal_tags
+from scaffold_lib.examples import STEP_SEPARATOR, Formatter, signal_tags
 from scaffold_lib.model import ScaffoldStudent
 from scaffold_lib.signals import ANSWER_SIGNAL, CONCLUSION_SIGNAL, SIGNAL_INDEX, SIGNALS
 
@@ -56,101 +56,165 @@ class Generation:
         return "\n".join(lines + [f"[{ANSWER_SIGNAL}] {self.answer_text}"])
 
 
+@dataclass
+class _Sequence:
+    """Decoding state of one question in a batch."""
+
+    gen: Generation
+    golden: Sequence[str] | None
+    signal: str = ""
+    queue: list[int] = field(default_factory=list)  # forced tokens still to feed (the signal's text prefix)
+    written: list[int] = field(default_factory=list)  # tokens generated for the current step
+    limit: int = 0
+    step_start: int = 0  # cache column where the current step begins
+    spans: list[tuple[str, int, int]] = field(default_factory=list)  # (signal, first column, end column) per step
+    conf: float | None = None
+    done: bool = False
+
+
 class ScaffoldDecoder:
+    """Batched scaffolded decoding: every sequence of a batch advances one token per forward pass, whether it is
+    feeding a forced signal prefix or writing its step, so one KV cache serves the whole batch. Summaries-only
+    drops pruned steps from the context by masking their cache columns."""
+
     def __init__(self, model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase, cfg: DecodeConfig = DecodeConfig(),
                  tags: dict[str, str] | None = None) -> None:
         self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, cfg
         self.fmt = Formatter(tokenizer, tags or signal_tags())
         self.device = next(model.parameters()).device
 
-    # -- low level: feed tokens through the decoder, keeping the cache and the last hidden state
-
-    def _reset(self, ids: list[int]) -> None:
-        self.cache = DynamicCache(config=self.model.backbone.config)
-        self._feed(ids)
-
-    def _feed(self, ids: list[int]) -> None:
-        out = self.model.decoder(input_ids=torch.tensor([ids], device=self.device), cache=self.cache,
-                                 use_cache=True)
-        self.cache = out.cache
-        self.h_last = out.last_hidden_state[0, -1]
-
-    def predict_signal(self) -> tuple[str, float]:
-        probs = torch.softmax(self.model.signal_head(self.h_last).float(), -1)
-        conf, idx = probs.max(-1)
-        return SIGNALS[int(idx)], float(conf)
-
-    def _write(self, signal: str, limit: int) -> list[int]:
-        """Greedy tokens conditioned on `signal` until the step boundary, EOS or `limit`."""
-        sig = torch.tensor([SIGNAL_INDEX[signal]], device=self.device)
-        sep, eos = self.fmt.sep_ids, self.fmt.eos_id
-        self._feed(self.fmt.tag_ids[signal])
-        out: list[int] = []
-        while len(out) < limit:
-            logits = self.model.token_logits(self.h_last[None], sig)[0]
-            token = int(logits.argmax())
-            out.append(token)
-            self._feed([token])
-            if token == eos or out[-len(sep):] == sep:
-                break
-        return out
-
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    @torch.no_grad()
+    def _ends_step(self, written: list[int]) -> bool:
+        """A step ends at a blank line, however the model spelled it in tokens ("\n\n" as one token or two)."""
+        return self.tokenizer.decode(written[-4:]).endswith(STEP_SEPARATOR)
+
     def generate(self, question: str, variant: Variant = "predicted", golden: Sequence[str] | None = None,
                  rng: random.Random | None = None) -> Generation:
-        cfg, gen = self.cfg, Generation()
-        rng = rng or random.Random(cfg.seed)
-        if variant == "golden" and golden is None:
-            raise ValueError("the golden variant needs the teacher's signal sequence")
-        question_ids = self.fmt.question_ids(question)
-        self._reset(question_ids)
-        kept: list[tuple[str, list[int]]] = []  # summaries-only: (signal, ids) of the steps still in the context
-        while True:
-            k = len(gen.steps)
-            if variant == "golden":
-                signal, conf = (golden[k] if k < len(golden) else ANSWER_SIGNAL), None
-            else:
-                signal, conf = self.predict_signal()
-                if conf < cfg.tau:
-                    signal = ANSWER_SIGNAL
-                elif variant == "random" and signal != ANSWER_SIGNAL:
-                    signal, conf = rng.choice(STEP_SIGNALS), None
-            budget = cfg.max_tokens - gen.new_tokens
-            if signal != ANSWER_SIGNAL and (k >= cfg.max_steps or budget <= len(self.fmt.sep_ids)):
-                signal, gen.stopped_by = ANSWER_SIGNAL, ("max_steps" if k >= cfg.max_steps else "max_tokens")
-            if signal == ANSWER_SIGNAL:
-                gen.stopped_by = gen.stopped_by or ("tau" if conf is not None and conf < cfg.tau else "answer")
-                ids = self._write(ANSWER_SIGNAL, min(cfg.max_answer_tokens, max(1, budget)))
-                gen.new_tokens += len(ids)
-                gen.answer_text = self._text(ids)
-                gen.answer = extract_final_answer(gen.answer_text)
-                return gen
-            ids = self._write(signal, min(cfg.max_step_tokens, budget))
-            gen.new_tokens += len(ids)
-            gen.steps.append(GeneratedStep(signal, self._text(ids), conf))
-            if variant == "summaries_only":
-                kept = [(s, step_ids) for s, step_ids in kept if s == CONCLUSION_SIGNAL]
-                kept.append((signal, self.fmt.tag_ids[signal] + ids))
-                self._reset(question_ids + [t for _, step_ids in kept for t in step_ids])
+        return self.generate_batch([question], variant, [golden] if golden is not None else None, rng)[0]
+
+    def _begin_step(self, seq: _Sequence, probs: torch.Tensor, variant: Variant, rng: random.Random, column: int) -> None:
+        """Choose the next signal (predicted with τ, golden, or random) under the guards, and queue its prefix."""
+        cfg, gen = self.cfg, seq.gen
+        k = len(gen.steps)
+        conf: float | None = None
+        if variant == "golden":
+            signal = seq.golden[k] if k < len(seq.golden) else ANSWER_SIGNAL
+        else:
+            conf_t, idx = probs.max(-1)
+            signal, conf = SIGNALS[int(idx)], float(conf_t)
+            if conf < cfg.tau:
+                signal, gen.stopped_by = ANSWER_SIGNAL, "tau"
+            elif variant == "random" and signal != ANSWER_SIGNAL:
+                signal, conf = rng.choice(STEP_SIGNALS), None
+        budget = cfg.max_tokens - gen.new_tokens
+        if signal != ANSWER_SIGNAL and (k >= cfg.max_steps or budget <= len(self.fmt.sep_ids)):
+            signal, gen.stopped_by = ANSWER_SIGNAL, ("max_steps" if k >= cfg.max_steps else "max_tokens")
+        gen.stopped_by = gen.stopped_by or ("answer" if signal == ANSWER_SIGNAL else "")
+        seq.signal, seq.queue, seq.written, seq.step_start = signal, list(self.fmt.tag_ids[signal]), [], column
+        # a step leaves at least one token of the budget to the answer, so new_tokens never exceeds max_tokens
+        room = budget if signal == ANSWER_SIGNAL else budget - 1
+        seq.limit = max(1, min(cfg.max_answer_tokens if signal == ANSWER_SIGNAL else cfg.max_step_tokens, room))
+        seq.conf = conf
+
+    @torch.no_grad()
+    def generate_batch(self, questions: Sequence[str], variant: Variant = "predicted",
+                       goldens: Sequence[Sequence[str]] | None = None, rng: random.Random | None = None) -> list[Generation]:
+        if variant == "golden" and (goldens is None or any(g is None for g in goldens)):
+            raise ValueError("the golden variant needs the teacher's signal sequence for every question")
+        rng = rng or random.Random(self.cfg.seed)
+        # one random stream per question, drawn in question order: the random variant then writes the same thing
+        # whatever the batch size (the eval-config hash leaves the batch size out)
+        rngs = [random.Random(rng.getrandbits(64)) for _ in questions]
+        model, fmt, dev = self.model, self.fmt, self.device
+        prompts = [fmt.question_ids(q) for q in questions]
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), fmt.eos_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every sequence's last token is in the last column
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.backbone.config)
+        out = model.decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+                            cache=cache, use_cache=True)
+        cache, hidden = out.cache, out.last_hidden_state[:, -1]
+        next_pos = torch.tensor([len(p) for p in prompts])
+        seqs = [_Sequence(Generation(), goldens[i] if goldens else None) for i in range(len(prompts))]
+        probs = torch.softmax(model.signal_head(hidden).float(), -1)
+        for i, seq in enumerate(seqs):
+            self._begin_step(seq, probs[i], variant, rngs[i], width)
+        while not all(s.done for s in seqs):
+            signal_ids = torch.tensor([SIGNAL_INDEX[s.signal] for s in seqs], device=dev)
+            greedy = model.token_logits(hidden[:, None], signal_ids[:, None])[:, 0].argmax(-1).tolist()
+            feed, active = [], []
+            for i, s in enumerate(seqs):
+                active.append(not s.done)
+                if s.done:
+                    feed.append(fmt.eos_id)
+                elif s.queue:
+                    feed.append(s.queue.pop(0))
+                else:
+                    s.written.append(greedy[i])
+                    s.gen.new_tokens += 1
+                    feed.append(greedy[i])
+            column = mask.size(1)
+            mask = torch.cat([mask, torch.tensor(active, dtype=torch.long)[:, None]], dim=1)
+            out = model.decoder(input_ids=torch.tensor(feed, device=dev)[:, None], attention_mask=mask.to(dev),
+                                position_ids=next_pos[:, None].to(dev), cache=cache, use_cache=True)
+            cache, hidden = out.cache, out.last_hidden_state[:, -1]
+            next_pos += torch.tensor(active, dtype=torch.long)
+            probs = None
+            for i, s in enumerate(seqs):
+                if s.done or s.queue or not s.written:
+                    continue
+                w = s.written
+                if not (w[-1] == fmt.eos_id or len(w) >= s.limit or self._ends_step(w)):
+                    continue
+                if s.signal == ANSWER_SIGNAL:
+                    s.gen.answer_text = self._text(w)
+                    s.gen.answer = extract_final_answer(s.gen.answer_text)
+                    s.done = True
+                    continue
+                s.gen.steps.append(GeneratedStep(s.signal, self._text(w), s.conf))
+                s.spans.append((s.signal, s.step_start, column + 1))
+                if variant == "summaries_only" and len(s.spans) > 1 and s.spans[-2][0] != CONCLUSION_SIGNAL:
+                    _, first, end = s.spans[-2]  # the step before the one just written leaves the context
+                    mask[i, first:end] = 0
+                if probs is None:
+                    probs = torch.softmax(model.signal_head(hidden).float(), -1)
+                self._begin_step(s, probs[i], variant, rngs[i], column + 1)
+        return [s.gen for s in seqs]
+
+
+def plain_generate_batch(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str],
+                         max_new_tokens: int = 512, tags: dict[str, str] | None = None) -> list[Generation]:
+    """The CoT-SFT baseline's decoding: HF `generate`, greedy, left-padded batch, until EOS."""
+    fmt = Formatter(tokenizer, tags or signal_tags())
+    device = next(model.parameters()).device
+    prompts = [fmt.question_ids(q) for q in questions]
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), fmt.eos_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.no_grad():
+        out = model.backbone.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                      do_sample=False, eos_token_id=fmt.eos_id, pad_token_id=fmt.eos_id)
+    gens = []
+    for row in out[:, width:].tolist():
+        new = row[: row.index(fmt.eos_id) + 1] if fmt.eos_id in row else row
+        parts = [p.strip() for p in tokenizer.decode(new, skip_special_tokens=True).split(STEP_SEPARATOR) if p.strip()]
+        gen = Generation(new_tokens=len(new), stopped_by="eos" if fmt.eos_id in new else "max_tokens")
+        gen.steps = [GeneratedStep("", p, None) for p in parts[:-1]]
+        gen.answer_text = parts[-1] if parts else ""
+        gen.answer = extract_final_answer(gen.answer_text) if parts else None
+        gens.append(gen)
+    return gens
 
 
 def plain_generate(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase, question: str,
                    max_new_tokens: int = 512, tags: dict[str, str] | None = None) -> Generation:
-    """The CoT-SFT baseline's decoding: HF `generate`, greedy, until EOS."""
-    fmt = Formatter(tokenizer, tags or signal_tags())
-    device = next(model.parameters()).device
-    prompt = torch.tensor([fmt.question_ids(question)], device=device)
-    with torch.no_grad():
-        out = model.backbone.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-                                      do_sample=False, eos_token_id=fmt.eos_id, pad_token_id=fmt.eos_id)
-    new = out[0, prompt.size(1):].tolist()
-    text = tokenizer.decode(new, skip_special_tokens=True)
-    parts = [p.strip() for p in text.split("\n\n") if p.strip()]
-    gen = Generation(new_tokens=len(new), stopped_by="eos" if fmt.eos_id in new else "max_tokens")
-    gen.steps = [GeneratedStep("", p, None) for p in parts[:-1]]
-    gen.answer_text = parts[-1] if parts else ""
-    gen.answer = extract_final_answer(gen.answer_text) if parts else None
-    return gen
+    return plain_generate_batch(model, tokenizer, [question], max_new_tokens, tags)[0]

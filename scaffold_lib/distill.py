@@ -17,7 +17,7 @@ from typing import Callable
 from pydantic import BaseModel, Field
 
 from scaffold_lib.evaluation import EvalItem
-from scaffold_lib.examples import Formatter, signal_tags, training_corpus
+from scaffold_lib.examples import STEP_SEPARATOR, Formatter, signal_tags, training_corpus
 from scaffold_lib.ids import content_id
 from scaffold_lib.model import EMBEDDED, ScaffoldStudent, StudentConfig, build_embedded_base, load_tokenizer, tokenizer_hash
 from scaffold_lib.shards import PackConfig, ShardInfo, load_rows, pack_rows, write_shards
@@ -60,14 +60,15 @@ def training_traces(wh: Warehouse, split: str = "train", include_incorrect: bool
     return complete, len(rows) - len(complete)
 
 
-def prepare_base_model(cfg: StudentConfig, corpus: list[str], artifacts: Path) -> str:
-    """Path or hub id of the backbone: the embedded default is built once per (config, corpus)."""
+def prepare_base_model(cfg: StudentConfig, corpus: list[str], artifacts: Path, tags: dict[str, str]) -> str:
+    """Path or hub id of the backbone: the embedded default is built once per (config, corpus, tags)."""
     if cfg.base_model != EMBEDDED:
         return cfg.base_model
+    atomic = [STEP_SEPARATOR, *tags.values()]
     corpus_hash = hashlib.sha256("\x1e".join(corpus).encode()).hexdigest()[:16]
-    out = artifacts / "base_models" / content_id("base", cfg.model_dump(), corpus_hash)
+    out = artifacts / "base_models" / content_id("base", cfg.model_dump(), corpus_hash, atomic)
     if not (out / "config.json").exists():
-        build_embedded_base(cfg, corpus, out)
+        build_embedded_base(cfg, corpus, out, atomic)
     return str(out)
 
 
@@ -79,7 +80,7 @@ def build_packed_shards(wh: Warehouse, artifacts: str | Path, cfg: ShardsConfig 
         raise ValueError("no labelled training traces in the warehouse: materialise signal_labels first")
     tags = signal_tags()
     corpus = [training_corpus(t["question"], t["steps"], t["signals"], tags) for t in traces]
-    base = prepare_base_model(cfg.student, corpus, artifacts)
+    base = prepare_base_model(cfg.student, corpus, artifacts, tags)
     tokenizer = load_tokenizer(base)
     tok_hash = tokenizer_hash(tokenizer)
     fmt = Formatter(tokenizer, tags)

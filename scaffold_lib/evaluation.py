@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from scaffold_lib.answers import answers_match, last_number
-from scaffold_lib.decoding import DecodeConfig, Generation, ScaffoldDecoder, plain_generate
+from scaffold_lib.decoding import DecodeConfig, Generation, ScaffoldDecoder, plain_generate_batch
 from scaffold_lib.examples import Formatter, signal_tags
 from scaffold_lib.ids import content_id
 from scaffold_lib.model import ScaffoldStudent
@@ -36,6 +36,7 @@ class EvalConfig(BaseModel):
     variants: list[str] = Field(default_factory=lambda: list(SCAFFOLD_VARIANTS))
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     limit: int | None = Field(None, ge=1, description="evaluate on the first N items only")
+    batch_size: int = Field(32, ge=1, description="questions decoded together")
 
 
 @dataclass
@@ -81,8 +82,10 @@ class SampleRecord:
 
 
 def eval_config_hash(cfg: EvalConfig, variant: str) -> str:
-    """What makes two scores comparable: suite + version, prompt format, decoding settings (τ, guards), variant."""
-    return content_id("eval", cfg.benchmark, cfg.suite_version, PROMPT_FORMAT, cfg.decode.model_dump(), variant)
+    """What makes two scores comparable: suite + version, prompt format, decoding settings (τ, guards), variant.
+    Batch size is left out: greedy results do not depend on it."""
+    return content_id("eval", cfg.benchmark, cfg.suite_version, PROMPT_FORMAT, cfg.decode.model_dump(), cfg.limit,
+                      variant)
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -151,6 +154,11 @@ def _score(cfg: EvalConfig, variant: str, items: Sequence[EvalItem], gens: Seque
     return row, records
 
 
+def _batches(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
 def evaluate_scaffold(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase, items: Sequence[EvalItem],
                       cfg: EvalConfig, progress: bool = True) -> tuple[list[ScoreRow], list[SampleRecord]]:
     items = list(items)[: cfg.limit]
@@ -164,8 +172,10 @@ def evaluate_scaffold(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase
         if not usable:
             continue  # golden signals exist only where the eval set has teacher traces
         rng = random.Random(cfg.decode.seed)
-        gens = [decoder.generate(i.question, variant, i.golden_signals, rng)
-                for i in tqdm(usable, desc=f"eval {variant}", disable=not progress)]
+        gens = []
+        for batch in tqdm(list(_batches(usable, cfg.batch_size)), desc=f"eval {variant}", disable=not progress):
+            gens += decoder.generate_batch([i.question for i in batch], variant,
+                                           [i.golden_signals for i in batch] if variant == "golden" else None, rng)
         row, recs = _score(cfg, variant, usable, gens, next_acc)
         rows.append(row)
         records.extend(recs)
@@ -175,8 +185,9 @@ def evaluate_scaffold(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase
 def evaluate_baseline(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase, items: Sequence[EvalItem],
                       cfg: EvalConfig, progress: bool = True) -> tuple[list[ScoreRow], list[SampleRecord]]:
     items = list(items)[: cfg.limit]
-    gens = [plain_generate(model, tokenizer, i.question, cfg.decode.max_tokens)
-            for i in tqdm(items, desc=f"eval {BASELINE_VARIANT}", disable=not progress)]
+    gens = []
+    for batch in tqdm(list(_batches(items, cfg.batch_size)), desc=f"eval {BASELINE_VARIANT}", disable=not progress):
+        gens += plain_generate_batch(model, tokenizer, [i.question for i in batch], cfg.decode.max_tokens)
     row, records = _score(cfg, BASELINE_VARIANT, items, gens, None)
     return [row], records
 

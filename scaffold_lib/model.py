@@ -46,9 +46,10 @@ class StudentConfig(BaseModel):
     seed: int = 0
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
-    """Byte-level BPE trained on the training traces; digits split one by one (arithmetic needs them)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(texts: Iterable[str], vocab_size: int, atomic: Iterable[str] = ()) -> PreTrainedTokenizerBase:
+    """Byte-level BPE trained on the training traces; digits split one by one (arithmetic needs them). `atomic`
+    strings (the step separator, the signal prefixes) become single tokens, so a step boundary has one spelling."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -60,6 +61,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
+    tok.add_tokens([AddedToken(a, normalized=False, special=False) for a in atomic])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
 
 
@@ -69,12 +71,13 @@ def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
-def build_embedded_base(cfg: StudentConfig, texts: Iterable[str], out_dir: str | Path) -> Path:
+def build_embedded_base(cfg: StudentConfig, texts: Iterable[str], out_dir: str | Path,
+                        atomic: Iterable[str] = ()) -> Path:
     """Train the tokenizer, initialise a tiny Qwen2 from a config, and save both as a normal HF checkpoint."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out_dir = Path(out_dir)
-    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    tokenizer = train_tokenizer(texts, cfg.vocab_size, atomic)
     torch.manual_seed(cfg.seed)
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -129,6 +132,9 @@ class ScaffoldStudent(nn.Module):
         return self.signal_embedding(torch.where(signal_ids < 0, NUM_SIGNALS, signal_ids))
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        # use_cache=False matters for packed rows: with a cache (HF's default, config.use_cache=True) the backbone
+        # skips its packed-sequence detection from position_ids and every token attends across example borders
+        kwargs.setdefault("use_cache", False)
         return self.decoder(input_ids=input_ids, position_ids=position_ids, **kwargs).last_hidden_state
 
     def token_logits(self, hidden: torch.Tensor, signal_ids: torch.Tensor | None) -> torch.Tensor:

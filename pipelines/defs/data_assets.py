@@ -106,7 +106,8 @@ def segmented_steps(context: dg.AssetExecutionContext, warehouse: WarehouseResou
 
 @dg.asset_check(asset=segmented_steps, blocking=True, description="no step is empty or whitespace")
 def no_empty_steps(warehouse: WarehouseResource) -> dg.AssetCheckResult:
-    n = warehouse.open().scalar("SELECT count(*) FROM segmented_steps WHERE trim(text) = ''")
+    # DuckDB's trim() strips spaces only: a step of newlines/tabs must count as empty too
+    n = warehouse.open().scalar(r"SELECT count(*) FROM segmented_steps WHERE regexp_full_match(text, '[\s\p{Z}]*')")
     return dg.AssetCheckResult(passed=n == 0, metadata={"empty_steps": n})
 
 
