@@ -7,7 +7,8 @@ import dagster as dg
 from pydantic import Field
 
 from pipelines.defs.common import GPU_POOL, STUDENT_GROUP, WAREHOUSE_POOL, markdown_table, upstream_metadata
-from pipelines.defs.data_assets import signal_labels
+from pipelines.defs.data_assets import (label_coverage_in_bounds, no_empty_steps, signal_labels,
+                                        teacher_accuracy_above_floor)
 from pipelines.defs.resources import MlflowResource, StudentResource, WarehouseResource
 from scaffold_lib import registry
 from scaffold_lib.decoding import DecodeConfig
@@ -203,6 +204,19 @@ def scaffold_beats_baseline(context: dg.AssetCheckExecutionContext) -> dg.AssetC
                                metadata={"scaffold": scaffold, "baseline": baseline, "difference": scaffold - baseline})
 
 
+def failed_blocking_checks(context: dg.AssetExecutionContext) -> list[str]:
+    """Blocking checks on the scaffold student's lineage whose latest evaluation, in this run or an earlier one (e.g.
+    a data refresh), did not pass. A blocking check only stops downstream steps of its own run, so promotion asks."""
+    failed = []
+    for checks_def in (teacher_accuracy_above_floor, no_empty_steps, label_coverage_in_bounds, shard_fill_on_target,
+                       student_loss_finite_and_falling):
+        for spec in checks_def.check_specs:
+            record = context.instance.get_latest_asset_check_evaluation_record(spec.key) if spec.blocking else None
+            if record is not None and record.status.value == "FAILED":
+                failed.append(f"{spec.key.asset_key.to_user_string()}.{spec.key.name} failed in run {record.run_id}")
+    return failed
+
+
 @dg.asset(group_name=STUDENT_GROUP, kinds={"mlflow"}, deps=[benchmark_scores])
 def model_promotion(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
                     mlflow: MlflowResource) -> dg.MaterializeResult:
@@ -214,6 +228,7 @@ def model_promotion(context: dg.AssetExecutionContext, warehouse: WarehouseResou
     eval_hash = upstream_metadata(context, "benchmark_scores", "eval_config_hash")
     failed = [f"{key}: loss did not fall" for key in ("student_model",)
               if not float(upstream_metadata(context, key, "final_loss")) < float(upstream_metadata(context, key, "first_loss"))]
+    failed += failed_blocking_checks(context)
     champion = registry.alias_version(reg, registry.CHAMPION)
 
     def accuracy(v: str | None) -> float | None:
