@@ -3,6 +3,10 @@
 from pathlib import Path
 
 import dagster as dg
+from transformers.utils import logging as hf_logging
+
+# per-shard "Loading weights" bars from transformers only clutter the Dagster run logs
+hf_logging.disable_progress_bar()
 
 
 @dg.definitions

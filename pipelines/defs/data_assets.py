@@ -30,6 +30,8 @@ class ProblemsConfig(dg.Config):
     min_ops: int = 2
     max_ops: int = 4
     max_number: int = 20
+    max_factor: int = 3
+    distractor_prob: float = 0.4
     test_fraction: float = 0.2
     problem_dir: str = Field("", description="every JSONL/Parquet file here (GSM8K format) is loaded too; "
                                              "empty = $DAGSTER_HOME/incoming")
@@ -43,8 +45,9 @@ def problems(context: dg.AssetExecutionContext, config: ProblemsConfig, warehous
     wh = warehouse.open()
     generated = generate_problems(GeneratorConfig(n_problems=config.n_problems, seed=config.seed, min_ops=config.min_ops,
                                                   max_ops=config.max_ops, max_number=config.max_number,
+                                                  max_factor=config.max_factor, distractor_prob=config.distractor_prob,
                                                   test_fraction=config.test_fraction))
-    report = store_problems(wh, generated, run_id=context.run_id)
+    store_problems(wh, generated, run_id=context.run_id)
     files = problem_files(Path(config.problem_dir) if config.problem_dir else incoming_dir())
     quarantined = 0
     for path in files:
