@@ -56,6 +56,17 @@ class Generation:
         return "\n".join(lines + [f"[{ANSWER_SIGNAL}] {self.answer_text}"])
 
 
+def left_padded(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) with left padding, so every sequence's last token is in the last column."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
 @dataclass
 class _Sequence:
     """Decoding state of one question in a batch."""
@@ -129,12 +140,8 @@ class ScaffoldDecoder:
         rngs = [random.Random(rng.getrandbits(64)) for _ in questions]
         model, fmt, dev = self.model, self.fmt, self.device
         prompts = [fmt.question_ids(q) for q in questions]
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), fmt.eos_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: every sequence's last token is in the last column
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+        ids, mask = left_padded(prompts, fmt.eos_id)
+        width = ids.size(1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=model.backbone.config)
         out = model.decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
@@ -193,13 +200,8 @@ def plain_generate_batch(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerB
     """The CoT-SFT baseline's decoding: HF `generate`, greedy, left-padded batch, until EOS."""
     fmt = Formatter(tokenizer, tags or signal_tags())
     device = next(model.parameters()).device
-    prompts = [fmt.question_ids(q) for q in questions]
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), fmt.eos_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    ids, mask = left_padded([fmt.question_ids(q) for q in questions], fmt.eos_id)
+    width = ids.size(1)
     with torch.no_grad():
         out = model.backbone.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                                       do_sample=False, eos_token_id=fmt.eos_id, pad_token_id=fmt.eos_id)
