@@ -138,14 +138,6 @@ def alias_version(cfg: RegistryConfig, alias: str, model_name: str | None = None
         return None
 
 
-@dataclass
-class PromotionDecision:
-    promoted: bool
-    version: str
-    previous_champion: str | None
-    reason: str
-
-
 def decide_promotion(candidate_accuracy: float, champion_accuracy: float | None, margin: float,
                      failed_gates: Sequence[str]) -> tuple[bool, str]:
     """Pure rule: every gate passed, and no champion or the candidate beats it by `margin`."""
