@@ -23,7 +23,7 @@ def _read_trace_lines(path: Path):
     with fh:
         for number, raw in enumerate(fh, start=1):
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM may open the file
             except UnicodeDecodeError as exc:
                 raise CliError(f"{path}:{number}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
                                "re-encode the file as UTF-8") from exc

@@ -287,7 +287,7 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, dict | None, str, str | None]]
     with path.open("rb") as fh:
         for i, raw in enumerate(fh, start=1):
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if i == 1 else "utf-8")  # a BOM may open the file
             except UnicodeDecodeError as exc:
                 yield i, None, raw[:500].decode("utf-8", "replace"), f"not UTF-8 ({exc.reason} at byte {exc.start})"
                 continue

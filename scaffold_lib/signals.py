@@ -32,7 +32,7 @@ CONCLUSION_SIGNAL = "conclusion_summary"
 # labeller values written to signal_labels.labeller
 KEYWORD, FALLBACK, FINAL_STEP = "keyword", "fallback", "final_step"
 
-_STRIP = string.punctuation + "“”‘’«»"
+_STRIP = string.punctuation + "“”‘’«»—–…"
 DEFAULT_KEYWORDS_PATH = "scaffold_lib/data/signal_keywords.toml"
 
 

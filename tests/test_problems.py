@@ -299,3 +299,11 @@ def test_lenient_quarantines_bad_rows_and_keeps_good_ones(write_jsonl):
         assert set(q.as_row()) == {"source_file", "line", "field", "error", "raw"}
     assert "{not json" in result.quarantined[0].raw
     assert "not UTF-8" in result.quarantined[2].error
+
+
+def test_a_utf8_bom_at_the_start_of_a_jsonl_file_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"question": "What is 2 + 2?", "answer": "#### 4"}\n'
+                     + b'{"question": "What is 3 + 3?", "answer": "#### 6"}\n')
+    loaded = load_problem_file(path)
+    assert [p.answer for p in loaded.problems] == ["4", "6"] and loaded.quarantined == []

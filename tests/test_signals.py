@@ -304,3 +304,9 @@ def test_match_is_the_longest_matching_keyword(words, sep):
         if opening[:len(key_words)] == key_words and (best is None or len(key_words) > len(best[0].split(" "))):
             best = (key, hit)
     assert table.match(step) == (best[1] if best else None)
+
+
+def test_a_dash_or_ellipsis_before_the_opening_word_does_not_hide_the_keyword():
+    table = KeywordTable.load()
+    assert label_step("— So the total is 5.", False, table).signal == "reasoning_analysis"
+    assert label_step("…However, that is wrong.", False, table).signal == "contrast_concession"
