@@ -70,8 +70,8 @@ def cmd_data(args: argparse.Namespace) -> None:
     from pydantic import ValidationError
 
     from scaffold_lib.problems import FieldMap, GeneratorConfig, ProblemFileError, generate_problems, load_problem_file
+    from scaffold_lib.endpoint import EndpointConfigError
     from scaffold_lib.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
-    from scaffold_lib.teachers import ProgrammaticTeacher
     from scaffold_lib.warehouse import Warehouse
 
     wh = Warehouse(args.warehouse)
@@ -88,12 +88,58 @@ def cmd_data(args: argparse.Namespace) -> None:
             raise CliError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
                                      for e in exc.errors())) from exc
         reports = [store_problems(wh, generate_problems(gen_config))]
-    reports.append(generate_teacher_traces(wh, ProgrammaticTeacher()))
-    reports.append(segment_traces(wh))
-    reports.append(label_signals(wh))
+    try:
+        reports.append(generate_teacher_traces(wh, _teacher(args)))
+        reports.append(segment_traces(wh))
+        reports.append(label_signals(wh))
+        if args.validate_labels:
+            from scaffold_lib.label_validation import LabelValidator, ValidatorConfig
+            from scaffold_lib.stages import validate_signal_labels
+
+            endpoint = _endpoint(args, args.label_model or args.model, temperature=0.0, max_tokens=64)
+            validator = LabelValidator(ValidatorConfig(endpoint=endpoint), args.journal_dir)
+            reports.append(validate_signal_labels(wh, validator))
+    except (EndpointConfigError, ProblemFileError) as exc:
+        raise CliError(str(exc)) from exc
     for r in reports:
         print(r.summary())
     print(f"warehouse: {wh.path}")
+
+
+def _endpoint(args: argparse.Namespace, model: str | None, **overrides):
+    import os
+
+    from pydantic import SecretStr, ValidationError
+
+    from scaffold_lib.endpoint import EndpointConfig
+
+    if not args.base_url or not model:
+        raise CliError("an endpoint needs --base-url and --model")
+    try:
+        return EndpointConfig(base_urls=args.base_url, model=model, concurrency=args.concurrency,
+                              api_key=SecretStr(os.environ.get(args.api_key_env, "EMPTY")),
+                              **{"max_tokens": args.max_tokens, "temperature": args.temperature, **overrides})
+    except ValidationError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _teacher(args: argparse.Namespace):
+    from scaffold_lib.llm_teachers import EndpointTeacher, PromptConfig
+    from scaffold_lib.teachers import ProgrammaticTeacher
+    from scaffold_lib.trace_import import ImportedTeacher, TraceFieldMap
+
+    if args.import_traces:
+        pairs = [pair.split("=", 1) for pair in args.fields.split(",")] if args.fields else []
+        if any(len(pair) != 2 for pair in pairs):
+            raise CliError(f"--fields {args.fields!r}: expected name=column pairs separated by commas")
+        try:
+            fields = TraceFieldMap(**dict(pairs))
+        except ValueError as exc:
+            raise CliError(f"--fields: {exc}") from exc
+        return ImportedTeacher(args.import_traces, fields)
+    if args.teacher == "openai":
+        return EndpointTeacher(_endpoint(args, args.model), PromptConfig(samples=args.samples), args.journal_dir)
+    return ProgrammaticTeacher()
 
 
 def _registry(args: argparse.Namespace):
@@ -254,6 +300,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--problems-file", default=None, help="JSONL/Parquet problems (GSM8K format by default)")
     p.add_argument("--lenient", action="store_true", help="quarantine bad rows instead of stopping")
+    p.add_argument("--teacher", choices=["programmatic", "openai"], default="programmatic",
+                   help="openai = any OpenAI-compatible endpoint (vLLM, SGLang, Ollama, OpenAI)")
+    p.add_argument("--base-url", action="append", default=[], help="endpoint /v1 URL; repeat to spread the load")
+    p.add_argument("--model", default=None, help="model name the endpoint serves")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--concurrency", type=int, default=64, help="requests in flight")
+    p.add_argument("--samples", type=int, default=1, help="traces per problem")
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--journal-dir", default=str(paths.dagster_home() / "journals"),
+                   help="completions are journalled here, so an interrupted run resumes")
+    p.add_argument("--import-traces", default=None, help="take traces from this JSONL/Parquet file or HF dataset")
+    p.add_argument("--fields", default=None, help="import columns, e.g. question=problem,thinking=generation,answer=final")
+    p.add_argument("--validate-labels", action="store_true", help="have an LLM confirm/correct the keyword labels")
+    p.add_argument("--label-model", default=None, help="model for label validation (default: --model)")
     p.set_defaults(func=cmd_data)
 
     warehouse = argparse.ArgumentParser(add_help=False)

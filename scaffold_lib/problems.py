@@ -269,7 +269,7 @@ def normalise_gold_answer(raw: str) -> tuple[str, str]:
     return text, "text"
 
 
-def _iter_rows(path: Path) -> Iterator[tuple[int, dict | None, str, str | None]]:
+def iter_file_rows(path: Path) -> Iterator[tuple[int, dict | None, str, str | None]]:
     """(line number, row or None, raw text, error) for JSONL or Parquet."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -304,7 +304,7 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, dict | None, str, str | None]]
             yield i, row, text[:500], None
 
 
-def _text_error(value: str) -> str | None:
+def text_error(value: str) -> str | None:
     if "\x00" in value:
         return "contains NUL bytes"
     try:
@@ -331,7 +331,7 @@ def load_problem_file(path: str | Path, fields: FieldMap = FieldMap(), *, source
             raise ProblemFileError(f"{path}:{line}: field {field_name!r}: {error}")
         quarantined.append(Quarantined(str(path), line, field_name, error, raw))
 
-    for line, row, raw, error in _iter_rows(path):
+    for line, row, raw, error in iter_file_rows(path):
         if error is not None:
             bad(line, "<row>", error, raw)
             continue
@@ -344,10 +344,10 @@ def load_problem_file(path: str | Path, fields: FieldMap = FieldMap(), *, source
         if not isinstance(answer, str) or not answer.strip():
             bad(line, fields.answer, "missing" if answer is None else f"must be a non-empty string or number, got {answer!r:.60}", raw)
             continue
-        text_error = next(((name, err) for name, value in ((fields.question, question), (fields.answer, answer))
-                           if (err := _text_error(value))), None)
-        if text_error is not None:
-            bad(line, *text_error, raw)
+        unusable = next(((name, err) for name, value in ((fields.question, question), (fields.answer, answer))
+                         if (err := text_error(value))), None)
+        if unusable is not None:
+            bad(line, *unusable, raw)
             continue
         gold, answer_type = normalise_gold_answer(answer)
         split = str(row.get(fields.split) or default_split) if fields.split else default_split

@@ -29,8 +29,10 @@ NUM_SIGNALS = len(SIGNALS)
 ANSWER_SIGNAL = "response_generation"
 CONCLUSION_SIGNAL = "conclusion_summary"
 
-# labeller values written to signal_labels.labeller
+# labeller values written to signal_labels.labeller: the keyword stage, then the LLM validation stage
 KEYWORD, FALLBACK, FINAL_STEP = "keyword", "fallback", "final_step"
+LLM, LLM_AGREE, LLM_OVERRIDE = "llm", "keyword+llm-agree", "llm-override"
+KEYWORD_MATCHED = (KEYWORD, LLM_AGREE, LLM_OVERRIDE)  # labellers of the steps whose opening matched a keyword
 
 _STRIP = string.punctuation + "“”‘’«»—–…"
 DEFAULT_KEYWORDS_PATH = "scaffold_lib/data/signal_keywords.toml"
@@ -195,17 +197,25 @@ class LabelStats:
 
     @property
     def keyword_coverage(self) -> float:
-        return self.by_labeller[KEYWORD] / self.steps if self.steps else 0.0
+        return sum(self.by_labeller[k] for k in KEYWORD_MATCHED) / self.steps if self.steps else 0.0
 
     @property
     def fallback_share(self) -> float:
         return self.by_labeller[FALLBACK] / self.steps if self.steps else 0.0
 
+    @property
+    def llm_agreement(self) -> float | None:
+        """Share of LLM-checked keyword labels the LLM confirmed (paper: 87 %); None before any was checked."""
+        checked = self.by_labeller[LLM_AGREE] + self.by_labeller[LLM_OVERRIDE]
+        return self.by_labeller[LLM_AGREE] / checked if checked else None
+
     def as_dict(self) -> dict:
+        agreement = self.llm_agreement
         return {
             "steps": self.steps,
             "keyword_coverage": round(self.keyword_coverage, 4),
             "fallback_share": round(self.fallback_share, 4),
+            "llm_agreement": None if agreement is None else round(agreement, 4),
             "by_labeller": dict(self.by_labeller),
             "by_signal": {s: self.by_signal.get(s, 0) for s in SIGNALS},
         }

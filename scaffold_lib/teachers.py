@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from scaffold_lib.answers import answers_match, extract_final_answer
 from scaffold_lib.ids import content_id
-from scaffold_lib.problems import ParsedQuestion, Problem, parse_question
+from scaffold_lib.problems import ParsedQuestion, Problem, Quarantined, parse_question
 
 DEFAULT_PROMPT = (
     "Solve the problem. Think step by step in short paragraphs separated by blank lines, "
@@ -32,6 +32,12 @@ class Trace:
     is_correct: bool
     prompt_tokens: int
     completion_tokens: int
+    sample: int = 0
+    answer_text: str | None = None  # a reasoning model's final content; `text` is then its thinking
+    latency_s: float | None = None
+    attempts: int | None = None
+    endpoint: str | None = None
+    finish_reason: str | None = None
 
     def as_row(self) -> dict:
         return asdict(self)
@@ -54,6 +60,9 @@ class TeacherFailure:
 class TeacherResult:
     traces: list[Trace] = field(default_factory=list)
     failures: list[TeacherFailure] = field(default_factory=list)
+    not_covered: int = 0  # problems this teacher has no answer for by design (e.g. absent from an imported file)
+    quarantined: list[Quarantined] = field(default_factory=list)  # unusable input rows (an imported trace file)
+    stats: dict = field(default_factory=dict)  # usage, latency, errors: shown in the asset metadata
 
 
 class Teacher(Protocol):
@@ -61,6 +70,7 @@ class Teacher(Protocol):
     the problems whose traces already exist (a refresh only does the new work)."""
 
     identity: str
+    samples: int  # traces per problem
 
     def trace_id_for(self, problem: Problem, sample: int = 0) -> str: ...
 
@@ -71,8 +81,11 @@ def make_trace_id(problem_id: str, teacher_identity: str, prompt: str, sampling:
     return content_id("trace", problem_id, teacher_identity, prompt, sampling)
 
 
-def verify(text: str, problem: Problem) -> tuple[str | None, bool]:
-    answer = extract_final_answer(text.strip().rsplit("\n\n", 1)[-1]) or extract_final_answer(text)
+def verify(text: str, problem: Problem, answer_text: str | None = None) -> tuple[str | None, bool]:
+    """The committed answer (from the final content when there is one, else the trace's last paragraph, else
+    anywhere in the trace) and whether it matches the gold answer."""
+    answer = ((answer_text and extract_final_answer(answer_text))
+              or extract_final_answer(text.strip().rsplit("\n\n", 1)[-1]) or extract_final_answer(text))
     return answer, answers_match(answer, problem.answer, problem.answer_type)
 
 
@@ -105,6 +118,7 @@ class ProgrammaticTeacher:
     def __init__(self, config: ProgrammaticTeacherConfig = ProgrammaticTeacherConfig()) -> None:
         self.config = config
         self.identity = "programmatic-v1"
+        self.samples = 1
 
     def _sampling(self) -> dict:
         return self.config.model_dump()

@@ -21,7 +21,8 @@ SCHEMA: dict[str, str] = {
         answer VARCHAR NOT NULL, answer_type VARCHAR NOT NULL""",
     "teacher_traces": """
         trace_id VARCHAR PRIMARY KEY, problem_id VARCHAR NOT NULL, teacher VARCHAR NOT NULL, text VARCHAR NOT NULL,
-        final_answer VARCHAR, is_correct BOOLEAN NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER""",
+        final_answer VARCHAR, is_correct BOOLEAN NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER,
+        sample INTEGER, answer_text VARCHAR, latency_s DOUBLE, attempts INTEGER, endpoint VARCHAR, finish_reason VARCHAR""",
     "teacher_failures": """
         failure_id VARCHAR PRIMARY KEY, trace_id VARCHAR NOT NULL, problem_id VARCHAR NOT NULL, teacher VARCHAR NOT NULL,
         error VARCHAR NOT NULL""",
@@ -29,7 +30,10 @@ SCHEMA: dict[str, str] = {
         step_id VARCHAR PRIMARY KEY, trace_id VARCHAR NOT NULL, idx INTEGER NOT NULL, text VARCHAR NOT NULL""",
     "signal_labels": """
         step_id VARCHAR PRIMARY KEY, signal VARCHAR NOT NULL, labeller VARCHAR NOT NULL, keyword VARCHAR,
-        confidence DOUBLE NOT NULL""",
+        confidence DOUBLE NOT NULL, keyword_signal VARCHAR""",
+    "llm_label_cache": """
+        cache_key VARCHAR PRIMARY KEY, validator VARCHAR NOT NULL, proposed_signal VARCHAR, signal VARCHAR,
+        reply VARCHAR, attempts INTEGER NOT NULL""",
     "quarantine": """
         quarantine_id VARCHAR PRIMARY KEY, stage VARCHAR NOT NULL, source_file VARCHAR, line INTEGER, field VARCHAR,
         error VARCHAR NOT NULL, raw VARCHAR""",
@@ -54,6 +58,7 @@ SCHEMA: dict[str, str] = {
 }
 # every table also records who wrote each row and when
 AUDIT_COLUMNS = "dagster_run_id VARCHAR, created_at TIMESTAMP DEFAULT current_timestamp"
+# columns added to a table after its first release must be nullable: older warehouse files get them by ALTER
 
 
 class WarehouseBusyError(RuntimeError):
@@ -68,6 +73,17 @@ class Warehouse:
         with self.connect() as con:
             for table, columns in SCHEMA.items():
                 con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({columns}, {AUDIT_COLUMNS})")
+                self._add_new_columns(con, table, columns)
+
+    @staticmethod
+    def _add_new_columns(con: duckdb.DuckDBPyConnection, table: str, columns: str) -> None:
+        """Bring a table from an older release up to SCHEMA (compared against a scratch table of the same DDL)."""
+        have = {r[1] for r in con.execute(f"PRAGMA table_info('{table}')").fetchall()}
+        con.execute(f"CREATE OR REPLACE TEMP TABLE schema_probe ({columns})")
+        for _, name, type_, *_ in con.execute("PRAGMA table_info('schema_probe')").fetchall():
+            if name not in have:
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {type_}")
+        con.execute("DROP TABLE schema_probe")
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -109,6 +125,19 @@ class Warehouse:
             con.execute("COMMIT")
             con.unregister("incoming")
         return after - before
+
+    def upsert(self, table: str, rows: Sequence[dict], dagster_run_id: str | None = None) -> int:
+        """Insert rows, replacing those with the same key (a later labelling stage refining a row)."""
+        if table not in SCHEMA:
+            raise KeyError(f"unknown table {table!r}")
+        if not rows:
+            return 0
+        data = pa.Table.from_pylist([{**r, "dagster_run_id": dagster_run_id} for r in rows])
+        with self.connect() as con:
+            con.register("incoming", data)
+            con.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT * FROM incoming")
+            con.unregister("incoming")
+        return len(rows)
 
     def query(self, sql: str, params: Sequence | dict | None = None) -> list[dict]:
         """Rows as dicts. Values from users always go through `params`, never into `sql`."""

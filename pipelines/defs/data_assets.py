@@ -6,12 +6,13 @@ import dagster as dg
 from pydantic import Field
 
 from pipelines.defs.common import DATA_GROUP, WAREHOUSE_POOL, markdown_table
-from pipelines.defs.resources import TeacherResource, WarehouseResource
+from pipelines.defs.resources import LabellerResource, TeacherResource, WarehouseResource
 from scaffold_lib import paths
 from scaffold_lib.problems import FieldMap, GeneratorConfig, ProblemFileError, generate_problems, load_problem_file
+from scaffold_lib.endpoint import EndpointConfigError
 from scaffold_lib.signals import SIGNALS
 from scaffold_lib.stages import (generate_teacher_traces, label_signals, label_statistics, segment_traces,
-                                 signal_distribution_markdown, store_problems)
+                                 signal_distribution_markdown, store_problems, validate_signal_labels)
 
 PROBLEM_SUFFIXES = (".jsonl", ".parquet", ".ndjson", ".json")
 
@@ -86,11 +87,19 @@ def teacher_traces(context: dg.AssetExecutionContext, warehouse: WarehouseResour
     """One teacher answer per problem, verified against the gold answer. Only problems without a trace from this
     teacher are sent (trace ids are content hashes), so a refresh does only the new work."""
     wh = warehouse.open()
-    report = generate_teacher_traces(wh, teacher.build(), run_id=context.run_id)
+    try:
+        report = generate_teacher_traces(wh, teacher.build(), run_id=context.run_id)
+    except EndpointConfigError as exc:  # every request would fail alike: stop, keeping what the journal holds
+        raise dg.Failure(str(exc), allow_retries=False) from exc
     context.log.info(report.summary())
+    run = report.details.pop("run")
     return dg.MaterializeResult(metadata={
-        "dagster/row_count": report.total_rows, "new_rows": report.new_rows,
-        **{k: v for k, v in report.details.items()}})
+        "dagster/row_count": report.total_rows, "new_rows": report.new_rows, **report.details,
+        **({"this_run": dg.MetadataValue.json(run)} if run else {}),
+        **{k: v for k, v in run.items() if k in ("completion_tokens", "latency_p50_s", "latency_p95_s",
+                                                  "answered_per_s") and v is not None},
+        "failures_by_error": dg.MetadataValue.json(run.get("errors", {})),
+    })
 
 
 @dg.asset_check(asset=teacher_traces, blocking=True, description="teacher accuracy is above the floor (0.5)")
@@ -115,17 +124,34 @@ def no_empty_steps(warehouse: WarehouseResource) -> dg.AssetCheckResult:
 
 
 @dg.asset(group_name=DATA_GROUP, kinds={"python", "duckdb"}, deps=[segmented_steps], pool=WAREHOUSE_POOL)
-def signal_labels(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+def signal_labels(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
+                  labeller: LabellerResource) -> dg.MaterializeResult:
     """One of the seven signals per step: keyword labeller (opening words), final step = answer, and a counted
-    deterministic fallback for steps with no keyword."""
-    report = label_signals(warehouse.open(), run_id=context.run_id)
-    d = report.details
+    deterministic fallback for steps with no keyword; then, when configured, an LLM confirms or corrects each
+    keyword label and labels the fallback steps (verdicts cached by step content)."""
+    wh = warehouse.open()
+    report = label_signals(wh, labeller.config(), run_id=context.run_id)
+    validation = {}
+    validator = labeller.validator()
+    if validator is not None:
+        try:
+            checked = validate_signal_labels(wh, validator, run_id=context.run_id)
+        except EndpointConfigError as exc:
+            raise dg.Failure(str(exc), allow_retries=False) from exc
+        context.log.info(checked.summary())
+        validation = {k: checked.details[k] for k in ("validator", "steps_to_validate", "distinct_steps",
+                                                      "verdicts_from_cache", "asked", "failed",
+                                                      "unparseable_after_reasks")}
+        validation["validation_errors"] = dg.MetadataValue.json(checked.details["errors"])
+    d = label_statistics(wh)
     return dg.MaterializeResult(metadata={
         "dagster/row_count": report.total_rows, "new_rows": report.new_rows,
         "keyword_coverage": d["keyword_coverage"], "fallback_share": d["fallback_share"],
-        "keywords_file": d["keywords_file"],
+        **({"llm_agreement": d["llm_agreement"]} if d["llm_agreement"] is not None else {}),
+        "keywords_file": report.details["keywords_file"],
         "label_distribution": dg.MetadataValue.md(signal_distribution_markdown(d["by_signal"])),
         "by_labeller": dg.MetadataValue.json(d["by_labeller"]),
+        **validation,
     })
 
 
