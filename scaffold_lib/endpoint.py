@@ -117,6 +117,11 @@ def is_retryable(exc: BaseException) -> bool:
     return False
 
 
+# how error_summary names the errors that say "the endpoint is down or overloaded", not "this prompt is bad"
+TRANSPORT_ERRORS = ("APIConnectionError", "APITimeoutError", "InternalServerError", "RateLimitError",
+                    "APIStatusError 5", "ServiceUnavailableError")
+
+
 def error_summary(exc: BaseException) -> str:
     """One line for the failures table: the kind and the message, never headers (they may carry the key)."""
     status = getattr(exc, "status_code", None)

@@ -82,6 +82,12 @@ def split_of(problem_id: str, test_fraction: float) -> str:
     return "test" if int(problem_id[:8], 16) / 0xFFFFFFFF < test_fraction else "train"
 
 
+def shard_of(problem_id: str, n_shards: int) -> int:
+    """Which of `n_shards` problem shards (partitions of teacher generation) a problem belongs to, from the id
+    alone; other hex digits than the split's, so shards are not correlated with the split."""
+    return int(problem_id[8:16], 16) % n_shards
+
+
 def _apply(op: str, value: int, n: int) -> int:
     return {"add": value + n, "sub": value - n, "mul": value * n, "div": value // n}[op]
 

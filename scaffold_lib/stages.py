@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from scaffold_lib.ids import content_id
-from scaffold_lib.problems import Problem, Quarantined
+from scaffold_lib.endpoint import TRANSPORT_ERRORS
+from scaffold_lib.problems import Problem, Quarantined, shard_of
 from scaffold_lib.segmentation import segment
 from scaffold_lib.label_validation import LabelValidator, Verdict, decide
 from scaffold_lib.signals import FALLBACK, KEYWORD, SIGNALS, LabellerConfig, LabelStats, keyword_table, label_step
@@ -51,25 +52,30 @@ def _problem_rows(wh: Warehouse, splits: Sequence[str]) -> list[Problem]:
 
 
 def generate_teacher_traces(wh: Warehouse, teacher: Teacher, splits: Sequence[str] = ("train", "test"),
-                            run_id: str | None = None) -> StageReport:
-    """Trace every problem that has no trace from this teacher yet (content ids make the check exact)."""
+                            run_id: str | None = None, shard: tuple[int, int] | None = None) -> StageReport:
+    """Trace every problem (of shard `(index, count)` when given) that has no trace from this teacher yet
+    (content ids make the check exact)."""
     problems = _problem_rows(wh, splits)
+    if shard is not None:
+        problems = [p for p in problems if shard_of(p.problem_id, shard[1]) == shard[0]]
     existing = {r["trace_id"] for r in wh.query("SELECT trace_id FROM teacher_traces WHERE teacher = ?",
                                                 [teacher.identity])}
     todo = [p for p in problems
             if any(teacher.trace_id_for(p, sample) not in existing for sample in range(teacher.samples))]
     result = teacher.generate(todo) if todo else None
-    new = failed = not_covered = 0
+    new = failed = not_covered = unreachable = 0
     if result is not None:
         new = wh.insert_new("teacher_traces", [t.as_row() for t in result.traces], run_id)
         failed, not_covered = len(result.failures), result.not_covered
+        unreachable = sum(f.error.startswith(TRANSPORT_ERRORS) for f in result.failures)
         wh.insert_new("teacher_failures", [{"failure_id": content_id("failure", f.trace_id, run_id), **f.as_row()}
                                            for f in result.failures], run_id)
         wh.insert_new("quarantine", quarantine_rows("teacher_traces", result.quarantined), run_id)
     stats = wh.query("SELECT count(*) AS n, avg(is_correct::INT) AS acc, avg(completion_tokens) AS toks "
                      "FROM teacher_traces WHERE teacher = ?", [teacher.identity])[0]
     return StageReport("teacher_traces", new, stats["n"], {
-        "teacher": teacher.identity, "asked": len(todo), "failed": failed, "not_covered": not_covered,
+        "teacher": teacher.identity, "asked": len(todo), "failed": failed, "failed_unreachable": unreachable,
+        "not_covered": not_covered,
         "quarantined": len(result.quarantined) if result else 0,
         "skipped_existing": len(problems) - len(todo), "teacher_accuracy": round(stats["acc"] or 0.0, 4),
         "mean_completion_tokens": round(stats["toks"] or 0.0, 1), "run": result.stats if result else {}})

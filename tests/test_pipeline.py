@@ -24,7 +24,8 @@ import pytest
 from pipelines import demo
 from pipelines.definitions import defs as load_defs
 from pipelines.defs import automation, data_assets
-from pipelines.defs.resources import MlflowResource, StudentResource, TeacherResource, WarehouseResource
+from pipelines.defs.resources import (EndpointSettings, LabellerResource, MlflowResource, StudentResource,
+                                     TeacherResource, WarehouseResource)
 from scaffold_lib import registry
 from scaffold_lib.model import ScaffoldStudent
 from scaffold_lib.problems import GeneratorConfig, generate_problems
@@ -70,7 +71,8 @@ def resources(home: Path, **mlflow_kw) -> dict:
         # a smaller backbone than the default keeps training at micro size to seconds
         "student": StudentResource(artifacts_dir=str(home / "artifacts"), hidden_size=64, num_hidden_layers=2,
                                    num_attention_heads=2, intermediate_size=128),
-        "teacher": TeacherResource(api_key=dg.EnvVar("OPENAI_API_KEY")),
+        "teacher": TeacherResource(endpoint=EndpointSettings(api_key=dg.EnvVar("OPENAI_API_KEY"))),
+        "labeller": LabellerResource(),
     }
 
 

@@ -80,18 +80,36 @@ def problems_without_quarantine(warehouse: WarehouseResource) -> dg.AssetCheckRe
     return dg.AssetCheckResult(passed=n == 0, severity=dg.AssetCheckSeverity.WARN, metadata={"quarantined_rows": n})
 
 
+# problem shards for fanning teacher generation out: a backfill runs one partition per shard (each on its own
+# endpoint when several are configured) and a failed shard re-runs alone. A run without a partition key (the
+# embedded default, the jobs and schedules) traces every shard.
+TRACE_SHARDS = dg.StaticPartitionsDefinition([f"shard-{i:02d}" for i in range(8)])
+
+
 @dg.asset(group_name=DATA_GROUP, kinds={"python", "duckdb"}, deps=[problems], pool=WAREHOUSE_POOL,
+          partitions_def=TRACE_SHARDS,
           retry_policy=dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL))
 def teacher_traces(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
                    teacher: TeacherResource) -> dg.MaterializeResult:
     """One teacher answer per problem, verified against the gold answer. Only problems without a trace from this
-    teacher are sent (trace ids are content hashes), so a refresh does only the new work."""
+    teacher are sent (trace ids are content hashes), so a refresh does only the new work. Partitioned by problem
+    shard for backfills over a fleet of endpoints; unpartitioned runs trace all shards."""
     wh = warehouse.open()
+    shard = None
+    if context.has_partition_key:
+        shard = TRACE_SHARDS.get_partition_keys().index(context.partition_key)
     try:
-        report = generate_teacher_traces(wh, teacher.build(), run_id=context.run_id)
+        report = generate_teacher_traces(wh, teacher.build(shard), run_id=context.run_id,
+                                         shard=None if shard is None else (shard, len(TRACE_SHARDS.get_partition_keys())))
     except EndpointConfigError as exc:  # every request would fail alike: stop, keeping what the journal holds
         raise dg.Failure(str(exc), allow_retries=False) from exc
     context.log.info(report.summary())
+    d = report.details
+    if d["asked"] and not report.new_rows and d["failed"] and d["failed_unreachable"] == d["failed"]:
+        # an outage, not bad prompts: fail the run (failures are recorded, so re-running asks only for those);
+        # no Dagster retry, the client already retried every request with backoff
+        raise dg.Failure(f"the endpoint answered none of {d['asked']} problems: {d['run'].get('errors')}",
+                         allow_retries=False)
     run = report.details.pop("run")
     return dg.MaterializeResult(metadata={
         "dagster/row_count": report.total_rows, "new_rows": report.new_rows, **report.details,

@@ -89,12 +89,17 @@ class TeacherResource(dg.ConfigurableResource):
     journal_dir: str = Field(default_factory=journal_dir, description="where completions are journalled")
     progress: bool = True
 
-    def build(self) -> Teacher:
+    def build(self, shard: int | None = None) -> Teacher:
+        """The configured teacher; for shard k of a partitioned backfill, an endpoint teacher talks to base URL
+        k mod len(base_urls) only, so partitions fan out over the servers and each trace names its server."""
         prompt = PromptConfig(system_prompt=self.system_prompt, user_template=self.user_template, samples=self.samples)
         if self.backend == "programmatic":
             return ProgrammaticTeacher(ProgrammaticTeacherConfig(seed=self.seed, wrong_fraction=self.wrong_fraction))
         if self.backend == "openai":
-            return EndpointTeacher(self.endpoint.build("teacher"), prompt, self.journal_dir, progress=self.progress)
+            endpoint = self.endpoint.build("teacher")
+            if shard is not None:
+                endpoint = endpoint.model_copy(update={"base_urls": [endpoint.base_urls[shard % len(endpoint.base_urls)]]})
+            return EndpointTeacher(endpoint, prompt, self.journal_dir, progress=self.progress)
         if self.backend == "hf":
             if not self.hf_model:
                 raise dg.Failure("teacher backend 'hf' needs hf_model (a hub id or a local path)")
