@@ -1,0 +1,59 @@
+"""Endpoint teacher throughput: requests/s achieved against the scripted OpenAI-compatible server with a fixed
+per-request latency, as a share of the ideal C / latency (C = requests in flight), and the client's CPU time per
+request (this process only: the server runs in a subprocess). The full teacher path is measured: the official
+async `openai` client, tenacity, the journal write per completion, answer verification.
+
+    .venv/bin/python bench/bench_endpoint.py [--latency 0.2] [--concurrency 16 64] [--rounds 8]
+"""
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+
+from scaffold_lib.endpoint import EndpointConfig
+from scaffold_lib.llm_teachers import EndpointTeacher
+from scaffold_lib.problems import GeneratorConfig, generate_problems
+
+
+def start_server(latency: float) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "scaffold_lib.scripted_endpoint", "--port", "0",
+                             "--latency", str(latency)], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    url = next(word for word in line.split() if word.startswith("http://"))
+    return proc, url
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--latency", type=float, default=0.2, help="server time per request, seconds")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--rounds", type=int, default=8, help="requests per worker")
+    args = parser.parse_args()
+    proc, url = start_server(args.latency)
+    try:
+        print(f"server {url}, latency {args.latency * 1000:.0f} ms per request")
+        print("| in flight C | requests | wall s | req/s | ideal C/latency | share of ideal | client CPU ms/request |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for c in args.concurrency:
+            n = c * args.rounds
+            problems = generate_problems(GeneratorConfig(n_problems=n, seed=c))
+            config = EndpointConfig(base_urls=[url], model="scripted-r1", api_key="bench", concurrency=c, timeout_s=30)
+            with tempfile.TemporaryDirectory() as journal_dir:
+                teacher = EndpointTeacher(config, journal_dir=journal_dir, progress=False)
+                cpu, wall = time.process_time(), time.perf_counter()
+                result = teacher.generate(problems)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            assert not result.failures, result.failures[:3]
+            ideal = c / args.latency
+            rate = len(result.traces) / wall
+            print(f"| {c} | {len(result.traces)} | {wall:.2f} | {rate:.1f} | {ideal:.1f} | {rate / ideal:.1%} "
+                  f"| {1000 * cpu / len(result.traces):.2f} |")
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+if __name__ == "__main__":
+    main()
