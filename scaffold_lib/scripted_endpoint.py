@@ -82,6 +82,9 @@ def scripted_reasoning(request: dict, reasoning_mode: str = "field") -> Reply:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, so the client reuses connections as with a real server
+    # headers and body go out in two writes: with Nagle's algorithm the second waits for the client's delayed ACK
+    # (~40 ms per request), which a real server does not add
+    disable_nagle_algorithm = True
     server: "_Server"
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - silence per-request logging
@@ -134,6 +137,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # the default listen backlog of 5 drops the SYNs of a burst of new connections (the client then waits a 1 s
+    # retransmit); real servers accept hundreds at once
+    request_queue_size = 1024
     endpoint: "ScriptedEndpoint"
 
 
