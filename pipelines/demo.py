@@ -68,17 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     wh = Warehouse(default_warehouse())
     reg = registry.sqlite_config(home)
     counts = wh.counts()
-    scores = wh.query("SELECT model_name, version, variant, n, accuracy, ci_low, ci_high, next_signal_acc, "
-                      "signal_fidelity, answer_consistency FROM benchmark_scores WHERE dagster_run_id = ? "
-                      "ORDER BY model_name, variant", [result.run_id])
-    from scaffold_lib.evaluation import score_table_markdown
+    scores = wh.query("SELECT * FROM benchmark_scores WHERE dagster_run_id = ? ORDER BY model_name, variant",
+                      [result.run_id])
+    from scaffold_lib.evaluation import comparison_table_markdown, score_table_markdown
 
     print(f"\nReasoning Scaffolding demo: run {result.run_id} finished in {elapsed / 60:.1f} min\n")
     print("Stage tables (DuckDB " + str(wh.path) + "):")
     for table in ("problems", "teacher_traces", "segmented_steps", "signal_labels", "shards", "model_versions",
                   "benchmark_scores", "quarantine"):
         print(f"  {table:<18} {counts[table]:>7} rows")
-    print("\nScores on the held-out split:\n")
+    print("\nThe comparison table (Pass@1 on the held-out split):\n")
+    print(comparison_table_markdown(scores))
+    print("\nProcess metrics:\n")
     print(score_table_markdown([{**r, "model": f"{r['model_name']} v{r['version']}"} for r in scores]))
     champion = registry.alias_version(reg, registry.CHAMPION)
     print(f"\nChampion: models:/{reg.model_name}@champion = version {champion or 'none'} (MLflow {reg.tracking_uri})")

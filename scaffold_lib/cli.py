@@ -206,25 +206,29 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from scaffold_lib.decoding import DecodeConfig
     from scaffold_lib.distill import eval_items
-    from scaffold_lib.evaluation import EvalConfig, evaluate_baseline, evaluate_scaffold, score_table_markdown
+    from scaffold_lib.evaluation import (EvalConfig, evaluate_baseline, evaluate_scaffold, export_samples,
+                                         score_table_markdown)
     from scaffold_lib.model import ScaffoldStudent, load_tokenizer
+    from scaffold_lib.suites import SYNTHETIC, SuiteDataError, get_suite
     from scaffold_lib.warehouse import Warehouse
 
     model_dir = _model_dir(args, args.model)
     model = ScaffoldStudent.from_pretrained(model_dir)
-    cfg = EvalConfig(limit=args.limit, decode=DecodeConfig(tau=args.tau),
-                     variants=args.variants.split(",") if args.variants else EvalConfig().variants)
-    items = eval_items(Warehouse(args.warehouse), "test")
+    try:
+        suite = get_suite(args.suite)
+        cfg = EvalConfig(benchmark=suite.name, limit=args.limit, decode=DecodeConfig(tau=args.tau),
+                         variants=args.variants.split(",") if args.variants else EvalConfig().variants)
+        items = (eval_items(Warehouse(args.warehouse), "test") if suite.name == SYNTHETIC
+                 else suite.load(args.suite_file, data_dir=paths.dagster_home() / "benchmarks", limit=args.limit))
+    except SuiteDataError as exc:
+        raise CliError(str(exc)) from exc
     if not items:
         raise CliError(f"no held-out problems in {args.warehouse}: run the data stages first")
     evaluate = evaluate_scaffold if model.kind == "scaffold" else evaluate_baseline
     rows, records = evaluate(model, load_tokenizer(model_dir), items, cfg)
     print(score_table_markdown([{**r.as_row(), "model": str(args.model)} for r in rows]))
     if args.samples:
-        with open(args.samples, "w", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec.__dict__, ensure_ascii=False) + "\n")
-        print(f"per-sample answers: {args.samples}")
+        print(f"per-sample answers: {export_samples(records, args.samples)}")
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
@@ -273,16 +277,26 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 
 def cmd_scores(args: argparse.Namespace) -> None:
-    from scaffold_lib.evaluation import score_table_markdown
+    from scaffold_lib.evaluation import IncomparableScores, comparison_table_markdown, score_table_markdown
     from scaffold_lib.warehouse import Warehouse
 
     version = _version(args, args.model)
-    rows = Warehouse(args.warehouse).query(
-        "SELECT * FROM benchmark_scores WHERE model_name = ? AND version = ? ORDER BY benchmark, variant",
-        [args.model_name, version])
+    wh = Warehouse(args.warehouse)
+    # the newest evaluation of this version per suite, with the baseline and base rows scored alongside it
+    rows = wh.query("""
+        SELECT s.* FROM benchmark_scores s JOIN (
+            SELECT DISTINCT ON (benchmark) evaluation_id FROM benchmark_scores
+            WHERE model_name = ? AND version = ? AND evaluation_id IS NOT NULL
+            ORDER BY benchmark, created_at DESC) latest USING (evaluation_id)
+        ORDER BY s.benchmark, s.variant""", [args.model_name, version])
     if not rows:
         raise CliError(f"no scores for {args.model_name} v{version}: materialise benchmark_scores")
-    print(score_table_markdown([{**r, "model": f"{args.model_name} v{version}"} for r in rows]))
+    try:
+        print(comparison_table_markdown(rows))
+    except IncomparableScores as exc:
+        raise CliError(str(exc)) from exc
+    print()
+    print(score_table_markdown([{**r, "model": f"{r['model_name']} v{r['version']}"} for r in rows]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--variants", default=None, help="comma-separated: predicted,golden,random,summaries_only")
     p.add_argument("--samples", default=None, help="write per-sample answers (JSONL) here")
+    p.add_argument("--suite", default="synthetic-arith",
+                   help="synthetic-arith (the warehouse's held-out split), gsm8k, math500, strategyqa, csqa, truthfulqa_mc1")
+    p.add_argument("--suite-file", default=None, help="the suite's data file (default: $DAGSTER_HOME/benchmarks/<file>)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("ask", parents=[warehouse], help="answer one question, printing signal-tagged steps")

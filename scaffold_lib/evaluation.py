@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -24,29 +26,21 @@ from scaffold_lib.examples import Formatter, signal_tags
 from scaffold_lib.ids import content_id
 from scaffold_lib.model import ScaffoldStudent
 from scaffold_lib.signals import CONCLUSION_SIGNAL, keyword_table, label_step
+from scaffold_lib.suites import EvalItem, get_suite
 
 SCAFFOLD_VARIANTS = ("predicted", "golden", "random", "summaries_only")
 BASELINE_VARIANT = "cot_sft"
-PROMPT_FORMAT = "question-v1"  # Formatter.question_ids: "Question: {q}\n\n", zero-shot
+BASE_VARIANT = "base"  # the untuned backbone, plain generation
+TABLE_ROWS = (BASE_VARIANT, BASELINE_VARIANT, "golden", "predicted", "random", "summaries_only")
 
 
 class EvalConfig(BaseModel):
     benchmark: str = "synthetic-arith"
-    suite_version: str = "1"
+    suite_version: str | None = Field(None, description="default: the suite's own version")
     variants: list[str] = Field(default_factory=lambda: list(SCAFFOLD_VARIANTS))
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     limit: int | None = Field(None, ge=1, description="evaluate on the first N items only")
     batch_size: int = Field(32, ge=1, description="questions decoded together")
-
-
-@dataclass
-class EvalItem:
-    doc_id: str
-    question: str
-    answer: str
-    answer_type: str = "number"
-    golden_signals: list[str] | None = None
-    golden_steps: list[str] | None = None
 
 
 @dataclass
@@ -81,11 +75,13 @@ class SampleRecord:
     signals: list[str] = field(default_factory=list)
 
 
-def eval_config_hash(cfg: EvalConfig, variant: str) -> str:
-    """What makes two scores comparable: suite + version, prompt format, decoding settings (τ, guards), variant.
-    Batch size is left out: greedy results do not depend on it."""
-    return content_id("eval", cfg.benchmark, cfg.suite_version, PROMPT_FORMAT, cfg.decode.model_dump(), cfg.limit,
-                      variant)
+def eval_config_hash(cfg: EvalConfig) -> str:
+    """What makes two scores comparable: suite + version, prompt format, decoding settings (τ, max tokens, guards)
+    and the item limit. Every variant of one evaluation shares it (the variant is the table's row), and batch size
+    is left out: greedy results do not depend on it."""
+    suite = get_suite(cfg.benchmark)
+    return content_id("eval", suite.name, cfg.suite_version or suite.version, suite.prompt_format,
+                      cfg.decode.model_dump(), cfg.limit)
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -140,17 +136,20 @@ def next_signal_accuracy(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerB
 
 def _score(cfg: EvalConfig, variant: str, items: Sequence[EvalItem], gens: Sequence[Generation],
            next_acc: float | None) -> tuple[ScoreRow, list[SampleRecord]]:
+    suite = get_suite(cfg.benchmark)
     records = []
     for item, g in zip(items, gens):
         response = "\n\n".join([s.text for s in g.steps] + [g.answer_text])
-        records.append(SampleRecord(item.doc_id, variant, item.question, response, g.answer, item.answer,
-                                    answers_match(g.answer, item.answer, item.answer_type), [s.signal for s in g.steps]))
+        # the answer step first (what the model committed to), else anything in the response
+        extracted = suite.extract(g.answer_text, item.choices) or suite.extract(response, item.choices)
+        records.append(SampleRecord(item.doc_id, variant, item.question, response, extracted, item.answer,
+                                    suite.is_correct(extracted, item.answer), [s.signal for s in g.steps]))
     k, n = sum(r.correct for r in records), len(records)
     lo, hi = wilson_interval(k, n)
-    scaffolded = variant != BASELINE_VARIANT
+    scaffolded = variant not in (BASELINE_VARIANT, BASE_VARIANT)
     row = ScoreRow(cfg.benchmark, variant, n, k / n if n else 0.0, lo, hi, next_acc,
                    signal_fidelity(gens) if scaffolded else None, answer_consistency(gens) if scaffolded else None,
-                   sum(len(g.steps) for g in gens) / n if n else 0.0, eval_config_hash(cfg, variant))
+                   sum(len(g.steps) for g in gens) / n if n else 0.0, eval_config_hash(cfg))
     return row, records
 
 
@@ -183,13 +182,59 @@ def evaluate_scaffold(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase
 
 
 def evaluate_baseline(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase, items: Sequence[EvalItem],
-                      cfg: EvalConfig, progress: bool = True) -> tuple[list[ScoreRow], list[SampleRecord]]:
+                      cfg: EvalConfig, progress: bool = True, variant: str = BASELINE_VARIANT
+                      ) -> tuple[list[ScoreRow], list[SampleRecord]]:
+    """Plain greedy generation: the CoT-SFT baseline, or (variant `base`) the untuned backbone."""
     items = list(items)[: cfg.limit]
     gens = []
-    for batch in tqdm(list(_batches(items, cfg.batch_size)), desc=f"eval {BASELINE_VARIANT}", disable=not progress):
+    for batch in tqdm(list(_batches(items, cfg.batch_size)), desc=f"eval {variant}", disable=not progress):
         gens += plain_generate_batch(model, tokenizer, [i.question for i in batch], cfg.decode.max_tokens)
-    row, records = _score(cfg, BASELINE_VARIANT, items, gens, None)
+    row, records = _score(cfg, variant, items, gens, None)
     return [row], records
+
+
+def export_samples(records: Sequence[SampleRecord], path: str | Path) -> Path:
+    """Per-sample answers as JSONL in the shape lm-evaluation-harness users know (doc id, prompt, response,
+    extracted answer, gold, correct), so our extraction can be cross-checked against theirs. Atomic write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps({"doc_id": r.doc_id, "variant": r.variant, "prompt": r.prompt, "response": r.response,
+                                 "extracted": r.extracted, "gold": r.gold, "correct": r.correct},
+                                ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+class IncomparableScores(ValueError):
+    """Score rows of one benchmark were made with different eval configs (see `eval_config_hash`)."""
+
+
+def comparison_table_markdown(rows: Sequence[dict]) -> str:
+    """The paper's table: a row per variant (base, CoT-SFT, golden / predicted / random signals, summaries-only),
+    a column per benchmark, cells Pass@1 with n and the 95 % interval. Refuses to put scores made with different
+    eval configs in one column, naming the hashes."""
+    by_suite: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        column = by_suite.setdefault(r["benchmark"], {})
+        hashes = {c["eval_config_hash"] for c in column.values()} | {r["eval_config_hash"]}
+        if len(hashes) > 1:
+            raise IncomparableScores(f"{r['benchmark']}: scores with different eval configs {sorted(hashes)} cannot "
+                                     "share a column; pick one eval_config_hash")
+        column[r["variant"]] = r
+    suites = sorted(by_suite)
+    lines = ["| variant | " + " | ".join(suites) + " |", "|---|" + "---|" * len(suites)]
+    for variant in [v for v in TABLE_ROWS if any(v in c for c in by_suite.values())]:
+        cells = []
+        for suite in suites:
+            r = by_suite[suite].get(variant)
+            cells.append("–" if r is None else f"{100 * r['accuracy']:.1f} % (n={r['n']}, "
+                                               f"{100 * r['ci_low']:.0f}–{100 * r['ci_high']:.0f})")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    hashes = ", ".join(f"{s}: {next(iter(by_suite[s].values()))['eval_config_hash']}" for s in suites)
+    return "\n".join(lines + ["", f"Pass@1 (n, 95 % Wilson interval); eval config {hashes}"])
 
 
 def score_table_markdown(rows: Sequence[dict]) -> str:

@@ -163,10 +163,11 @@ def record_refusal(cfg: RegistryConfig, version: str, reason: str) -> None:
     client(cfg).set_model_version_tag(cfg.model_name, version, "promotion_refused", reason[:5000])
 
 
-def log_scores(cfg: RegistryConfig, run_id: str, rows: Sequence[dict], table_markdown: str) -> None:
+def log_scores(cfg: RegistryConfig, run_id: str, rows: Sequence[dict], table_markdown: str,
+               name: str = "scores") -> None:
     """Scores onto the model's own run: one metric per benchmark/variant and the table as an artifact."""
     c = client(cfg)
     for r in rows:
         c.log_metric(run_id, f"{r['benchmark']}.{r['variant']}.accuracy", float(r["accuracy"]))
-    c.log_text(run_id, table_markdown, "scores.md")
-    c.log_text(run_id, json.dumps(list(rows), indent=2, default=str), "scores.json")
+    c.log_text(run_id, table_markdown, f"{name}.md")
+    c.log_text(run_id, json.dumps(list(rows), indent=2, default=str), f"{name}.json")

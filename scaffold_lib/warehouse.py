@@ -54,7 +54,7 @@ SCHEMA: dict[str, str] = {
         score_id VARCHAR PRIMARY KEY, model_name VARCHAR NOT NULL, version VARCHAR NOT NULL, benchmark VARCHAR NOT NULL,
         variant VARCHAR NOT NULL, n INTEGER NOT NULL, accuracy DOUBLE NOT NULL, ci_low DOUBLE, ci_high DOUBLE,
         next_signal_acc DOUBLE, signal_fidelity DOUBLE, answer_consistency DOUBLE, mean_steps DOUBLE,
-        eval_config_hash VARCHAR NOT NULL, mlflow_run_id VARCHAR""",
+        eval_config_hash VARCHAR NOT NULL, mlflow_run_id VARCHAR, evaluation_id VARCHAR""",
 }
 # every table also records who wrote each row and when
 AUDIT_COLUMNS = "dagster_run_id VARCHAR, created_at TIMESTAMP DEFAULT current_timestamp"

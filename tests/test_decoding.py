@@ -275,7 +275,7 @@ def test_evaluate_scaffold_and_baseline(world, memorised):
         assert rec.correct and rec.extracted == t0.answer and rec.signals == t0.signals[:-1]
         assert by_variant[variant].accuracy >= 1 / by_variant[variant].n
         assert by_variant[variant].signal_fidelity is not None
-    assert len({r.eval_config_hash for r in rows}) == 4
+    assert len({r.eval_config_hash for r in rows}) == 1  # one evaluation, one config: its rows compare
     for r in rows:
         assert 0 <= r.ci_low <= r.accuracy <= r.ci_high <= 1
         # teacher forced over d0 and d1: at least every boundary of the memorised trace d0 is right

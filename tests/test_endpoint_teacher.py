@@ -297,13 +297,13 @@ def test_a_partition_backfill_fans_out_over_two_endpoints_and_a_failed_shard_rer
                                   if data_assets.problems in assets else None)
 
         assert run([data_assets.problems]).success
-        results = {key: run([data_assets.teacher_traces], key) for key in keys}
+        results = {key: run([data_assets.teacher_trace_shards], key) for key in keys}
         # odd shards hit the server that is down: those partitions fail, with their problems recorded
         assert {k for k, r in results.items() if not r.success} == set(keys[1::2])
         odd.faults = FaultPlan()  # the outage ends
         before = Warehouse(tmp_path / "wh.duckdb").query("SELECT trace_id FROM teacher_traces")
         even.reset_stats()
-        assert run([data_assets.teacher_traces], keys[1]).success  # one failed shard re-runs alone
+        assert run([data_assets.teacher_trace_shards], keys[1]).success  # one failed shard re-runs alone
         assert even.stats()["requests"] == 0  # nothing asked of the other shards' server
     wh = Warehouse(tmp_path / "wh.duckdb")
     rows = wh.query("SELECT t.problem_id, t.endpoint FROM teacher_traces t")

@@ -14,6 +14,8 @@ from scaffold_lib.evaluation import (
     ScoreRow,
     _score,
     answer_consistency,
+    IncomparableScores,
+    comparison_table_markdown,
     eval_config_hash,
     score_table_markdown,
     signal_fidelity,
@@ -109,15 +111,16 @@ def test_wilson_interval_contains_the_rate_and_narrows_with_n(k, n):
 
 def test_eval_config_hash_tracks_what_makes_scores_comparable():
     base = EvalConfig()
-    h = eval_config_hash(base, "predicted")
-    assert eval_config_hash(EvalConfig(), "predicted") == h  # stable
-    assert eval_config_hash(base.model_copy(update={"batch_size": 3}), "predicted") == h  # speed knob only
-    assert eval_config_hash(base, "golden") != h
+    h = eval_config_hash(base)
+    assert eval_config_hash(EvalConfig()) == h  # stable
+    assert eval_config_hash(base.model_copy(update={"batch_size": 3})) == h  # speed knob only
+    assert eval_config_hash(base.model_copy(update={"variants": ["golden"]})) == h  # variants are the table's rows
     for change in ({"tau": 0.5}, {"max_steps": 3}, {"max_tokens": 64}, {"max_step_tokens": 8}):
         other = base.model_copy(update={"decode": DecodeConfig(**change)})
-        assert eval_config_hash(other, "predicted") != h, change
-    assert eval_config_hash(base.model_copy(update={"suite_version": "2"}), "predicted") != h
-    assert eval_config_hash(base.model_copy(update={"benchmark": "gsm8k"}), "predicted") != h
+        assert eval_config_hash(other) != h, change
+    assert eval_config_hash(base.model_copy(update={"suite_version": "9"})) != h
+    assert eval_config_hash(base.model_copy(update={"benchmark": "gsm8k"})) != h
+    assert eval_config_hash(base.model_copy(update={"limit": 10})) != h
 
 
 def test_score_rows_and_table():
@@ -131,7 +134,7 @@ def test_score_rows_and_table():
     assert (row.n, row.accuracy) == (4, 0.5)
     assert (row.ci_low, row.ci_high) == pytest.approx(wilson_interval(2, 4))
     assert row.signal_fidelity == 1.0 and row.answer_consistency == 1.0 and row.mean_steps == 0.5
-    assert row.eval_config_hash == eval_config_hash(cfg, "predicted") and row.next_signal_acc == 0.8
+    assert row.eval_config_hash == eval_config_hash(cfg) and row.next_signal_acc == 0.8
     assert [r.correct for r in records] == [True, True, False, False]
     assert records[0].response == "Therefore, it is 0.\n\nThe answer is 0."
     assert records[0].signals == ["conclusion_summary"]
@@ -145,3 +148,28 @@ def test_score_rows_and_table():
     assert lines[2] == "| scaffold-student/3 | predicted | 4 | 50.0 % (15–85) | 80.0 % | 100.0 % | 100.0 % |"
     assert lines[3] == "|  | cot_sft | 4 | 50.0 % (15–85) | – | – | – |"
     assert isinstance(row, ScoreRow)
+
+
+def _score_row(benchmark: str, variant: str, k: int, n: int, config_hash: str = "h1") -> dict:
+    lo, hi = wilson_interval(k, n)
+    return {"benchmark": benchmark, "variant": variant, "n": n, "accuracy": k / n, "ci_low": lo, "ci_high": hi,
+            "eval_config_hash": config_hash}
+
+
+def test_comparison_table_has_a_row_per_variant_and_a_column_per_suite():
+    rows = [_score_row("gsm8k", "predicted", 30, 100), _score_row("gsm8k", "cot_sft", 25, 100),
+            _score_row("gsm8k", "base", 2, 100), _score_row("csqa", "predicted", 40, 50, "h2"),
+            _score_row("csqa", "golden", 10, 20, "h2")]
+    lines = comparison_table_markdown(rows).splitlines()
+    assert lines[0] == "| variant | csqa | gsm8k |"
+    # rows in the paper's order; a variant missing for a suite is a dash (golden needs traces of the eval set)
+    assert [line.split(" |")[0] for line in lines[2:6]] == ["| base", "| cot_sft", "| golden", "| predicted"]
+    assert lines[3] == "| cot_sft | – | 25.0 % (n=100, 18–34) |"
+    assert lines[5] == "| predicted | 80.0 % (n=50, 67–89) | 30.0 % (n=100, 22–40) |"
+    assert lines[-1] == "Pass@1 (n, 95 % Wilson interval); eval config csqa: h2, gsm8k: h1"
+
+
+def test_comparison_table_refuses_mixed_eval_configs_in_one_column():
+    rows = [_score_row("gsm8k", "predicted", 30, 100, "h1"), _score_row("gsm8k", "cot_sft", 25, 100, "h9")]
+    with pytest.raises(IncomparableScores, match=r"gsm8k: scores with different eval configs \['h1', 'h9'\]"):
+        comparison_table_markdown(rows)

@@ -9,6 +9,7 @@ limited so that the run takes well under a minute on 2 CPU cores.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -59,8 +60,9 @@ def definitions() -> dg.Definitions:
 
 
 def graph() -> list:
+    """Every asset and check but the sharded teacher: one run cannot mix its partitioning with the suites'."""
     d = definitions()
-    return [*d.assets, *d.asset_checks]
+    return [*(a for a in d.assets if dg.AssetKey("teacher_trace_shards") not in a.keys), *d.asset_checks]
 
 
 def resources(home: Path, **mlflow_kw) -> dict:
@@ -141,19 +143,19 @@ def pipeline(tmp_path_factory) -> Iterator[Pipeline]:
 def test_definitions_load_every_asset_check_schedule_and_sensor():
     d = definitions()
     ag = d.resolve_asset_graph()
-    assert {k.to_user_string() for k in ag.get_all_asset_keys()} == ASSETS
     assert {(k.asset_key.to_user_string(), k.name) for k in ag.asset_check_keys} == CHECKS
     assert {s.name for s in d.schedules} == {"data_refresh_schedule", "retrain_and_evaluate_schedule"}
     assert {s.name for s in d.sensors} == {"new_problem_file_sensor"}
-    assert {"full_pipeline", "data_refresh", "retrain_and_evaluate"} <= {j.name for j in d.jobs}
+    assert {"full_pipeline", "data_refresh", "retrain_and_evaluate", "trace_backfill"} <= {j.name for j in d.jobs}
+    assert set(ag.get_all_asset_keys()) - {dg.AssetKey(a) for a in ASSETS} == {dg.AssetKey("teacher_trace_shards")}
     for key in ag.get_all_asset_keys():
         node = ag.get(key)
         name = key.to_user_string()
-        assert node.group_name == ("data" if name in DATA_ASSETS else "student"), name
+        assert node.group_name == ("data" if name in (*DATA_ASSETS, "teacher_trace_shards") else "student"), name
         assert node.kinds, f"{name} has no kinds"
         assert node.description and len(node.description) > 30, f"{name} has no docstring"
     # resources every asset needs are bound
-    assert {"warehouse", "mlflow", "teacher", "student"} <= set(d.resources or {})
+    assert {"warehouse", "mlflow", "teacher", "student", "labeller"} <= set(d.resources or {})
 
 
 def test_jobs_select_the_right_stages():
@@ -165,6 +167,7 @@ def test_jobs_select_the_right_stages():
     assert selected("data_refresh") == set(DATA_ASSETS)
     assert selected("retrain_and_evaluate") == ASSETS - set(DATA_ASSETS)
     assert selected("full_pipeline") == ASSETS
+    assert selected("trace_backfill") == {"teacher_trace_shards"}  # partitioned: only in its own job
     schedules = {s.name: s for s in d.schedules}
     assert schedules["data_refresh_schedule"].job_name == "data_refresh"
     assert schedules["retrain_and_evaluate_schedule"].job_name == "retrain_and_evaluate"
@@ -262,13 +265,19 @@ def test_row_level_lineage_joins(pipeline):
     # every score row names a registered model version and its MLflow run
     c = registry.client(pipeline.reg)
     scores = wh.query("SELECT DISTINCT s.model_name, s.version, s.mlflow_run_id, v.mlflow_run_id AS mv_run "
-                      "FROM benchmark_scores s LEFT JOIN model_versions v USING (model_name, version)")
+                      "FROM benchmark_scores s LEFT JOIN model_versions v USING (model_name, version) "
+                      "WHERE s.variant != 'base'")
     assert {(r["model_name"], r["version"]) for r in scores} == {(MODEL, "1"), (MODEL + "-baseline", "1")}
     for r in scores:
         assert r["mlflow_run_id"] == r["mv_run"]
         assert c.get_model_version(r["model_name"], r["version"]).run_id == r["mlflow_run_id"]
-    variants = {r["variant"] for r in wh.query("SELECT variant FROM benchmark_scores")}
-    assert {"predicted", "golden", "random", "summaries_only", "cot_sft"} <= variants
+    # the untuned backbone is scored too, named by its path, with no MLflow run
+    base = wh.query("SELECT model_name, version, mlflow_run_id FROM benchmark_scores WHERE variant = 'base'")
+    assert len(base) == 1 and base[0]["model_name"].startswith("base:") and base[0]["mlflow_run_id"] is None
+    # one evaluation, one id, one eval config: the comparison table's rows
+    rows = wh.query("SELECT * FROM benchmark_scores")
+    assert len({r["evaluation_id"] for r in rows}) == 1 and len({r["eval_config_hash"] for r in rows}) == 1
+    assert {r["variant"] for r in rows} == {"base", "cot_sft", "predicted", "golden", "random", "summaries_only"}
 
 
 def test_mlflow_runs_record_lineage_and_no_secrets(pipeline):
@@ -518,3 +527,38 @@ def test_teacher_accuracy_check_fails_and_blocks_downstream(tmp_path, monkeypatc
     # the check is blocking: segmented_steps is not materialised on top of a bad teacher
     materialised = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert "teacher_traces" in materialised and "segmented_steps" not in materialised
+
+
+def test_a_user_gsm8k_file_runs_through_its_suite_partition(pipeline, tmp_path, capsys):
+    """The benchmark_scores partition `gsm8k` scores the student, the baseline and the base model on a GSM8K-format
+    file the user supplied; `scaffold scores` then prints the comparison table with a column per suite."""
+    suites = tmp_path / "benchmarks"
+    suites.mkdir()
+    (suites / "gsm8k_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"question": "Tom has 3 apples and buys 4 more. How many apples does Tom have?", "answer": "3 + 4 = 7\n#### 7"},
+        {"question": "A box holds 12 pens. How many pens are in 2 boxes?", "answer": "#### 24"},
+        {"question": "Sam had 1,000 coins and spent 1. How many are left?", "answer": "#### 999"}]))
+    cfg = {"ops": {"benchmark_scores": {"config": {**micro_run_config()["ops"]["benchmark_scores"]["config"],
+                                                   "suites_dir": str(suites), "limit": 3}}}}
+    result = dg.materialize(graph(), selection=["benchmark_scores"], partition_key="gsm8k", run_config=cfg,
+                            resources=resources(pipeline.home), instance=pipeline.instance, raise_on_error=False)
+    assert result.success, failures(result)
+    meta = metadata(result, "benchmark_scores")
+    assert meta["suites"] == "gsm8k" and "| variant | gsm8k |" in meta["comparison_table"]
+    samples = json.loads(json.dumps(meta["samples"]))
+    first = Path(next(iter(samples.values()))).read_text().splitlines()
+    assert {"doc_id", "prompt", "response", "extracted", "gold", "correct"} <= set(json.loads(first[0]))
+    rows = pipeline.wh.query("SELECT variant, n FROM benchmark_scores WHERE benchmark = 'gsm8k'")
+    assert {r["variant"] for r in rows} == {"base", "cot_sft", "predicted", "random", "summaries_only"}  # no golden:
+    assert {r["n"] for r in rows} == {3}  # the user file has no teacher traces
+    # a suite whose file is missing fails with where to put it, and nothing is written
+    missing = dg.materialize(graph(), selection=["benchmark_scores"], partition_key="math500", run_config=cfg,
+                             resources=resources(pipeline.home), instance=pipeline.instance, raise_on_error=False)
+    assert not missing.success and "math500_test.jsonl: no such file" in failures(missing)
+    from scaffold_lib.cli import main as scaffold
+
+    version = str(meta["challenger_version"])
+    assert scaffold(["scores", "--model", version, "--warehouse", str(pipeline.home / "warehouse.duckdb")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("| variant | gsm8k | synthetic-arith |")
+    assert "| cot_sft |" in printed and "| base |" in printed

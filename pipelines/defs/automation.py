@@ -5,12 +5,18 @@ import dagster as dg
 from pipelines.defs.common import DATA_GROUP
 from pipelines.defs.data_assets import incoming_dir, problem_files
 
+# the sharded teacher is for partition backfills over a fleet of endpoints (its own job): the other jobs trace
+# every problem in one step through `teacher_traces`
+SHARDED_TEACHER = dg.AssetSelection.assets("teacher_trace_shards")
 # the whole pipeline, in one run: what `make demo` launches
-full_pipeline_job = dg.define_asset_job("full_pipeline", selection=dg.AssetSelection.all(),
+full_pipeline_job = dg.define_asset_job("full_pipeline", selection=dg.AssetSelection.all() - SHARDED_TEACHER,
                                         description="every stage, from problems to promotion")
 # new problems -> traces -> steps -> labels (incremental: only new problems reach the teacher)
-data_refresh_job = dg.define_asset_job("data_refresh", selection=dg.AssetSelection.groups(DATA_GROUP),
+data_refresh_job = dg.define_asset_job("data_refresh", selection=dg.AssetSelection.groups(DATA_GROUP) - SHARDED_TEACHER,
                                        description="refresh problems, teacher traces, steps and labels")
+# one run per problem shard (launch a backfill of it), each shard on its own endpoint when several are configured
+trace_backfill_job = dg.define_asset_job("trace_backfill", selection=SHARDED_TEACHER,
+                                         description="teacher traces by problem shard, fanned out over endpoints")
 # shards -> students -> scores -> promotion
 retrain_job = dg.define_asset_job("retrain_and_evaluate",
                                   selection=dg.AssetSelection.assets("packed_shards").downstream(),

@@ -80,27 +80,12 @@ def problems_without_quarantine(warehouse: WarehouseResource) -> dg.AssetCheckRe
     return dg.AssetCheckResult(passed=n == 0, severity=dg.AssetCheckSeverity.WARN, metadata={"quarantined_rows": n})
 
 
-# problem shards for fanning teacher generation out: a backfill runs one partition per shard (each on its own
-# endpoint when several are configured) and a failed shard re-runs alone. A run without a partition key (the
-# embedded default, the jobs and schedules) traces every shard.
-TRACE_SHARDS = dg.StaticPartitionsDefinition([f"shard-{i:02d}" for i in range(8)])
-
-
-@dg.asset(group_name=DATA_GROUP, kinds={"python", "duckdb"}, deps=[problems], pool=WAREHOUSE_POOL,
-          partitions_def=TRACE_SHARDS,
-          retry_policy=dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL))
-def teacher_traces(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
-                   teacher: TeacherResource) -> dg.MaterializeResult:
-    """One teacher answer per problem, verified against the gold answer. Only problems without a trace from this
-    teacher are sent (trace ids are content hashes), so a refresh does only the new work. Partitioned by problem
-    shard for backfills over a fleet of endpoints; unpartitioned runs trace all shards."""
+def _trace(context: dg.AssetExecutionContext, warehouse: WarehouseResource, teacher: TeacherResource,
+           shard: int | None) -> dg.MaterializeResult:
     wh = warehouse.open()
-    shard = None
-    if context.has_partition_key:
-        shard = TRACE_SHARDS.get_partition_keys().index(context.partition_key)
     try:
         report = generate_teacher_traces(wh, teacher.build(shard), run_id=context.run_id,
-                                         shard=None if shard is None else (shard, len(TRACE_SHARDS.get_partition_keys())))
+                                         shard=None if shard is None else (shard, N_TRACE_SHARDS))
     except EndpointConfigError as exc:  # every request would fail alike: stop, keeping what the journal holds
         raise dg.Failure(str(exc), allow_retries=False) from exc
     context.log.info(report.summary())
@@ -110,14 +95,39 @@ def teacher_traces(context: dg.AssetExecutionContext, warehouse: WarehouseResour
         # no Dagster retry, the client already retried every request with backoff
         raise dg.Failure(f"the endpoint answered none of {d['asked']} problems: {d['run'].get('errors')}",
                          allow_retries=False)
-    run = report.details.pop("run")
+    run = d.pop("run")
     return dg.MaterializeResult(metadata={
-        "dagster/row_count": report.total_rows, "new_rows": report.new_rows, **report.details,
+        "dagster/row_count": report.total_rows, "new_rows": report.new_rows, **d,
         **({"this_run": dg.MetadataValue.json(run)} if run else {}),
         **{k: v for k, v in run.items() if k in ("completion_tokens", "latency_p50_s", "latency_p95_s",
                                                   "answered_per_s") and v is not None},
         "failures_by_error": dg.MetadataValue.json(run.get("errors", {})),
     })
+
+
+@dg.asset(group_name=DATA_GROUP, kinds={"python", "duckdb"}, deps=[problems], pool=WAREHOUSE_POOL,
+          retry_policy=dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL))
+def teacher_traces(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
+                   teacher: TeacherResource) -> dg.MaterializeResult:
+    """One teacher answer per problem, verified against the gold answer. Only problems without a trace from this
+    teacher are sent (trace ids are content hashes), so a refresh does only the new work."""
+    return _trace(context, warehouse, teacher, None)
+
+
+# Problem shards for fanning generation out over a fleet: a backfill of this asset runs one partition per shard
+# (shard k on base URL k mod n) and a failed shard re-runs alone. It writes the same table, with the same ids, as
+# `teacher_traces`; it is a separate asset because a Dagster job cannot mix two partitionings and
+# `benchmark_scores` is partitioned by suite.
+N_TRACE_SHARDS = 8
+TRACE_SHARDS = dg.StaticPartitionsDefinition([f"shard-{i:02d}" for i in range(N_TRACE_SHARDS)])
+
+
+@dg.asset(group_name=DATA_GROUP, kinds={"python", "duckdb"}, deps=[problems], pool=WAREHOUSE_POOL,
+          partitions_def=TRACE_SHARDS)
+def teacher_trace_shards(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
+                         teacher: TeacherResource) -> dg.MaterializeResult:
+    """Teacher traces for one problem shard, for backfills over several endpoints (`trace_backfill` job)."""
+    return _trace(context, warehouse, teacher, TRACE_SHARDS.get_partition_keys().index(context.partition_key))
 
 
 @dg.asset_check(asset=teacher_traces, blocking=True, description="teacher accuracy is above the floor (0.5)")
@@ -126,7 +136,8 @@ def teacher_accuracy_above_floor(warehouse: WarehouseResource) -> dg.AssetCheckR
     return dg.AssetCheckResult(passed=acc >= 0.5, metadata={"teacher_accuracy": float(acc), "floor": 0.5})
 
 
-@dg.asset(group_name=DATA_GROUP, kinds={"python", "duckdb"}, deps=[teacher_traces], pool=WAREHOUSE_POOL)
+@dg.asset(group_name=DATA_GROUP, kinds={"python", "duckdb"}, deps=[teacher_traces, teacher_trace_shards],
+          pool=WAREHOUSE_POOL)
 def segmented_steps(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
     """Each trace cut into steps at blank lines; a trace with no step is quarantined and counted."""
     report = segment_traces(warehouse.open(), run_id=context.run_id)

@@ -37,6 +37,7 @@ class MlflowResource(dg.ConfigurableResource):
     artifact_location: str = Field(default_factory=lambda: sqlite_config(paths.dagster_home()).artifact_location)
     model_name: str = "scaffold-student"
     promotion_margin: float = Field(0.0, description="accuracy a challenger must add over the champion")
+    promotion_suite: str = Field("synthetic-arith", description="the suite whose predicted-signal Pass@1 decides")
 
     def config(self) -> RegistryConfig:
         return RegistryConfig(tracking_uri=self.tracking_uri, artifact_location=self.artifact_location,

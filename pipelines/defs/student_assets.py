@@ -2,6 +2,7 @@
 promotion of the challenger to champion."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
@@ -10,13 +11,15 @@ from pipelines.defs.common import GPU_POOL, STUDENT_GROUP, WAREHOUSE_POOL, markd
 from pipelines.defs.data_assets import (label_coverage_in_bounds, no_empty_steps, signal_labels,
                                         teacher_accuracy_above_floor)
 from pipelines.defs.resources import MlflowResource, StudentResource, WarehouseResource
-from scaffold_lib import registry
+from scaffold_lib import paths, registry
 from scaffold_lib.decoding import DecodeConfig
 from scaffold_lib.distill import ShardsConfig, build_packed_shards, eval_items, train_student
-from scaffold_lib.evaluation import EvalConfig, evaluate_baseline, evaluate_scaffold, score_table_markdown
+from scaffold_lib.evaluation import (BASE_VARIANT, EvalConfig, comparison_table_markdown, eval_config_hash,
+                                     evaluate_baseline, evaluate_scaffold, export_samples, score_table_markdown)
 from scaffold_lib.ids import content_id
 from scaffold_lib.model import ScaffoldStudent, load_tokenizer
 from scaffold_lib.shards import PackConfig
+from scaffold_lib.suites import SUITES, SYNTHETIC, SuiteDataError, get_suite
 from scaffold_lib.training import TrainConfig, pick_device
 
 MODEL_NAME_BASELINE_SUFFIX = "-baseline"
@@ -152,44 +155,92 @@ class EvalRunConfig(dg.Config):
     tau: float = Field(0.5, description="signal confidence needed to write another step (paper: 0.96)")
     max_steps: int = 16
     max_tokens: int = 400
-    limit: int | None = Field(None, description="evaluate the first N held-out problems only")
+    limit: int | None = Field(None, description="evaluate the first N items of each suite only")
     variants: list[str] = ["predicted", "golden", "random", "summaries_only"]
+    suites: list[str] = Field(["synthetic-arith"], description="suites of a run without a partition key; a "
+                                                               "partitioned run evaluates its own suite")
+    suites_dir: str = Field("", description="where suite files are looked for; empty = $DAGSTER_HOME/benchmarks")
+    include_base: bool = Field(True, description="also score the untuned backbone (the table's first row)")
+    export_samples: bool = Field(True, description="write per-sample answers (lm-evaluation-harness style JSONL)")
+
+
+# one partition per suite, so a suite can be (re-)evaluated alone; unpartitioned runs evaluate `config.suites`
+SUITE_PARTITIONS = dg.StaticPartitionsDefinition(list(SUITES))
+
+
+def suite_items(wh, name: str, config: EvalRunConfig) -> list:
+    if name == SYNTHETIC:
+        return eval_items(wh, "test")
+    folder = Path(config.suites_dir) if config.suites_dir else paths.dagster_home() / "benchmarks"
+    try:
+        return get_suite(name).load(data_dir=folder, limit=config.limit)
+    except SuiteDataError as exc:
+        raise dg.Failure(str(exc), allow_retries=False) from exc
 
 
 @dg.asset(group_name=STUDENT_GROUP, kinds={"pytorch", "duckdb"}, deps=[student_model, baseline_model],
-          pool=WAREHOUSE_POOL)
+          pool=WAREHOUSE_POOL, partitions_def=SUITE_PARTITIONS)
 def benchmark_scores(context: dg.AssetExecutionContext, config: EvalRunConfig, warehouse: WarehouseResource,
-                     mlflow: MlflowResource) -> dg.MaterializeResult:
-    """Pass@1 on the held-out split for the challenger (predicted / golden / random signals, summaries-only) and the
-    CoT-SFT baseline, with next-signal accuracy, signal fidelity and answer consistency; rows carry the eval-config
-    hash and the model version."""
+                     mlflow: MlflowResource, student: StudentResource) -> dg.MaterializeResult:
+    """Pass@1 per suite for the challenger (predicted / golden / random signals, summaries-only), the CoT-SFT
+    baseline and the untuned base model, with next-signal accuracy, signal fidelity and answer consistency: the
+    paper's comparison table. Rows carry the eval-config hash, the model version and the evaluation they belong
+    to; partitioned by suite so one suite re-runs alone."""
     wh = warehouse.open()
     reg = mlflow.config()
-    items = eval_items(wh, "test")
-    cfg = EvalConfig(variants=config.variants, limit=config.limit,
-                     decode=DecodeConfig(tau=config.tau, max_steps=config.max_steps, max_tokens=config.max_tokens))
-    all_rows = []
-    for asset_key, evaluate in (("student_model", evaluate_scaffold), ("baseline_model", evaluate_baseline)):
-        name = upstream_metadata(context, asset_key, "model_name")
-        version = upstream_metadata(context, asset_key, "model_version")
-        run_id = upstream_metadata(context, asset_key, "mlflow_run_id")
-        model_dir = registry.download_model(reg, version, model_name=name)
-        model = ScaffoldStudent.from_pretrained(model_dir)
-        rows, _ = evaluate(model, load_tokenizer(model_dir), items, cfg, progress=False)
-        dict_rows = [{**r.as_row(), "model_name": name, "version": version, "mlflow_run_id": run_id,
-                      "score_id": content_id("score", name, version, r.benchmark, r.variant, r.eval_config_hash)}
-                     for r in rows]
-        wh.insert_new("benchmark_scores", dict_rows, context.run_id)
-        registry.log_scores(reg, run_id, dict_rows, score_table_markdown(
-            [{**r, "model": f"{name} v{version}"} for r in dict_rows]))
-        all_rows += [{**r, "model": f"{name} v{version}"} for r in dict_rows]
-    by_variant = {r["variant"]: r["accuracy"] for r in all_rows}
+    suites = [context.partition_key] if context.has_partition_key else config.suites
+    student_name = upstream_metadata(context, "student_model", "model_name")
+    student_version = upstream_metadata(context, "student_model", "model_version")
+    student_run = upstream_metadata(context, "student_model", "mlflow_run_id")
+    models = [("student_model", evaluate_scaffold, {}), ("baseline_model", evaluate_baseline, {})]
+    all_rows, samples_written = [], {}
+    for suite in suites:
+        items = suite_items(wh, suite, config)
+        cfg = EvalConfig(benchmark=suite, variants=config.variants, limit=config.limit,
+                         decode=DecodeConfig(tau=config.tau, max_steps=config.max_steps, max_tokens=config.max_tokens))
+        evaluation_id = content_id("evaluation", student_name, student_version, eval_config_hash(cfg))
+        scored = []
+        for asset_key, evaluate, kwargs in models:
+            name = upstream_metadata(context, asset_key, "model_name")
+            version = upstream_metadata(context, asset_key, "model_version")
+            model_dir = registry.download_model(reg, version, model_name=name)
+            rows, records = evaluate(ScaffoldStudent.from_pretrained(model_dir), load_tokenizer(model_dir), items, cfg,
+                                     progress=False, **kwargs)
+            scored.append((name, version, upstream_metadata(context, asset_key, "mlflow_run_id"), rows, records))
+        if config.include_base:
+            base = str(upstream_metadata(context, "packed_shards", "base_model"))
+            rows, records = evaluate_baseline(ScaffoldStudent.from_pretrained(base, kind="baseline"),
+                                              load_tokenizer(base), items, cfg, progress=False, variant=BASE_VARIANT)
+            # the backbone is no registered version: named by its path (or hub id), never an MLflow run
+            scored.append((f"base:{Path(base).name or base}", "untuned", None, rows, records))
+        for name, version, run_id, rows, records in scored:
+            dict_rows = [{**r.as_row(), "model_name": name, "version": version, "mlflow_run_id": run_id,
+                          "evaluation_id": evaluation_id,
+                          "score_id": content_id("score", name, version, r.benchmark, r.variant, r.eval_config_hash)}
+                         for r in rows]
+            wh.insert_new("benchmark_scores", dict_rows, context.run_id)
+            all_rows += [{**r, "model": f"{name} v{version}"} for r in dict_rows]
+            if config.export_samples and records:
+                path = export_samples(records, student.artifacts() / "samples" / suite / f"{name}-v{version}.jsonl")
+                samples_written[f"{name} v{version}"] = str(path)
+    table = comparison_table_markdown(all_rows)
+    artifact = "scores-" + "-".join(suites)
+    for run_id in {r["mlflow_run_id"] for r in all_rows if r["mlflow_run_id"]}:
+        own = [r for r in all_rows if r["mlflow_run_id"] == run_id]
+        # the student's run also gets the whole comparison (baseline and base rows included)
+        text = (table + "\n\n" + score_table_markdown(all_rows)) if run_id == student_run else score_table_markdown(own)
+        registry.log_scores(reg, run_id, own if run_id != student_run else all_rows, text, artifact)
+    by_variant = {(r["benchmark"], r["variant"]): r["accuracy"] for r in all_rows}
+    first = suites[0]
     return dg.MaterializeResult(metadata={
-        "dagster/row_count": len(all_rows), "n_items": len(items[: cfg.limit]),
-        "challenger_version": upstream_metadata(context, "student_model", "model_version"),
-        "predicted_accuracy": by_variant.get("predicted", 0.0), "baseline_accuracy": by_variant.get("cot_sft", 0.0),
+        "dagster/row_count": len(all_rows), "suites": ", ".join(suites),
+        "challenger_version": student_version,
+        "predicted_accuracy": by_variant.get((first, "predicted"), 0.0),
+        "baseline_accuracy": by_variant.get((first, "cot_sft"), 0.0),
+        "comparison_table": dg.MetadataValue.md(table),
         "scores": dg.MetadataValue.md(score_table_markdown(all_rows)),
         "eval_config_hash": all_rows[0]["eval_config_hash"] if all_rows else "",
+        **({"samples": dg.MetadataValue.json(samples_written)} if samples_written else {}),
     })
 
 
@@ -225,7 +276,10 @@ def model_promotion(context: dg.AssetExecutionContext, warehouse: WarehouseResou
     reg = mlflow.config()
     wh = warehouse.open()
     version = str(upstream_metadata(context, "student_model", "model_version"))
-    eval_hash = upstream_metadata(context, "benchmark_scores", "eval_config_hash")
+    # the challenger's latest evaluation on the promotion suite (benchmark_scores may be partitioned by suite)
+    eval_hash = wh.scalar("SELECT eval_config_hash FROM benchmark_scores WHERE model_name = ? AND version = ? "
+                          "AND benchmark = ? AND variant = 'predicted' ORDER BY created_at DESC LIMIT 1",
+                          [reg.model_name, version, mlflow.promotion_suite])
     failed = failed_blocking_checks(context)
     champion = registry.alias_version(reg, registry.CHAMPION)
 

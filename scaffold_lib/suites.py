@@ -1,0 +1,426 @@
+"""Benchmark suites as data: the paper's five benchmarks (GSM8K, MATH-500, StrategyQA, CommonsenseQA, TruthfulQA
+MC1) and the built-in synthetic one, each with its loader, its zero-shot prompt format and its answer extraction.
+
+Files come in the public formats (JSONL, a JSON array, or Parquet) from `data_dir/<default_file>` or an explicit
+path; without a file, a suite tries HF `datasets` by name and, when that is not reachable, says exactly where to
+put which file. Every suite has a version: bump it when loading, prompting or extraction changes, since it is
+part of the eval-config hash that decides which scores are comparable.
+
+Where to get the files (one-time, on a machine with network):
+  gsm8k_test.jsonl           openai/gsm8k (main, test)                 {"question", "answer": "… #### 72"}
+  math500_test.jsonl         HuggingFaceH4/MATH-500 (test)             {"problem", "solution", "answer", "unique_id"}
+  strategyqa.json            original strategyqa_train.json or ChilleD/StrategyQA  {"qid", "question", "answer": bool}
+  csqa_validation.jsonl      tau/commonsense_qa (validation) or the original dev_rand_split.jsonl
+  truthfulqa_mc.json         truthfulqa/truthful_qa (multiple_choice, validation) or the original mc_task.json
+e.g. `python -c "import datasets; datasets.load_dataset('openai/gsm8k', 'main', split='test').to_json('gsm8k_test.jsonl')"`
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from scaffold_lib.ids import content_id
+from scaffold_lib.problems import ProblemFileError, iter_file_rows, normalise_gold_answer
+
+LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass
+class EvalItem:
+    """One benchmark question: `question` is already in the suite's prompt format (choices included)."""
+
+    doc_id: str
+    question: str
+    answer: str
+    answer_type: str = "number"
+    golden_signals: list[str] | None = None
+    golden_steps: list[str] | None = None
+    choices: list[str] | None = None  # option texts of a multiple-choice item, labelled A, B, C, …
+
+
+class SuiteDataError(ValueError):
+    """A suite's data is missing or malformed; the message names the file, the line and the field."""
+
+
+# --- prompt formats: the one place where the question the student sees is written ---------------------------
+INSTRUCTIONS = {
+    "number": "",
+    "math": "",
+    "yes_no": "Answer yes or no.",
+    "choice": "Answer with the letter of the correct option.",
+}
+
+
+def format_question(question: str, answer_type: str, choices: list[str] | None = None) -> str:
+    parts = [question.strip()]
+    if choices:
+        parts.append("\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)))
+    if INSTRUCTIONS[answer_type]:
+        parts.append(INSTRUCTIONS[answer_type])
+    return "\n".join(parts)
+
+
+# --- answer extraction and matching, per answer type ---------------------------------------------------------
+_NUM = r"-?\$?\s?\d[\d,]*(?:\.\d+)?"
+_ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:|=)?\s*[:*\s]*", re.I)
+
+
+def boxed_contents(text: str) -> list[str]:
+    """The contents of every `\\boxed{…}` / `\\fbox{…}`, with nested braces balanced (`\\boxed{\\frac{1}{2}}`)."""
+    out = []
+    for match in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth, start = 1, match.end()
+        for i in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                out.append(text[start:i])
+                break
+    return out
+
+
+def normalise_number(text: str) -> str | None:
+    """'1,000' -> '1000', '$18.00' -> '18', '50%' -> '50', '-3.50' -> '-3.5'; None when not a number."""
+    t = re.sub(r"(?<=\d),(?=\d{3})", "", text.strip()).replace("$", "").replace("\\%", "").rstrip(".%").strip()
+    if not re.fullmatch(r"-?\d+(?:\.\d+)?", t):
+        return None
+    if "." in t:
+        t = t.rstrip("0").rstrip(".")
+    return "0" if t in ("-0", "") else t
+
+
+def extract_number(text: str) -> str | None:
+    """GSM8K style: a boxed value, `#### N`, the answer statement, else the last number; units and `$` ignored."""
+    candidates = [b for b in boxed_contents(text)]
+    candidates += re.findall(r"####\s*(" + _NUM + ")", text)
+    candidates += [m.group(1) for m in re.finditer(_ANSWER_IS.pattern + "(" + _NUM + ")", text, re.I)]
+    for candidate in reversed(candidates):  # the last commitment wins
+        found = re.search(_NUM, candidate)
+        if found and (value := normalise_number(found.group(0).replace(" ", ""))) is not None:
+            return value
+    numbers = re.findall(_NUM, text)
+    return normalise_number(numbers[-1].replace(" ", "")) if numbers else None
+
+
+def numbers_equal(predicted: str | None, gold: str) -> bool:
+    p, g = normalise_number(predicted or ""), normalise_number(gold)
+    return p is not None and g is not None and abs(float(p) - float(g)) < 1e-9 * max(1.0, abs(float(g)))
+
+
+_TEXT_UNITS = re.compile(r"\\(?:text|textbf|mbox|mathrm)\{\s*([^{}]*)\}")
+
+
+def normalise_latex(text: str) -> str:
+    """Plain-string normal form of a MATH answer: no `$`, spaces, `\\left`/`\\right`, `\\!`, degrees, text units or
+    trailing period; `\\dfrac`/`\\tfrac` -> `\\frac`, `\\frac12` -> `\\frac{1}{2}`."""
+    t = text.strip().strip("$").strip()
+    t = re.sub(r"\\(?:left|right)\b", "", t)
+    t = re.sub(r"\\[!,;: ]", "", t)
+    t = t.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\displaystyle", "")
+    t = re.sub(r"\^\s*\{?\\circ\}?|°|\bdegrees?\b", "", t)
+    t = t.replace("\\%", "").replace("%", "").replace("\\$", "")
+    # a text unit after a value is dropped ("5\text{ cm}"); alone it is the answer ("\text{(B)}")
+    t = _TEXT_UNITS.sub(lambda m: "" if re.search(r"[\d}]\s*$", t[: m.start()]) else m.group(1), t)
+    t = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", t)
+    t = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", t)
+    t = re.sub(r"\s+", "", t).rstrip(".")
+    t = re.sub(r"^[a-z]\s*=", "", t)  # "x=5" answers "5"
+    return t
+
+
+def _latex_to_sympy(text: str):
+    """A small LaTeX -> sympy translation covering MATH answers (fractions, roots, powers, pi, products)."""
+    import sympy
+    from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application, parse_expr,
+                                            standard_transformations)
+
+    t = text
+    for _ in range(5):  # nested \frac / \sqrt, innermost first
+        t = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", t)
+        t = re.sub(r"\\sqrt\[([^\]]*)\]\{([^{}]*)\}", r"((\2)**(1/(\1)))", t)
+        t = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", t)
+    t = t.replace("\\pi", "pi").replace("\\cdot", "*").replace("\\times", "*").replace("{", "(").replace("}", ")")
+    if "\\" in t or not t:
+        raise ValueError(f"unsupported LaTeX: {text!r}")
+    return parse_expr(t, transformations=standard_transformations + (implicit_multiplication_application, convert_xor),
+                      local_dict={"pi": sympy.pi, "e": sympy.E})
+
+
+def _split_top_level(text: str) -> list[str]:
+    """'(1,2)' -> ['1', '2']; a tuple or interval compares element-wise, brackets included in the check."""
+    depth, parts, current = 0, [], ""
+    for ch in text:
+        depth += ch in "({[" and 1 or (ch in ")}]" and -1 or 0)
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return parts + [current]
+
+
+def math_equal(predicted: str | None, gold: str) -> bool:
+    """Equal as normalised strings, else as numbers / sympy expressions (`\\frac{1}{2}` = `0.5`, `2\\sqrt{2}` =
+    `\\sqrt{8}`), element-wise for tuples and intervals."""
+    if predicted is None:
+        return False
+    p, g = normalise_latex(predicted), normalise_latex(gold)
+    if p == g:
+        return True
+    if p[:1] + p[-1:] in ("()", "[]", "(]", "[)") and g[:1] + g[-1:] == p[:1] + p[-1:]:
+        ps, gs = _split_top_level(p[1:-1]), _split_top_level(g[1:-1])
+        return len(ps) == len(gs) > 1 and all(math_equal(a, b) for a, b in zip(ps, gs))
+    try:
+        import sympy
+
+        a, b = _latex_to_sympy(p.replace(",", "") if normalise_number(p) else p), _latex_to_sympy(g)
+        difference = sympy.simplify(a - b)
+        return bool(difference == 0) or (difference.is_number and abs(complex(difference.evalf())) < 1e-9)
+    except Exception:  # anything sympy cannot read is simply not equal (never an error in scoring)
+        return False
+
+
+def extract_math(text: str) -> str | None:
+    boxed = boxed_contents(text)
+    if boxed:
+        return boxed[-1].strip()
+    statements = [m for m in re.finditer(_ANSWER_IS.pattern + r"(.+?)(?:\.\s|\.?$|\n)", text, re.I | re.M)]
+    if statements:
+        return statements[-1].group(1).strip().strip("$")
+    return extract_number(text)
+
+
+_YES_NO = {"yes": "yes", "no": "no", "true": "yes", "false": "no"}
+
+
+def extract_yes_no(text: str) -> str | None:
+    """The answer statement's yes/no (or true/false), else a leading yes/no, else the last one mentioned."""
+    stated = re.findall(_ANSWER_IS.pattern + r"\W*(yes|no|true|false)\b", text, re.I)
+    if stated:
+        return _YES_NO[stated[-1].lower()]
+    leading = re.match(r"\W*(yes|no|true|false)\b", text, re.I)
+    if leading:
+        return _YES_NO[leading.group(1).lower()]
+    mentions = re.findall(r"\b(yes|no)\b", text, re.I)
+    return _YES_NO[mentions[-1].lower()] if mentions else None
+
+
+def extract_choice(text: str, choices: list[str] | None = None) -> str | None:
+    """The option letter: an answer statement (`answer is (B)`), a letter standing alone (`B`, `(b)`, `B.`), a
+    parenthesised letter, else the one option whose text appears. A sentence's article "A" is not the letter A."""
+    letters = LETTERS[: len(choices)] if choices else LETTERS[:5]
+    one = f"[{letters}{letters.lower()}]"
+    patterns = (
+        _ANSWER_IS.pattern + r"(?:option\s*)?\(?(" + one + r")\)?(?![\w'])",
+        r"^\W*\(?(" + one + r")\)?[.):]?\s*$",
+        r"^\(?(" + one + r")[.)]\s",
+        r"\((" + one + r")\)",
+    )
+    for pattern in patterns:
+        found = re.findall(pattern, text.strip(), re.I | re.M if pattern.startswith("^") else re.I)
+        if found:
+            return found[-1].upper()
+    if choices:
+        lowered = text.casefold()
+        hits = {LETTERS[i] for i, c in enumerate(choices) if c.strip() and c.strip().casefold() in lowered}
+        if len(hits) == 1:
+            return hits.pop()
+    return None
+
+
+# --- suites -------------------------------------------------------------------------------------------------
+Row = dict
+RowToItem = Callable[[Row, str], EvalItem]  # (row, where) -> item; raises SuiteDataError naming `where` and field
+
+
+def _field(row: Row, name: str, where: str, kind: type | tuple = str):
+    value = row.get(name)
+    if value is None:
+        raise SuiteDataError(f"{where}: missing field {name!r}")
+    if not isinstance(value, kind) or (isinstance(value, str) and not value.strip()):
+        raise SuiteDataError(f"{where}: field {name!r} must be a non-empty {getattr(kind, '__name__', kind)}, "
+                             f"got {value!r:.60}")
+    return value
+
+
+def _doc_id(suite: str, row: Row, id_field: str | None, question: str) -> str:
+    return str(row[id_field]) if id_field and row.get(id_field) is not None else content_id(suite, question)
+
+
+def _gsm8k(row: Row, where: str) -> EvalItem:
+    question, answer = _field(row, "question", where), _field(row, "answer", where)
+    gold, kind = normalise_gold_answer(answer)
+    if kind != "number":
+        raise SuiteDataError(f"{where}: field 'answer' has no '#### N' number: {answer[-60:]!r}")
+    return EvalItem(_doc_id("gsm8k", row, None, question), format_question(question, "number"), gold, "number")
+
+
+def _math500(row: Row, where: str) -> EvalItem:
+    problem = _field(row, "problem", where)
+    gold = row.get("answer")
+    if not isinstance(gold, str) or not gold.strip():
+        boxed = boxed_contents(row.get("solution") or "")
+        if not boxed:
+            raise SuiteDataError(f"{where}: field 'answer' missing and no \\boxed{{}} in 'solution'")
+        gold = boxed[-1]
+    return EvalItem(_doc_id("math500", row, "unique_id", problem), format_question(problem, "math"), gold.strip(), "math")
+
+
+def _strategyqa(row: Row, where: str) -> EvalItem:
+    question, answer = _field(row, "question", where), row.get("answer")
+    if isinstance(answer, str) and answer.strip().lower() in _YES_NO:
+        answer = _YES_NO[answer.strip().lower()] == "yes"
+    if not isinstance(answer, bool):
+        raise SuiteDataError(f"{where}: field 'answer' must be true/false, got {answer!r:.60}")
+    return EvalItem(_doc_id("strategyqa", row, "qid", question), format_question(question, "yes_no"),
+                    "yes" if answer else "no", "yes_no")
+
+
+def _csqa(row: Row, where: str) -> EvalItem:
+    q = row.get("question")
+    if isinstance(q, dict):  # the original release: {"stem", "choices": [{"label", "text"}]}
+        question, choices = _field(q, "stem", where + " (question)"), q.get("choices")
+        pairs = [(c.get("label"), c.get("text")) for c in choices] if isinstance(choices, list) else None
+    else:  # the HF release: question str, choices {"label": [...], "text": [...]}
+        question, choices = _field(row, "question", where), row.get("choices")
+        pairs = list(zip(choices.get("label", []), choices.get("text", []))) if isinstance(choices, dict) else None
+    if not pairs or any(not isinstance(t, str) for _, t in pairs):
+        raise SuiteDataError(f"{where}: field 'choices' must list labels and texts")
+    key = _field(row, "answerKey", where)
+    labels = [label for label, _ in pairs]
+    if key not in labels:
+        raise SuiteDataError(f"{where}: field 'answerKey' {key!r} is not one of the labels {labels}")
+    texts = [t for _, t in pairs]
+    return EvalItem(_doc_id("csqa", row, "id", question), format_question(question, "choice", texts),
+                    LETTERS[labels.index(key)], "choice", choices=texts)
+
+
+def _truthfulqa_mc1(row: Row, where: str) -> EvalItem:
+    question, targets = _field(row, "question", where), row.get("mc1_targets")
+    if isinstance(targets, dict) and "choices" in targets:  # HF: {"choices": [...], "labels": [1, 0, ...]}
+        options = list(zip(targets["choices"], targets.get("labels", [])))
+    elif isinstance(targets, dict):  # the original mc_task.json: {"choice text": 1, ...}
+        options = list(targets.items())
+    else:
+        raise SuiteDataError(f"{where}: missing field 'mc1_targets'")
+    if sum(1 for _, label in options if label == 1) != 1:
+        raise SuiteDataError(f"{where}: field 'mc1_targets' must mark exactly one correct choice")
+    # the source always lists the correct choice first: shuffle, seeded by the question, so "A" is not a free win
+    random.Random(content_id("truthfulqa-order", question)).shuffle(options)
+    texts = [str(text) for text, _ in options]
+    gold = LETTERS[[label for _, label in options].index(1)]
+    return EvalItem(_doc_id("truthfulqa_mc1", row, None, question), format_question(question, "choice", texts), gold,
+                    "choice", choices=texts)
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    version: str
+    answer_type: str  # number | math | yes_no | choice
+    prompt_format: str
+    default_file: str
+    hf_dataset: tuple[str, str | None, str] | None  # (name, config, split)
+    row_to_item: RowToItem | None  # None: items come from the warehouse (the synthetic suite)
+
+    def extract(self, response: str, choices: list[str] | None = None) -> str | None:
+        return EXTRACTORS[self.answer_type](response, choices)
+
+    def is_correct(self, extracted: str | None, gold: str) -> bool:
+        if extracted is None:
+            return False
+        if self.answer_type == "number":
+            return numbers_equal(extracted, gold)
+        if self.answer_type == "math":
+            return math_equal(extracted, gold)
+        return extracted.strip().casefold() == gold.strip().casefold()
+
+    def load(self, path: str | Path | None = None, *, data_dir: str | Path | None = None,
+             limit: int | None = None) -> list[EvalItem]:
+        if self.row_to_item is None:
+            raise SuiteDataError(f"suite {self.name!r} is built from the warehouse's held-out problems "
+                                 "(scaffold_lib.distill.eval_items), not from a file")
+        file = Path(path) if path else Path(data_dir) / self.default_file if data_dir else None
+        if file is not None and file.exists():
+            rows = _file_rows(file)
+        elif path is not None:
+            raise SuiteDataError(self._where_to_put(file))
+        else:
+            rows = self._hub_rows(file)
+        items: list[EvalItem] = []
+        for where, row in rows:
+            if not isinstance(row, dict):
+                raise SuiteDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            items.append(self.row_to_item(row, where))
+            if limit is not None and len(items) >= limit:
+                break
+        return items
+
+    def _where_to_put(self, file: Path | None) -> str:
+        name, config, split = self.hf_dataset or ("?", None, "?")
+        where = f"{file}: no such file" if file else f"no data file for suite {self.name!r}"
+        return (f"{where}. Put the {self.name} file there ({self.default_file}, JSONL/JSON/Parquet in the public "
+                f"format), e.g. from HF datasets {name!r}{f' config {config!r}' if config else ''} split {split!r}; "
+                "see the docstring of scaffold_lib/suites.py")
+
+    def _hub_rows(self, file: Path | None) -> Iterator[tuple[str, Row]]:
+        name, config, split = self.hf_dataset
+        try:
+            import datasets
+
+            dataset = datasets.load_dataset(name, config, split=split)
+        except Exception as exc:  # offline, unknown name, gated: all mean "no data here"
+            raise SuiteDataError(f"{self._where_to_put(file)} (loading {name!r} from the hub failed: "
+                                 f"{type(exc).__name__})") from exc
+        return ((f"{name}[{split}] row {i}", row) for i, row in enumerate(dataset, start=1))
+
+
+def _file_rows(path: Path) -> Iterator[tuple[str, Row]]:
+    """(where, row) for a JSONL, JSON-array or Parquet file; unreadable lines raise naming file and line."""
+    if path.suffix.lower() == ".json":
+        text = path.read_text("utf-8-sig", errors="strict").lstrip()
+        if text.startswith("["):
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise SuiteDataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+            yield from ((f"{path} item {i}", row) for i, row in enumerate(rows, start=1))
+            return
+    try:
+        for line, row, _, error in iter_file_rows(path):
+            if error is not None:
+                raise SuiteDataError(f"{path}:{line}: {error}")
+            yield f"{path}:{line}", row
+    except ProblemFileError as exc:
+        raise SuiteDataError(str(exc)) from exc
+
+
+EXTRACTORS: dict[str, Callable[[str, list[str] | None], str | None]] = {
+    "number": lambda text, _: extract_number(text),
+    "math": lambda text, _: extract_math(text),
+    "yes_no": lambda text, _: extract_yes_no(text),
+    "choice": extract_choice,
+}
+
+SYNTHETIC = "synthetic-arith"
+SUITES: dict[str, Suite] = {s.name: s for s in (
+    Suite(SYNTHETIC, "2", "number", "question-v1", "", None, None),
+    Suite("gsm8k", "1", "number", "question-v1", "gsm8k_test.jsonl", ("openai/gsm8k", "main", "test"), _gsm8k),
+    Suite("math500", "1", "math", "question-v1", "math500_test.jsonl", ("HuggingFaceH4/MATH-500", None, "test"), _math500),
+    Suite("strategyqa", "1", "yes_no", "yes-no-v1", "strategyqa.json", ("ChilleD/StrategyQA", None, "test"), _strategyqa),
+    Suite("csqa", "1", "choice", "mc-letters-v1", "csqa_validation.jsonl",
+          ("tau/commonsense_qa", None, "validation"), _csqa),
+    Suite("truthfulqa_mc1", "1", "choice", "mc-letters-v1", "truthfulqa_mc.json",
+          ("truthfulqa/truthful_qa", "multiple_choice", "validation"), _truthfulqa_mc1),
+)}
+
+
+def get_suite(name: str) -> Suite:
+    try:
+        return SUITES[name]
+    except KeyError:
+        raise SuiteDataError(f"unknown benchmark suite {name!r}; known: {', '.join(SUITES)}") from None
