@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
 from pydantic import BaseModel, Field
 
 from scaffold_lib.evaluation import EvalItem
@@ -124,6 +125,7 @@ def train_student(wh: Warehouse, artifacts: str | Path, base_model: str, manifes
         raise ValueError(f"no shards with manifest {manifest_hash}: materialise packed_shards first")
     key = content_id("student", cfg.kind, base_model, manifest_hash, cfg.model_dump())
     data = load_rows([s["path"] for s in shards])
+    torch.manual_seed(cfg.seed)  # the new signal head and embedding: the same seed gives the same student
     model = ScaffoldStudent.from_pretrained(base_model, kind=cfg.kind)
     result = train(model, data, cfg, checkpoint_dir=artifacts / "checkpoints" / key, on_log=on_log, progress=progress)
     out = artifacts / "students" / key
