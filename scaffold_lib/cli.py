@@ -272,7 +272,9 @@ def cmd_promote(args: argparse.Namespace) -> None:
     from scaffold_lib import registry
 
     version = _version(args, args.version)
-    registry.set_champion(_registry(args), version, args.reason, who=args.who)
+    cfg = _registry(args)
+    with registry.promotion_lock(cfg):  # a rollback must not interleave with a scheduled promotion
+        registry.set_champion(cfg, version, args.reason, who=args.who)
     print(f"champion of {args.model_name} is now version {version} ({args.reason})")
 
 

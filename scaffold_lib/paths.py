@@ -16,3 +16,17 @@ def dagster_home() -> Path:
 
 def default_warehouse() -> Path:
     return dagster_home() / "warehouse.duckdb"
+
+
+class PathOutsideRoot(ValueError):
+    """A path built from configuration or data would land outside the folder it must stay in."""
+
+
+def inside(root: str | Path, *parts: str) -> Path:
+    """`root / parts`, resolved, refused when it escapes `root` (a `..`, an absolute part, a symlink out): names
+    that come from config or data (suite names, model names) never write elsewhere."""
+    base = Path(root).resolve()
+    target = base.joinpath(*parts).resolve()
+    if target != base and base not in target.parents:
+        raise PathOutsideRoot(f"{'/'.join(parts)!r} would leave {base}")
+    return target

@@ -9,12 +9,16 @@ safetensors weights, tokenizer, heads and config as artifacts) and registered as
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import getpass
+import hashlib
 import json
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import mlflow
 from mlflow import MlflowClient
@@ -161,6 +165,53 @@ def set_champion(cfg: RegistryConfig, version: str, reason: str, who: str | None
 
 def record_refusal(cfg: RegistryConfig, version: str, reason: str) -> None:
     client(cfg).set_model_version_tag(cfg.model_name, version, "promotion_refused", reason[:5000])
+
+
+@contextlib.contextmanager
+def promotion_lock(cfg: RegistryConfig) -> Iterator[None]:
+    """One promotion at a time per registry: reading the champion, deciding and moving the alias are one step, so
+    two racing promotions cannot both see the old champion and leave the worse candidate on top. The lock file
+    sits beside a sqlite registry (else in the temp dir, keyed by the tracking URI: one host only)."""
+    if cfg.tracking_uri.startswith("sqlite:///"):
+        path = Path(cfg.tracking_uri.removeprefix("sqlite:///")).with_suffix(".promotion.lock")
+    else:
+        path = Path(tempfile.gettempdir()) / f"scaffold-promotion-{hashlib.sha256(cfg.tracking_uri.encode()).hexdigest()[:16]}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class PromotionOutcome:
+    promoted: bool
+    reason: str
+    previous_champion: str | None
+    champion: str | None
+
+
+def promote_if_better(cfg: RegistryConfig, version: str, accuracy_of: Callable[[str], float | None], margin: float,
+                      failed_gates: Sequence[str], who: str) -> PromotionOutcome:
+    """The promotion rule applied atomically: under the lock, compare `version` with whoever is champion *now*,
+    then move the alias (with who and why) or record the refusal on the version."""
+    with promotion_lock(cfg):
+        champion = alias_version(cfg, CHAMPION)
+        failed = list(failed_gates)
+        candidate = accuracy_of(version)
+        if candidate is None:
+            failed.append("no predicted-signal score for the challenger")
+        champion_acc = accuracy_of(champion) if champion and champion != version else None
+        promoted, reason = decide_promotion(candidate or 0.0, champion_acc, margin, failed)
+        if champion == version:
+            promoted, reason = False, f"v{version} is already the champion"
+        elif promoted:
+            set_champion(cfg, version, reason, who=who)
+        else:
+            record_refusal(cfg, version, reason)
+        return PromotionOutcome(promoted, reason, champion, alias_version(cfg, CHAMPION))
 
 
 def log_scores(cfg: RegistryConfig, run_id: str, rows: Sequence[dict], table_markdown: str,

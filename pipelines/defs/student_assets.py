@@ -221,7 +221,8 @@ def benchmark_scores(context: dg.AssetExecutionContext, config: EvalRunConfig, w
             wh.insert_new("benchmark_scores", dict_rows, context.run_id)
             all_rows += [{**r, "model": f"{name} v{version}"} for r in dict_rows]
             if config.export_samples and records:
-                path = export_samples(records, student.artifacts() / "samples" / suite / f"{name}-v{version}.jsonl")
+                path = export_samples(records, paths.inside(student.artifacts() / "samples", suite,
+                                                            f"{name.replace('/', '_')}-v{version}.jsonl"))
                 samples_written[f"{name} v{version}"] = str(path)
     table = comparison_table_markdown(all_rows)
     artifact = "scores-" + "-".join(suites)
@@ -281,27 +282,17 @@ def model_promotion(context: dg.AssetExecutionContext, warehouse: WarehouseResou
                           "AND benchmark = ? AND variant = 'predicted' ORDER BY created_at DESC LIMIT 1",
                           [reg.model_name, version, mlflow.promotion_suite])
     failed = failed_blocking_checks(context)
-    champion = registry.alias_version(reg, registry.CHAMPION)
 
-    def accuracy(v: str | None) -> float | None:
-        if v is None:
-            return None
+    def accuracy(v: str) -> float | None:
         return wh.scalar("SELECT max(accuracy) FROM benchmark_scores WHERE model_name = ? AND version = ? "
                          "AND variant = 'predicted' AND eval_config_hash = ?", [reg.model_name, v, eval_hash])
 
-    candidate = accuracy(version)
-    if candidate is None:
-        failed.append("no predicted-signal score for the challenger")
-    champion_acc = accuracy(champion) if champion and champion != version else None
-    if champion and champion != version and champion_acc is None:
-        context.log.warning(f"champion v{champion} has no score with eval config {eval_hash}: comparing as if none")
-    promoted, reason = registry.decide_promotion(candidate or 0.0, champion_acc, mlflow.promotion_margin, failed)
-    if champion == version:
-        promoted, reason = False, f"v{version} is already the champion"
-    elif promoted:
-        registry.set_champion(reg, version, reason, who=f"dagster run {context.run_id}")
-    else:
-        registry.record_refusal(reg, version, reason)
+    outcome = registry.promote_if_better(reg, version, accuracy, mlflow.promotion_margin, failed,
+                                         who=f"dagster run {context.run_id}")
+    if outcome.previous_champion and outcome.previous_champion != version and accuracy(outcome.previous_champion) is None:
+        context.log.warning(f"champion v{outcome.previous_champion} has no score with eval config {eval_hash}: "
+                            "compared as if there were none")
+    promoted, reason, champion = outcome.promoted, outcome.reason, outcome.previous_champion
     context.log.info(f"promotion of v{version}: {'yes' if promoted else 'no'} — {reason}")
     return dg.MaterializeResult(metadata={
         "challenger_version": version, "previous_champion": champion or "none", "promoted": promoted,
