@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +22,7 @@ from scaffold_lib.examples import STEP_SEPARATOR, Formatter, signal_tags, traini
 from scaffold_lib.ids import content_id
 from scaffold_lib.model import EMBEDDED, ScaffoldStudent, StudentConfig, build_embedded_base, load_tokenizer, tokenizer_hash
 from scaffold_lib.shards import PackConfig, ShardInfo, load_rows, pack_rows, write_shards
-from scaffold_lib.training import TrainConfig, TrainResult, train
+from scaffold_lib.training import TrainConfig, TrainResult, init_distributed, pick_device, train
 from scaffold_lib.warehouse import Warehouse
 
 KINDS = ("scaffold", "baseline")
@@ -129,13 +129,17 @@ def train_student(wh: Warehouse, artifacts: str | Path, base_model: str, manifes
     model = ScaffoldStudent.from_pretrained(base_model, kind=cfg.kind)
     result = train(model, data, cfg, checkpoint_dir=artifacts / "checkpoints" / key, on_log=on_log, progress=progress)
     out = artifacts / "students" / key
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, load_tokenizer(base_model))
-    (tmp / "training.json").write_text(json.dumps({"train_config": cfg.model_dump(), "manifest_hash": manifest_hash,
-                                                   "base_model": base_model, "final_loss": result.final_loss}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
+    dist = init_distributed(pick_device(cfg.device))
+    if dist.is_main:  # under torchrun every rank holds the same weights: one writes them
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, load_tokenizer(base_model))
+        (tmp / "training.json").write_text(json.dumps({
+            "train_config": cfg.model_dump(), "manifest_hash": manifest_hash, "base_model": base_model,
+            "final_loss": result.final_loss, "world_size": dist.world, "result": asdict(result)}, indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.replace(out)
+    dist.barrier()
     return TrainedStudent(str(out), cfg.kind, manifest_hash, [s["shard_id"] for s in shards], result, cfg.model_dump())
 
 

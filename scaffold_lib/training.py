@@ -77,6 +77,40 @@ def micro_batch_indices(n_rows: int, batch_size: int, seed: int, micro_step: int
     return torch.tensor(idx)
 
 
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun / accelerate launch (rank 0 of 1 when started alone)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, *values: float) -> list[float]:
+        """Sum scalars over all ranks (identity in one process)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(device: torch.device) -> Distributed:
+    """Join the process group torchrun / accelerate set up through the environment (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Distributed()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(torch.distributed.get_rank(), torch.distributed.get_world_size())
+
+
 def _batch(data: dict[str, torch.Tensor], idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
     b = {k: v[idx].to(device) for k, v in data.items()}
     seq = b["input_ids"].size(1)
@@ -89,6 +123,9 @@ def train(model: ScaffoldStudent, data: dict[str, torch.Tensor], cfg: TrainConfi
           checkpoint_dir: str | Path | None = None, on_log: Callable[[int, dict], None] | None = None,
           progress: bool = True) -> TrainResult:
     device = pick_device(cfg.device)
+    dist = init_distributed(device)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     model.to(device).train()
     use_token, use_signal = cfg.kind == "baseline" or cfg.beta < 1.0, cfg.kind == "scaffold" and cfg.beta > 0.0
     # parameters whose term is switched off get no gradient at all (not a zero gradient), so AdamW's weight
@@ -103,20 +140,32 @@ def train(model: ScaffoldStudent, data: dict[str, torch.Tensor], cfg: TrainConfi
         start_step = load_checkpoint(last, model, optimizer, scheduler, result)
         result.resumed_from = start_step
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    # DDP averages gradients over ranks; the losses below are scaled by the world size so that the average is the
+    # gradient of the one-process loss over the global batch. Unused parameters (a switched-off term) are allowed.
+    forward = (torch.nn.parallel.DistributedDataParallel(
+        model, find_unused_parameters=cfg.kind == "baseline" or not (use_token and use_signal))
+        if dist.world > 1 else model)
     n_rows = data["input_ids"].size(0)
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not progress, desc=f"train {cfg.kind}", unit="step")
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not progress or not dist.is_main,
+               desc=f"train {cfg.kind}", unit="step")
     t0, tokens_seen = time.perf_counter(), 0
     for step in range(start_step, cfg.max_steps):
-        batches = [_batch(data, micro_batch_indices(n_rows, cfg.batch_size, cfg.seed, step * cfg.grad_accum + m), device)
+        # the global micro-batch comes from the same pure (seed, step) mapping whatever the world size, and each
+        # rank takes its slice: 2 ranks x B rows see exactly the rows 1 rank x 2B sees, and a checkpoint resumes
+        # under any world size (a DistributedSampler's order would depend on the world size)
+        batches = [_batch(data, micro_batch_indices(n_rows, cfg.batch_size * dist.world, cfg.seed,
+                                                    step * cfg.grad_accum + m)
+                          [dist.rank * cfg.batch_size:(dist.rank + 1) * cfg.batch_size], device)
                    for m in range(cfg.grad_accum)]
-        # each term is normalised by its own count over the whole accumulated batch
-        n_tok = max(1, sum(int((b["labels"] != -100).sum()) for b in batches))
-        n_sig = max(1, sum(int((b["signal_positions"] >= 0).sum()) for b in batches))
+        # each term is normalised by its own count over the whole accumulated (global) batch
+        n_tok, n_sig = (max(1.0, n) for n in dist.sum(
+            sum(int((b["labels"] != -100).sum()) for b in batches),
+            sum(int((b["signal_positions"] >= 0).sum()) for b in batches)))
         tok_total = sig_total = 0.0
         for b in batches:
             with autocast:
-                out = model(b["input_ids"], b["labels"], b["position_ids"], b["signal_ids"], b["signal_positions"],
-                            b["signal_targets"], token_loss=use_token, signal_loss=use_signal)
+                out = forward(b["input_ids"], b["labels"], b["position_ids"], b["signal_ids"], b["signal_positions"],
+                              b["signal_targets"], token_loss=use_token, signal_loss=use_signal)
             loss = 0.0
             if use_token:
                 weight = 1.0 if cfg.kind == "baseline" else 1.0 - cfg.beta
@@ -125,8 +174,9 @@ def train(model: ScaffoldStudent, data: dict[str, torch.Tensor], cfg: TrainConfi
             if use_signal:
                 loss = loss + cfg.beta * out["signal_loss_sum"] / n_sig
                 sig_total += out["signal_loss_sum"].detach().item() / n_sig
-            loss.backward()
+            (loss * dist.world).backward()
             tokens_seen += int((b["labels"] != -100).sum())
+        tok_total, sig_total, global_tokens = dist.sum(tok_total, sig_total, tokens_seen)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -139,16 +189,18 @@ def train(model: ScaffoldStudent, data: dict[str, torch.Tensor], cfg: TrainConfi
         result.token_losses.append(tok_total)
         result.signal_losses.append(sig_total)
         elapsed = time.perf_counter() - t0
-        result.tokens_per_s = tokens_seen / elapsed if elapsed > 0 else 0.0
+        result.tokens_per_s = global_tokens / elapsed if elapsed > 0 else 0.0
         bar.update(1)
         bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{result.tokens_per_s:,.0f}")
-        if on_log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps):
+        if on_log is not None and dist.is_main and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps):
             on_log(step + 1, {"loss": total, "token_loss": tok_total, "signal_loss": sig_total,
                               "tokens_per_s": result.tokens_per_s, "lr": scheduler.get_last_lr()[0]})
         if ckpt_root is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            save_checkpoint(ckpt_root, step + 1, model, optimizer, scheduler, result, cfg.keep_checkpoints)
+            if dist.is_main:  # one writer; the others wait so no rank runs ahead of a checkpoint being written
+                save_checkpoint(ckpt_root, step + 1, model, optimizer, scheduler, result, cfg.keep_checkpoints)
+            dist.barrier()
     bar.close()
-    result.train_tokens = tokens_seen
+    result.train_tokens = int(global_tokens) if cfg.max_steps > start_step else 0
     model.eval()
     return result
 

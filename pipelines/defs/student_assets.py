@@ -2,9 +2,12 @@
 promotion of the challenger to champion."""
 
 import json
+import sys
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
+import torch
 from pydantic import Field
 
 from pipelines.defs.common import GPU_POOL, STUDENT_GROUP, WAREHOUSE_POOL, markdown_table, upstream_metadata
@@ -13,14 +16,16 @@ from pipelines.defs.data_assets import (label_coverage_in_bounds, no_empty_steps
 from pipelines.defs.resources import MlflowResource, StudentResource, WarehouseResource
 from scaffold_lib import paths, registry
 from scaffold_lib.decoding import DecodeConfig
-from scaffold_lib.distill import ShardsConfig, build_packed_shards, eval_items, train_student
+from scaffold_lib.distill import (ShardsConfig, TrainedStudent, build_packed_shards, eval_items, shards_of_manifest,
+                                  train_student)
 from scaffold_lib.evaluation import (BASE_VARIANT, EvalConfig, comparison_table_markdown, eval_config_hash,
                                      evaluate_baseline, evaluate_scaffold, export_samples, score_table_markdown)
 from scaffold_lib.ids import content_id
 from scaffold_lib.model import ScaffoldStudent, load_tokenizer
 from scaffold_lib.shards import PackConfig
 from scaffold_lib.suites import SUITES, SYNTHETIC, SuiteDataError, get_suite
-from scaffold_lib.training import TrainConfig, pick_device
+from scaffold_lib.launch import LaunchJob
+from scaffold_lib.training import TrainConfig, TrainResult, pick_device
 
 MODEL_NAME_BASELINE_SUFFIX = "-baseline"
 
@@ -65,6 +70,9 @@ def shard_fill_on_target(context: dg.AssetCheckExecutionContext) -> dg.AssetChec
 
 
 class TrainingRunConfig(dg.Config):
+    launcher: Literal["inprocess", "torchrun"] = Field(
+        "inprocess", description="torchrun: a DDP job of `nproc` processes started through Dagster Pipes")
+    nproc: int = Field(1, ge=1, description="processes per node for torchrun (GPUs, or CPU processes on gloo)")
     max_steps: int = 300
     beta: float = Field(0.3, description="weight of the signal loss: L = (1-β)·L_token + β·L_signal")
     learning_rate: float = 3e-3
@@ -94,7 +102,12 @@ def _train_and_log(context: dg.AssetExecutionContext, kind: str, config: Trainin
         context.log.info(f"{kind} step {step}/{cfg.max_steps}: loss {metrics['loss']:.4f}, "
                          f"{metrics['tokens_per_s']:,.0f} tokens/s")
 
-    trained = train_student(wh, student.artifacts(), base_model, manifest, cfg, on_log=on_log, progress=False)
+    launched: dict = {}
+    if config.launcher == "torchrun":
+        trained, launched = _launch_torchrun(context, config.nproc, warehouse, student, base_model, manifest, cfg)
+        history = [{"step": i + 1, "loss": loss} for i, loss in enumerate(trained.result.losses)]
+    else:
+        trained = train_student(wh, student.artifacts(), base_model, manifest, cfg, on_log=on_log, progress=False)
     reg = mlflow_res.config()
     name = reg.model_name if kind == "scaffold" else reg.model_name + MODEL_NAME_BASELINE_SUFFIX
     logged = registry.log_trained_model(
@@ -116,7 +129,30 @@ def _train_and_log(context: dg.AssetExecutionContext, kind: str, config: Trainin
         "first_loss": losses[0] if losses else float("nan"), "final_loss": trained.result.final_loss,
         "tokens_per_s": round(trained.result.tokens_per_s, 1), "train_tokens": trained.result.train_tokens,
         "loss_curve": dg.MetadataValue.json({"step": [h["step"] for h in history], "loss": [h["loss"] for h in history]}),
+        "launcher": config.launcher, **launched,
     })
+
+
+def _launch_torchrun(context: dg.AssetExecutionContext, nproc: int, warehouse: WarehouseResource,
+                     student: StudentResource, base_model: str, manifest: str, cfg: TrainConfig
+                     ) -> tuple[TrainedStudent, dict]:
+    """Train under `torchrun` through Dagster Pipes: the ranks' logs stream into this run; rank 0 reports the
+    student it wrote. This process then registers it (MLflow) and records lineage (DuckDB) as in process."""
+    job = LaunchJob(warehouse=str(warehouse.open().path), artifacts=str(student.artifacts()), base_model=base_model,
+                    manifest_hash=manifest, train=cfg)
+    job_file = paths.inside(student.artifacts(), "launch", f"{content_id('launch', job.model_dump())}.json")
+    job_file.parent.mkdir(parents=True, exist_ok=True)
+    job_file.write_text(job.model_dump_json())
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "scaffold_lib.launch", str(job_file)]
+    env = {"OMP_NUM_THREADS": "1"} if cfg.device != "cuda" and not torch.cuda.is_available() else {}
+    reported = dg.PipesSubprocessClient().run(command=command, context=context, env=env).get_materialize_result()
+    student_path = Path(reported.metadata["student_path"].value)
+    record = json.loads((student_path / "training.json").read_text())
+    result = TrainResult(**record["result"])
+    shard_ids = [s["shard_id"] for s in shards_of_manifest(warehouse.open(), manifest)]
+    trained = TrainedStudent(str(student_path), cfg.kind, manifest, shard_ids, result, cfg.model_dump())
+    return trained, {"world_size": record["world_size"], "launch_command": " ".join(command[2:])}
 
 
 @dg.asset(group_name=STUDENT_GROUP, kinds={"pytorch", "mlflow"}, deps=[packed_shards], pool=GPU_POOL)
