@@ -126,7 +126,8 @@ def train_student(wh: Warehouse, artifacts: str | Path, base_model: str, manifes
     key = content_id("student", cfg.kind, base_model, manifest_hash, cfg.model_dump())
     data = load_rows([s["path"] for s in shards])
     torch.manual_seed(cfg.seed)  # the new signal head and embedding: the same seed gives the same student
-    model = ScaffoldStudent.from_pretrained(base_model, kind=cfg.kind)
+    model = ScaffoldStudent.from_pretrained(base_model, kind=cfg.kind, **(
+        {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}))
     result = train(model, data, cfg, checkpoint_dir=artifacts / "checkpoints" / key, on_log=on_log, progress=progress)
     out = artifacts / "students" / key
     dist = init_distributed(pick_device(cfg.device))

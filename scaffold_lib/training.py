@@ -40,6 +40,10 @@ class TrainConfig(BaseModel):
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = Field(0, ge=0, description="0 = no checkpoints")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory for "
+                                                            "large students, ~30 % more compute")
+    attn_implementation: str | None = Field(None, description="sdpa (default), eager, or flash_attention_2 on GPUs "
+                                                              "with flash-attn installed")
     keep_checkpoints: int = 2
     log_every: int = 10
 
@@ -127,6 +131,8 @@ def train(model: ScaffoldStudent, data: dict[str, torch.Tensor], cfg: TrainConfi
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     model.to(device).train()
+    if cfg.gradient_checkpointing:
+        model.backbone.activation_checkpointing_enable({"use_reentrant": False})
     use_token, use_signal = cfg.kind == "baseline" or cfg.beta < 1.0, cfg.kind == "scaffold" and cfg.beta > 0.0
     # parameters whose term is switched off get no gradient at all (not a zero gradient), so AdamW's weight
     # decay cannot move them: β = 0 leaves the signal head untouched, β = 1 the signal embedding.

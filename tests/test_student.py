@@ -403,3 +403,26 @@ def test_distill_stages_on_a_tiny_warehouse(tmp_path):
     with_golden = [i for i in items if i.golden_signals]
     assert with_golden and all(len(i.golden_signals) == len(i.golden_steps) for i in with_golden)
     assert all(i.golden_signals[-1] == "response_generation" for i in with_golden)
+
+
+# --- 6. memory and attention options (the large-student path, CPU-testable) -------------------------------
+
+
+def test_gradient_checkpointing_trains_the_same_as_without(world):
+    data = world.data_copy()
+    plain, checkpointed = world.student(), world.student()
+    a = train(plain, data, cfg(max_steps=4, warmup_steps=1), progress=False)
+    b = train(checkpointed, data, cfg(max_steps=4, warmup_steps=1, gradient_checkpointing=True), progress=False)
+    assert checkpointed.backbone.is_activation_checkpointing and not plain.backbone.is_activation_checkpointing
+    np.testing.assert_allclose(b.losses, a.losses, atol=1e-5, rtol=0)  # recomputation, not a different model
+    assert b.losses[-1] < b.losses[0]
+
+
+def test_attention_implementation_is_a_loading_option_with_the_same_maths(world):
+    losses = {}
+    for impl in ("eager", "sdpa"):
+        torch.manual_seed(0)  # the same heads for both
+        model = ScaffoldStudent.from_pretrained(world.base, attn_implementation=impl).float()
+        assert model.backbone.config._attn_implementation == impl
+        losses[impl] = train(model, world.data_copy(), cfg(max_steps=2, warmup_steps=1), progress=False).losses
+    np.testing.assert_allclose(losses["eager"], losses["sdpa"], atol=1e-4, rtol=0)  # different kernels only

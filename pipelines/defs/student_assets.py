@@ -80,12 +80,16 @@ class TrainingRunConfig(dg.Config):
     grad_accum: int = 1
     checkpoint_every: int = 50
     seed: int = 0
+    gradient_checkpointing: bool = Field(False, description="less activation memory for large students")
+    attn_implementation: str | None = Field(None, description="sdpa (default), eager, flash_attention_2")
 
     def train_config(self, kind: str, device: str) -> TrainConfig:
         return TrainConfig(kind=kind, beta=self.beta, learning_rate=self.learning_rate, max_steps=self.max_steps,
                            batch_size=self.batch_size, grad_accum=self.grad_accum, seed=self.seed,
                            checkpoint_every=self.checkpoint_every, device=device,
-                           warmup_steps=min(20, max(1, self.max_steps // 10)))
+                           warmup_steps=min(20, max(1, self.max_steps // 10)),
+                           gradient_checkpointing=self.gradient_checkpointing,
+                           attn_implementation=self.attn_implementation)
 
 
 def _train_and_log(context: dg.AssetExecutionContext, kind: str, config: TrainingRunConfig,
