@@ -32,6 +32,8 @@ class ShardsConfig(BaseModel):
     student: StudentConfig = Field(default_factory=StudentConfig)
     pack: PackConfig = Field(default_factory=PackConfig)
     include_incorrect: bool = Field(False, description="train on traces whose answer is wrong too")
+    storage_url: str | None = Field(None, description="where shards go: a folder or an fsspec URL (s3://bucket/"
+                                                      "shards, with s3fs installed); default <artifacts>/shards")
 
 
 @dataclass
@@ -90,7 +92,8 @@ def build_packed_shards(wh: Warehouse, artifacts: str | Path, cfg: ShardsConfig 
         examples = [fmt.scaffold(t["trace_id"], t["question"], t["steps"], t["signals"]) if kind == "scaffold"
                     else fmt.baseline(t["trace_id"], t["question"], t["steps"]) for t in traces]
         rows, stats = pack_rows(examples, cfg.pack)
-        infos, manifest = write_shards(rows, artifacts / "shards" / kind, kind, tok_hash, cfg.pack)
+        root = f"{cfg.storage_url.rstrip('/')}/{kind}" if cfg.storage_url else artifacts / "shards" / kind
+        infos, manifest = write_shards(rows, root, kind, tok_hash, cfg.pack)
         wh.insert_new("shards", [i.as_row(manifest) for i in infos], run_id)
         wh.insert_new("shard_members", [{"shard_id": i.shard_id, "trace_id": t} for i in infos for t in i.trace_ids],
                       run_id)

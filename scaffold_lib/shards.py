@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -115,32 +116,49 @@ def _row(members: list[Example], row_len: int) -> dict:
     }
 
 
+def storage(url: str | Path) -> tuple[fsspec.AbstractFileSystem, str, bool]:
+    """(filesystem, path within it, is local) of a folder or file given as a path or an fsspec URL (`s3://…`)."""
+    fs, path = fsspec.core.url_to_fs(str(url))
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return fs, path, "file" in protocols or "local" in protocols
+
+
 def write_shards(rows: list[dict], out_dir: str | Path, kind: str, tokenizer_hash: str,
                  cfg: PackConfig) -> tuple[list[ShardInfo], str]:
-    """Parquet shards (temp name, then rename: never half-written) and the manifest hash over them."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Parquet shards and the manifest hash over them, in a local folder or at an fsspec URL. Never half-written:
+    locally a temp name, then a rename; an object store publishes an object whole when its upload completes."""
+    fs, root, local = storage(out_dir)
+    fs.makedirs(root, exist_ok=True)
     infos: list[ShardInfo] = []
     for start in range(0, len(rows), cfg.rows_per_shard):
         chunk = rows[start:start + cfg.rows_per_shard]
         trace_ids = sorted({t for r in chunk for t in r["trace_ids"]})
         shard_id = content_id("shard", kind, tokenizer_hash, cfg.model_dump(), start, trace_ids)
-        path = out_dir / f"{kind}-{shard_id}.parquet"
-        if not path.exists():
+        path = f"{root.rstrip('/')}/{kind}-{shard_id}.parquet"
+        if not fs.exists(path):
             table = pa.table({k: [r[k].tolist() if isinstance(r[k], np.ndarray) else r[k] for r in chunk]
                               for k in chunk[0]})
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            pq.write_table(table, tmp)
-            os.replace(tmp, path)
+            if local:
+                tmp = f"{path}.tmp{os.getpid()}"
+                pq.write_table(table, tmp)
+                os.replace(tmp, path)
+            else:
+                with fs.open(path, "wb") as fh:
+                    pq.write_table(table, fh)
         tokens = sum(r["n_tokens"] for r in chunk)
-        infos.append(ShardInfo(shard_id, kind, str(path), len(chunk), sum(len(r["trace_ids"]) for r in chunk),
-                               tokens, tokens / (len(chunk) * cfg.row_len), tokenizer_hash, trace_ids))
+        infos.append(ShardInfo(shard_id, kind, path if local else fs.unstrip_protocol(path), len(chunk),
+                               sum(len(r["trace_ids"]) for r in chunk), tokens, tokens / (len(chunk) * cfg.row_len),
+                               tokenizer_hash, trace_ids))
     return infos, content_id("manifest", [i.shard_id for i in infos])
 
 
 def load_rows(paths: Sequence[str | Path]) -> dict[str, torch.Tensor]:
     """All rows of the given shards as tensors; ragged signal positions are padded with -1."""
-    tables = [pq.read_table(p) for p in paths]
+    tables = []
+    for url in paths:  # local paths or fsspec URLs, as write_shards recorded them
+        fs, path, _ = storage(url)
+        with fs.open(path, "rb") as fh:
+            tables.append(pq.read_table(fh))
     if not tables:
         raise ValueError("no shards given")
     table = pa.concat_tables(tables)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import duckdb
+import fsspec
 import pyarrow as pa
 
 SCHEMA: dict[str, str] = {
@@ -138,6 +139,17 @@ class Warehouse:
             con.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT * FROM incoming")
             con.unregister("incoming")
         return len(rows)
+
+    def parquet_rows(self, urls: Sequence[str]) -> int:
+        """Rows of Parquet files read in place by DuckDB, local or at fsspec URLs (their filesystems are
+        registered with the connection), e.g. to check shards where they are stored."""
+        with self.connect() as con:
+            for url in urls:
+                if "://" in url and not url.startswith("file://"):
+                    fs = fsspec.filesystem(url.split("://", 1)[0])
+                    if not con.filesystem_is_registered(fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]):
+                        con.register_filesystem(fs)
+            return con.execute("SELECT count(*) FROM read_parquet(?)", [list(urls)]).fetchone()[0]
 
     def query(self, sql: str, params: Sequence | dict | None = None) -> list[dict]:
         """Rows as dicts. Values from users always go through `params`, never into `sql`."""

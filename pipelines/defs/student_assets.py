@@ -36,6 +36,8 @@ class ShardsRunConfig(dg.Config):
     too_long: str = Field("split", description="split or drop examples longer than a row (counted either way)")
     include_incorrect: bool = False
     min_fill: float = Field(0.99, description="the blocking fill check's threshold")
+    storage_url: str = Field("", description="shards to this folder or fsspec URL (s3://bucket/shards with s3fs); "
+                                             "empty = the artifacts folder")
 
 
 @dg.asset(group_name=STUDENT_GROUP, kinds={"python", "parquet", "duckdb"}, deps=[signal_labels], pool=WAREHOUSE_POOL)
@@ -46,8 +48,11 @@ def packed_shards(context: dg.AssetExecutionContext, config: ShardsRunConfig, wa
     wh = warehouse.open()
     cfg = ShardsConfig(student=student.student_config(),
                        pack=PackConfig(row_len=config.row_len, rows_per_shard=config.rows_per_shard,
-                                       too_long=config.too_long), include_incorrect=config.include_incorrect)
+                                       too_long=config.too_long), include_incorrect=config.include_incorrect,
+                       storage_url=config.storage_url or None)
     report = build_packed_shards(wh, student.artifacts(), cfg, run_id=context.run_id)
+    # read back where they are stored, by DuckDB: what the manifest promises is there
+    stored_rows = wh.parquet_rows([i.path for infos in report.shards.values() for i in infos])
     rows = [[kind, s["examples"], s["rows"], s["tokens"], f"{100 * s['fill_ratio']:.2f} %", s["split_examples"],
              s["dropped_examples"]] for kind, s in report.stats.items()]
     return dg.MaterializeResult(metadata={
@@ -56,6 +61,7 @@ def packed_shards(context: dg.AssetExecutionContext, config: ShardsRunConfig, wa
         "base_model": report.base_model, "tokenizer_hash": report.tokenizer_hash,
         "training_traces": report.traces, "traces_skipped_unlabelled": report.skipped_incomplete,
         "min_fill_ratio": min(s["fill_ratio"] for s in report.stats.values()), "min_fill_target": config.min_fill,
+        "rows_read_back": stored_rows, "storage": config.storage_url or str(student.artifacts() / "shards"),
         "packing": dg.MetadataValue.md(markdown_table(
             ["kind", "examples", "rows", "tokens", "fill", "split (too long)", "dropped"], rows)),
     })
