@@ -122,7 +122,9 @@ class ScaffoldStudent(nn.Module):
 
     @property
     def decoder(self) -> nn.Module:
-        return getattr(self.backbone, self.backbone.base_model_prefix)
+        # a LoRA-wrapped backbone (peft) hides the causal LM behind get_base_model()
+        backbone = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+        return getattr(backbone, backbone.base_model_prefix)
 
     @property
     def lm_head(self) -> nn.Module:

@@ -44,6 +44,13 @@ class TrainConfig(BaseModel):
                                                             "large students, ~30 % more compute")
     attn_implementation: str | None = Field(None, description="sdpa (default), eager, or flash_attention_2 on GPUs "
                                                               "with flash-attn installed")
+    compile: bool = Field(False, description="torch.compile the forward pass (GPUs; first steps pay the compile)")
+    compile_backend: str = "inductor"
+    lora_r: int = Field(0, ge=0, description="0 = full fine-tune (the paper); > 0 = LoRA adapters of this rank "
+                                             "(peft) on the backbone, signal head and embedding fully trained")
+    lora_alpha: int = 16
+    lora_dropout: float = Field(0.0, ge=0, le=1)
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     keep_checkpoints: int = 2
     log_every: int = 10
 
@@ -133,6 +140,13 @@ def train(model: ScaffoldStudent, data: dict[str, torch.Tensor], cfg: TrainConfi
     model.to(device).train()
     if cfg.gradient_checkpointing:
         model.backbone.activation_checkpointing_enable({"use_reentrant": False})
+    if cfg.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        # freezes the backbone but its adapters; the heads live outside the backbone and stay trainable
+        model.backbone = get_peft_model(model.backbone, LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM"))
     use_token, use_signal = cfg.kind == "baseline" or cfg.beta < 1.0, cfg.kind == "scaffold" and cfg.beta > 0.0
     # parameters whose term is switched off get no gradient at all (not a zero gradient), so AdamW's weight
     # decay cannot move them: β = 0 leaves the signal head untouched, β = 1 the signal embedding.
@@ -151,6 +165,8 @@ def train(model: ScaffoldStudent, data: dict[str, torch.Tensor], cfg: TrainConfi
     forward = (torch.nn.parallel.DistributedDataParallel(
         model, find_unused_parameters=cfg.kind == "baseline" or not (use_token and use_signal))
         if dist.world > 1 else model)
+    if cfg.compile:
+        forward = torch.compile(forward, backend=cfg.compile_backend)
     n_rows = data["input_ids"].size(0)
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not progress or not dist.is_main,
                desc=f"train {cfg.kind}", unit="step")
@@ -207,6 +223,8 @@ def train(model: ScaffoldStudent, data: dict[str, torch.Tensor], cfg: TrainConfi
             dist.barrier()
     bar.close()
     result.train_tokens = int(global_tokens) if cfg.max_steps > start_step else 0
+    if cfg.lora_r:  # the student is saved and served as a plain checkpoint: fold the adapters in
+        model.backbone = model.backbone.merge_and_unload()
     model.eval()
     return result
 

@@ -426,3 +426,28 @@ def test_attention_implementation_is_a_loading_option_with_the_same_maths(world)
         assert model.backbone.config._attn_implementation == impl
         losses[impl] = train(model, world.data_copy(), cfg(max_steps=2, warmup_steps=1), progress=False).losses
     np.testing.assert_allclose(losses["eager"], losses["sdpa"], atol=1e-4, rtol=0)  # different kernels only
+
+
+def test_lora_trains_adapters_and_heads_only_then_folds_into_a_plain_checkpoint(world, tmp_path):
+    model = world.student()
+    before = state(model)
+    result = train(model, world.data_copy(), cfg(max_steps=6, lora_r=4, learning_rate=1e-2), progress=False)
+    assert result.losses[-1] < result.losses[0]
+    after = state(model)
+    assert set(after) == set(before)  # merged back: the same parameter names as a plain student
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert {"signal_head.weight", "signal_embedding.weight"} <= changed
+    assert any(".q_proj." in k for k in changed) and any(".v_proj." in k for k in changed)  # adapters folded in
+    assert not any("mlp" in k or "embed_tokens" in k or "norm" in k for k in changed)  # the frozen rest
+    model.save_pretrained(tmp_path / "lora", world.tokenizer)
+    loaded = ScaffoldStudent.from_pretrained(tmp_path / "lora")
+    for name, value in state(loaded).items():
+        torch.testing.assert_close(value, after[name])
+
+
+def test_compiled_forward_trains_like_eager(world):
+    eager = train(world.student(), world.data_copy(), cfg(max_steps=3), progress=False)
+    # aot_eager runs torch.compile's graph capture without a C++ toolchain; GPUs use the default inductor
+    compiled = train(world.student(), world.data_copy(), cfg(max_steps=3, compile=True, compile_backend="aot_eager"),
+                     progress=False)
+    np.testing.assert_allclose(compiled.losses, eager.losses, atol=1e-5, rtol=0)

@@ -88,6 +88,8 @@ class TrainingRunConfig(dg.Config):
     seed: int = 0
     gradient_checkpointing: bool = Field(False, description="less activation memory for large students")
     attn_implementation: str | None = Field(None, description="sdpa (default), eager, flash_attention_2")
+    compile: bool = Field(False, description="torch.compile the forward pass (worth it on GPUs)")
+    lora_r: int = Field(0, description="0 = full fine-tune (the paper); > 0 = LoRA adapters of this rank")
 
     def train_config(self, kind: str, device: str) -> TrainConfig:
         return TrainConfig(kind=kind, beta=self.beta, learning_rate=self.learning_rate, max_steps=self.max_steps,
@@ -95,7 +97,8 @@ class TrainingRunConfig(dg.Config):
                            checkpoint_every=self.checkpoint_every, device=device,
                            warmup_steps=min(20, max(1, self.max_steps // 10)),
                            gradient_checkpointing=self.gradient_checkpointing,
-                           attn_implementation=self.attn_implementation)
+                           attn_implementation=self.attn_implementation, compile=self.compile,
+                           lora_r=self.lora_r)
 
 
 def _train_and_log(context: dg.AssetExecutionContext, kind: str, config: TrainingRunConfig,
