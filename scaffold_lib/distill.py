@@ -22,7 +22,7 @@ from scaffold_lib.examples import STEP_SEPARATOR, Formatter, signal_tags, traini
 from scaffold_lib.ids import content_id
 from scaffold_lib.model import EMBEDDED, ScaffoldStudent, StudentConfig, build_embedded_base, load_tokenizer, tokenizer_hash
 from scaffold_lib.shards import PackConfig, ShardInfo, load_rows, pack_rows, write_shards
-from scaffold_lib.training import TrainConfig, TrainResult, init_distributed, pick_device, train
+from scaffold_lib.training import TrainConfig, TrainResult, full_model_state, init_distributed, pick_device, train
 from scaffold_lib.warehouse import Warehouse
 
 KINDS = ("scaffold", "baseline")
@@ -134,6 +134,11 @@ def train_student(wh: Warehouse, artifacts: str | Path, base_model: str, manifes
     result = train(model, data, cfg, checkpoint_dir=artifacts / "checkpoints" / key, on_log=on_log, progress=progress)
     out = artifacts / "students" / key
     dist = init_distributed(pick_device(cfg.device))
+    if cfg.fsdp and dist.world > 1:  # gather the shards; rank 0 saves them as a plain student
+        state = full_model_state(model, sharded=True)
+        if dist.is_main:
+            model = ScaffoldStudent.from_pretrained(base_model, kind=cfg.kind)
+            model.load_state_dict(state)
     if dist.is_main:  # under torchrun every rank holds the same weights: one writes them
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

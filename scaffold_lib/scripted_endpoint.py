@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import random
+import select
 import socket
 import threading
 import time
@@ -53,6 +54,11 @@ class FaultPlan:
     max_faults_per_prompt: int = 2  # after this many, a prompt is always answered (so retries converge)
     seed: int = 0  # decisions are deterministic given (seed, prompt key, attempt number)
 
+    def __post_init__(self) -> None:
+        unknown = set(self.kinds) - set(FAULT_KINDS)
+        if unknown or not self.kinds:  # fail here, not in a server thread the test cannot see
+            raise ValueError(f"fault kinds must be a non-empty subset of {FAULT_KINDS}, got {self.kinds}")
+
 
 def prompt_key(body: dict) -> str:
     """A stable id of a request's prompt: the hash of its messages."""
@@ -78,6 +84,16 @@ def scripted_reasoning(request: dict, reasoning_mode: str = "field") -> Reply:
     if reasoning_mode == "think_tags":
         return Reply(f"<think>\n{reasoning}\n</think>\n\n{answer}")
     return Reply(answer, reasoning)
+
+
+def _client_gone(connection: socket.socket) -> bool:
+    """Whether the client closed the connection while we were busy (it sends nothing else mid-request, so a
+    readable socket means EOF)."""
+    readable, _, _ = select.select([connection], [], [], 0)
+    try:
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -158,6 +174,7 @@ class ScriptedEndpoint:
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self.base_url = ""
+        self._in_flight = 0
         self.reset_stats()
 
     # --- lifecycle -------------------------------------------------------------------------------------------
@@ -166,7 +183,9 @@ class ScriptedEndpoint:
         self._server.endpoint = self
         host, port = self._server.server_address[:2]
         self.base_url = f"http://{host}:{port}/v1"
-        threading.Thread(target=self._server.serve_forever, name="scripted-endpoint", daemon=True).start()
+        # a short poll interval: stop() waits up to one interval, and tests start and stop many servers
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="scripted-endpoint",
+                         daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -184,7 +203,9 @@ class ScriptedEndpoint:
     # --- counters --------------------------------------------------------------------------------------------
     def reset_stats(self) -> None:
         with self._lock:
-            self._requests = self._answered = self._in_flight = self._in_flight_max = 0
+            # requests in flight stay counted: their threads still decrement when they finish
+            self._requests = self._answered = 0
+            self._in_flight_max = self._in_flight
             self._faults = {kind: 0 for kind in FAULT_KINDS}
             self._per_prompt: dict[str, dict[str, int]] = {}
             self._faults_per_prompt: dict[str, int] = {}
@@ -196,10 +217,15 @@ class ScriptedEndpoint:
                     "in_flight_max": self._in_flight_max}
 
     # --- one request -----------------------------------------------------------------------------------------
+    def _prompt(self, key: str) -> dict[str, int]:
+        """The counters of one prompt (call with the lock held); created on demand, as reset_stats may run while
+        the prompt's request is in flight."""
+        return self._per_prompt.setdefault(key, {"requests": 0, "answered": 0})
+
     def _fault_for(self, key: str) -> str | None:
         plan = self.faults
         with self._lock:
-            attempt = self._per_prompt[key]["requests"]
+            attempt = self._prompt(key)["requests"]
             if plan.rate <= 0 or self._faults_per_prompt.get(key, 0) >= plan.max_faults_per_prompt:
                 return None
             draw = random.Random(f"{plan.seed}:{key}:{attempt}")
@@ -214,7 +240,7 @@ class ScriptedEndpoint:
         key = prompt_key(body)
         with self._lock:
             self._requests += 1
-            self._per_prompt.setdefault(key, {"requests": 0, "answered": 0})["requests"] += 1
+            self._prompt(key)["requests"] += 1
             self._in_flight += 1
             self._in_flight_max = max(self._in_flight_max, self._in_flight)
         try:
@@ -241,6 +267,8 @@ class ScriptedEndpoint:
                 return
             if fault == "slow":
                 time.sleep(self.faults.slow_s)
+                if _client_gone(handler.connection):
+                    return  # it timed out: an answer nobody reads must not count as answered
             reply = Reply("") if fault == "empty_content" else self.responder(body)
             n = int(body.get("n") or 1)
             if body.get("stream"):
@@ -250,7 +278,7 @@ class ScriptedEndpoint:
             if reply.content or reply.reasoning_content:
                 with self._lock:
                     self._answered += 1
-                    self._per_prompt[key]["answered"] += 1
+                    self._prompt(key)["answered"] += 1
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout) before we answered
         finally:

@@ -44,6 +44,8 @@ class TrainConfig(BaseModel):
                                                             "large students, ~30 % more compute")
     attn_implementation: str | None = Field(None, description="sdpa (default), eager, or flash_attention_2 on GPUs "
                                                               "with flash-attn installed")
+    fsdp: bool = Field(False, description="under torchrun: shard parameters, gradients and optimizer state over the "
+                                          "ranks (FSDP2) instead of replicating them (DDP), for large students")
     compile: bool = Field(False, description="torch.compile the forward pass (GPUs; first steps pay the compile)")
     compile_backend: str = "inductor"
     lora_r: int = Field(0, ge=0, description="0 = full fine-tune (the paper); > 0 = LoRA adapters of this rank "
@@ -148,23 +150,33 @@ def train(model: ScaffoldStudent, data: dict[str, torch.Tensor], cfg: TrainConfi
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM"))
     use_token, use_signal = cfg.kind == "baseline" or cfg.beta < 1.0, cfg.kind == "scaffold" and cfg.beta > 0.0
+    sharded = cfg.fsdp and dist.world > 1
+    if sharded and (cfg.lora_r or not (use_token and use_signal)):
+        raise ValueError("fsdp trains the scaffold student with both loss terms (0 < beta < 1) and no LoRA; "
+                         "use DDP (fsdp=false) for the baseline, beta 0/1 or LoRA")
+    ckpt_root = Path(checkpoint_dir) if checkpoint_dir else None
+    last = latest_checkpoint(ckpt_root) if ckpt_root is not None else None
+    if sharded:
+        if last is not None:  # full weights go in before the parameters are split over the ranks
+            load_weights(last, model)
+        shard(model)
     # parameters whose term is switched off get no gradient at all (not a zero gradient), so AdamW's weight
     # decay cannot move them: β = 0 leaves the signal head untouched, β = 1 the signal embedding.
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
-    ckpt_root = Path(checkpoint_dir) if checkpoint_dir else None
     result = TrainResult(steps=cfg.max_steps)
     start_step = 0
-    if ckpt_root is not None and (last := latest_checkpoint(ckpt_root)) is not None:
-        start_step = load_checkpoint(last, model, optimizer, scheduler, result)
+    if last is not None:
+        start_step = load_checkpoint(last, model, optimizer, scheduler, result, sharded)
         result.resumed_from = start_step
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    # DDP averages gradients over ranks; the losses below are scaled by the world size so that the average is the
-    # gradient of the one-process loss over the global batch. Unused parameters (a switched-off term) are allowed.
+    # DDP (and FSDP) average gradients over ranks; the losses below are scaled by the world size so that the average
+    # is the gradient of the one-process loss over the global batch. Unused parameters (a switched-off term) are
+    # allowed under DDP.
     forward = (torch.nn.parallel.DistributedDataParallel(
         model, find_unused_parameters=cfg.kind == "baseline" or not (use_token and use_signal))
-        if dist.world > 1 else model)
+        if dist.world > 1 and not sharded else model)
     if cfg.compile:
         forward = torch.compile(forward, backend=cfg.compile_backend)
     n_rows = data["input_ids"].size(0)
@@ -218,8 +230,10 @@ def train(model: ScaffoldStudent, data: dict[str, torch.Tensor], cfg: TrainConfi
             on_log(step + 1, {"loss": total, "token_loss": tok_total, "signal_loss": sig_total,
                               "tokens_per_s": result.tokens_per_s, "lr": scheduler.get_last_lr()[0]})
         if ckpt_root is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            model_state, optim_state = full_state(model, optimizer, sharded)  # a collective under FSDP
             if dist.is_main:  # one writer; the others wait so no rank runs ahead of a checkpoint being written
-                save_checkpoint(ckpt_root, step + 1, model, optimizer, scheduler, result, cfg.keep_checkpoints)
+                save_checkpoint(ckpt_root, step + 1, model_state, optim_state, scheduler, result,
+                                cfg.keep_checkpoints, sharded)
             dist.barrier()
     bar.close()
     result.train_tokens = int(global_tokens) if cfg.max_steps > start_step else 0
@@ -239,13 +253,48 @@ def latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(root: Path, step: int, model: ScaffoldStudent, optimizer, scheduler, result: TrainResult,
-                    keep: int) -> Path:
+def shard(model: ScaffoldStudent) -> None:
+    """FSDP2: each transformer block is its own unit (all-gathered only while it runs), the rest is the root's."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model.backbone, "_no_split_modules", None) or [])
+    for module in [m for m in model.modules() if type(m).__name__ in blocks]:
+        fully_shard(module)
+    fully_shard(model)
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # gathered on rank 0, in CPU memory; keyed by parameter name, so any number of ranks can load it
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: ScaffoldStudent, sharded: bool) -> dict:
+    """The unsharded weights. Under FSDP every rank must call it (it gathers) and rank 0 receives them."""
+    if not sharded:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options())
+
+
+def full_state(model: ScaffoldStudent, optimizer, sharded: bool) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state for a checkpoint (a collective under FSDP, like full_model_state)."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return full_model_state(model, sharded), get_optimizer_state_dict(model, optimizer, options=_full_options())
+
+
+def save_checkpoint(root: Path, step: int, model_state: dict, optim_state: dict, scheduler, result: TrainResult,
+                    keep: int, sharded: bool = False) -> Path:
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
     # tied weights share storage: safetensors wants each tensor once
     seen, unique = {}, {}
     for k, v in state.items():
@@ -254,10 +303,11 @@ def save_checkpoint(root: Path, step: int, model: ScaffoldStudent, optimizer, sc
             seen[key] = k
             unique[k] = v
     save_file(unique, str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({
-        "step": step, "losses": result.losses, "token_losses": result.token_losses,
+        "step": step, "optimizer_format": "full" if sharded else "local",
+        "losses": result.losses, "token_losses": result.token_losses,
         "signal_losses": result.signal_losses, "tied": {k: seen[(v.data_ptr(), v.shape)] for k, v in state.items()}}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -266,13 +316,30 @@ def save_checkpoint(root: Path, step: int, model: ScaffoldStudent, optimizer, sc
     return final
 
 
-def load_checkpoint(path: Path, model: ScaffoldStudent, optimizer, scheduler, result: TrainResult) -> int:
+def load_weights(path: Path, model: ScaffoldStudent) -> None:
     meta = json.loads((path / "trainer_state.json").read_text())
     tensors = load_file(str(path / "model.safetensors"))
     model.load_state_dict({k: tensors[src] for k, src in meta["tied"].items()})
+
+
+def load_checkpoint(path: Path, model: ScaffoldStudent, optimizer, scheduler, result: TrainResult,
+                    sharded: bool = False) -> int:
+    meta = json.loads((path / "trainer_state.json").read_text())
+    written = meta.get("optimizer_format", "local")
+    if written != ("full" if sharded else "local"):
+        raise ValueError(f"{path} was written {'with' if written == 'full' else 'without'} fsdp; resume it with the "
+                         "same fsdp setting (any number of processes)")
+    if not sharded:  # under FSDP the weights went in before sharding (load_weights)
+        load_weights(path, model)
     # weights_only: the optimizer file holds tensors and plain containers; nothing is unpickled as code
     extra = torch.load(path / "optim.pt", weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        # every rank read the same full file: no broadcast needed
+        set_optimizer_state_dict(model, optimizer, extra["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["torch_rng"])
     result.losses, result.token_losses, result.signal_losses = meta["losses"], meta["token_losses"], meta["signal_losses"]

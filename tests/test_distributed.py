@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytestmark = pytest.mark.timeout(600)
 STEPS = 8
@@ -42,13 +43,13 @@ def packed(tmp_path_factory) -> dict:
     return {"home": home, "wh": wh, "info": json.loads(pack.stdout)}
 
 
-def job_file(packed: dict, name: str, batch_size: int) -> Path:
+def job_file(packed: dict, name: str, batch_size: int, **train) -> Path:
     info = packed["info"]
     path = packed["home"] / f"{name}.json"
     path.write_text(json.dumps({
         "warehouse": str(packed["wh"]), "artifacts": str(packed["home"] / name), "base_model": info["base_model"],
         "manifest_hash": info["manifests"]["scaffold"],
-        "train": {"max_steps": STEPS, "batch_size": batch_size, "checkpoint_every": 4, "warmup_steps": 2}}))
+        "train": {"max_steps": STEPS, "batch_size": batch_size, "checkpoint_every": 4, "warmup_steps": 2, **train}}))
     return path
 
 
@@ -91,6 +92,27 @@ def test_a_checkpoint_written_by_two_processes_resumes_in_one(packed) -> None:
     resumed = one_process(one_job, packed["home"])
     assert resumed["resumed_from_step"] == 4 and two["world_size"] == 2
     np.testing.assert_allclose(losses(resumed), losses(uninterrupted), atol=1e-5, rtol=0)
+
+
+def test_fsdp_shards_over_two_processes_follows_one_process_and_resumes(packed) -> None:
+    from scaffold_lib.model import ScaffoldStudent
+
+    one = one_process(job_file(packed, "fsdp-one", 4), packed["home"])
+    job = job_file(packed, "fsdp-two", 2, fsdp=True)
+    two = two_processes(job, packed["home"])
+    difference = np.abs(losses(one) - losses(two)).max()
+    assert difference < 1e-5, (losses(one), losses(two))
+    full = ScaffoldStudent.from_pretrained(two["student_path"])  # rank 0 gathered the shards into a plain student
+    reference = ScaffoldStudent.from_pretrained(one["student_path"])
+    for (name, a), b in zip(full.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=name)
+    # "crash" after step 4: the sharded run resumes from its gathered checkpoint to the same curve
+    (ckpts,) = list((packed["home"] / "fsdp-two" / "checkpoints").iterdir())
+    shutil.rmtree(ckpts / "step-0000008")
+    resumed = two_processes(job, packed["home"])
+    assert resumed["resumed_from_step"] == 4
+    np.testing.assert_allclose(losses(resumed), losses(two), atol=1e-6, rtol=0)
+    print(f"\n[distributed] FSDP 2 x 2 rows vs 1 x 4 rows: max loss difference {difference:.1e}")
 
 
 def test_student_model_launches_torchrun_through_pipes(tmp_path, monkeypatch) -> None:

@@ -79,6 +79,8 @@ class TrainingRunConfig(dg.Config):
     launcher: Literal["inprocess", "torchrun"] = Field(
         "inprocess", description="torchrun: a DDP job of `nproc` processes started through Dagster Pipes")
     nproc: int = Field(1, ge=1, description="processes per node for torchrun (GPUs, or CPU processes on gloo)")
+    fsdp: bool = Field(False, description="with torchrun: shard the student over the processes (FSDP2) instead "
+                                          "of replicating it (DDP); scaffold student only")
     max_steps: int = 300
     beta: float = Field(0.3, description="weight of the signal loss: L = (1-β)·L_token + β·L_signal")
     learning_rate: float = 3e-3
@@ -97,7 +99,7 @@ class TrainingRunConfig(dg.Config):
                            checkpoint_every=self.checkpoint_every, device=device,
                            warmup_steps=min(20, max(1, self.max_steps // 10)),
                            gradient_checkpointing=self.gradient_checkpointing,
-                           attn_implementation=self.attn_implementation, compile=self.compile,
+                           attn_implementation=self.attn_implementation, compile=self.compile, fsdp=self.fsdp,
                            lora_r=self.lora_r)
 
 
