@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
-import httpx
 import openai
 from pydantic import BaseModel, Field, SecretStr
 from tqdm.auto import tqdm
@@ -109,8 +108,10 @@ def _retry_after_s(exc: BaseException) -> float | None:
 
 
 def is_retryable(exc: BaseException) -> bool:
+    # transport failures reach us as APIConnectionError / APITimeoutError (openai 3 wraps its own httpx2 errors);
+    # a body it cannot parse comes through as a bare JSONDecodeError
     if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, EmptyCompletion,
-                        openai.APIResponseValidationError, json.JSONDecodeError, httpx.TransportError)):
+                        openai.APIResponseValidationError, json.JSONDecodeError)):
         return True
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code in (408, 409, 429) or exc.status_code >= 500

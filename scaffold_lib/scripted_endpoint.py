@@ -9,7 +9,8 @@ empty completions. Counters per prompt let tests prove that nothing was asked tw
 By default it answers the built-in synthetic problems with R1-style reasoning (the programmatic teacher's
 writer); tests pass their own responder for anything else.
 
-    python -m scaffold_lib.scripted_endpoint --port 8001 [--latency 0.2] [--fault-rate 0.2] [--reasoning-mode think_tags]
+    python -m scaffold_lib.scripted_endpoint --port 8001 [--latency 0.2] [--fault-rate 0.2]
+        [--reasoning-mode think_tags] [--host 127.0.0.1]
 """
 
 from __future__ import annotations
@@ -243,22 +244,39 @@ class ScriptedEndpoint:
             self._prompt(key)["requests"] += 1
             self._in_flight += 1
             self._in_flight_max = max(self._in_flight_max, self._in_flight)
+        settled = answered = False
+
+        def settle(is_answer: bool) -> None:
+            # the counters change before the last bytes go out: a client holding its response then always reads
+            # stats that include it, and its next request cannot overlap this one in in_flight_max
+            nonlocal settled, answered
+            with self._lock:
+                self._in_flight -= 1
+                if is_answer:
+                    self._answered += 1
+                    self._prompt(key)["answered"] += 1
+            settled, answered = True, is_answer
+
         try:
             fault = self._fault_for(key)
             if self.latency_s:
                 time.sleep(self.latency_s)
             if fault == "rate_limit":
+                settle(False)
                 handler._error(429, "rate limited", "rate_limit_error", {"Retry-After": f"{self.faults.retry_after_s}"})
                 return
             if fault == "server_error":
+                settle(False)
                 handler._error(500, "scripted internal error", "server_error")
                 return
             if fault == "drop":
+                settle(False)
                 handler.connection.shutdown(socket.SHUT_RDWR)  # no status line at all: a dropped connection
                 handler.close_connection = True
                 return
             if fault == "malformed_json":
                 broken = b'{"id": "chatcmpl-broken", "choices": [{"message": {"content": "trunc'
+                settle(False)
                 handler.send_response(200)
                 handler.send_header("Content-Type", "application/json")
                 handler.send_header("Content-Length", str(len(broken)))
@@ -270,20 +288,22 @@ class ScriptedEndpoint:
                 if _client_gone(handler.connection):
                     return  # it timed out: an answer nobody reads must not count as answered
             reply = Reply("") if fault == "empty_content" else self.responder(body)
+            is_answer = bool(reply.content or reply.reasoning_content)
             n = int(body.get("n") or 1)
             if body.get("stream"):
-                self._stream(handler, body, reply, n)
+                self._stream(handler, body, reply, n, before_last_write=lambda: settle(is_answer))
             else:
-                handler._send_json(200, self._completion(body, reply, n))
-            if reply.content or reply.reasoning_content:
-                with self._lock:
-                    self._answered += 1
-                    self._prompt(key)["answered"] += 1
+                completion = self._completion(body, reply, n)
+                settle(is_answer)
+                handler._send_json(200, completion)
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (timeout) before we answered
+            if answered:  # the client gave up (timeout) before it got the answer
+                with self._lock:
+                    self._answered -= 1
+                    self._prompt(key)["answered"] -= 1
         finally:
-            with self._lock:
-                self._in_flight -= 1
+            if not settled:
+                settle(False)
 
     def _usage(self, body: dict, reply: Reply, n: int) -> dict:
         prompt = sum(_words(m.get("content")) for m in body["messages"] if isinstance(m, dict))
@@ -299,7 +319,8 @@ class ScriptedEndpoint:
                 "choices": [{"index": i, "message": message, "finish_reason": reply.finish_reason} for i in range(n)],
                 "usage": self._usage(body, reply, n)}
 
-    def _stream(self, handler: _Handler, body: dict, reply: Reply, n: int) -> None:
+    def _stream(self, handler: _Handler, body: dict, reply: Reply, n: int,
+                before_last_write: Callable[[], None]) -> None:
         handler.send_response(200)
         handler.send_header("Content-Type", "text/event-stream")
         handler.send_header("Connection", "close")  # the end of the stream is the end of the connection
@@ -324,6 +345,7 @@ class ScriptedEndpoint:
             send([{"index": i, "delta": {}, "finish_reason": reply.finish_reason}])
         if (body.get("stream_options") or {}).get("include_usage"):
             send([], usage=self._usage(body, reply, n))
+        before_last_write()
         handler.wfile.write(b"data: [DONE]\n\n")
         handler.wfile.flush()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -115,6 +116,14 @@ def test_each_fault_reaches_the_client_as_a_retryable_error(kind: str, error: ty
     assert PROBLEM.answer in answer.choices[0].message.content
     assert stats["faults"] == {k: int(k == kind) for k in stats["faults"]}
     assert stats["requests"] == 2 and stats["answered"] == 1
+
+
+def test_a_slow_answer_the_client_gave_up_on_is_not_counted() -> None:
+    with ScriptedEndpoint(faults=FaultPlan(rate=1.0, kinds=("slow",), slow_s=0.4, max_faults_per_prompt=1)) as server:
+        with pytest.raises(openai.APITimeoutError):
+            client(server, timeout=0.1).chat.completions.create(model="m", messages=MESSAGES)
+        time.sleep(0.5)  # the slow request's thread wakes up, finds the client gone and writes nothing
+        assert server.stats()["answered"] == 0 and server.stats()["requests"] == 1
 
 
 def test_empty_content_is_a_valid_but_empty_completion() -> None:
