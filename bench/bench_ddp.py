@@ -41,7 +41,7 @@ def main() -> None:
                       "warmup_steps": 3}}))
         launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)]
                     if procs > 1 else [sys.executable])
-        summary = json.loads(run([*launcher, "-m", "scaffold_lib.launch", str(job)],
+        summary = json.loads(run([*launcher, "-m", "scaffold_lib.student.launch", str(job)],
                                  {**env, "OMP_NUM_THREADS": str(2 // procs)}))
         result = json.loads((Path(summary["student_path"]) / "training.json").read_text())["result"]
         results[name] = (result["tokens_per_s"], summary["final_loss"])

@@ -14,8 +14,8 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from bench.common import tiny_student
-from scaffold_lib.decoding import DecodeConfig, ScaffoldDecoder, plain_generate_batch
-from scaffold_lib.model import ScaffoldStudent
+from scaffold_lib.evaluation.decoding import DecodeConfig, ScaffoldDecoder, plain_generate_batch
+from scaffold_lib.student.model import ScaffoldStudent
 
 
 def main() -> None:

@@ -12,14 +12,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-from scaffold_lib.endpoint import EndpointConfig
-from scaffold_lib.llm_teachers import EndpointTeacher
-from scaffold_lib.problems import GeneratorConfig, generate_problems
+REPO = Path(__file__).resolve().parent.parent
+
+from scaffold_lib.data.endpoint import EndpointConfig
+from scaffold_lib.data.llm_teachers import EndpointTeacher
+from scaffold_lib.data.problems import GeneratorConfig, generate_problems
 
 
 def start_server(latency: float) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "scaffold_lib.scripted_endpoint", "--port", "0",
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "support" / "scripted_endpoint.py"), "--port", "0",
                              "--latency", str(latency)], stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     url = next(word for word in line.split() if word.startswith("http://"))

@@ -1,4 +1,4 @@
-"""Benchmark: scaffold_lib.packing.pack_bfd against TRL's BFD packer (trl.data_utils.pack_dataset, strategy="bfd").
+"""Benchmark: scaffold_lib.student.packing.pack_bfd against TRL's BFD packer (trl.data_utils.pack_dataset, strategy="bfd").
 
     .venv/bin/python bench/bench_packing.py            # 1,000,000 sequences
     .venv/bin/python bench/bench_packing.py --n 100000
@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from scaffold_lib.packing import fill_ratio, pack_bfd
+from scaffold_lib.student.packing import fill_ratio, pack_bfd
 
 CAPACITY = 1024
 

@@ -20,10 +20,10 @@ import string
 import sys
 import time
 
-from scaffold_lib.problems import GeneratorConfig, generate_problems
-from scaffold_lib.segmentation import segment
-from scaffold_lib.signals import LabellerConfig, LabelStats, keyword_table, label_steps
-from scaffold_lib.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig
+from scaffold_lib.data.problems import GeneratorConfig, generate_problems
+from scaffold_lib.data.segmentation import segment
+from scaffold_lib.data.signals import LabellerConfig, LabelStats, keyword_table, label_steps
+from scaffold_lib.data.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig
 
 TARGET_STEPS_PER_S = 200_000
 

@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, 
 from transformers.utils import logging as hf_logging
 
 from bench.common import tiny_student
-from scaffold_lib.model import ScaffoldStudent
-from scaffold_lib.shards import PackConfig, pack_rows
-from scaffold_lib.training import TrainConfig, train
+from scaffold_lib.student.model import ScaffoldStudent
+from scaffold_lib.student.shards import PackConfig, pack_rows
+from scaffold_lib.student.training import TrainConfig, train
 
 
 def main() -> None:

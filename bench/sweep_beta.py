@@ -12,16 +12,16 @@ import shutil
 import time
 from pathlib import Path
 
-from scaffold_lib.decoding import DecodeConfig
-from scaffold_lib.distill import ShardsConfig, build_packed_shards, eval_items, train_student
-from scaffold_lib.evaluation import EvalConfig, evaluate_baseline, evaluate_scaffold, score_table_markdown
-from scaffold_lib.model import ScaffoldStudent, StudentConfig, load_tokenizer
-from scaffold_lib.problems import GeneratorConfig, generate_problems
-from scaffold_lib.shards import PackConfig
-from scaffold_lib.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
-from scaffold_lib.teachers import ProgrammaticTeacher
-from scaffold_lib.training import TrainConfig
-from scaffold_lib.warehouse import Warehouse
+from scaffold_lib.evaluation.decoding import DecodeConfig
+from scaffold_lib.student.stages import ShardsConfig, build_packed_shards, eval_items, train_student
+from scaffold_lib.evaluation.metrics import EvalConfig, evaluate_baseline, evaluate_scaffold, score_table_markdown
+from scaffold_lib.student.model import ScaffoldStudent, StudentConfig, load_tokenizer
+from scaffold_lib.data.problems import GeneratorConfig, generate_problems
+from scaffold_lib.student.shards import PackConfig
+from scaffold_lib.data.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
+from scaffold_lib.data.teachers import ProgrammaticTeacher
+from scaffold_lib.student.training import TrainConfig
+from scaffold_lib.store.warehouse import Warehouse
 
 
 def main() -> None:

@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     import dagster as dg
 
     from pipelines.definitions import defs
-    from scaffold_lib import registry
-    from scaffold_lib.paths import default_warehouse
-    from scaffold_lib.warehouse import Warehouse
+    from scaffold_lib.store import registry
+    from scaffold_lib.core.paths import default_warehouse
+    from scaffold_lib.store.warehouse import Warehouse
 
     definitions = defs()
     job = definitions.resolve_job_def("full_pipeline")
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = wh.counts()
     scores = wh.query("SELECT * FROM benchmark_scores WHERE dagster_run_id = ? ORDER BY model_name, variant",
                       [result.run_id])
-    from scaffold_lib.evaluation import comparison_table_markdown, score_table_markdown
+    from scaffold_lib.evaluation.metrics import comparison_table_markdown, score_table_markdown
 
     print(f"\nReasoning Scaffolding demo: run {result.run_id} finished in {elapsed / 60:.1f} min\n")
     print("Stage tables (DuckDB " + str(wh.path) + "):")

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from scaffold_lib import paths
+from scaffold_lib.core import paths
 
 
 class CliError(Exception):
@@ -50,8 +50,8 @@ def _read_trace_lines(path: Path):
 
 
 def cmd_label(args: argparse.Namespace) -> None:
-    from scaffold_lib.segmentation import segment
-    from scaffold_lib.signals import KeywordFileError, LabellerConfig, label_steps
+    from scaffold_lib.data.segmentation import segment
+    from scaffold_lib.data.signals import KeywordFileError, LabellerConfig, label_steps
 
     config = LabellerConfig(keywords_path=args.keywords)
     out = sys.stdout
@@ -69,10 +69,10 @@ def cmd_data(args: argparse.Namespace) -> None:
     """Run the data stages (problems -> traces -> steps -> labels) into the warehouse, without Dagster."""
     from pydantic import ValidationError
 
-    from scaffold_lib.problems import FieldMap, GeneratorConfig, ProblemFileError, generate_problems, load_problem_file
-    from scaffold_lib.endpoint import EndpointConfigError
-    from scaffold_lib.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
-    from scaffold_lib.warehouse import Warehouse
+    from scaffold_lib.data.problems import FieldMap, GeneratorConfig, ProblemFileError, generate_problems, load_problem_file
+    from scaffold_lib.data.endpoint import EndpointConfigError
+    from scaffold_lib.data.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
+    from scaffold_lib.store.warehouse import Warehouse
 
     wh = Warehouse(args.warehouse)
     if args.problems_file:
@@ -93,8 +93,8 @@ def cmd_data(args: argparse.Namespace) -> None:
         reports.append(segment_traces(wh))
         reports.append(label_signals(wh))
         if args.validate_labels:
-            from scaffold_lib.label_validation import LabelValidator, ValidatorConfig
-            from scaffold_lib.stages import validate_signal_labels
+            from scaffold_lib.data.label_validation import LabelValidator, ValidatorConfig
+            from scaffold_lib.data.stages import validate_signal_labels
 
             endpoint = _endpoint(args, args.label_model or args.model, temperature=0.0, max_tokens=64)
             validator = LabelValidator(ValidatorConfig(endpoint=endpoint), args.journal_dir)
@@ -111,7 +111,7 @@ def _endpoint(args: argparse.Namespace, model: str | None, **overrides):
 
     from pydantic import SecretStr, ValidationError
 
-    from scaffold_lib.endpoint import EndpointConfig
+    from scaffold_lib.data.endpoint import EndpointConfig
 
     if not args.base_url or not model:
         raise CliError("an endpoint needs --base-url and --model")
@@ -124,9 +124,9 @@ def _endpoint(args: argparse.Namespace, model: str | None, **overrides):
 
 
 def _teacher(args: argparse.Namespace):
-    from scaffold_lib.llm_teachers import EndpointTeacher, PromptConfig
-    from scaffold_lib.teachers import ProgrammaticTeacher
-    from scaffold_lib.trace_import import ImportedTeacher, TraceFieldMap
+    from scaffold_lib.data.llm_teachers import EndpointTeacher, PromptConfig
+    from scaffold_lib.data.teachers import ProgrammaticTeacher
+    from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap
 
     if args.import_traces:
         pairs = [pair.split("=", 1) for pair in args.fields.split(",")] if args.fields else []
@@ -143,14 +143,14 @@ def _teacher(args: argparse.Namespace):
 
 
 def _registry(args: argparse.Namespace):
-    from scaffold_lib import registry
+    from scaffold_lib.store import registry
 
     return registry.sqlite_config(paths.dagster_home(), model_name=args.model_name)
 
 
 def _model_dir(args: argparse.Namespace, ref: str) -> Path:
     """A local directory, or a registry reference (champion / challenger / version number) downloaded from MLflow."""
-    from scaffold_lib import registry
+    from scaffold_lib.store import registry
 
     if Path(ref).exists():
         return Path(ref)
@@ -161,7 +161,7 @@ def _model_dir(args: argparse.Namespace, ref: str) -> Path:
 
 
 def _version(args: argparse.Namespace, ref: str) -> str:
-    from scaffold_lib import registry
+    from scaffold_lib.store import registry
 
     try:
         return registry.resolve_version(_registry(args), ref)
@@ -170,9 +170,9 @@ def _version(args: argparse.Namespace, ref: str) -> str:
 
 
 def cmd_pack(args: argparse.Namespace) -> None:
-    from scaffold_lib.distill import ShardsConfig, build_packed_shards
-    from scaffold_lib.shards import PackConfig
-    from scaffold_lib.warehouse import Warehouse
+    from scaffold_lib.student.stages import ShardsConfig, build_packed_shards
+    from scaffold_lib.student.shards import PackConfig
+    from scaffold_lib.store.warehouse import Warehouse
 
     try:
         report = build_packed_shards(Warehouse(args.warehouse), args.artifacts,
@@ -183,9 +183,9 @@ def cmd_pack(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from scaffold_lib.distill import train_student
-    from scaffold_lib.training import TrainConfig
-    from scaffold_lib.warehouse import Warehouse
+    from scaffold_lib.student.stages import train_student
+    from scaffold_lib.student.training import TrainConfig
+    from scaffold_lib.store.warehouse import Warehouse
 
     cfg = TrainConfig(kind=args.kind, beta=args.beta, max_steps=args.steps, batch_size=args.batch_size,
                       learning_rate=args.lr, checkpoint_every=args.checkpoint_every, seed=args.seed)
@@ -204,13 +204,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from scaffold_lib.decoding import DecodeConfig
-    from scaffold_lib.distill import eval_items
-    from scaffold_lib.evaluation import (EvalConfig, evaluate_baseline, evaluate_scaffold, export_samples,
+    from scaffold_lib.evaluation.decoding import DecodeConfig
+    from scaffold_lib.student.stages import eval_items
+    from scaffold_lib.evaluation.metrics import (EvalConfig, evaluate_baseline, evaluate_scaffold, export_samples,
                                          score_table_markdown)
-    from scaffold_lib.model import ScaffoldStudent, load_tokenizer
-    from scaffold_lib.suites import SYNTHETIC, SuiteDataError, get_suite
-    from scaffold_lib.warehouse import Warehouse
+    from scaffold_lib.student.model import ScaffoldStudent, load_tokenizer
+    from scaffold_lib.evaluation.suites import SYNTHETIC, SuiteDataError, get_suite
+    from scaffold_lib.store.warehouse import Warehouse
 
     model_dir = _model_dir(args, args.model)
     model = ScaffoldStudent.from_pretrained(model_dir)
@@ -232,8 +232,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
-    from scaffold_lib.decoding import DecodeConfig, ScaffoldDecoder, plain_generate
-    from scaffold_lib.model import ScaffoldStudent, load_tokenizer
+    from scaffold_lib.evaluation.decoding import DecodeConfig, ScaffoldDecoder, plain_generate
+    from scaffold_lib.student.model import ScaffoldStudent, load_tokenizer
 
     model_dir = _model_dir(args, args.model)
     model, tokenizer = ScaffoldStudent.from_pretrained(model_dir), load_tokenizer(model_dir)
@@ -246,8 +246,8 @@ def cmd_ask(args: argparse.Namespace) -> None:
 
 
 def cmd_lineage(args: argparse.Namespace) -> None:
-    from scaffold_lib import lineage
-    from scaffold_lib.warehouse import Warehouse
+    from scaffold_lib.store import lineage
+    from scaffold_lib.store.warehouse import Warehouse
 
     wh = Warehouse(args.warehouse)
     if args.trace:
@@ -269,7 +269,7 @@ def cmd_lineage(args: argparse.Namespace) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
-    from scaffold_lib import registry
+    from scaffold_lib.store import registry
 
     version = _version(args, args.version)
     cfg = _registry(args)
@@ -279,8 +279,8 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 
 def cmd_scores(args: argparse.Namespace) -> None:
-    from scaffold_lib.evaluation import IncomparableScores, comparison_table_markdown, score_table_markdown
-    from scaffold_lib.warehouse import Warehouse
+    from scaffold_lib.evaluation.metrics import IncomparableScores, comparison_table_markdown, score_table_markdown
+    from scaffold_lib.store.warehouse import Warehouse
 
     version = _version(args, args.model)
     wh = Warehouse(args.warehouse)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from scaffold_lib.warehouse import Warehouse
+from scaffold_lib.store.warehouse import Warehouse
 
 TRACE_A = "First, Ava has 3 apples.\n\nThen she buys 2 more, so 3 + 2 = 5.\n\nAva counts them.\n\nThe answer is 5."
 TRACE_B = "Hmm, let me think.\r\n\r\n\r\nHowever, 4 - 1 = 3.\n  \nTherefore 3."

@@ -9,13 +9,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from scaffold_lib.decoding import STEP_SIGNALS, DecodeConfig, ScaffoldDecoder, plain_generate
-from scaffold_lib.evaluation import EvalConfig, EvalItem, evaluate_baseline, evaluate_scaffold, next_signal_accuracy
-from scaffold_lib.examples import STEP_SEPARATOR
-from scaffold_lib.model import ScaffoldStudent
-from scaffold_lib.shards import PackConfig, load_rows, pack_rows, write_shards
-from scaffold_lib.signals import ANSWER_SIGNAL, CONCLUSION_SIGNAL, SIGNAL_INDEX, SIGNALS
-from scaffold_lib.training import TrainConfig, train
+from scaffold_lib.evaluation.decoding import STEP_SIGNALS, DecodeConfig, ScaffoldDecoder, plain_generate
+from scaffold_lib.evaluation.metrics import EvalConfig, EvalItem, evaluate_baseline, evaluate_scaffold, next_signal_accuracy
+from scaffold_lib.student.examples import STEP_SEPARATOR
+from scaffold_lib.student.model import ScaffoldStudent
+from scaffold_lib.student.shards import PackConfig, load_rows, pack_rows, write_shards
+from scaffold_lib.data.signals import ANSWER_SIGNAL, CONCLUSION_SIGNAL, SIGNAL_INDEX, SIGNALS
+from scaffold_lib.student.training import TrainConfig, train
 from student_kit import TinyWorld, tiny_world
 
 

@@ -54,12 +54,12 @@ def job_file(packed: dict, name: str, batch_size: int, **train) -> Path:
 
 
 def one_process(job: Path, home: Path) -> dict:
-    return _run([sys.executable, "-m", "scaffold_lib.launch", str(job)], home)
+    return _run([sys.executable, "-m", "scaffold_lib.student.launch", str(job)], home)
 
 
 def two_processes(job: Path, home: Path) -> dict:
     return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                 "-m", "scaffold_lib.launch", str(job)], home)
+                 "-m", "scaffold_lib.student.launch", str(job)], home)
 
 
 def losses(summary: dict) -> np.ndarray:
@@ -95,7 +95,7 @@ def test_a_checkpoint_written_by_two_processes_resumes_in_one(packed) -> None:
 
 
 def test_fsdp_shards_over_two_processes_follows_one_process_and_resumes(packed) -> None:
-    from scaffold_lib.model import ScaffoldStudent
+    from scaffold_lib.student.model import ScaffoldStudent
 
     one = one_process(job_file(packed, "fsdp-one", 4), packed["home"])
     job = job_file(packed, "fsdp-two", 2, fsdp=True)
@@ -138,8 +138,8 @@ def test_student_model_launches_torchrun_through_pipes(tmp_path, monkeypatch) ->
     # the ranks' step logs came back through Pipes into this run's event log
     logs = [e.message for e in instance.all_logs(result.run_id) if "step" in (e.message or "")]
     assert any("(world 2)" in m for m in logs)
-    from scaffold_lib import registry
-    from scaffold_lib.model import ScaffoldStudent
+    from scaffold_lib.store import registry
+    from scaffold_lib.student.model import ScaffoldStudent
 
     reg = registry.sqlite_config(home)
     ScaffoldStudent.from_pretrained(registry.download_model(reg, "1"))

@@ -1,5 +1,5 @@
 """The endpoint teacher and the LLM label validator against a real local HTTP server speaking the chat-completions
-protocol (`scaffold_lib.scripted_endpoint`), with injected faults, a killed generating process, and the Dagster
+protocol (`tests/support/scripted_endpoint.py`), with injected faults, a killed generating process, and the Dagster
 assets configured for an endpoint."""
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from scaffold_lib.endpoint import EndpointConfig, EndpointConfigError
-from scaffold_lib.label_validation import LabelValidator, ValidatorConfig
-from scaffold_lib.llm_teachers import EndpointTeacher, PromptConfig
-from scaffold_lib.problems import GeneratorConfig, generate_problems
-from scaffold_lib.scripted_endpoint import FaultPlan, Reply, ScriptedEndpoint, prompt_key
-from scaffold_lib.signals import FALLBACK, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE
-from scaffold_lib.stages import (generate_teacher_traces, label_signals, label_statistics, segment_traces,
+from scaffold_lib.data.endpoint import EndpointConfig, EndpointConfigError
+from scaffold_lib.data.label_validation import LabelValidator, ValidatorConfig
+from scaffold_lib.data.llm_teachers import EndpointTeacher, PromptConfig
+from scaffold_lib.data.problems import GeneratorConfig, generate_problems
+from support.scripted_endpoint import FaultPlan, Reply, ScriptedEndpoint, prompt_key
+from scaffold_lib.data.signals import FALLBACK, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE
+from scaffold_lib.data.stages import (generate_teacher_traces, label_signals, label_statistics, segment_traces,
                                  store_problems, validate_signal_labels)
-from scaffold_lib.warehouse import Warehouse
+from scaffold_lib.store.warehouse import Warehouse
 
 FAST_RETRY = {"backoff_initial_s": 0.01, "backoff_max_s": 0.2}
 
@@ -278,7 +278,7 @@ def test_a_partition_backfill_fans_out_over_two_endpoints_and_a_failed_shard_rer
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipelines.defs import data_assets
     from pipelines.defs.resources import EndpointSettings, TeacherResource, WarehouseResource
-    from scaffold_lib.problems import shard_of
+    from scaffold_lib.data.problems import shard_of
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from scaffold_lib.decoding import DecodeConfig, GeneratedStep, Generation
-from scaffold_lib.evaluation import (
+from scaffold_lib.evaluation.decoding import DecodeConfig, GeneratedStep, Generation
+from scaffold_lib.evaluation.metrics import (
     EvalConfig,
     EvalItem,
     ScoreRow,

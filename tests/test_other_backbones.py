@@ -3,15 +3,15 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from scaffold_lib.decoding import DecodeConfig, ScaffoldDecoder
-from scaffold_lib.distill import ShardsConfig, build_packed_shards, train_student
-from scaffold_lib.model import ScaffoldStudent, StudentConfig, load_tokenizer
-from scaffold_lib.problems import GeneratorConfig, generate_problems
-from scaffold_lib.shards import PackConfig
-from scaffold_lib.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
-from scaffold_lib.teachers import ProgrammaticTeacher
-from scaffold_lib.training import TrainConfig
-from scaffold_lib.warehouse import Warehouse
+from scaffold_lib.evaluation.decoding import DecodeConfig, ScaffoldDecoder
+from scaffold_lib.student.stages import ShardsConfig, build_packed_shards, train_student
+from scaffold_lib.student.model import ScaffoldStudent, StudentConfig, load_tokenizer
+from scaffold_lib.data.problems import GeneratorConfig, generate_problems
+from scaffold_lib.student.shards import PackConfig
+from scaffold_lib.data.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
+from scaffold_lib.data.teachers import ProgrammaticTeacher
+from scaffold_lib.student.training import TrainConfig
+from scaffold_lib.store.warehouse import Warehouse
 from tests.student_kit import tiny_world
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scaffold_lib.packing import fill_ratio, pack_bfd
+from scaffold_lib.student.packing import fill_ratio, pack_bfd
 
 
 def reference_bfd_loads(lengths: list[int], capacity: int) -> list[int]:

@@ -27,11 +27,11 @@ from pipelines.definitions import defs as load_defs
 from pipelines.defs import automation, data_assets
 from pipelines.defs.resources import (EndpointSettings, LabellerResource, MlflowResource, StudentResource,
                                      TeacherResource, WarehouseResource)
-from scaffold_lib import registry
-from scaffold_lib.model import ScaffoldStudent
-from scaffold_lib.problems import GeneratorConfig, generate_problems
-from scaffold_lib.stages import label_signals
-from scaffold_lib.warehouse import Warehouse
+from scaffold_lib.store import registry
+from scaffold_lib.student.model import ScaffoldStudent
+from scaffold_lib.data.problems import GeneratorConfig, generate_problems
+from scaffold_lib.data.stages import label_signals
+from scaffold_lib.store.warehouse import Warehouse
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "scaffold-student"

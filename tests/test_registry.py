@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from scaffold_lib import registry
+from scaffold_lib.store import registry
 
 # ---------------------------------------------------------------------------------------------------- pure rule
 

@@ -5,6 +5,7 @@ client's retry policy classifies)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 import time
@@ -14,11 +15,11 @@ import httpx
 import openai
 import pytest
 
-from scaffold_lib.answers import answers_match, extract_final_answer
-from scaffold_lib.endpoint import is_retryable
-from scaffold_lib.problems import GeneratorConfig, generate_problems
-from scaffold_lib.scripted_endpoint import FaultPlan, ScriptedEndpoint, prompt_key
-from scaffold_lib.teachers import DEFAULT_PROMPT
+from scaffold_lib.core.answers import answers_match, extract_final_answer
+from scaffold_lib.data.endpoint import is_retryable
+from scaffold_lib.data.problems import GeneratorConfig, generate_problems
+from support.scripted_endpoint import FaultPlan, ScriptedEndpoint, prompt_key
+from scaffold_lib.data.teachers import DEFAULT_PROMPT
 
 PROBLEMS = generate_problems(GeneratorConfig(n_problems=3))
 PROBLEM = PROBLEMS[0]
@@ -213,7 +214,7 @@ def test_keys_and_bad_bodies_get_openai_errors() -> None:
 
 
 def test_the_command_line_server_answers_and_stops() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "scaffold_lib.scripted_endpoint", "--port", "0"],
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "support" / "scripted_endpoint.py"), "--port", "0"],
                             stdout=subprocess.PIPE, text=True)
     try:
         url = next(w for w in proc.stdout.readline().split() if w.startswith("http://"))

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scaffold_lib.segmentation import segment
+from scaffold_lib.data.segmentation import segment
 
 
 @pytest.mark.parametrize("text, steps", [

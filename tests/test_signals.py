@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scaffold_lib.signals import (
+from scaffold_lib.data.signals import (
     ANSWER_SIGNAL,
     FALLBACK,
     FINAL_STEP,

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from scaffold_lib.problems import GeneratorConfig, Problem, generate_problems, load_problem_file, make_problem_id
-from scaffold_lib.segmentation import segment
-from scaffold_lib.signals import SIGNALS
-from scaffold_lib.stages import (
+from scaffold_lib.data.problems import GeneratorConfig, Problem, generate_problems, load_problem_file, make_problem_id
+from scaffold_lib.data.segmentation import segment
+from scaffold_lib.data.signals import SIGNALS
+from scaffold_lib.data.stages import (
     generate_teacher_traces,
     label_signals,
     segment_traces,
     signal_distribution_markdown,
     store_problems,
 )
-from scaffold_lib.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig
-from scaffold_lib.warehouse import Warehouse
+from scaffold_lib.data.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig
+from scaffold_lib.store.warehouse import Warehouse
 
 DATA_TABLES = ("problems", "teacher_traces", "segmented_steps", "signal_labels")
 

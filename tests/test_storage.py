@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import fsspec
 
-from scaffold_lib.distill import ShardsConfig, build_packed_shards, train_student
-from scaffold_lib.model import StudentConfig
-from scaffold_lib.problems import GeneratorConfig, generate_problems
-from scaffold_lib.shards import PackConfig, load_rows
-from scaffold_lib.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
-from scaffold_lib.teachers import ProgrammaticTeacher
-from scaffold_lib.training import TrainConfig
-from scaffold_lib.warehouse import Warehouse
+from scaffold_lib.student.stages import ShardsConfig, build_packed_shards, train_student
+from scaffold_lib.student.model import StudentConfig
+from scaffold_lib.data.problems import GeneratorConfig, generate_problems
+from scaffold_lib.student.shards import PackConfig, load_rows
+from scaffold_lib.data.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
+from scaffold_lib.data.teachers import ProgrammaticTeacher
+from scaffold_lib.student.training import TrainConfig
+from scaffold_lib.store.warehouse import Warehouse
 
 TINY = StudentConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                      num_key_value_heads=1, vocab_size=300)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from scaffold_lib.examples import Example
-from scaffold_lib.model import HEADS_FILE, SCAFFOLD_CONFIG, ScaffoldStudent
-from scaffold_lib.shards import PackConfig, load_rows, pack_rows, write_shards
-from scaffold_lib.signals import NUM_SIGNALS, SIGNALS
-from scaffold_lib.training import TrainConfig, latest_checkpoint, micro_batch_indices, train
+from scaffold_lib.student.examples import Example
+from scaffold_lib.student.model import HEADS_FILE, SCAFFOLD_CONFIG, ScaffoldStudent
+from scaffold_lib.student.shards import PackConfig, load_rows, pack_rows, write_shards
+from scaffold_lib.data.signals import NUM_SIGNALS, SIGNALS
+from scaffold_lib.student.training import TrainConfig, latest_checkpoint, micro_batch_indices, train
 from student_kit import TINY, TinyWorld, tiny_world
 
 
@@ -336,7 +336,7 @@ def test_signal_set_mismatch_is_refused(world, tmp_path):
 
 
 def test_tiny_config_is_tiny(world):
-    from scaffold_lib.model import count_parameters
+    from scaffold_lib.student.model import count_parameters
 
     model = world.student()
     assert model.backbone.config.hidden_size == TINY.hidden_size
@@ -347,11 +347,11 @@ def test_tiny_config_is_tiny(world):
 
 
 def test_distill_stages_on_a_tiny_warehouse(tmp_path):
-    from scaffold_lib.distill import ShardsConfig, build_packed_shards, eval_items, train_student
-    from scaffold_lib.problems import GeneratorConfig, generate_problems
-    from scaffold_lib.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
-    from scaffold_lib.teachers import ProgrammaticTeacher
-    from scaffold_lib.warehouse import Warehouse
+    from scaffold_lib.student.stages import ShardsConfig, build_packed_shards, eval_items, train_student
+    from scaffold_lib.data.problems import GeneratorConfig, generate_problems
+    from scaffold_lib.data.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
+    from scaffold_lib.data.teachers import ProgrammaticTeacher
+    from scaffold_lib.store.warehouse import Warehouse
 
     wh = Warehouse(tmp_path / "wh.duckdb")
     store_problems(wh, generate_problems(GeneratorConfig(n_problems=30, seed=1, test_fraction=0.2)))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from scaffold_lib.suites import (SUITES, SuiteDataError, boxed_contents, extract_choice, extract_math, extract_number,
+from scaffold_lib.evaluation.suites import (SUITES, SuiteDataError, boxed_contents, extract_choice, extract_math, extract_number,
                                  extract_yes_no, get_suite, math_equal, numbers_equal)
 
 GSM8K, MATH, STRATEGY, CSQA, TRUTHFUL = (SUITES[n] for n in ("gsm8k", "math500", "strategyqa", "csqa", "truthfulqa_mc1"))

@@ -8,10 +8,10 @@ from collections import Counter
 
 import pytest
 
-from scaffold_lib.answers import answers_match, extract_final_answer, last_number, normalise_number
-from scaffold_lib.problems import GeneratorConfig, Problem, generate_problems, make_problem_id
-from scaffold_lib.segmentation import segment
-from scaffold_lib.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig, verify
+from scaffold_lib.core.answers import answers_match, extract_final_answer, last_number, normalise_number
+from scaffold_lib.data.problems import GeneratorConfig, Problem, generate_problems, make_problem_id
+from scaffold_lib.data.segmentation import segment
+from scaffold_lib.data.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig, verify
 
 CORRECTIONS = ("Wait", "Actually", "But that is not right")
 

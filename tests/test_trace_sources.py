@@ -10,14 +10,14 @@ import duckdb
 import pandas as pd
 import pytest
 
-from scaffold_lib.endpoint import split_reasoning
-from scaffold_lib.journal import Journal
-from scaffold_lib.label_validation import Verdict, decide, parse_signal
-from scaffold_lib.problems import GeneratorConfig, ProblemFileError, generate_problems, parse_question, solve
-from scaffold_lib.signals import FALLBACK, FINAL_STEP, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE
-from scaffold_lib.stages import generate_teacher_traces, segment_traces, store_problems
-from scaffold_lib.trace_import import ImportedTeacher, TraceFieldMap, load_trace_rows
-from scaffold_lib.warehouse import Warehouse
+from scaffold_lib.data.endpoint import split_reasoning
+from scaffold_lib.data.journal import Journal
+from scaffold_lib.data.label_validation import Verdict, decide, parse_signal
+from scaffold_lib.data.problems import GeneratorConfig, ProblemFileError, generate_problems, parse_question, solve
+from scaffold_lib.data.signals import FALLBACK, FINAL_STEP, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE
+from scaffold_lib.data.stages import generate_teacher_traces, segment_traces, store_problems
+from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap, load_trace_rows
+from scaffold_lib.store.warehouse import Warehouse
 
 
 def test_journal_keeps_acknowledged_records_and_cuts_a_torn_tail(tmp_path: Path) -> None:
@@ -177,8 +177,8 @@ def test_an_older_warehouse_file_gains_the_new_columns(tmp_path: Path) -> None:
 
 def test_hf_teacher_generates_from_a_saved_checkpoint_and_resumes_from_its_journal(tmp_path: Path,
                                                                                    warehouse_path: Path) -> None:
-    from scaffold_lib.llm_teachers import HFTeacher, HFTeacherConfig
-    from scaffold_lib.model import StudentConfig, build_embedded_base
+    from scaffold_lib.data.llm_teachers import HFTeacher, HFTeacherConfig
+    from scaffold_lib.student.model import StudentConfig, build_embedded_base
 
     problems = _synthetic(5)
     checkpoint = build_embedded_base(StudentConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -7,11 +7,11 @@ from pydantic import Field
 
 from pipelines.defs.common import DATA_GROUP, WAREHOUSE_POOL, markdown_table
 from pipelines.defs.resources import LabellerResource, TeacherResource, WarehouseResource
-from scaffold_lib import paths
-from scaffold_lib.problems import FieldMap, GeneratorConfig, ProblemFileError, generate_problems, load_problem_file
-from scaffold_lib.endpoint import EndpointConfigError
-from scaffold_lib.signals import SIGNALS
-from scaffold_lib.stages import (generate_teacher_traces, label_signals, label_statistics, segment_traces,
+from scaffold_lib.core import paths
+from scaffold_lib.data.problems import FieldMap, GeneratorConfig, ProblemFileError, generate_problems, load_problem_file
+from scaffold_lib.data.endpoint import EndpointConfigError
+from scaffold_lib.data.signals import SIGNALS
+from scaffold_lib.data.stages import (generate_teacher_traces, label_signals, label_statistics, segment_traces,
                                  signal_distribution_markdown, store_problems, validate_signal_labels)
 
 PROBLEM_SUFFIXES = (".jsonl", ".parquet", ".ndjson", ".json")

@@ -7,17 +7,17 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field, SecretStr
 
-from scaffold_lib import paths
-from scaffold_lib.model import EMBEDDED, StudentConfig
-from scaffold_lib.registry import RegistryConfig, sqlite_config
-from scaffold_lib.endpoint import EndpointConfig
-from scaffold_lib.label_validation import LabelValidator, ValidatorConfig
-from scaffold_lib.llm_teachers import EndpointTeacher, HFTeacher, HFTeacherConfig, PromptConfig
-from scaffold_lib.problems import ProblemFileError
-from scaffold_lib.signals import LabellerConfig
-from scaffold_lib.teachers import DEFAULT_PROMPT, ProgrammaticTeacher, ProgrammaticTeacherConfig, Teacher
-from scaffold_lib.trace_import import ImportedTeacher, TraceFieldMap
-from scaffold_lib.warehouse import Warehouse
+from scaffold_lib.core import paths
+from scaffold_lib.student.model import EMBEDDED, StudentConfig
+from scaffold_lib.store.registry import RegistryConfig, sqlite_config
+from scaffold_lib.data.endpoint import EndpointConfig
+from scaffold_lib.data.label_validation import LabelValidator, ValidatorConfig
+from scaffold_lib.data.llm_teachers import EndpointTeacher, HFTeacher, HFTeacherConfig, PromptConfig
+from scaffold_lib.data.problems import ProblemFileError
+from scaffold_lib.data.signals import LabellerConfig
+from scaffold_lib.data.teachers import DEFAULT_PROMPT, ProgrammaticTeacher, ProgrammaticTeacherConfig, Teacher
+from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap
+from scaffold_lib.store.warehouse import Warehouse
 
 
 class WarehouseResource(dg.ConfigurableResource):

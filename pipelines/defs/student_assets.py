@@ -14,18 +14,19 @@ from pipelines.defs.common import GPU_POOL, STUDENT_GROUP, WAREHOUSE_POOL, markd
 from pipelines.defs.data_assets import (label_coverage_in_bounds, no_empty_steps, signal_labels,
                                         teacher_accuracy_above_floor)
 from pipelines.defs.resources import MlflowResource, StudentResource, WarehouseResource
-from scaffold_lib import paths, registry
-from scaffold_lib.decoding import DecodeConfig
-from scaffold_lib.distill import (ShardsConfig, TrainedStudent, build_packed_shards, eval_items, shards_of_manifest,
+from scaffold_lib.core import paths
+from scaffold_lib.store import registry
+from scaffold_lib.evaluation.decoding import DecodeConfig
+from scaffold_lib.student.stages import (ShardsConfig, TrainedStudent, build_packed_shards, eval_items, shards_of_manifest,
                                   train_student)
-from scaffold_lib.evaluation import (BASE_VARIANT, EvalConfig, comparison_table_markdown, eval_config_hash,
+from scaffold_lib.evaluation.metrics import (BASE_VARIANT, EvalConfig, comparison_table_markdown, eval_config_hash,
                                      evaluate_baseline, evaluate_scaffold, export_samples, score_table_markdown)
-from scaffold_lib.ids import content_id
-from scaffold_lib.model import ScaffoldStudent, load_tokenizer
-from scaffold_lib.shards import PackConfig
-from scaffold_lib.suites import SUITES, SYNTHETIC, SuiteDataError, get_suite
-from scaffold_lib.launch import LaunchJob
-from scaffold_lib.training import TrainConfig, TrainResult, pick_device
+from scaffold_lib.core.ids import content_id
+from scaffold_lib.student.model import ScaffoldStudent, load_tokenizer
+from scaffold_lib.student.shards import PackConfig
+from scaffold_lib.evaluation.suites import SUITES, SYNTHETIC, SuiteDataError, get_suite
+from scaffold_lib.student.launch import LaunchJob
+from scaffold_lib.student.training import TrainConfig, TrainResult, pick_device
 
 MODEL_NAME_BASELINE_SUFFIX = "-baseline"
 
@@ -159,7 +160,7 @@ def _launch_torchrun(context: dg.AssetExecutionContext, nproc: int, warehouse: W
     job_file.parent.mkdir(parents=True, exist_ok=True)
     job_file.write_text(job.model_dump_json())
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "-m", "scaffold_lib.launch", str(job_file)]
+               "-m", "scaffold_lib.student.launch", str(job_file)]
     env = {"OMP_NUM_THREADS": "1"} if cfg.device != "cuda" and not torch.cuda.is_available() else {}
     reported = dg.PipesSubprocessClient().run(command=command, context=context, env=env).get_materialize_result()
     student_path = Path(reported.metadata["student_path"].value)

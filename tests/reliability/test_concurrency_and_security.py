@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from scaffold_lib import registry
-from scaffold_lib.paths import REPO_ROOT, PathOutsideRoot, inside
-from scaffold_lib.warehouse import Warehouse, WarehouseBusyError
+from scaffold_lib.store import registry
+from scaffold_lib.core.paths import REPO_ROOT, PathOutsideRoot, inside
+from scaffold_lib.store.warehouse import Warehouse, WarehouseBusyError
 
 pytestmark = pytest.mark.timeout(600)
 CONCURRENT_RUNS = 3
@@ -60,7 +60,7 @@ def test_a_lock_held_too_long_is_a_clear_error_naming_the_file(tmp_path: Path) -
 
 RACE = """
 import sys, time
-from scaffold_lib import registry
+from scaffold_lib.store import registry
 cfg = registry.RegistryConfig(tracking_uri=sys.argv[1], artifact_location=sys.argv[2])
 scores = {"1": 0.2, "2": 0.3, "3": 0.5}
 def accuracy(v):
@@ -126,7 +126,7 @@ class _Marker:
 def test_model_loading_refuses_pickled_weights_without_running_them(tmp_path: Path, monkeypatch) -> None:
     from transformers import Qwen2Config
 
-    from scaffold_lib.model import ScaffoldStudent
+    from scaffold_lib.student.model import ScaffoldStudent
 
     marker = tmp_path / "pwned"
     monkeypatch.setenv("PICKLE_MARKER", str(marker))

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file
 
-from scaffold_lib.warehouse import AUDIT_COLUMNS, Warehouse
+from scaffold_lib.store.warehouse import AUDIT_COLUMNS, Warehouse
 
 pytestmark = pytest.mark.timeout(600)
 DATA_TABLES = ("problems", "teacher_traces", "teacher_failures", "segmented_steps", "signal_labels", "quarantine")

@@ -20,11 +20,11 @@ from typing import Sequence
 from pydantic import BaseModel, Field, field_validator
 from tqdm.auto import tqdm
 
-from scaffold_lib.endpoint import (Completion, EndpointClient, EndpointConfig, EndpointConfigError, error_summary,
+from scaffold_lib.data.endpoint import (Completion, EndpointClient, EndpointConfig, EndpointConfigError, error_summary,
                                    split_reasoning)
-from scaffold_lib.journal import Journal
-from scaffold_lib.problems import Problem
-from scaffold_lib.teachers import DEFAULT_PROMPT, TeacherFailure, TeacherResult, Trace, make_trace_id, verify
+from scaffold_lib.data.journal import Journal
+from scaffold_lib.data.problems import Problem
+from scaffold_lib.data.teachers import DEFAULT_PROMPT, TeacherFailure, TeacherResult, Trace, make_trace_id, verify
 
 
 class PromptConfig(BaseModel):
@@ -177,7 +177,7 @@ class HFTeacher(_JournalledTeacher):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from scaffold_lib.training import pick_device
+        from scaffold_lib.student.training import pick_device
 
         device = pick_device(self.config.device)
         tokenizer = AutoTokenizer.from_pretrained(self.config.model)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from scaffold_lib.ids import content_id
-from scaffold_lib.problems import ProblemFileError, iter_file_rows, normalise_gold_answer
+from scaffold_lib.core.ids import content_id
+from scaffold_lib.data.problems import ProblemFileError, iter_file_rows, normalise_gold_answer
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -343,7 +343,7 @@ class Suite:
              limit: int | None = None) -> list[EvalItem]:
         if self.row_to_item is None:
             raise SuiteDataError(f"suite {self.name!r} is built from the warehouse's held-out problems "
-                                 "(scaffold_lib.distill.eval_items), not from a file")
+                                 "(scaffold_lib.student.stages.eval_items), not from a file")
         file = Path(path) if path else Path(data_dir) / self.default_file if data_dir else None
         if file is not None and file.exists():
             rows = _file_rows(file)
@@ -365,7 +365,7 @@ class Suite:
         where = f"{file}: no such file" if file else f"no data file for suite {self.name!r}"
         return (f"{where}. Put the {self.name} file there ({self.default_file}, JSONL/JSON/Parquet in the public "
                 f"format), e.g. from HF datasets {name!r}{f' config {config!r}' if config else ''} split {split!r}; "
-                "see the docstring of scaffold_lib/suites.py")
+                "see the docstring of scaffold_lib/evaluation/suites.py")
 
     def _hub_rows(self, file: Path | None) -> Iterator[tuple[str, Row]]:
         name, config, split = self.hf_dataset

@@ -9,7 +9,7 @@ empty completions. Counters per prompt let tests prove that nothing was asked tw
 By default it answers the built-in synthetic problems with R1-style reasoning (the programmatic teacher's
 writer); tests pass their own responder for anything else.
 
-    python -m scaffold_lib.scripted_endpoint --port 8001 [--latency 0.2] [--fault-rate 0.2]
+    python tests/support/scripted_endpoint.py --port 8001 [--latency 0.2] [--fault-rate 0.2]
         [--reasoning-mode think_tags] [--host 127.0.0.1]
 """
 
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from scaffold_lib.problems import parse_question
-from scaffold_lib.teachers import ProgrammaticTeacherConfig, write_trace
+from scaffold_lib.data.problems import parse_question
+from scaffold_lib.data.teachers import ProgrammaticTeacherConfig, write_trace
 
 FAULT_KINDS = ("rate_limit", "server_error", "slow", "drop", "malformed_json", "empty_content")
 

@@ -18,10 +18,10 @@ from typing import Sequence
 
 from pydantic import BaseModel, Field
 
-from scaffold_lib.endpoint import EndpointClient, EndpointConfig, EndpointConfigError, error_summary
-from scaffold_lib.ids import content_id
-from scaffold_lib.journal import Journal
-from scaffold_lib.signals import FALLBACK, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE, SIGNALS
+from scaffold_lib.data.endpoint import EndpointClient, EndpointConfig, EndpointConfigError, error_summary
+from scaffold_lib.core.ids import content_id
+from scaffold_lib.data.journal import Journal
+from scaffold_lib.data.signals import FALLBACK, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE, SIGNALS
 
 PROMPT_VERSION = "signal-validation-v1"
 SIGNAL_GUIDE = {

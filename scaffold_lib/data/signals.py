@@ -48,10 +48,12 @@ def _words(text: str, limit: int) -> list[str]:
     tokens = text[:cut].lower().split()
     if len(text) > cut and not text[cut].isspace() and not text[cut - 1].isspace():
         tokens = tokens[:-1]  # the window cut a word in two: its first half is not a word ("is|land")
-    for token in tokens[:limit]:
+    for token in tokens:
         token = token.strip(_STRIP)
-        if token:
+        if token:  # markup alone ("**", "-") is not a word: it must not use up the window
             out.append(token)
+            if len(out) == limit:
+                break
     return out
 
 

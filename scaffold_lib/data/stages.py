@@ -7,14 +7,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from scaffold_lib.ids import content_id
-from scaffold_lib.endpoint import TRANSPORT_ERRORS
-from scaffold_lib.problems import Problem, Quarantined, shard_of
-from scaffold_lib.segmentation import segment
-from scaffold_lib.label_validation import LabelValidator, Verdict, decide
-from scaffold_lib.signals import FALLBACK, KEYWORD, SIGNALS, LabellerConfig, LabelStats, keyword_table, label_step
-from scaffold_lib.teachers import Teacher
-from scaffold_lib.warehouse import Warehouse
+from scaffold_lib.core.ids import content_id
+from scaffold_lib.data.endpoint import TRANSPORT_ERRORS
+from scaffold_lib.data.problems import Problem, Quarantined, shard_of
+from scaffold_lib.data.segmentation import segment
+from scaffold_lib.data.label_validation import LabelValidator, Verdict, decide
+from scaffold_lib.data.signals import FALLBACK, KEYWORD, SIGNALS, LabellerConfig, LabelStats, keyword_table, label_step
+from scaffold_lib.data.teachers import Teacher
+from scaffold_lib.store.warehouse import Warehouse
 
 
 @dataclass

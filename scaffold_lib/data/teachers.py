@@ -12,9 +12,9 @@ from typing import Protocol, Sequence
 
 from pydantic import BaseModel, Field
 
-from scaffold_lib.answers import answers_match, extract_final_answer
-from scaffold_lib.ids import content_id
-from scaffold_lib.problems import ParsedQuestion, Problem, Quarantined, parse_question
+from scaffold_lib.core.answers import answers_match, extract_final_answer
+from scaffold_lib.core.ids import content_id
+from scaffold_lib.data.problems import ParsedQuestion, Problem, Quarantined, parse_question
 
 DEFAULT_PROMPT = (
     "Solve the problem. Think step by step in short paragraphs separated by blank lines, "

@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
-from scaffold_lib.paths import REPO_ROOT
+from scaffold_lib.core.paths import REPO_ROOT
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_ARTIFACT = "student"

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from scaffold_lib.signals import NUM_SIGNALS, SIGNALS
+from scaffold_lib.data.signals import NUM_SIGNALS, SIGNALS
 
 EMBEDDED = "embedded"
 HEADS_FILE = "scaffold_heads.safetensors"

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from scaffold_lib.warehouse import Warehouse
+from scaffold_lib.store.warehouse import Warehouse
 
 
 def traces_of_model(wh: Warehouse, model_name: str, version: str) -> list[dict]:

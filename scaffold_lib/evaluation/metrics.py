@@ -20,13 +20,13 @@ from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from scaffold_lib.answers import answers_match, last_number
-from scaffold_lib.decoding import DecodeConfig, Generation, ScaffoldDecoder, plain_generate_batch
-from scaffold_lib.examples import Formatter, signal_tags
-from scaffold_lib.ids import content_id
-from scaffold_lib.model import ScaffoldStudent
-from scaffold_lib.signals import CONCLUSION_SIGNAL, keyword_table, label_step
-from scaffold_lib.suites import EvalItem, get_suite
+from scaffold_lib.core.answers import answers_match, last_number
+from scaffold_lib.evaluation.decoding import DecodeConfig, Generation, ScaffoldDecoder, plain_generate_batch
+from scaffold_lib.student.examples import Formatter, signal_tags
+from scaffold_lib.core.ids import content_id
+from scaffold_lib.student.model import ScaffoldStudent
+from scaffold_lib.data.signals import CONCLUSION_SIGNAL, keyword_table, label_step
+from scaffold_lib.evaluation.suites import EvalItem, get_suite
 
 SCAFFOLD_VARIANTS = ("predicted", "golden", "random", "summaries_only")
 BASELINE_VARIANT = "cot_sft"

@@ -18,10 +18,10 @@ import torch
 from pydantic import BaseModel, Field
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
-from scaffold_lib.answers import extract_final_answer
-from scaffold_lib.examples import STEP_SEPARATOR, Formatter, signal_tags
-from scaffold_lib.model import ScaffoldStudent
-from scaffold_lib.signals import ANSWER_SIGNAL, CONCLUSION_SIGNAL, SIGNAL_INDEX, SIGNALS
+from scaffold_lib.core.answers import extract_final_answer
+from scaffold_lib.student.examples import STEP_SEPARATOR, Formatter, signal_tags
+from scaffold_lib.student.model import ScaffoldStudent
+from scaffold_lib.data.signals import ANSWER_SIGNAL, CONCLUSION_SIGNAL, SIGNAL_INDEX, SIGNALS
 
 Variant = Literal["predicted", "golden", "random", "summaries_only"]
 STEP_SIGNALS = [s for s in SIGNALS if s != ANSWER_SIGNAL]

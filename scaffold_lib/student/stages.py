@@ -17,13 +17,13 @@ from typing import Callable
 import torch
 from pydantic import BaseModel, Field
 
-from scaffold_lib.evaluation import EvalItem
-from scaffold_lib.examples import STEP_SEPARATOR, Formatter, signal_tags, training_corpus
-from scaffold_lib.ids import content_id
-from scaffold_lib.model import EMBEDDED, ScaffoldStudent, StudentConfig, build_embedded_base, load_tokenizer, tokenizer_hash
-from scaffold_lib.shards import PackConfig, ShardInfo, load_rows, pack_rows, write_shards
-from scaffold_lib.training import TrainConfig, TrainResult, full_model_state, init_distributed, pick_device, train
-from scaffold_lib.warehouse import Warehouse
+from scaffold_lib.evaluation.metrics import EvalItem
+from scaffold_lib.student.examples import STEP_SEPARATOR, Formatter, signal_tags, training_corpus
+from scaffold_lib.core.ids import content_id
+from scaffold_lib.student.model import EMBEDDED, ScaffoldStudent, StudentConfig, build_embedded_base, load_tokenizer, tokenizer_hash
+from scaffold_lib.student.shards import PackConfig, ShardInfo, load_rows, pack_rows, write_shards
+from scaffold_lib.student.training import TrainConfig, TrainResult, full_model_state, init_distributed, pick_device, train
+from scaffold_lib.store.warehouse import Warehouse
 
 KINDS = ("scaffold", "baseline")
 

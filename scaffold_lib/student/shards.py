@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, Field
 
-from scaffold_lib.examples import Example
-from scaffold_lib.ids import content_id
-from scaffold_lib.model import NO_SIGNAL
-from scaffold_lib.packing import pack_bfd
+from scaffold_lib.student.examples import Example
+from scaffold_lib.core.ids import content_id
+from scaffold_lib.student.model import NO_SIGNAL
+from scaffold_lib.student.packing import pack_bfd
 
 
 class PackConfig(BaseModel):

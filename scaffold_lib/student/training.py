@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from scaffold_lib.model import ScaffoldStudent
+from scaffold_lib.student.model import ScaffoldStudent
 
 
 class TrainConfig(BaseModel):

@@ -15,7 +15,7 @@ from typing import Iterator
 
 from pydantic import BaseModel, Field, model_validator
 
-from scaffold_lib.ids import content_id
+from scaffold_lib.core.ids import content_id
 
 SYNTHETIC_SOURCE = "synthetic-arith"
 

@@ -16,10 +16,10 @@ from typing import Iterator, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from scaffold_lib.endpoint import split_reasoning
-from scaffold_lib.llm_teachers import trace_from_record
-from scaffold_lib.problems import Problem, ProblemFileError, Quarantined, iter_file_rows, text_error
-from scaffold_lib.teachers import TeacherResult, make_trace_id
+from scaffold_lib.data.endpoint import split_reasoning
+from scaffold_lib.data.llm_teachers import trace_from_record
+from scaffold_lib.data.problems import Problem, ProblemFileError, Quarantined, iter_file_rows, text_error
+from scaffold_lib.data.teachers import TeacherResult, make_trace_id
 
 
 class TraceFieldMap(BaseModel):

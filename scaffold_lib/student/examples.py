@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from scaffold_lib.model import NO_SIGNAL
-from scaffold_lib.signals import SIGNAL_INDEX, keyword_table
+from scaffold_lib.student.model import NO_SIGNAL
+from scaffold_lib.data.signals import SIGNAL_INDEX, keyword_table
 
 STEP_SEPARATOR = "\n\n"
 QUESTION_TEMPLATE = "Question: {question}"

@@ -1,8 +1,8 @@
 """Entry point of a training job under a distributed launcher, started by the `student_model` asset through
 Dagster Pipes (or by hand):
 
-    torchrun --standalone --nproc-per-node 8 -m scaffold_lib.launch job.json
-    accelerate launch --num_processes 8 -m scaffold_lib.launch job.json
+    torchrun --standalone --nproc-per-node 8 -m scaffold_lib.student.launch job.json
+    accelerate launch --num_processes 8 -m scaffold_lib.student.launch job.json
 
 `job.json` names the warehouse, the artifacts folder, the base model, the shard manifest and the `TrainConfig`.
 Every rank trains (DDP, see `training.train`); rank 0 alone writes checkpoints and the student, writes
@@ -21,9 +21,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from scaffold_lib.distill import train_student
-from scaffold_lib.training import TrainConfig, init_distributed, pick_device
-from scaffold_lib.warehouse import Warehouse
+from scaffold_lib.student.stages import train_student
+from scaffold_lib.student.training import TrainConfig, init_distributed, pick_device
+from scaffold_lib.store.warehouse import Warehouse
 
 
 class LaunchJob(BaseModel):
@@ -66,7 +66,7 @@ def run(job: LaunchJob) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m scaffold_lib.launch JOB.json", file=sys.stderr)
+        print("usage: python -m scaffold_lib.student.launch JOB.json", file=sys.stderr)
         return 2
     job = LaunchJob.model_validate_json(Path(args[0]).read_text())
     summary = run(job)
