@@ -1,17 +1,105 @@
-"""The `scaffold` command: each stage of the method usable from a shell. `scaffold --help` lists them."""
+"""The `scaffold` command: every stage of the method from a shell, through the same stage functions and the same
+configuration (presets + overrides) as the Dagster assets. `scaffold --help` lists the commands; settings come from
+the instance's preset (`scaffold init`), `--preset`, `--set section.key=value` and each command's own flags."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import types
+import typing
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
 
 from scaffold_lib.core import paths
 
 
 class CliError(Exception):
     """An error for the user: printed as one line, exit code 2, no traceback."""
+
+
+# --- flags derived from the configuration --------------------------------------------------------------------------
+
+FLAG_PREFIX = "cfg:"
+
+
+def config_field(path: str):
+    """The pydantic field at `section.key[.key]` of PipelineConfig."""
+    from scaffold_lib.config import PipelineConfig
+
+    model: type[BaseModel] = PipelineConfig
+    *parents, last = path.split(".")
+    for part in parents:
+        model = model.model_fields[part].annotation
+    return model.model_fields[last]
+
+
+def _scalar(annotation: Any) -> tuple[Any, dict]:
+    """(type, extra argparse kwargs) for a field annotation."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _scalar(inner[0])
+    if origin is Literal:
+        return str, {"choices": list(typing.get_args(annotation))}
+    if origin is list:
+        return typing.get_args(annotation)[0], {"nargs": "+"}
+    if annotation is bool:
+        return bool, {"action": argparse.BooleanOptionalAction}
+    return annotation, {}
+
+
+def add_flag(parser: argparse.ArgumentParser, flag: str, path: str, help: str | None = None) -> None:
+    """A flag that sets config `path`. Its default is the configuration's (preset, then library): the CLI never
+    types a default of its own."""
+    f = config_field(path)
+    kind, extra = _scalar(f.annotation)
+    library = f.get_default(call_default_factory=True)
+    text = f"{help or f.description or path} [{path}; library default: {library!r}]"
+    kwargs: dict[str, Any] = {"dest": FLAG_PREFIX + path, "default": argparse.SUPPRESS, "help": text, **extra}
+    if "action" not in extra:
+        kwargs["type"] = kind
+    parser.add_argument(flag, **kwargs)
+
+
+def add_section_flags(parser: argparse.ArgumentParser, section: str, names: list[str]) -> None:
+    for name in names:
+        add_flag(parser, "--" + name.replace("_", "-"), f"{section}.{name}")
+
+
+def flag_overrides(args: argparse.Namespace) -> dict:
+    out: dict = {}
+    for dest, value in vars(args).items():
+        if dest.startswith(FLAG_PREFIX):
+            node = out
+            *parents, last = dest.removeprefix(FLAG_PREFIX).split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+    return out
+
+
+def settings(args: argparse.Namespace, extra: dict | None = None):
+    """The resolved configuration of this command: instance preset (or --preset), --set, flags, then `extra`."""
+    from scaffold_lib.config import ConfigError, deep_merge, parse_assignments, resolve
+
+    try:
+        overrides = deep_merge(deep_merge(parse_assignments(args.set or []), flag_overrides(args)), extra or {})
+        return resolve(args.home, args.preset, overrides)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def store_of(args: argparse.Namespace):
+    from scaffold_lib.store.store import Store
+
+    return Store.at(args.home)
+
+
+# --- commands ------------------------------------------------------------------------------------------------------
 
 
 def _read_trace_lines(path: Path):
@@ -57,7 +145,7 @@ def cmd_label(args: argparse.Namespace) -> None:
     out = sys.stdout
     try:
         for _, trace_id, trace in _read_trace_lines(Path(args.traces)):
-            steps = segment(trace)
+            steps = segment(trace, args.segmenter)
             for idx, (text, label) in enumerate(zip(steps, label_steps(steps, config))):
                 out.write(json.dumps({"trace_id": trace_id, "idx": idx, "text": text, "signal": label.signal,
                                       "labeller": label.labeller}, ensure_ascii=False) + "\n")
@@ -65,87 +153,170 @@ def cmd_label(args: argparse.Namespace) -> None:
         raise CliError(str(exc)) from exc
 
 
-def cmd_data(args: argparse.Namespace) -> None:
-    """Run the data stages (problems -> traces -> steps -> labels) into the warehouse, without Dagster."""
-    from pydantic import ValidationError
+def cmd_presets(args: argparse.Namespace) -> None:
+    from scaffold_lib.config import instance_settings, preset_info, preset_names
 
-    from scaffold_lib.data.problems import FieldMap, GeneratorConfig, ProblemFileError, generate_problems, load_problem_file
-    from scaffold_lib.data.endpoint import EndpointConfigError
-    from scaffold_lib.data.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
-    from scaffold_lib.store.warehouse import Warehouse
+    current, _ = instance_settings(args.home)
+    for name in preset_names():
+        info = preset_info(name)
+        mark = "*" if name == current else " "
+        extends = f" (extends {info['extends']})" if info.get("extends") else ""
+        print(f"{mark} {name} v{info['version']}{extends}: {info['description']}")
+    print(f"\n* = this instance's preset ({args.home}); change it with `scaffold init --preset NAME`")
 
-    wh = Warehouse(args.warehouse)
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from scaffold_lib.config import ConfigError, parse_assignments, save_instance_settings
+
+    try:
+        path = save_instance_settings(args.home, args.preset or "demo", parse_assignments(args.set or []))
+    except ConfigError as exc:
+        raise CliError(str(exc)) from exc
+    resolved = settings(args)
+    print(f"{path}: this instance now runs {resolved.describe()}")
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    resolved = settings(args)
+    print(f"# {resolved.describe()}")
+    print(json.dumps(resolved.config.model_dump(mode="json"), indent=2))
+
+
+def _data_overrides(args: argparse.Namespace) -> dict:
+    """The data command's composite flags: a problem file, a trace import, an endpoint or local model."""
+    extra: dict = {"problems": {}, "teacher": {}, "labeller": {}}
     if args.problems_file:
-        try:
-            loaded = load_problem_file(args.problems_file, FieldMap(), lenient=args.lenient)
-        except ProblemFileError as exc:
-            raise CliError(str(exc)) from exc
-        reports = [store_problems(wh, loaded.problems, loaded.quarantined)]
-    else:
-        try:
-            gen_config = GeneratorConfig(n_problems=args.n_problems, seed=args.seed)
-        except ValidationError as exc:
-            raise CliError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
-                                     for e in exc.errors())) from exc
-        reports = [store_problems(wh, generate_problems(gen_config))]
-    try:
-        reports.append(generate_teacher_traces(wh, _teacher(args)))
-        reports.append(segment_traces(wh))
-        reports.append(label_signals(wh))
-        if args.validate_labels:
-            from scaffold_lib.data.label_validation import LabelValidator, ValidatorConfig
-            from scaffold_lib.data.stages import validate_signal_labels
-
-            endpoint = _endpoint(args, args.label_model or args.model, temperature=0.0, max_tokens=64)
-            validator = LabelValidator(ValidatorConfig(endpoint=endpoint), args.journal_dir)
-            reports.append(validate_signal_labels(wh, validator))
-    except (EndpointConfigError, ProblemFileError) as exc:
-        raise CliError(str(exc)) from exc
-    for r in reports:
-        print(r.summary())
-    print(f"warehouse: {wh.path}")
-
-
-def _endpoint(args: argparse.Namespace, model: str | None, **overrides):
-    import os
-
-    from pydantic import SecretStr, ValidationError
-
-    from scaffold_lib.data.endpoint import EndpointConfig
-
-    if not args.base_url or not model:
-        raise CliError("an endpoint needs --base-url and --model")
-    try:
-        return EndpointConfig(base_urls=args.base_url, model=model, concurrency=args.concurrency,
-                              api_key=SecretStr(os.environ.get(args.api_key_env, "EMPTY")),
-                              **{"max_tokens": args.max_tokens, "temperature": args.temperature, **overrides})
-    except ValidationError as exc:
-        raise CliError(str(exc)) from exc
-
-
-def _teacher(args: argparse.Namespace):
-    from scaffold_lib.data.llm_teachers import EndpointTeacher, PromptConfig
-    from scaffold_lib.data.teachers import ProgrammaticTeacher
-    from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap
-
+        extra["problems"].update(source="files", files=[str(Path(f).resolve()) for f in args.problems_file])
     if args.import_traces:
         pairs = [pair.split("=", 1) for pair in args.fields.split(",")] if args.fields else []
         if any(len(pair) != 2 for pair in pairs):
             raise CliError(f"--fields {args.fields!r}: expected name=column pairs separated by commas")
+        extra["teacher"].update(backend="import", import_source=args.import_traces, import_fields=dict(pairs))
+    backend = extra["teacher"].get("backend") or getattr(args, FLAG_PREFIX + "teacher.backend", None)
+    if args.model:
+        if backend == "hf":
+            extra["teacher"]["hf"] = {"model": args.model}
+        else:
+            extra["teacher"]["endpoint"] = {"model": args.model}
+    if args.base_url:
+        extra["teacher"].setdefault("endpoint", {})["base_urls"] = args.base_url
+    if args.validate_labels:
+        extra["labeller"].update(validate_with_llm=True, endpoint={
+            "base_urls": args.base_url, "model": args.label_model or args.model,
+            **({"api_key_env": v} if (v := getattr(args, FLAG_PREFIX + "teacher.endpoint.api_key_env", None)) else {})})
+    return {k: v for k, v in extra.items() if v}
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    """Run the data stages (problems -> traces -> steps -> labels) into the warehouse, without Dagster."""
+    from scaffold_lib.pipeline import PipelineResult, new_run_id, run_data_stages
+
+    resolved = settings(args, _data_overrides(args))
+    store = store_of(args)
+    print(f"# {resolved.describe()}")
+    result = PipelineResult(new_run_id())
+    run_data_stages(store, resolved.config, result.run_id, result)
+    print(f"warehouse: {store.warehouse_path}")
+
+
+def cmd_pack(args: argparse.Namespace) -> None:
+    from scaffold_lib.pipeline import new_run_id
+    from scaffold_lib.store.handles import save_handle
+    from scaffold_lib.student.stages import pack_shards
+
+    resolved = settings(args)
+    store, run_id = store_of(args), new_run_id()
+    handle = pack_shards(store, resolved.config.shards, resolved.config.student, run_id)
+    path = save_handle(store.home, "packed_shards", run_id, handle)
+    print(json.dumps({"base_model": handle.base_model, "tokenizer_hash": handle.tokenizer_hash,
+                      "manifests": handle.manifests, "stats": handle.stats, "budget": handle.budget,
+                      "handle": str(path)}, indent=2))
+
+
+def _shards_handle(args: argparse.Namespace):
+    from scaffold_lib.store.handles import HandleNotFound, load_handle
+    from scaffold_lib.student.stages import ShardsHandle
+
+    try:
+        return load_handle(args.home, "packed_shards", ShardsHandle, args.shards_run)
+    except HandleNotFound as exc:
+        raise CliError(f"{exc}: run `scaffold pack` first") from exc
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from scaffold_lib.pipeline import new_run_id
+    from scaffold_lib.store.handles import save_handle
+    from scaffold_lib.student.stages import train_model
+
+    resolved = settings(args)
+    store, run_id, shards = store_of(args), new_run_id(), _shards_handle(args)
+    kinds = ("scaffold", "baseline") if args.kind == "both" else (args.kind,)
+    for kind in kinds:
+        model = train_model(store, shards, resolved.config.train, kind, run_id)
+        save_handle(store.home, "student_model" if kind == "scaffold" else "baseline_model", run_id, model)
+        print(f"trained {kind} for {model.steps} steps (resumed from {model.resumed_from}): loss {model.first_loss:.3f} "
+              f"-> {model.final_loss:.3f}, {model.tokens_per_s:,.0f} tokens/s\n"
+              f"registered: {model.model_uri} (MLflow run {model.mlflow_run_id})\nmodel: {model.path}")
+
+
+def _model_handle(args: argparse.Namespace, stage: str, ref: str | None):
+    """The newest trained model of `stage`, or the registered version `ref` (champion / challenger / N)."""
+    from scaffold_lib.store.handles import HandleNotFound, all_handles, load_handle
+    from scaffold_lib.student.stages import BASELINE_SUFFIX, ModelHandle
+
+    if ref is None:
         try:
-            fields = TraceFieldMap(**dict(pairs))
-        except ValueError as exc:
-            raise CliError(f"--fields: {exc}") from exc
-        return ImportedTeacher(args.import_traces, fields)
-    if args.teacher == "openai":
-        return EndpointTeacher(_endpoint(args, args.model), PromptConfig(samples=args.samples), args.journal_dir)
-    return ProgrammaticTeacher()
+            return load_handle(args.home, stage, ModelHandle)
+        except HandleNotFound as exc:
+            raise CliError(f"{exc}: run `scaffold train` first") from exc
+    store = store_of(args)
+    name = store.model_name + (BASELINE_SUFFIX if stage == "baseline_model" else "")
+    version = _version(args, ref, name)
+    for handle in reversed(all_handles(args.home, stage, ModelHandle)):
+        if handle.model_name == name and handle.version == version:
+            return handle
+    raise CliError(f"{name} v{version} has no training record in {args.home}/handles (it was trained elsewhere)")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Score the newest trained pair (or --model/--baseline versions) and store the scores, as the asset does."""
+    from scaffold_lib.evaluation.stages import evaluate_models
+    from scaffold_lib.evaluation.suites import SuiteDataError
+    from scaffold_lib.pipeline import new_run_id
+    from scaffold_lib.store.handles import all_handles, save_handle
+    from scaffold_lib.student.stages import ShardsHandle
+
+    resolved = settings(args)
+    store, run_id = store_of(args), new_run_id()
+    student = _model_handle(args, "student_model", args.model)
+    baseline = None if args.no_baseline else _model_handle(args, "baseline_model", args.baseline)
+    shards = next((h for h in reversed(all_handles(args.home, "packed_shards", ShardsHandle))
+                   if student.manifest_hash in h.manifests.values()), None)
+    if shards is None:
+        raise CliError(f"no packed shards record for manifest {student.manifest_hash} in {args.home}/handles")
+    try:
+        evaluation = evaluate_models(store, student, baseline, shards, resolved.config.eval, run_id, progress=True)
+    except SuiteDataError as exc:
+        raise CliError(str(exc)) from exc
+    save_handle(store.home, "benchmark_scores", run_id, evaluation)
+    print(evaluation.comparison_table + "\n\n" + evaluation.score_table)
+    if args.samples:
+        print("per-sample answers:\n" + "\n".join(f"  {k}: {v}" for k, v in evaluation.samples.items()))
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from scaffold_lib.evaluation.scoring import score_predictions
+
+    try:
+        summary = score_predictions(args.suite, args.predictions, suite_file=args.suite_file, out=args.out,
+                                    data_dir=store_of(args).benchmarks)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    print(summary)
 
 
 def _registry(args: argparse.Namespace):
-    from scaffold_lib.store import registry
-
-    return registry.sqlite_config(paths.dagster_home(), model_name=args.model_name)
+    return store_of(args).registry
 
 
 def _model_dir(args: argparse.Namespace, ref: str) -> Path:
@@ -160,108 +331,49 @@ def _model_dir(args: argparse.Namespace, ref: str) -> Path:
         raise CliError(f"--model {ref!r} is neither a directory nor a registered version/alias: {exc}") from exc
 
 
-def _version(args: argparse.Namespace, ref: str) -> str:
+def _version(args: argparse.Namespace, ref: str, name: str | None = None) -> str:
     from scaffold_lib.store import registry
 
     try:
-        return registry.resolve_version(_registry(args), ref)
+        return registry.resolve_version(_registry(args), ref, name)
     except LookupError as exc:
         raise CliError(str(exc)) from exc
 
 
-def cmd_pack(args: argparse.Namespace) -> None:
-    from scaffold_lib.student.stages import ShardsConfig, build_packed_shards
-    from scaffold_lib.student.shards import PackConfig
-    from scaffold_lib.store.warehouse import Warehouse
-
-    try:
-        report = build_packed_shards(Warehouse(args.warehouse), args.artifacts,
-                                     ShardsConfig(pack=PackConfig(row_len=args.row_len)))
-    except ValueError as exc:
-        raise CliError(str(exc)) from exc
-    print(json.dumps({"base_model": report.base_model, "manifests": report.manifests, "stats": report.stats}, indent=2))
-
-
-def cmd_train(args: argparse.Namespace) -> None:
-    from scaffold_lib.student.stages import train_student
-    from scaffold_lib.student.training import TrainConfig
-    from scaffold_lib.store.warehouse import Warehouse
-
-    cfg = TrainConfig(kind=args.kind, beta=args.beta, max_steps=args.steps, batch_size=args.batch_size,
-                      learning_rate=args.lr, checkpoint_every=args.checkpoint_every, seed=args.seed)
-    wh = Warehouse(args.warehouse)
-    manifest = args.manifest or wh.scalar("SELECT manifest_hash FROM shards WHERE kind = ? ORDER BY created_at DESC "
-                                          "LIMIT 1", [args.kind])
-    if manifest is None:
-        raise CliError(f"no {args.kind} shards in {wh.path}: run `scaffold pack` first")
-    try:
-        trained = train_student(wh, args.artifacts, args.base_model, manifest, cfg)
-    except ValueError as exc:
-        raise CliError(str(exc)) from exc
-    r = trained.result
-    print(f"trained {args.kind} for {cfg.max_steps} steps (resumed from {r.resumed_from}): loss {r.losses[0]:.3f} -> "
-          f"{r.final_loss:.3f}, {r.tokens_per_s:,.0f} tokens/s\nmodel: {trained.path}")
-
-
-def cmd_eval(args: argparse.Namespace) -> None:
-    from scaffold_lib.evaluation.decoding import DecodeConfig
-    from scaffold_lib.student.stages import eval_items
-    from scaffold_lib.evaluation.metrics import (EvalConfig, evaluate_baseline, evaluate_scaffold, export_samples,
-                                         score_table_markdown)
-    from scaffold_lib.student.model import ScaffoldStudent, load_tokenizer
-    from scaffold_lib.evaluation.suites import SYNTHETIC, SuiteDataError, get_suite
-    from scaffold_lib.store.warehouse import Warehouse
-
-    model_dir = _model_dir(args, args.model)
-    model = ScaffoldStudent.from_pretrained(model_dir)
-    try:
-        suite = get_suite(args.suite)
-        cfg = EvalConfig(benchmark=suite.name, limit=args.limit, decode=DecodeConfig(tau=args.tau),
-                         variants=args.variants.split(",") if args.variants else EvalConfig().variants)
-        items = (eval_items(Warehouse(args.warehouse), "test") if suite.name == SYNTHETIC
-                 else suite.load(args.suite_file, data_dir=paths.dagster_home() / "benchmarks", limit=args.limit))
-    except SuiteDataError as exc:
-        raise CliError(str(exc)) from exc
-    if not items:
-        raise CliError(f"no held-out problems in {args.warehouse}: run the data stages first")
-    evaluate = evaluate_scaffold if model.kind == "scaffold" else evaluate_baseline
-    rows, records = evaluate(model, load_tokenizer(model_dir), items, cfg)
-    print(score_table_markdown([{**r.as_row(), "model": str(args.model)} for r in rows]))
-    if args.samples:
-        print(f"per-sample answers: {export_samples(records, args.samples)}")
-
-
 def cmd_ask(args: argparse.Namespace) -> None:
     from scaffold_lib.evaluation.decoding import DecodeConfig, ScaffoldDecoder, plain_generate
-    from scaffold_lib.student.model import ScaffoldStudent, load_tokenizer
+    from scaffold_lib.evaluation.stages import load_for_eval
 
-    model_dir = _model_dir(args, args.model)
-    model, tokenizer = ScaffoldStudent.from_pretrained(model_dir), load_tokenizer(model_dir)
+    resolved = settings(args)
+    model, fmt = load_for_eval(_model_dir(args, args.model))
+    decode = resolved.config.eval.decode
+    if args.tau is not None:
+        decode = decode.model_copy(update={"tau": args.tau})
     if model.kind == "scaffold":
-        gen = ScaffoldDecoder(model, tokenizer, DecodeConfig(tau=args.tau)).generate(args.question)
+        gen = ScaffoldDecoder(model, fmt.tokenizer, decode, fmt).generate(args.question)
     else:
-        gen = plain_generate(model, tokenizer, args.question)
+        gen = plain_generate(model, fmt.tokenizer, args.question, decode.resolved(None).max_tokens, fmt)
     print(gen.render())
     print(f"\nanswer: {gen.answer}")
 
 
 def cmd_lineage(args: argparse.Namespace) -> None:
     from scaffold_lib.store import lineage
-    from scaffold_lib.store.warehouse import Warehouse
 
-    wh = Warehouse(args.warehouse)
+    wh = store_of(args).warehouse
     if args.trace:
         rows = lineage.models_of_trace(wh, args.trace)
         print(f"trace {args.trace} reached {len(rows)} model version(s):")
         for r in rows:
             print(f"  {r['model_name']} v{r['version']} ({r['kind']}), mlflow run {r['mlflow_run_id']}, "
-                  f"dagster run {r['dagster_run_id']}")
+                  f"run {r['dagster_run_id']}")
         return
+    name = store_of(args).model_name
     version = _version(args, args.model)
-    summary = lineage.model_summary(wh, args.model_name, version)
+    summary = lineage.model_summary(wh, name, version)
     print(f"{summary['model']}: trained on {summary['traces']} teacher traces of {summary['problems']} problems "
           f"in {summary['shards']} shards")
-    for t in lineage.traces_of_model(wh, args.model_name, version)[: args.show]:
+    for t in lineage.traces_of_model(wh, name, version)[: args.show]:
         print(f"  trace {t['trace_id']}  problem {t['problem_id']}  ({t['source']}/{t['split']}, {t['teacher']})")
     for s in summary["scores"]:
         print(f"  score {s['benchmark']}/{s['variant']}: {100 * s['accuracy']:.1f} % of {s['n']} "
@@ -271,28 +383,40 @@ def cmd_lineage(args: argparse.Namespace) -> None:
 def cmd_promote(args: argparse.Namespace) -> None:
     from scaffold_lib.store import registry
 
+    if args.version is None:  # the rule, as the model_promotion asset applies it, to the newest evaluation
+        from scaffold_lib.evaluation.stages import EvaluationHandle, promote_challenger
+        from scaffold_lib.store.handles import HandleNotFound, load_handle
+
+        try:
+            evaluation = load_handle(args.home, "benchmark_scores", EvaluationHandle)
+        except HandleNotFound as exc:
+            raise CliError(f"{exc}: run `scaffold eval` first, or give --version to move the alias by hand") from exc
+        outcome = promote_challenger(store_of(args), evaluation, settings(args).config.promotion, (),
+                                     who=args.who or "scaffold promote")
+        print(f"promotion of v{evaluation.version}: {'yes' if outcome.promoted else 'no'} — {outcome.reason}")
+        return
     version = _version(args, args.version)
     cfg = _registry(args)
     with registry.promotion_lock(cfg):  # a rollback must not interleave with a scheduled promotion
         registry.set_champion(cfg, version, args.reason, who=args.who)
-    print(f"champion of {args.model_name} is now version {version} ({args.reason})")
+    print(f"champion of {cfg.model_name} is now version {version} ({args.reason})")
 
 
 def cmd_scores(args: argparse.Namespace) -> None:
     from scaffold_lib.evaluation.metrics import IncomparableScores, comparison_table_markdown, score_table_markdown
-    from scaffold_lib.store.warehouse import Warehouse
 
+    store = store_of(args)
     version = _version(args, args.model)
-    wh = Warehouse(args.warehouse)
     # the newest evaluation of this version per suite, with the baseline and base rows scored alongside it
-    rows = wh.query("""
+    rows = store.warehouse.query("""
         SELECT s.* FROM benchmark_scores s JOIN (
-            SELECT DISTINCT ON (benchmark) evaluation_id FROM benchmark_scores
+            SELECT DISTINCT ON (benchmark, split) evaluation_id FROM benchmark_scores
             WHERE model_name = ? AND version = ? AND evaluation_id IS NOT NULL
-            ORDER BY benchmark, created_at DESC) latest USING (evaluation_id)
-        ORDER BY s.benchmark, s.variant""", [args.model_name, version])
+            ORDER BY benchmark, split, created_at DESC) latest USING (evaluation_id)
+        ORDER BY s.benchmark, s.variant""", [store.model_name, version])
     if not rows:
-        raise CliError(f"no scores for {args.model_name} v{version}: materialise benchmark_scores")
+        raise CliError(f"no scores for {store.model_name} v{version}: run `scaffold eval` or materialise "
+                       "benchmark_scores")
     try:
         print(comparison_table_markdown(rows))
     except IncomparableScores as exc:
@@ -301,102 +425,150 @@ def cmd_scores(args: argparse.Namespace) -> None:
     print(score_table_markdown([{**r, "model": f"{r['model_name']} v{r['version']}"} for r in rows]))
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    """The whole pipeline in this process, without Dagster."""
+    from scaffold_lib.pipeline import run_pipeline, summary
+
+    resolved = settings(args)
+    store = store_of(args)
+    print(f"# {resolved.describe()}")
+    result = run_pipeline(store, resolved.config)
+    print("\n" + summary(store, result.evaluation, result.promotion.champion,
+                         f"Reasoning Scaffolding ({resolved.preset}): run {result.run_id}"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaffold", description=__doc__)
+    parser.add_argument("--home", default=str(paths.dagster_home()),
+                        help="the instance folder: warehouse, MLflow, artifacts (default: $DAGSTER_HOME or ./dagster_home)")
+    parser.add_argument("--preset", default=None, help="a named preset (`scaffold presets`); default: the instance's")
+    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                        help="override one setting, e.g. --set train.max_steps=400 (repeatable)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("label", help="segment and keyword-label traces from a JSONL file (fields: id, trace)")
     p.add_argument("traces", help="JSONL file, one {\"id\": ..., \"trace\": ...} per line")
     p.add_argument("--keywords", default=None, help="keyword file (TOML) replacing the built-in one")
+    p.add_argument("--segmenter", choices=["blank_line", "line", "auto"], default="blank_line",
+                   help="blank_line (R1-style traces), line (GSM8K-style solutions), auto")
     p.set_defaults(func=cmd_label)
 
+    p = sub.add_parser("presets", help="list the named presets")
+    p.set_defaults(func=cmd_presets)
+    p = sub.add_parser("init", help="record the preset (and --set overrides) this instance runs with")
+    p.set_defaults(func=cmd_init)
+    p = sub.add_parser("config", help="print the resolved configuration")
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("data", help="run the data stages into the DuckDB warehouse (no Dagster)")
-    p.add_argument("--warehouse", default=str(paths.default_warehouse()))
-    p.add_argument("--n-problems", type=int, default=400)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--problems-file", default=None, help="JSONL/Parquet problems (GSM8K format by default)")
-    p.add_argument("--lenient", action="store_true", help="quarantine bad rows instead of stopping")
-    p.add_argument("--teacher", choices=["programmatic", "openai"], default="programmatic",
-                   help="openai = any OpenAI-compatible endpoint (vLLM, SGLang, Ollama, OpenAI)")
+    add_flag(p, "--source", "problems.source")
+    add_flag(p, "--n-problems", "problems.synthetic.n_problems")
+    add_flag(p, "--seed", "problems.synthetic.seed")
+    p.add_argument("--problems-file", action="append", default=[],
+                   help="JSONL/Parquet problems (GSM8K format: question, answer '… #### N'; a split column is "
+                        "honoured); repeatable; replaces the synthetic generator")
+    add_flag(p, "--lenient", "problems.lenient")
+    add_flag(p, "--teacher", "teacher.backend")
     p.add_argument("--base-url", action="append", default=[], help="endpoint /v1 URL; repeat to spread the load")
-    p.add_argument("--model", default=None, help="model name the endpoint serves")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    p.add_argument("--concurrency", type=int, default=64, help="requests in flight")
-    p.add_argument("--samples", type=int, default=1, help="traces per problem")
-    p.add_argument("--max-tokens", type=int, default=4096)
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--journal-dir", default=str(paths.dagster_home() / "journals"),
-                   help="completions are journalled here, so an interrupted run resumes")
+    p.add_argument("--model", default=None, help="the endpoint's model name, or the local model for --teacher hf")
+    add_flag(p, "--api-key-env", "teacher.endpoint.api_key_env")
+    add_flag(p, "--concurrency", "teacher.endpoint.concurrency")
+    add_flag(p, "--samples", "teacher.prompt.samples")
+    add_flag(p, "--max-tokens", "teacher.endpoint.max_tokens")
+    add_flag(p, "--temperature", "teacher.endpoint.temperature")
+    add_flag(p, "--journal-dir", "teacher.journal_dir")
     p.add_argument("--import-traces", default=None, help="take traces from this JSONL/Parquet file or HF dataset")
     p.add_argument("--fields", default=None, help="import columns, e.g. question=problem,thinking=generation,answer=final")
+    add_flag(p, "--segmenter", "segmentation.segmenter")
+    add_flag(p, "--keywords", "labeller.keywords_path")
     p.add_argument("--validate-labels", action="store_true", help="have an LLM confirm/correct the keyword labels")
     p.add_argument("--label-model", default=None, help="model for label validation (default: --model)")
     p.set_defaults(func=cmd_data)
 
-    warehouse = argparse.ArgumentParser(add_help=False)
-    warehouse.add_argument("--warehouse", default=str(paths.default_warehouse()), help="DuckDB file")
-    warehouse.add_argument("--artifacts", default=str(paths.dagster_home() / "artifacts"), help="shards, models")
-    warehouse.add_argument("--model-name", default="scaffold-student", help="registered model name in MLflow")
-
-    p = sub.add_parser("pack", parents=[warehouse], help="build the tokenizer/base model and the packed shards")
-    p.add_argument("--row-len", type=int, default=1024)
+    p = sub.add_parser("pack", help="prepare the backbone's tokenizer and write the packed shards")
+    add_flag(p, "--base-model", "student.base_model")
+    add_flag(p, "--row-len", "shards.pack.row_len")
+    add_flag(p, "--include-incorrect", "shards.include_incorrect")
     p.set_defaults(func=cmd_pack)
 
-    p = sub.add_parser("train", parents=[warehouse], help="train the scaffold student or the CoT-SFT baseline")
-    p.add_argument("--base-model", required=True, help="the base_model `scaffold pack` printed (or a hub id/path)")
-    p.add_argument("--kind", choices=["scaffold", "baseline"], default="scaffold")
-    p.add_argument("--manifest", default=None, help="shard manifest hash (default: the newest of this kind)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--beta", type=float, default=0.3)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("train", help="train the scaffold student and/or the CoT-SFT baseline; registers each version")
+    p.add_argument("--kind", choices=["scaffold", "baseline", "both"], default="both")
+    p.add_argument("--shards-run", default=None, help="the run whose packed shards to train on (default: the newest)")
+    add_flag(p, "--steps", "train.max_steps")
+    add_section_flags(p, "train", ["beta", "learning_rate", "batch_size", "grad_accum", "seed", "checkpoint_every",
+                                   "device", "launcher", "nproc", "lora_r", "gradient_checkpointing"])
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", parents=[warehouse], help="score a model on the held-out split")
-    p.add_argument("--model", required=True, help="model directory, or champion / challenger / version number")
-    p.add_argument("--tau", type=float, default=0.5)
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--variants", default=None, help="comma-separated: predicted,golden,random,summaries_only")
-    p.add_argument("--samples", default=None, help="write per-sample answers (JSONL) here")
-    p.add_argument("--suite", default="synthetic-arith",
-                   help="synthetic-arith (the warehouse's held-out split), gsm8k, math500, strategyqa, csqa, truthfulqa_mc1")
-    p.add_argument("--suite-file", default=None, help="the suite's data file (default: $DAGSTER_HOME/benchmarks/<file>)")
+    p = sub.add_parser("eval", help="score the newest trained pair (or given versions) and store the scores")
+    p.add_argument("--model", default=None, help="scaffold student: champion / challenger / version (default: newest)")
+    p.add_argument("--baseline", default=None, help="baseline version (default: the newest trained baseline)")
+    p.add_argument("--no-baseline", action="store_true", help="score the student (and base model) only")
+    add_flag(p, "--suite", "eval.suites")
+    add_flag(p, "--split", "eval.split")
+    add_flag(p, "--tau", "eval.decode.tau")
+    add_flag(p, "--limit", "eval.limit")
+    add_flag(p, "--variants", "eval.variants")
+    add_flag(p, "--include-base", "eval.include_base")
+    p.add_argument("--samples", action="store_true", help="list where the per-sample answers were written")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("ask", parents=[warehouse], help="answer one question, printing signal-tagged steps")
+    p = sub.add_parser("score", help="score a JSONL of any model's outputs against a suite, with the pipeline's scorer")
+    p.add_argument("--suite", required=True, help="gsm8k, math500, strategyqa, csqa, truthfulqa_mc1")
+    p.add_argument("--suite-file", default=None, help="the suite's data file (default: <home>/benchmarks/<file>)")
+    p.add_argument("--predictions", required=True, help="JSONL: `output` and `question` (or the suite's id field)")
+    p.add_argument("--out", default=None, help="write per-item rows (question, extracted, gold, correct) here")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("run", help="the whole pipeline in this process (no Dagster): data, shards, both arms, "
+                                   "scores, promotion")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("ask", help="answer one question, printing signal-tagged steps")
     p.add_argument("question")
     p.add_argument("--model", default="champion", help="model directory, or champion / challenger / version")
-    p.add_argument("--tau", type=float, default=0.5)
+    p.add_argument("--tau", type=float, default=None, help="confidence to write another step (default: the config's)")
     p.set_defaults(func=cmd_ask)
 
-    p = sub.add_parser("lineage", parents=[warehouse], help="which traces trained a model / which models used a trace")
+    p = sub.add_parser("lineage", help="which traces trained a model / which models used a trace")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--model", help="champion / challenger / version number")
     group.add_argument("--trace", help="a trace_id")
     p.add_argument("--show", type=int, default=10, help="how many traces to list")
     p.set_defaults(func=cmd_lineage)
 
-    p = sub.add_parser("promote", parents=[warehouse], help="move the champion alias (e.g. to roll back)")
-    p.add_argument("--version", required=True)
+    p = sub.add_parser("promote", help="apply the promotion rule to the newest evaluation, or move the champion "
+                                       "alias by hand (--version, e.g. to roll back)")
+    p.add_argument("--version", default=None)
     p.add_argument("--reason", default="manual promotion")
     p.add_argument("--who", default=None, help="recorded on the version (default: the OS user)")
     p.set_defaults(func=cmd_promote)
 
-    p = sub.add_parser("scores", parents=[warehouse], help="print the score table of a model version")
+    p = sub.add_parser("scores", help="print the score table of a model version")
     p.add_argument("--model", default="champion")
     p.set_defaults(func=cmd_scores)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 1 a stage or a quality gate failed (the message says why); 2 bad input or usage."""
     args = build_parser().parse_args(argv)
+    from scaffold_lib.core.files import DataFileError
+    from scaffold_lib.data.endpoint import EndpointConfigError
+    from scaffold_lib.data.stages import StageFailed
+    from scaffold_lib.pipeline import GateFailed
+    from scaffold_lib.student.model import StudentLoadError
+    from scaffold_lib.student.stages import ShardTokenizerMismatch
+
+    def fail(exc: BaseException, code: int) -> int:
+        print(f"scaffold {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return code
+
     try:
         args.func(args)
-    except CliError as exc:
-        print(f"scaffold {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except (StageFailed, GateFailed) as exc:
+        return fail(exc, 1)
+    except (CliError, DataFileError, EndpointConfigError, StudentLoadError, ShardTokenizerMismatch) as exc:
+        return fail(exc, 2)
     except BrokenPipeError:  # `scaffold label … | head` is fine
         return 0
     return 0

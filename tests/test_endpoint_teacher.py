@@ -21,8 +21,8 @@ from scaffold_lib.data.llm_teachers import EndpointTeacher, PromptConfig
 from scaffold_lib.data.problems import GeneratorConfig, generate_problems
 from support.scripted_endpoint import FaultPlan, Reply, ScriptedEndpoint, prompt_key
 from scaffold_lib.data.signals import FALLBACK, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE
-from scaffold_lib.data.stages import (generate_teacher_traces, label_signals, label_statistics, segment_traces,
-                                 store_problems, validate_signal_labels)
+from scaffold_lib.data.stages import StageFailed, label_statistics, validate_signal_labels
+from support.stages import generate_teacher_traces, label_signals, segment_traces, store_of, store_problems
 from scaffold_lib.store.warehouse import Warehouse
 
 FAST_RETRY = {"backoff_initial_s": 0.01, "backoff_max_s": 0.2}
@@ -105,9 +105,11 @@ def test_failures_are_recorded_and_retried_on_the_next_run(tmp_path: Path, wareh
     always_500 = FaultPlan(rate=1.0, kinds=("server_error",), max_faults_per_prompt=1000)
     with ScriptedEndpoint(faults=always_500) as server:
         teacher = EndpointTeacher(endpoint_config(server, max_attempts=2), journal_dir=tmp_path / "j", progress=False)
-        report = generate_teacher_traces(wh, teacher)
+        # nothing answered: the stage fails loudly with the reason, after recording every failure
+        with pytest.raises(StageFailed, match=r"answered none of 10 problems: 10 x InternalServerError 500"):
+            generate_teacher_traces(wh, teacher)
         assert server.stats()["requests"] == 20  # two attempts each, then recorded
-    assert report.new_rows == 0 and report.details["failed"] == 10
+    assert wh.scalar("SELECT count(*) FROM teacher_failures") == 10
     errors = wh.query("SELECT DISTINCT error FROM teacher_failures")
     assert len(errors) == 1 and errors[0]["error"].startswith("InternalServerError 500")
     with ScriptedEndpoint() as server:
@@ -119,8 +121,8 @@ def test_failures_are_recorded_and_retried_on_the_next_run(tmp_path: Path, wareh
 GENERATE = """
 import sys
 from scaffold_lib.cli import main
-sys.exit(main(["data", "--warehouse", sys.argv[1], "--n-problems", "60", "--teacher", "openai", "--base-url",
-               sys.argv[2], "--model", "scripted-r1", "--concurrency", "4", "--journal-dir", sys.argv[3]]))
+sys.exit(main(["--home", sys.argv[1], "--preset", "micro", "data", "--teacher", "openai", "--base-url", sys.argv[2],
+               "--model", "scripted-r1", "--concurrency", "4", "--journal-dir", sys.argv[3]]))
 """
 
 
@@ -137,10 +139,11 @@ def _journal_ids(path: Path) -> set[str]:
 
 
 def test_kill_9_mid_run_keeps_every_completed_trace_and_resends_none(tmp_path: Path) -> None:
-    warehouse, journals = tmp_path / "wh.duckdb", tmp_path / "journals"
+    home, journals = tmp_path / "home", tmp_path / "journals"
+    warehouse = home / "warehouse.duckdb"
     env = {**os.environ, "OPENAI_API_KEY": "test-key", "TQDM_DISABLE": "1"}
     with ScriptedEndpoint(latency_s=0.05) as server:
-        proc = subprocess.Popen([sys.executable, "-c", GENERATE, str(warehouse), server.base_url, str(journals)], env=env)
+        proc = subprocess.Popen([sys.executable, "-c", GENERATE, str(home), server.base_url, str(journals)], env=env)
         journal = journals / "openai_scripted-r1.jsonl"
         deadline = time.monotonic() + 60
         while len(_journal_ids(journal)) < 15 and time.monotonic() < deadline and proc.poll() is None:
@@ -151,7 +154,7 @@ def test_kill_9_mid_run_keeps_every_completed_trace_and_resends_none(tmp_path: P
         first_run = server.stats()
         assert 15 <= len(done_before) < 60, "the kill must land mid-run"
         server.reset_stats()
-        second = subprocess.run([sys.executable, "-c", GENERATE, str(warehouse), server.base_url, str(journals)],
+        second = subprocess.run([sys.executable, "-c", GENERATE, str(home), server.base_url, str(journals)],
                                 env=env, capture_output=True, text=True, timeout=120)
         assert second.returncode == 0, second.stderr
         second_run = server.stats()
@@ -161,7 +164,9 @@ def test_kill_9_mid_run_keeps_every_completed_trace_and_resends_none(tmp_path: P
     assert done_before <= {t["trace_id"] for t in traces}  # every completed trace was kept
     # the server saw no request in the second run for a prompt whose answer the first run had journalled
     teacher = EndpointTeacher(EndpointConfig(base_urls=["http://unused/v1"], model="scripted-r1"))
-    problems = {p.problem_id: p for p in generate_problems(GeneratorConfig(n_problems=60, seed=0))}
+    from scaffold_lib.config import load_preset
+
+    problems = {p.problem_id: p for p in generate_problems(load_preset("micro").config.problems.synthetic)}
     key_of = {teacher.trace_id_for(p): prompt_key({"messages": teacher.prompt.messages(p)}) for p in problems.values()}
     journalled_keys = {key_of[t] for t in done_before}
     assert not journalled_keys & set(second_run["per_prompt"])
@@ -197,15 +202,15 @@ def test_llm_label_validation_confirms_corrects_reasks_and_caches(tmp_path: Path
     with ScriptedEndpoint(responder=validator_responder) as server:
         validator = LabelValidator(ValidatorConfig(endpoint=endpoint_config(server, max_tokens=16)),
                                    tmp_path / "j", progress=False)
-        report = validate_signal_labels(wh, validator)
+        report = validate_signal_labels(store_of(wh), validator)
         stats = server.stats()
     distinct = len({(r["text"], r["keyword_signal"]) for r in to_check})
     reasked = len({r["text"] for r in to_check if "distraction" in r["text"] and "ignore" not in r["text"]})
     never = {(r["text"], r["keyword_signal"]) for r in to_check if "ignore" in r["text"]}
-    assert report.details["distinct_steps"] == distinct and reasked > 0 and never
+    assert report["distinct_steps"] == distinct and reasked > 0 and never
     # one request per distinct step, one more for each re-asked one, three for each never-valid one
     assert stats["requests"] == distinct + reasked + 2 * len(never)
-    assert report.details["unparseable_after_reasks"] == sum(1 for r in to_check if "ignore" in r["text"])
+    assert report["unparseable_after_reasks"] == sum(1 for r in to_check if "ignore" in r["text"])
     after = {r["step_id"]: r for r in wh.query("SELECT * FROM signal_labels")}
     for step_id, old in before.items():
         new = after[step_id]
@@ -219,55 +224,66 @@ def test_llm_label_validation_confirms_corrects_reasks_and_caches(tmp_path: Path
             assert (new["signal"], new["labeller"]) == (old["signal"], LLM_AGREE)
         else:
             assert (new["signal"], new["labeller"]) == ("reasoning_analysis", LLM)
-    stats_after = label_statistics(wh)
+    stats_after = label_statistics(store_of(wh))
     overrides = sum(1 for r in after.values() if r["labeller"] == LLM_OVERRIDE)
     agrees = sum(1 for r in after.values() if r["labeller"] == LLM_AGREE)
     assert overrides > 0 and stats_after["llm_agreement"] == round(agrees / (agrees + overrides), 4)
-    assert stats_after["keyword_coverage"] == label_statistics(wh)["keyword_coverage"] > 0.5
+    assert stats_after["keyword_coverage"] == label_statistics(store_of(wh))["keyword_coverage"] > 0.5
     # a re-run asks nothing: verdicts come from the warehouse cache, even with a fresh journal folder
     with ScriptedEndpoint(responder=validator_responder) as server:
-        again = validate_signal_labels(wh, LabelValidator(ValidatorConfig(endpoint=endpoint_config(server)),
+        again = validate_signal_labels(store_of(wh), LabelValidator(ValidatorConfig(endpoint=endpoint_config(server)),
                                                           tmp_path / "fresh", progress=False))
         assert server.stats()["requests"] == 0
-    assert again.details["verdicts_from_cache"] == len(never)  # only the never-valid ones are still keyword/fallback
+    assert again["verdicts_from_cache"] == len(never)  # only the never-valid ones are still keyword/fallback
 
 
 SENTINEL = "sk-sentinel-7f3a9c1e-never-log-me"
 
 
+def dagster_resources(home: Path, **secrets) -> dict:
+    from pipelines.defs.resources import HandleIOManager, SecretsResource, StoreResource
+
+    return {"store": StoreResource(home=str(home)), "io_manager": HandleIOManager(home=str(home)),
+            "secrets": SecretsResource(**secrets)}
+
+
 def test_dagster_assets_run_against_a_configured_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipelines.defs import data_assets
-    from pipelines.defs.resources import EndpointSettings, LabellerResource, TeacherResource, WarehouseResource
 
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    home = tmp_path / "home"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setenv("SCAFFOLD_TEST_API_KEY", SENTINEL)
-    (tmp_path / "home").mkdir()
+    home.mkdir()
 
-    with ScriptedEndpoint() as teacher_server, ScriptedEndpoint(responder=validator_responder) as label_server:
-        settings = {"model": "scripted-r1", "api_key": dg.EnvVar("SCAFFOLD_TEST_API_KEY"), "concurrency": 8}
-        resources = {
-            "warehouse": WarehouseResource(path=str(tmp_path / "wh.duckdb")),
-            "teacher": TeacherResource(backend="openai", journal_dir=str(tmp_path / "j"), progress=False,
-                                       endpoint=EndpointSettings(base_urls=[teacher_server.base_url], **settings)),
-            "labeller": LabellerResource(validate_with_llm=True, journal_dir=str(tmp_path / "j"), progress=False,
-                                         endpoint=EndpointSettings(base_urls=[label_server.base_url], **settings)),
-        }
+    # the servers accept only the key the environment holds: a run that did not deliver it fails with a 401
+    with ScriptedEndpoint(api_key=SENTINEL) as teacher_server, \
+            ScriptedEndpoint(responder=validator_responder, api_key=SENTINEL) as label_server:
+        endpoint = {"model": "scripted-r1", "concurrency": 8}
+        run_config = {"ops": {
+            "problems": {"config": {"problems": {"synthetic": {"n_problems": 30}}}},
+            "teacher_traces": {"config": {"teacher": {
+                "backend": "openai", "journal_dir": str(tmp_path / "j"), "progress": False,
+                "endpoint": {"base_urls": [teacher_server.base_url], **endpoint}}}},
+            "signal_labels": {"config": {"labeller": {
+                "validate_with_llm": True, "progress": False,
+                "endpoint": {"base_urls": [label_server.base_url], **endpoint}}}}}}
         instance = dg.DagsterInstance.ephemeral()
         result = dg.materialize(
             [data_assets.problems, data_assets.teacher_traces, data_assets.segmented_steps, data_assets.signal_labels],
-            resources=resources, instance=instance,
-            run_config={"ops": {"problems": {"config": {"n_problems": 30}}}})
+            resources=dagster_resources(home, teacher_api_key=dg.EnvVar("SCAFFOLD_TEST_API_KEY"),
+                                        labeller_api_key=dg.EnvVar("SCAFFOLD_TEST_API_KEY")),
+            instance=instance, run_config=run_config)
         assert teacher_server.stats()["requests"] == 30 and label_server.stats()["requests"] > 0
     assert result.success
     traces = result.asset_materializations_for_node("teacher_traces")[0].metadata
     assert traces["new_rows"].value == 30 and traces["teacher"].value == "openai:scripted-r1"
     assert traces["completion_tokens"].value > 0
     labels = result.asset_materializations_for_node("signal_labels")[0].metadata
-    assert 0 < labels["llm_agreement"].value < 1 and labels["asked"].value > 0
-    # the key never reaches the event log, metadata or tables
+    assert 0 < labels["llm_agreement"].value < 1 and labels["validation"].value["asked"] > 0
+    # the key never reaches the event log, metadata, tables or journals
     logs = "".join(str(e) for e in instance.all_logs(result.run_id))
     assert SENTINEL not in logs
-    wh = Warehouse(tmp_path / "wh.duckdb")
+    wh = Warehouse(home / "warehouse.duckdb")
     for table in wh.counts():
         assert SENTINEL not in json.dumps(wh.query(f"SELECT * FROM {table}"), default=str)
     for journal in (tmp_path / "j").iterdir():
@@ -277,35 +293,34 @@ def test_dagster_assets_run_against_a_configured_endpoint(tmp_path: Path, monkey
 def test_a_partition_backfill_fans_out_over_two_endpoints_and_a_failed_shard_reruns_alone(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipelines.defs import data_assets
-    from pipelines.defs.resources import EndpointSettings, TeacherResource, WarehouseResource
     from scaffold_lib.data.problems import shard_of
 
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
-    (tmp_path / "home").mkdir()
+    home = tmp_path / "home"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    home.mkdir()
     instance = dg.DagsterInstance.ephemeral()
-    warehouse = WarehouseResource(path=str(tmp_path / "wh.duckdb"))
     keys = data_assets.TRACE_SHARDS.get_partition_keys()
     down = FaultPlan(rate=1.0, kinds=("server_error",), max_faults_per_prompt=10_000)
     with ScriptedEndpoint() as even, ScriptedEndpoint(faults=down) as odd:
-        def run(assets: list, partition: str | None = None, **extra) -> dg.ExecuteInProcessResult:
-            teacher = TeacherResource(backend="openai", journal_dir=str(tmp_path / "j"), progress=False,
-                                      endpoint=EndpointSettings(base_urls=[even.base_url, odd.base_url],
-                                                                model="scripted-r1", max_attempts=2, **extra))
+        def run(assets: list, partition: str | None = None) -> dg.ExecuteInProcessResult:
+            teacher = {"backend": "openai", "journal_dir": str(tmp_path / "j"), "progress": False,
+                       "endpoint": {"base_urls": [even.base_url, odd.base_url], "model": "scripted-r1",
+                                    "max_attempts": 2}}
+            config = ({"problems": {"config": {"problems": {"synthetic": {"n_problems": 64}}}}}
+                      if data_assets.problems in assets else {"teacher_trace_shards": {"config": {"teacher": teacher}}})
             return dg.materialize(assets, partition_key=partition, instance=instance, raise_on_error=False,
-                                  resources={"warehouse": warehouse, "teacher": teacher},
-                                  run_config={"ops": {"problems": {"config": {"n_problems": 64}}}}
-                                  if data_assets.problems in assets else None)
+                                  resources=dagster_resources(home), run_config={"ops": config})
 
         assert run([data_assets.problems]).success
         results = {key: run([data_assets.teacher_trace_shards], key) for key in keys}
         # odd shards hit the server that is down: those partitions fail, with their problems recorded
         assert {k for k, r in results.items() if not r.success} == set(keys[1::2])
         odd.faults = FaultPlan()  # the outage ends
-        before = Warehouse(tmp_path / "wh.duckdb").query("SELECT trace_id FROM teacher_traces")
+        before = Warehouse(home / "warehouse.duckdb").query("SELECT trace_id FROM teacher_traces")
         even.reset_stats()
         assert run([data_assets.teacher_trace_shards], keys[1]).success  # one failed shard re-runs alone
         assert even.stats()["requests"] == 0  # nothing asked of the other shards' server
-    wh = Warehouse(tmp_path / "wh.duckdb")
+    wh = Warehouse(home / "warehouse.duckdb")
     rows = wh.query("SELECT t.problem_id, t.endpoint FROM teacher_traces t")
     assert len(rows) == len(before) + sum(1 for p in wh.query("SELECT problem_id FROM problems")
                                           if shard_of(p["problem_id"], 8) == 1)

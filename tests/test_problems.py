@@ -10,16 +10,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from scaffold_lib.core.ids import content_id
+from scaffold_lib.core.answers import gold_answer as normalise_gold_answer
 from scaffold_lib.data.problems import (
     SYNTHETIC_SOURCE,
     FieldMap,
     GeneratorConfig,
     ProblemFileError,
+    SplitConfig,
     generate_problems,
     load_problem_file,
     make_problem_id,
-    normalise_gold_answer,
     parse_question,
+    skeleton_of,
     solve,
     split_of,
 )
@@ -53,36 +55,59 @@ def test_problem_fields_and_ids_are_content_hashes():
     for p in generate_problems(GeneratorConfig(n_problems=40, seed=0)):
         assert p.source == SYNTHETIC_SOURCE
         assert p.answer_type == "number"
-        assert p.problem_id == make_problem_id(p.source, p.question, p.answer)
+        assert p.problem_id == make_problem_id(p.question, p.answer)
         assert len(p.problem_id) == 16 and int(p.problem_id, 16) >= 0
         assert p.question.endswith("?")
-        assert set(p.as_row()) == {"problem_id", "source", "split", "question", "answer", "answer_type"}
+        assert p.group_id == skeleton_of(p.question) and p.group_id.startswith("skeleton:start")
+        assert set(p.as_row()) == {"problem_id", "source", "split", "question", "answer", "answer_type", "group_id",
+                                   "solution"}
 
 
-def test_split_depends_only_on_problem_id():
-    cfg = GeneratorConfig(n_problems=200, seed=11, test_fraction=0.25)
-    problems = generate_problems(cfg)
+def test_skeleton_ignores_names_items_phrasing_and_distractors():
+    a = "Ava has 5 apples. Ben is 9 years old. Ava buys 3 more apples. How many apples does Ava have now?"
+    b = "Omar owns 5 coins. Omar finds 3 more coins. How many coins does Omar have in the end?"
+    c = "Omar owns 5 coins. Omar finds 4 more coins. How many coins does Omar have in the end?"
+    assert skeleton_of(a) == skeleton_of(b) == "skeleton:start5,add3"
+    assert skeleton_of(c) != skeleton_of(a)
+
+
+def test_split_depends_only_on_the_group():
+    split = SplitConfig(validation_fraction=0.1, test_fraction=0.25, seed=3)
+    problems = generate_problems(GeneratorConfig(n_problems=400, seed=11), split)
     for p in problems:
-        assert p.split == split_of(p.problem_id, 0.25)
-    # the same problems drawn as part of a larger set (or another size) keep their split
-    larger = {p.problem_id: p.split for p in generate_problems(cfg.model_copy(update={"n_problems": 500}))}
+        assert p.split == split_of(p.group_id, split)
+    # every problem of a group lands in one split: no test item is a reworded training item
+    by_group: dict[str, set[str]] = {}
+    for p in problems:
+        by_group.setdefault(p.group_id, set()).add(p.split)
+    assert all(len(splits) == 1 for splits in by_group.values())
+    assert any(len([q for q in problems if q.group_id == g]) > 1 for g in by_group)  # groups do repeat
+    # the same problems drawn as part of a larger set keep their split; the seed moves groups between splits
+    larger = {p.problem_id: p.split for p in generate_problems(GeneratorConfig(n_problems=900, seed=11), split)}
     assert all(larger[p.problem_id] == p.split for p in problems)
-    # and split_of is a pure function of the id string
-    assert split_of("00000000aaaaaaaa", 0.2) == "test"
-    assert split_of("ffffffff00000000", 0.2) == "train"
+    reseeded = {p.problem_id: p.split for p in generate_problems(GeneratorConfig(n_problems=400, seed=11),
+                                                                  split.model_copy(update={"seed": 4}))}
+    assert any(reseeded[p.problem_id] != p.split for p in problems)
 
 
-@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.5])
-def test_test_fraction_roughly_respected(fraction):
-    problems = generate_problems(GeneratorConfig(n_problems=1000, seed=5, test_fraction=fraction))
-    share = sum(p.split == "test" for p in problems) / len(problems)
-    assert abs(share - fraction) < 0.05, share
+@pytest.mark.parametrize("validation, test", [(0.1, 0.2), (0.0, 0.5), (0.2, 0.1)])
+def test_split_fractions_roughly_respected_over_groups(validation, test):
+    groups = [f"group:{i}" for i in range(4000)]
+    cfg = SplitConfig(validation_fraction=validation, test_fraction=test)
+    counts = Counter(split_of(g, cfg) for g in groups)
+    assert abs(counts["test"] / 4000 - test) < 0.03 and abs(counts["validation"] / 4000 - validation) < 0.03
 
 
-@pytest.mark.parametrize("fraction, expected", [(0.0, {"train"}), (1.0, {"test"})])
-def test_test_fraction_extremes(fraction, expected):
-    problems = generate_problems(GeneratorConfig(n_problems=100, seed=0, test_fraction=fraction))
-    assert {p.split for p in problems} == expected
+@pytest.mark.parametrize("validation, test, expected", [(0.0, 0.0, {"train"}), (0.0, 1.0, {"test"}),
+                                                        (1.0, 0.0, {"validation"})])
+def test_split_fraction_extremes(validation, test, expected):
+    cfg = SplitConfig(validation_fraction=validation, test_fraction=test)
+    assert {p.split for p in generate_problems(GeneratorConfig(n_problems=100, seed=0), cfg)} == expected
+
+
+def test_split_fractions_must_leave_room():
+    with pytest.raises(ValueError, match="must not exceed 1"):
+        SplitConfig(validation_fraction=0.6, test_fraction=0.5)
 
 
 @pytest.mark.parametrize("cfg", [
@@ -137,7 +162,6 @@ def test_parse_and_solve_hand_written():
 @pytest.mark.parametrize("kwargs, needle", [
     ({"min_ops": 5, "max_ops": 3}, "min_ops"),
     ({"n_problems": 0}, "n_problems"),
-    ({"test_fraction": 1.5}, "test_fraction"),
     ({"max_factor": 1}, "max_factor"),
     ({"max_ops": 9}, "max_ops"),
     ({"distractor_prob": -0.1}, "distractor_prob"),
@@ -177,18 +201,35 @@ def test_gsm8k_format(write_jsonl):
     assert [p.answer for p in result.problems] == ["72", "1000", "7"]
     assert {p.answer_type for p in result.problems} == {"number"}
     assert {p.source for p in result.problems} == {"gsm8k_test"}  # default source = file stem
-    assert {p.split for p in result.problems} == {"train"}
     p = result.problems[1]
-    assert p.problem_id == make_problem_id("gsm8k_test", "How much in total?", "1000")
+    # the id is the content, never the file name: the same problem from another file is the same problem
+    assert p.problem_id == make_problem_id("How much in total?", "1000")
+    assert p.solution.endswith("#### 1,000")  # GSM8K's worked solution is kept as a reference trace
+    renamed = write_jsonl([{"question": "How much in total?", "answer": "#### 1,000"}], name="other_name.jsonl")
+    assert load_problem_file(renamed).problems[0].problem_id == p.problem_id
+    # without a split column, the seeded split of the group (here: the question) decides
+    assert [q.split for q in result.problems] == [split_of(q.group_id, SplitConfig()) for q in result.problems]
 
 
 def test_loader_source_split_and_duplicates(write_jsonl):
-    row = {"question": "  What is 2+2?  ", "answer": "#### 4"}
+    row = {"question": "  What is 2+2?  ", "answer": "#### 4", "split": "dev"}
     path = write_jsonl([row, row, "", "   ", row])  # duplicates collapse; blank lines are skipped
-    result = load_problem_file(path, source="mine", default_split="test")
+    result = load_problem_file(path, source="mine")
     assert len(result.problems) == 1
     p = result.problems[0]
-    assert (p.source, p.split, p.question, p.answer) == ("mine", "test", "What is 2+2?", "4")
+    assert (p.source, p.split, p.question, p.answer) == ("mine", "validation", "What is 2+2?", "4")
+
+
+def test_a_split_column_is_honoured_and_a_group_column_groups(write_jsonl):
+    rows = [{"question": f"Q{i}?", "answer": f"#### {i}", "split": s} for i, s in enumerate(("train", "test", "val"))]
+    rows += [{"question": f"G{i}?", "answer": f"#### {i}", "group": "tmpl-7"} for i in range(20)]
+    result = load_problem_file(write_jsonl(rows))
+    assert [p.split for p in result.problems[:3]] == ["train", "test", "validation"]
+    grouped = result.problems[3:]
+    assert len({p.split for p in grouped}) == 1 and {p.group_id for p in grouped} == {"group:tmpl-7"}
+    bad = write_jsonl([{"question": "Q?", "answer": "#### 1", "split": "holdout"}], name="bad.jsonl")
+    with pytest.raises(ProblemFileError, match=r"bad\.jsonl:1: field 'split': unknown split 'holdout'"):
+        load_problem_file(bad)
 
 
 def test_custom_field_names(write_jsonl):
@@ -197,11 +238,11 @@ def test_custom_field_names(write_jsonl):
         {"uid": "a-2", "prompt": "Q two?", "target": "five", "part": None},  # no split -> default
     ])
     fields = FieldMap(question="prompt", answer="target", id="uid", split="part")
-    result = load_problem_file(path, fields, source="custom")
+    result = load_problem_file(path, fields, source="custom", split=SplitConfig(validation_fraction=0, test_fraction=0))
     assert [(p.question, p.answer, p.answer_type, p.split) for p in result.problems] == [
         ("Q one?", "3", "number", "test"), ("Q two?", "five", "text", "train")]
     # with an id column the id comes from it, not from the text
-    assert result.problems[0].problem_id == content_id("problem-id", "custom", "a-1")
+    assert result.problems[0].problem_id == content_id("problem-id", "a-1")
 
     # the default GSM8K field names do not exist in this file: a clear error naming the field
     with pytest.raises(ProblemFileError, match=r":1: field 'question': missing"):

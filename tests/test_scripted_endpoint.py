@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from scaffold_lib.core.answers import answers_match, extract_final_answer
+from scaffold_lib.core.answers import extract_number, is_correct
 from scaffold_lib.data.endpoint import is_retryable
 from scaffold_lib.data.problems import GeneratorConfig, generate_problems
 from support.scripted_endpoint import FaultPlan, ScriptedEndpoint, prompt_key
@@ -49,7 +49,7 @@ def test_a_completion_carries_reasoning_answer_and_usage() -> None:
             response = chat.chat.completions.create(model="scripted-r1", messages=messages)
             message = response.choices[0].message
             reasoning = message.reasoning_content  # openai keeps unknown fields: also in message.model_extra
-            assert answers_match(extract_final_answer(message.content), problem.answer, problem.answer_type)
+            assert is_correct(extract_number(message.content), problem.answer, problem.answer_type)
             assert "\n\n" not in message.content and len(reasoning.split("\n\n")) >= 2
             assert response.choices[0].finish_reason == "stop" and response.object == "chat.completion"
             assert response.usage.prompt_tokens == words(messages)

@@ -7,15 +7,10 @@ import pytest
 from scaffold_lib.data.problems import GeneratorConfig, Problem, generate_problems, load_problem_file, make_problem_id
 from scaffold_lib.data.segmentation import segment
 from scaffold_lib.data.signals import SIGNALS
-from scaffold_lib.data.stages import (
-    generate_teacher_traces,
-    label_signals,
-    segment_traces,
-    signal_distribution_markdown,
-    store_problems,
-)
+from scaffold_lib.data.stages import StageFailed, signal_distribution_markdown
 from scaffold_lib.data.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig
 from scaffold_lib.store.warehouse import Warehouse
+from support.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
 
 DATA_TABLES = ("problems", "teacher_traces", "segmented_steps", "signal_labels")
 
@@ -141,8 +136,9 @@ def test_whitespace_only_trace_is_quarantined_not_dropped(warehouse_path):
     assert wh.insert_new("teacher_traces", [blank]) == 1
     steps_before = wh.counts()["segmented_steps"]
 
-    report = segment_traces(wh)
-    assert report.new_rows == 0 and report.details["empty_traces_quarantined"] == 1
+    # the only new trace was empty: the stage says so (non-zero), after recording the quarantine row
+    with pytest.raises(StageFailed, match="every one of the 1 new traces was empty"):
+        segment_traces(wh)
     rows = wh.query("SELECT stage, source_file, field, error FROM quarantine")
     assert rows == [{"stage": "segmented_steps", "source_file": "blank-trace-0001", "field": "text",
                      "error": "trace has no non-empty step"}]
@@ -171,16 +167,17 @@ def test_lenient_loader_quarantine_lands_in_the_table(warehouse_path, write_json
 
 def test_teacher_failures_are_recorded_and_retried(warehouse_path):
     wh = Warehouse(warehouse_path)
-    foreign = Problem(make_problem_id("gsm8k", "What is the capital of France?", "Paris"), "gsm8k", "train",
+    foreign = Problem(make_problem_id("What is the capital of France?", "Paris"), "gsm8k", "train",
                       "What is the capital of France?", "Paris", "text")
     store_problems(wh, [foreign, *problems(3)])
     report = generate_teacher_traces(wh, ProgrammaticTeacher())
     assert report.details["asked"] == 4 and report.details["failed"] == 1 and report.new_rows == 3
     failure = wh.query("SELECT problem_id, error FROM teacher_failures")
     assert len(failure) == 1 and failure[0]["problem_id"] == foreign.problem_id
-    # no trace exists for it, so the next run asks again (and does not duplicate the failure row)
-    again = generate_teacher_traces(wh, ProgrammaticTeacher())
-    assert again.details["asked"] == 1 and again.details["failed"] == 1 and again.new_rows == 0
+    # no trace exists for it, so the next run asks again; answering nothing at all fails loudly, with the reason,
+    # and the failure is recorded (once, not duplicated)
+    with pytest.raises(StageFailed, match=r"answered none of 1 problems: 1 x .*only solves the built-in synthetic"):
+        generate_teacher_traces(wh, ProgrammaticTeacher())
     assert wh.counts()["teacher_failures"] == 1
 
 

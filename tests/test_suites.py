@@ -9,8 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from scaffold_lib.evaluation.suites import (SUITES, SuiteDataError, boxed_contents, extract_choice, extract_math, extract_number,
-                                 extract_yes_no, get_suite, math_equal, numbers_equal)
+from scaffold_lib.core.answers import (boxed_contents, extract, extract_choice, extract_math, extract_number,
+                                       extract_yes_no, is_correct, math_equal, numbers_equal)
+from scaffold_lib.evaluation.suites import SUITES, SuiteDataError, get_suite
 
 GSM8K, MATH, STRATEGY, CSQA, TRUTHFUL = (SUITES[n] for n in ("gsm8k", "math500", "strategyqa", "csqa", "truthfulqa_mc1"))
 
@@ -34,7 +35,7 @@ GSM8K, MATH, STRATEGY, CSQA, TRUTHFUL = (SUITES[n] for n in ("gsm8k", "math500",
 ])
 def test_gsm8k_extraction(response: str, expected: str | None) -> None:
     assert extract_number(response) == expected
-    assert GSM8K.extract(response) == expected
+    assert extract(response, GSM8K.answer_type) == expected
 
 
 @pytest.mark.parametrize("predicted, gold, equal", [
@@ -43,7 +44,7 @@ def test_gsm8k_extraction(response: str, expected: str | None) -> None:
 ])
 def test_gsm8k_matching(predicted, gold, equal) -> None:
     assert numbers_equal(predicted, gold) is equal
-    assert GSM8K.is_correct(predicted, gold) is equal
+    assert is_correct(predicted, gold, GSM8K.answer_type) is equal
 
 
 def test_boxed_contents_balances_nested_braces() -> None:
@@ -86,7 +87,7 @@ def test_math_extraction(response: str, expected: str) -> None:
 ])
 def test_math_equivalence(predicted, gold, equal) -> None:
     assert math_equal(predicted, gold) is equal
-    assert MATH.is_correct(predicted, gold) is equal
+    assert is_correct(predicted, gold, MATH.answer_type) is equal
 
 
 @pytest.mark.parametrize("response, expected", [
@@ -98,7 +99,7 @@ def test_math_equivalence(predicted, gold, equal) -> None:
 ])
 def test_yes_no_extraction(response: str, expected: str | None) -> None:
     assert extract_yes_no(response) == expected
-    assert STRATEGY.is_correct(expected, "yes") is (expected == "yes")
+    assert is_correct(expected, "yes", STRATEGY.answer_type) is (expected == "yes")
 
 
 CHOICES = ["a bank", "a river", "the ocean", "a forest", "a desert"]
@@ -115,13 +116,13 @@ CHOICES = ["a bank", "a river", "the ocean", "a forest", "a desert"]
 ])
 def test_choice_extraction(response: str, expected: str | None) -> None:
     assert extract_choice(response, CHOICES) == expected
-    assert CSQA.extract(response, CHOICES) == expected
+    assert extract(response, CSQA.answer_type, CHOICES) == expected
 
 
 def test_every_suite_has_a_distinct_name_a_version_and_a_prompt_format() -> None:
     assert len(SUITES) == 6 and all(s.version and s.prompt_format for s in SUITES.values())
-    assert set(SUITES) >= {"synthetic-arith", "gsm8k", "math500", "strategyqa", "csqa", "truthfulqa_mc1"}
-    with pytest.raises(SuiteDataError, match="unknown benchmark suite 'gsm9k'; known: synthetic-arith, gsm8k"):
+    assert set(SUITES) >= {"heldout", "gsm8k", "math500", "strategyqa", "csqa", "truthfulqa_mc1"}
+    with pytest.raises(SuiteDataError, match="unknown benchmark suite 'gsm9k'; known: heldout, gsm8k"):
         get_suite("gsm9k")
 
 
@@ -208,4 +209,4 @@ def test_missing_and_malformed_files_name_file_line_and_field(tmp_path: Path) ->
     with pytest.raises(SuiteDataError, match=r"broken\.json:2: invalid JSON"):
         STRATEGY.load(array)
     with pytest.raises(SuiteDataError, match="built from the warehouse"):
-        get_suite("synthetic-arith").load()
+        get_suite("heldout").load()

@@ -8,7 +8,6 @@ from collections import Counter
 
 import pytest
 
-from scaffold_lib.core.answers import answers_match, extract_final_answer, last_number, normalise_number
 from scaffold_lib.data.problems import GeneratorConfig, Problem, generate_problems, make_problem_id
 from scaffold_lib.data.segmentation import segment
 from scaffold_lib.data.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig, verify
@@ -121,7 +120,7 @@ def test_trace_ids(problems):
 
 
 def test_non_synthetic_problem_is_a_failure_record(problems):
-    foreign = Problem(make_problem_id("gsm8k", "What is the capital of France?", "Paris"), "gsm8k", "train",
+    foreign = Problem(make_problem_id("What is the capital of France?", "Paris"), "gsm8k", "train",
                       "What is the capital of France?", "Paris", "text")
     teacher = ProgrammaticTeacher()
     result = teacher.generate([problems[0], foreign, problems[1]])
@@ -132,49 +131,3 @@ def test_non_synthetic_problem_is_a_failure_record(problems):
     assert failure.trace_id == teacher.trace_id_for(foreign)
     assert "synthetic" in failure.error
     assert set(failure.as_row()) == {"trace_id", "problem_id", "teacher", "error"}
-
-
-def test_verify_reads_the_last_step():
-    p = Problem("x", "s", "train", "q", "12", "number")
-    assert verify("So 3 * 4 = 12.\n\nThe answer is 12.", p) == ("12", True)
-    assert verify("So 3 * 4 = 12.\n\nThe answer is 13.", p) == ("13", False)
-    # an answer phrase in the last step wins over numbers earlier in the trace
-    assert verify("The answer is 5?\n\nNo: 12 in the end, so 12.", p) == ("12", True)
-    assert verify("no numbers at all", p) == (None, False)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# answers.py
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("The answer is 1,000.", "1000"),
-    ("**Answer:** 42", "42"),
-    ("**Answer**: 42", "42"),
-    ("So we get \\boxed{7} in the end, not 8", "7"),
-    ("It costs $18.00", "18"),
-    ("The answer is $18.00.", "18"),
-    ("Final answer: -3.50", "-3.5"),
-    ("First 3 apples, then 5, finally 11 apples", "11"),  # last-number fallback
-    ("The answer is 4. Later 9 was mentioned.", "4"),  # an explicit answer phrase beats a later number
-    ("answer is 2 ... the answer is 6", "6"),  # the last explicit answer counts
-    ("No number here at all.", None),
-    ("", None),
-])
-def test_extract_final_answer(text, expected):
-    assert extract_final_answer(text) == expected
-
-
-@pytest.mark.parametrize("raw, expected", [
-    ("1,000", "1000"), ("$18.00", "18"), ("-3.50", "-3.5"), ("7.", "7"), ("-0", "0"), ("abc", None), ("1.2.3", None),
-])
-def test_normalise_number(raw, expected):
-    assert normalise_number(raw) == expected
-
-
-def test_last_number_and_matching():
-    assert last_number("from 3 to 1,250 items") == "1250"
-    assert last_number("none") is None
-    assert answers_match("18.0", "18") and answers_match("$1,000", "1000")
-    assert not answers_match("17", "18") and not answers_match(None, "18") and not answers_match("abc", "18")
-    assert answers_match("Paris.", "paris", "text") and not answers_match("Rome", "paris", "text")

@@ -15,7 +15,7 @@ from scaffold_lib.data.journal import Journal
 from scaffold_lib.data.label_validation import Verdict, decide, parse_signal
 from scaffold_lib.data.problems import GeneratorConfig, ProblemFileError, generate_problems, parse_question, solve
 from scaffold_lib.data.signals import FALLBACK, FINAL_STEP, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE
-from scaffold_lib.data.stages import generate_teacher_traces, segment_traces, store_problems
+from support.stages import generate_teacher_traces, segment_traces, store_problems
 from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap, load_trace_rows
 from scaffold_lib.store.warehouse import Warehouse
 
@@ -184,18 +184,15 @@ def test_hf_teacher_generates_from_a_saved_checkpoint_and_resumes_from_its_journ
     checkpoint = build_embedded_base(StudentConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                    num_attention_heads=2, num_key_value_heads=1, vocab_size=300),
                                      [p.question for p in problems] * 4, tmp_path / "tiny-teacher")
-    wh = Warehouse(warehouse_path)
-    store_problems(wh, problems)
     config = HFTeacherConfig(model=str(checkpoint), batch_size=2, max_new_tokens=12)
-    report = generate_teacher_traces(wh, HFTeacher(config, journal_dir=tmp_path / "j", progress=False))
-    rows = wh.query("SELECT * FROM teacher_traces ORDER BY problem_id")
-    assert report.details["teacher"] == "hf:tiny-teacher"
+    result = HFTeacher(config, journal_dir=tmp_path / "j", progress=False).generate(problems)
+    assert {t.teacher for t in result.traces} | {f.teacher for f in result.failures} <= {"hf:tiny-teacher"}
     # an untrained model writes noise, but every problem gets a trace or a recorded failure, never nothing
-    assert report.new_rows + report.details["failed"] == 5
-    assert all(0 < r["completion_tokens"] <= 12 and r["prompt_tokens"] > 10 for r in rows)
-    assert {r["endpoint"] for r in rows} <= {"local:cpu"}
+    assert len(result.traces) + len(result.failures) == 5
+    assert all(0 < t.completion_tokens <= 12 and t.prompt_tokens > 10 for t in result.traces)
+    assert {t.endpoint for t in result.traces} <= {"local:cpu"}
     # greedy decoding from the same checkpoint is reproducible, and a second teacher finds all in the journal
     again = HFTeacher(config, journal_dir=tmp_path / "j", progress=False).generate(problems)
-    assert again.stats["answers_from_journal"] == report.new_rows and again.stats["requests_answered"] == 0
+    assert again.stats["answers_from_journal"] == len(result.traces) and again.stats["requests_answered"] == 0
     fresh = HFTeacher(config, journal_dir=tmp_path / "fresh", progress=False).generate(problems)
-    assert sorted(t.text for t in fresh.traces) == sorted(r["text"] for r in rows)
+    assert sorted(t.text for t in fresh.traces) == sorted(t.text for t in result.traces)

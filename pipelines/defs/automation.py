@@ -2,17 +2,18 @@
 
 import dagster as dg
 
-from pipelines.defs.common import DATA_GROUP
-from pipelines.defs.data_assets import incoming_dir, problem_files
+from pipelines.defs.common import DATA_GROUP, FLEET_GROUP
+from scaffold_lib.core import paths
+from scaffold_lib.data.problems import problem_files
 
 # the sharded teacher is for partition backfills over a fleet of endpoints (its own job): the other jobs trace
 # every problem in one step through `teacher_traces`
-SHARDED_TEACHER = dg.AssetSelection.assets("teacher_trace_shards")
+SHARDED_TEACHER = dg.AssetSelection.groups(FLEET_GROUP)
 # the whole pipeline, in one run: what `make demo` launches
 full_pipeline_job = dg.define_asset_job("full_pipeline", selection=dg.AssetSelection.all() - SHARDED_TEACHER,
                                         description="every stage, from problems to promotion")
 # new problems -> traces -> steps -> labels (incremental: only new problems reach the teacher)
-data_refresh_job = dg.define_asset_job("data_refresh", selection=dg.AssetSelection.groups(DATA_GROUP) - SHARDED_TEACHER,
+data_refresh_job = dg.define_asset_job("data_refresh", selection=dg.AssetSelection.groups(DATA_GROUP),
                                        description="refresh problems, teacher traces, steps and labels")
 # one run per problem shard (launch a backfill of it), each shard on its own endpoint when several are configured
 trace_backfill_job = dg.define_asset_job("trace_backfill", selection=SHARDED_TEACHER,
@@ -33,7 +34,7 @@ weekly_retrain = dg.ScheduleDefinition(job=retrain_job, cron_schedule="0 5 * * 0
 @dg.sensor(job=data_refresh_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
            description="starts a data refresh when a problem file appears or changes in $DAGSTER_HOME/incoming")
 def new_problem_file_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-    folder = incoming_dir()
+    folder = paths.dagster_home() / "incoming"
     if not folder.exists():
         return dg.SensorResult(skip_reason=f"{folder} does not exist yet")
     requests = []

@@ -1,27 +1,93 @@
-"""Small helpers shared by the asset modules: pools, groups, and reading an upstream asset's metadata."""
+"""What the asset modules share: groups, pools, the instance's configuration, run-config classes derived from the
+library's config sections, and small metadata helpers.
+
+Run config is never typed here: each asset's config class is built from its section of
+`scaffold_lib.config.PipelineConfig`, with the instance's preset (`$DAGSTER_HOME/scaffold.toml`) as defaults. So the
+launchpad shows the values schedules and sensors will run with, and changing the preset (`scaffold init`) changes
+them after a code-location reload.
+"""
+
+
+import typing
 
 import dagster as dg
+from pydantic import BaseModel, Field, create_model
+
+from scaffold_lib.checks import Check
+from scaffold_lib.config import PipelineConfig, Resolved, resolve
+from scaffold_lib.core import paths
 
 # DuckDB allows one writer process: every asset that writes the warehouse runs in this pool (limit 1)
 WAREHOUSE_POOL = "duckdb_writer"
 # one trainer at a time (the GPU op); its own pool so training never blocks the data stages' writes
 GPU_POOL = "gpu"
 
-DATA_GROUP, STUDENT_GROUP = "data", "student"
+DATA_GROUP, STUDENT_GROUP, FLEET_GROUP = "data", "student", "teacher_fleet"
 
 
-def upstream_metadata(context: dg.AssetExecutionContext, key: str, field: str):
-    """A metadata value from the latest materialisation of asset `key` (how assets pass ids, not objects)."""
-    event = context.instance.get_latest_materialization_event(dg.AssetKey(key))
-    if event is None or event.asset_materialization is None:
-        raise dg.Failure(f"asset {key!r} has never been materialised: materialise it first")
-    entry = event.asset_materialization.metadata.get(field)
-    if entry is None:
-        raise dg.Failure(f"the latest materialisation of {key!r} has no metadata {field!r}")
-    return entry.value
+def instance_config() -> Resolved:
+    """The configuration this instance runs with (its recorded preset and overrides)."""
+    return resolve(paths.dagster_home())
+
+
+def _dagster_type(annotation, nested: bool = False):
+    """Dagster's config types take a Literal only at the top of a field: inside a dict or list it becomes str (the
+    library model validates the value when the run config is turned back into it)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal and nested:
+        return str
+    if origin in (dict, list):
+        return origin[tuple(_dagster_type(a, True) for a in typing.get_args(annotation))]
+    return annotation
+
+
+def _derive(model: type[BaseModel], defaults: BaseModel, name: str) -> type[dg.Config]:
+    fields: dict = {}
+    for field_name, f in model.model_fields.items():
+        if f.exclude:  # secrets (an endpoint's api_key) never become run config
+            continue
+        value = getattr(defaults, field_name)
+        annotation = f.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            sub = _derive(annotation, value, f"{name}_{field_name}")
+            fields[field_name] = (sub, Field(default_factory=sub, description=f.description))
+        else:
+            fields[field_name] = (_dagster_type(annotation), Field(default=value, description=f.description))
+    return create_model(f"{name}_config", __base__=dg.Config, __doc__=model.__doc__, **fields)
+
+
+def section_config(*sections: str) -> type[dg.Config]:
+    """A run-config class holding these sections of PipelineConfig, defaults from the instance's preset."""
+    resolved = instance_config()
+    fields = {}
+    for section in sections:
+        model = PipelineConfig.model_fields[section].annotation
+        sub = _derive(model, getattr(resolved.config, section), section)
+        fields[section] = (sub, Field(default_factory=sub, description=model.__doc__))
+    return create_model("_".join(sections) + "_run_config", __base__=dg.Config, **fields)
+
+
+def library_config(config: dg.Config, section: str):
+    """The library's typed config of `section` from a run config built by `section_config`."""
+    model = PipelineConfig.model_fields[section].annotation
+    return model.model_validate(getattr(config, section).model_dump())
+
+
+def stage_failure(exc: Exception) -> dg.Failure:
+    """A stage that cannot succeed by retrying (bad input, nothing answered, refused credentials) fails once, loudly."""
+    return dg.Failure(" ".join(str(exc).split()), allow_retries=False)
+
+
+def check_result(check: Check) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=check.passed, description=check.description, metadata=check.metadata,
+                               severity=dg.AssetCheckSeverity.ERROR if check.blocking else dg.AssetCheckSeverity.WARN)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def run_id(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> str:
+    return context.run.run_id

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -33,11 +34,15 @@ T = TypeVar("T")
 
 
 class EndpointConfig(BaseModel):
-    """Where and how to call the endpoint. The API key is a secret: it never enters ids, params or logs."""
+    """Where and how to call the endpoint. The API key is a secret: it comes from the environment variable named by
+    `api_key_env` (or is handed in at run time as `api_key`, e.g. from a Dagster `EnvVar`), is excluded from every
+    dump of this config, and never enters ids, params or logs."""
 
-    base_urls: list[str] = Field(min_length=1, description="one or more /v1 base URLs; requests are spread over them")
-    model: str = Field(min_length=1)
-    api_key: SecretStr = Field(SecretStr("EMPTY"), description="from the environment; local servers accept any")
+    base_urls: list[str] = Field(default_factory=list, description="one or more /v1 base URLs; requests are spread "
+                                                                   "over them")
+    model: str = Field("", description="the model name the endpoint serves")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
+    api_key: SecretStr | None = Field(None, exclude=True, repr=False)
     concurrency: int = Field(64, ge=1, description="requests in flight at once, over all base URLs")
     timeout_s: float = Field(600.0, gt=0, description="per request")
     max_attempts: int = Field(6, ge=1, description="tries per request, the first included")
@@ -48,6 +53,19 @@ class EndpointConfig(BaseModel):
     top_p: float = 0.95
     max_tokens: int = Field(4096, ge=1)
     seed: int | None = None
+
+    def require(self, what: str) -> "EndpointConfig":
+        """This config, or a clear error when it cannot reach anything."""
+        if not self.base_urls or not self.model:
+            raise EndpointConfigError(f"{what}: set endpoint.base_urls and endpoint.model (e.g. "
+                                      "base_urls=['http://127.0.0.1:8000/v1'], model='deepseek-ai/DeepSeek-R1-Distill-Qwen-7B')")
+        return self
+
+    def secret(self) -> str:
+        """The API key: handed in, else from the environment, else "EMPTY" (local servers accept any)."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        return os.environ.get(self.api_key_env) or "EMPTY"
 
     def sampling(self) -> dict[str, Any]:
         """What decides the output, for content ids: never the URL (any replica serves the same model) nor the key."""
@@ -136,7 +154,7 @@ class EndpointClient:
     def __init__(self, config: EndpointConfig) -> None:
         self.config = config
         # retries are ours (see module docstring); one client (and connection pool) per base URL
-        self._clients = [openai.AsyncOpenAI(base_url=url, api_key=config.api_key.get_secret_value(),
+        self._clients = [openai.AsyncOpenAI(base_url=url, api_key=config.require('endpoint').secret(),
                                             timeout=config.timeout_s, max_retries=0) for url in config.base_urls]
         self._next = itertools.cycle(range(len(self._clients)))
         self._wait_backoff = wait_exponential_jitter(initial=config.backoff_initial_s, max=config.backoff_max_s)

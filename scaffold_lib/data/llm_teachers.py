@@ -153,7 +153,7 @@ class EndpointTeacher(_JournalledTeacher):
 
 
 class HFTeacherConfig(BaseModel):
-    model: str = Field(description="hub id or local path of a causal LM")
+    model: str = Field("", description="hub id or local path of a causal LM")
     batch_size: int = Field(8, ge=1)
     max_new_tokens: int = Field(1024, ge=1)
     temperature: float = Field(0.0, ge=0, description="0 = greedy")

@@ -1,20 +1,25 @@
-"""Problems: the embedded generator of multi-step arithmetic word problems, and loaders for user files.
+"""Problems: the embedded generator of multi-step arithmetic word problems, problem files (JSONL / Parquet, GSM8K
+format by default) and reasoning-gym generators.
 
-Every problem has a content id (`problem_id`) and a split decided by that id alone, so the split of a
-problem never changes when the dataset grows or is regenerated with another size.
+Every problem has a content id (`problem_id`, a hash of its question and answer: the same problem under another
+file name is the same problem) and a group: the arithmetic skeleton of a synthetic problem, the template of a
+reasoning-gym item, a file's `group` column, else the question itself. The split (train / validation / test) is
+decided by the group alone, seeded, so no test item is a reworded training item and a problem's split never changes
+when the set grows. A file's `split` column, when present, is honoured instead.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from scaffold_lib.core.answers import gold_answer
+from scaffold_lib.core.files import DataFileError, iter_file_rows, text_error
 from scaffold_lib.core.ids import content_id
 
 SYNTHETIC_SOURCE = "synthetic-arith"
@@ -51,12 +56,30 @@ class GeneratorConfig(BaseModel):
     max_factor: int = Field(3, ge=2, description="largest factor of mul / div")
     max_value: int = Field(100, ge=10, description="no intermediate value exceeds this")
     distractor_prob: float = Field(0.4, ge=0, le=1)
-    test_fraction: float = Field(0.2, ge=0, le=1)
 
     @model_validator(mode="after")
     def _ops_range(self) -> "GeneratorConfig":
         if self.min_ops > self.max_ops:
             raise ValueError(f"min_ops ({self.min_ops}) > max_ops ({self.max_ops})")
+        return self
+
+
+SPLITS = ("train", "validation", "test")
+SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+                 "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
+
+
+class SplitConfig(BaseModel):
+    """Shares of the groups that go to validation and test (the rest is train), decided by a seeded hash of the group."""
+
+    validation_fraction: float = Field(0.1, ge=0, le=1)
+    test_fraction: float = Field(0.2, ge=0, le=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "SplitConfig":
+        if self.validation_fraction + self.test_fraction > 1:
+            raise ValueError("validation_fraction + test_fraction must not exceed 1")
         return self
 
 
@@ -68,23 +91,32 @@ class Problem:
     question: str
     answer: str
     answer_type: str = "number"
+    group_id: str | None = None
+    solution: str | None = None  # a worked solution shipped with the problem (GSM8K, reasoning-gym): a reference trace
 
     def as_row(self) -> dict:
         return asdict(self)
 
 
-def make_problem_id(source: str, question: str, answer: str) -> str:
-    return content_id("problem", source, question.strip(), answer.strip())
+def normalise_question(text: str) -> str:
+    return " ".join(text.split()).casefold()
 
 
-def split_of(problem_id: str, test_fraction: float) -> str:
-    """Split from the id alone: stable under growth, reordering and regeneration."""
-    return "test" if int(problem_id[:8], 16) / 0xFFFFFFFF < test_fraction else "train"
+def make_problem_id(question: str, answer: str) -> str:
+    """Content id: the question (whitespace and case normalised) and the gold answer, never where it came from."""
+    return content_id("problem", normalise_question(question), answer.strip())
+
+
+def split_of(group_id: str, cfg: SplitConfig) -> str:
+    """Split from the group alone (seeded): stable under growth, reordering and regeneration, and every problem of a
+    group lands in the same split."""
+    u = int(content_id("split", cfg.seed, group_id)[:8], 16) / 0x100000000
+    return "test" if u < cfg.test_fraction else "validation" if u < cfg.test_fraction + cfg.validation_fraction else "train"
 
 
 def shard_of(problem_id: str, n_shards: int) -> int:
     """Which of `n_shards` problem shards (partitions of teacher generation) a problem belongs to, from the id
-    alone; other hex digits than the split's, so shards are not correlated with the split."""
+    alone."""
     return int(problem_id[8:16], 16) % n_shards
 
 
@@ -107,15 +139,16 @@ def _choose_op(rng: random.Random, value: int, cfg: GeneratorConfig) -> tuple[st
     return rng.choice(options) if options else None
 
 
-def generate_problems(cfg: GeneratorConfig = GeneratorConfig()) -> list[Problem]:
-    """`cfg.n_problems` distinct problems, deterministic in `cfg.seed` (the i-th problem only depends on seed, i)."""
+def generate_problems(cfg: GeneratorConfig = GeneratorConfig(), split: SplitConfig = SplitConfig()) -> list[Problem]:
+    """`cfg.n_problems` distinct problems, deterministic in `cfg.seed` (the i-th problem only depends on seed, i),
+    grouped by arithmetic skeleton."""
     problems: list[Problem] = []
     seen: set[str] = set()
     attempt = 0
     while len(problems) < cfg.n_problems:
         rng = random.Random(f"{cfg.seed}:{attempt}")
         attempt += 1
-        problem = _one_problem(rng, cfg)
+        problem = _one_problem(rng, cfg, split)
         if problem.problem_id not in seen:
             seen.add(problem.problem_id)
             problems.append(problem)
@@ -124,7 +157,7 @@ def generate_problems(cfg: GeneratorConfig = GeneratorConfig()) -> list[Problem]
     return problems
 
 
-def _one_problem(rng: random.Random, cfg: GeneratorConfig) -> Problem:
+def _one_problem(rng: random.Random, cfg: GeneratorConfig, split: SplitConfig) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     value = rng.randint(2, cfg.max_number)
     sentences = [rng.choice(START_TEMPLATES).format(name=name, n=value, item=item)]
@@ -141,8 +174,9 @@ def _one_problem(rng: random.Random, cfg: GeneratorConfig) -> Problem:
         sentences.insert(rng.randint(1, len(sentences)), _distractor(rng, name, item))
     sentences.append(rng.choice(QUESTION_TEMPLATES).format(name=name, item=item))
     question, answer = " ".join(sentences), str(value)
-    pid = make_problem_id(SYNTHETIC_SOURCE, question, answer)
-    return Problem(pid, SYNTHETIC_SOURCE, split_of(pid, cfg.test_fraction), question, answer, "number")
+    group = skeleton_of(question)
+    return Problem(make_problem_id(question, answer), SYNTHETIC_SOURCE, split_of(group, split), question, answer,
+                   "number", group)
 
 
 def _distractor(rng: random.Random, name: str, item: str) -> str:
@@ -221,21 +255,31 @@ def solve(parsed: ParsedQuestion) -> int:
     return value
 
 
+def skeleton_of(question: str) -> str:
+    """The arithmetic skeleton of a synthetic problem (start value, then each operation with its operand; names,
+    items, phrasing and distractors left out): two problems with one skeleton are the same exercise reworded."""
+    parsed = parse_question(question)
+    if parsed is None:
+        return content_id("question", normalise_question(question))
+    return "skeleton:" + ",".join(f"{s.kind}{s.n}" for s in parsed.steps if s.kind != "distractor")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Loading user problem files (JSONL / Parquet, GSM8K format included)
 
 
-class ProblemFileError(ValueError):
-    """A problem file cannot be read; the message names the file, the line and the field."""
+ProblemFileError = DataFileError  # what loading a problem file raises: names the file, the line and the field
 
 
 class FieldMap(BaseModel):
-    """Which columns of the user's file hold what. Defaults fit GSM8K (`question`, `answer` ending `#### N`)."""
+    """Which columns of the user's file hold what. Defaults fit GSM8K (`question`, `answer` ending `#### N`);
+    `split` and `group` are used when the file has them."""
 
     question: str = "question"
     answer: str = "answer"
     id: str | None = None
-    split: str | None = None
+    split: str | None = "split"
+    group: str | None = "group"
 
 
 @dataclass(frozen=True)
@@ -258,72 +302,11 @@ class LoadResult:
     quarantined: list[Quarantined]
 
 
-_GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
-
-
-def normalise_gold_answer(raw: str) -> tuple[str, str]:
-    """(answer, answer_type): GSM8K's `… #### 1,000` -> ("1000", "number"); free text stays text."""
-    text = raw.strip()
-    m = _GSM8K_FINAL.search(text)
-    if m:
-        text = m.group(1).strip()
-    numeric = text.replace(",", "").replace("$", "").rstrip(".")
-    if re.fullmatch(r"-?\d+(?:\.\d+)?", numeric):
-        if "." in numeric:
-            numeric = numeric.rstrip("0").rstrip(".")
-        return numeric, "number"
-    return text, "text"
-
-
-def iter_file_rows(path: Path) -> Iterator[tuple[int, dict | None, str, str | None]]:
-    """(line number, row or None, raw text, error) for JSONL or Parquet."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError
-            raise ProblemFileError(f"{path}: cannot read as Parquet: {exc}") from exc
-        for i, row in enumerate(table.to_pylist(), start=1):
-            yield i, row, json.dumps(row, default=str)[:500], None
-        return
-    if suffix not in (".jsonl", ".json", ".ndjson"):
-        raise ProblemFileError(f"{path}: unsupported file type {suffix!r}; use .jsonl or .parquet")
-    with path.open("rb") as fh:
-        for i, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8-sig" if i == 1 else "utf-8")  # a BOM may open the file
-            except UnicodeDecodeError as exc:
-                yield i, None, raw[:500].decode("utf-8", "replace"), f"not UTF-8 ({exc.reason} at byte {exc.start})"
-                continue
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield i, None, text[:500], f"invalid JSON ({exc.msg} at column {exc.colno})"
-                continue
-            if not isinstance(row, dict):
-                yield i, None, text[:500], f"expected a JSON object, got {type(row).__name__}"
-                continue
-            yield i, row, text[:500], None
-
-
-def text_error(value: str) -> str | None:
-    if "\x00" in value:
-        return "contains NUL bytes"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate escape such as "\\ud800" in otherwise valid JSON
-        return "contains an unpaired surrogate (not encodable as UTF-8)"
-    return None
-
-
 def load_problem_file(path: str | Path, fields: FieldMap = FieldMap(), *, source: str | None = None,
-                      default_split: str = "train", lenient: bool = False) -> LoadResult:
+                      split: SplitConfig = SplitConfig(), lenient: bool = False) -> LoadResult:
     """Problems from a JSONL/Parquet file. A bad row raises `ProblemFileError` naming file, line and field,
-    or, with `lenient=True`, is quarantined and returned in `LoadResult.quarantined`."""
+    or, with `lenient=True`, is quarantined and returned in `LoadResult.quarantined`. A `split` column is honoured;
+    without one, the seeded group split decides (group column, else the question)."""
     path = Path(path)
     if not path.exists():
         raise ProblemFileError(f"{path}: no such file")
@@ -355,13 +338,83 @@ def load_problem_file(path: str | Path, fields: FieldMap = FieldMap(), *, source
         if unusable is not None:
             bad(line, *unusable, raw)
             continue
-        gold, answer_type = normalise_gold_answer(answer)
-        split = str(row.get(fields.split) or default_split) if fields.split else default_split
-        pid = make_problem_id(source, question, gold)
+        gold, answer_type = gold_answer(answer)
+        given_split = row.get(fields.split) if fields.split else None
+        if given_split is not None and str(given_split).strip().lower() not in SPLIT_ALIASES:
+            bad(line, fields.split, f"unknown split {given_split!r}; use one of {', '.join(SPLITS)}", raw)
+            continue
+        group = row.get(fields.group) if fields.group else None
+        group_id = f"group:{group}" if group is not None else content_id("question", normalise_question(question))
+        pid = make_problem_id(question, gold)
         if fields.id and row.get(fields.id) is not None:
-            pid = content_id("problem-id", source, str(row[fields.id]))
+            pid = content_id("problem-id", str(row[fields.id]))
         if pid in seen:  # the same problem twice in one file is one problem
             continue
         seen.add(pid)
-        problems.append(Problem(pid, source, split, question.strip(), gold, answer_type))
+        chosen = SPLIT_ALIASES[str(given_split).strip().lower()] if given_split is not None else split_of(group_id, split)
+        worked = answer.strip() if "####" in answer else None  # GSM8K's answer field is a worked solution
+        problems.append(Problem(pid, source, chosen, question.strip(), gold, answer_type, group_id, worked))
     return LoadResult(problems, quarantined)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reasoning-gym generators (offline, real GSM8K-derived language)
+
+
+class ReasoningGymConfig(BaseModel):
+    """A reasoning-gym dataset (`pip install reasoning-gym`): items with a question, an answer and, for
+    `gsm_symbolic`, a worked solution. The item's template is its group."""
+
+    dataset: str = "gsm_symbolic"
+    size: int = Field(500, ge=1)
+    seed: int = 0
+
+
+def load_reasoning_gym(cfg: ReasoningGymConfig, split: SplitConfig = SplitConfig()) -> list[Problem]:
+    try:
+        import reasoning_gym
+    except ImportError as exc:
+        raise DataFileError("problems source 'reasoning_gym' needs the reasoning-gym package: "
+                            "pip install 'reasoning-scaffold[real]'") from exc
+    dataset = reasoning_gym.create_dataset(cfg.dataset, size=cfg.size, seed=cfg.seed)
+    templates = getattr(dataset, "task_indices", None)
+    problems, seen = [], set()
+    for i in range(len(dataset)):
+        item = dataset[i]
+        gold, answer_type = gold_answer(str(item["answer"]))
+        solution = (item.get("metadata") or {}).get("answer_cot")
+        group_id = f"{cfg.dataset}:template-{templates[i]}" if templates is not None else \
+            content_id("question", normalise_question(item["question"]))
+        pid = make_problem_id(item["question"], gold)
+        if pid in seen:
+            continue
+        seen.add(pid)
+        problems.append(Problem(pid, f"reasoning-gym/{cfg.dataset}", split_of(group_id, split), item["question"].strip(),
+                                gold, answer_type, group_id, solution))
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The problems stage's configuration
+
+PROBLEM_SUFFIXES = (".jsonl", ".parquet", ".ndjson", ".json")
+
+
+class ProblemsConfig(BaseModel):
+    """Where the problems come from and how they are split."""
+
+    source: Literal["synthetic", "reasoning_gym", "files"] = Field(
+        "synthetic", description="synthetic: the built-in generator; reasoning_gym: a reasoning-gym dataset; "
+                                 "files: only the problem files")
+    synthetic: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    reasoning_gym: ReasoningGymConfig = Field(default_factory=ReasoningGymConfig)
+    files: list[str] = Field(default_factory=list, description="problem files (JSONL/Parquet), loaded with `fields`")
+    fields: FieldMap = Field(default_factory=FieldMap)
+    watch_dir: str | None = Field(None, description="every problem file here is loaded too (default: "
+                                                    "$DAGSTER_HOME/incoming, which the file sensor watches)")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    lenient: bool = Field(True, description="quarantine bad rows of problem files instead of failing")
+
+
+def problem_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*") if p.is_file() and p.suffix.lower() in PROBLEM_SUFFIXES)

@@ -15,6 +15,8 @@ from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 
+from pydantic import BaseModel, Field, field_validator
+
 SIGNALS: tuple[str, ...] = (
     "addition_elaboration",
     "examples_illustration",
@@ -151,14 +153,18 @@ class Label:
     confidence: float
 
 
-@dataclass(frozen=True)
-class LabellerConfig:
-    keywords_path: str | None = None
+class LabellerConfig(BaseModel):
+    """The keyword labeller: which keyword table, and the signal of a step no keyword matches (counted as fallback)."""
+
+    keywords_path: str | None = Field(None, description="a TOML keyword table; default: the built-in one")
     fallback_signal: str = "reasoning_analysis"
 
-    def __post_init__(self) -> None:
-        if self.fallback_signal not in SIGNAL_INDEX:
-            raise ValueError(f"fallback_signal {self.fallback_signal!r} is not one of {list(SIGNALS)}")
+    @field_validator("fallback_signal")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in SIGNAL_INDEX:
+            raise ValueError(f"fallback_signal {value!r} is not one of {list(SIGNALS)}")
+        return value
 
 
 # Labels are immutable and few distinct ones exist (one per keyword, plus fallback / final step): share them

@@ -7,12 +7,13 @@ conclusion and a final answer step. Endpoint / local-HF teachers and trace impor
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, Sequence
 
 from pydantic import BaseModel, Field
 
-from scaffold_lib.core.answers import answers_match, extract_final_answer
+from scaffold_lib.core.answers import committed_answer, is_correct
 from scaffold_lib.core.ids import content_id
 from scaffold_lib.data.problems import ParsedQuestion, Problem, Quarantined, parse_question
 
@@ -82,11 +83,36 @@ def make_trace_id(problem_id: str, teacher_identity: str, prompt: str, sampling:
 
 
 def verify(text: str, problem: Problem, answer_text: str | None = None) -> tuple[str | None, bool]:
-    """The committed answer (from the final content when there is one, else the trace's last paragraph, else
-    anywhere in the trace) and whether it matches the gold answer."""
-    answer = ((answer_text and extract_final_answer(answer_text))
-              or extract_final_answer(text.strip().rsplit("\n\n", 1)[-1]) or extract_final_answer(text))
-    return answer, answers_match(answer, problem.answer, problem.answer_type)
+    """The answer the trace commits to (the scorer's rule) and whether it equals the gold answer."""
+    answer = committed_answer(text, problem.answer_type, answer_text)
+    return answer, is_correct(answer, problem.answer, problem.answer_type)
+
+
+# GSM8K's calculator annotations (`<<48/2=24>>`) are its annotators' tool calls, not reasoning
+_CALCULATOR = re.compile(r"<<[^<>\n]*>>")
+
+
+class ReferenceTeacher:
+    """The worked solutions that ship with the problems (a GSM8K file's answer field, reasoning-gym's `answer_cot`)
+    taken as teacher traces. A problem without one is not covered (counted, never failed)."""
+
+    identity = "reference"
+    samples = 1
+
+    def trace_id_for(self, problem: Problem, sample: int = 0) -> str:
+        return make_trace_id(problem.problem_id, self.identity, "", {"sample": sample})
+
+    def generate(self, problems: Sequence[Problem]) -> TeacherResult:
+        result = TeacherResult()
+        for problem in problems:
+            if not problem.solution:
+                result.not_covered += 1
+                continue
+            text = _CALCULATOR.sub("", problem.solution).strip()
+            answer, correct = verify(text, problem)
+            result.traces.append(Trace(self.trace_id_for(problem), problem.problem_id, self.identity, text, answer,
+                                       correct, len(problem.question.split()), len(text.split())))
+        return result
 
 
 class ProgrammaticTeacherConfig(BaseModel):

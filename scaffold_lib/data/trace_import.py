@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict
 
 from scaffold_lib.data.endpoint import split_reasoning
 from scaffold_lib.data.llm_teachers import trace_from_record
-from scaffold_lib.data.problems import Problem, ProblemFileError, Quarantined, iter_file_rows, text_error
+from scaffold_lib.core.files import DataFileError, iter_file_rows, text_error
+from scaffold_lib.data.problems import Problem, Quarantined, normalise_question
 from scaffold_lib.data.teachers import TeacherResult, make_trace_id
 
 
@@ -42,23 +43,19 @@ class ImportedRow:
     answer: str
 
 
-def normalise_question(text: str) -> str:
-    return " ".join(text.split()).casefold()
-
-
 def _rows_of(source: str, split: str) -> Iterator[tuple[int, dict | None, str, str | None]]:
     path = Path(source)
     if path.exists():
         yield from iter_file_rows(path)
         return
     if path.suffix or "/" not in source:
-        raise ProblemFileError(f"{source}: no such file (give a .jsonl/.parquet path or an HF dataset name)")
+        raise DataFileError(f"{source}: no such file (give a .jsonl/.parquet path or an HF dataset name)")
     try:
         import datasets
 
         dataset = datasets.load_dataset(source, split=split)
     except Exception as exc:  # hub unreachable, unknown name, bad split: all mean "cannot read this source"
-        raise ProblemFileError(f"{source}: cannot load the HF dataset (split {split!r}): {exc}") from exc
+        raise DataFileError(f"{source}: cannot load the HF dataset (split {split!r}): {exc}") from exc
     for i, row in enumerate(dataset, start=1):
         yield i, row, str(row)[:500], None
 
@@ -70,7 +67,7 @@ def load_trace_rows(source: str, fields: TraceFieldMap = TraceFieldMap(), *, spl
 
     def bad(line: int, field_name: str, error: str, raw: str) -> None:
         if not lenient:
-            raise ProblemFileError(f"{source}:{line}: field {field_name!r}: {error}")
+            raise DataFileError(f"{source}:{line}: field {field_name!r}: {error}")
         quarantined.append(Quarantined(source, line, field_name, error, raw))
 
     for line, row, raw, error in _rows_of(source, split):

@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, Field
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
-from scaffold_lib.core.answers import extract_final_answer
+from scaffold_lib.core.answers import extract_number
 from scaffold_lib.student.examples import STEP_SEPARATOR, Formatter, signal_tags
 from scaffold_lib.student.model import ScaffoldStudent
 from scaffold_lib.data.signals import ANSWER_SIGNAL, CONCLUSION_SIGNAL, SIGNAL_INDEX, SIGNALS
@@ -27,13 +27,35 @@ Variant = Literal["predicted", "golden", "random", "summaries_only"]
 STEP_SIGNALS = [s for s in SIGNALS if s != ANSWER_SIGNAL]
 
 
+BUDGET_SLACK = 1.25  # decoding caps are the training data's 99th percentiles with this much room
+
+
 class DecodeConfig(BaseModel):
+    """Scaffolded decoding. The token caps default to the training data's distribution (99th percentile of a step,
+    an answer step and a whole reply, with 25 % room), and the baseline gets the same total budget."""
+
     tau: float = Field(0.96, ge=0.0, le=1.0, description="confidence needed to write another step (paper: 0.96)")
-    max_steps: int = Field(16, ge=0)
-    max_step_tokens: int = Field(64, ge=1)
-    max_answer_tokens: int = Field(24, ge=1)
-    max_tokens: int = Field(512, ge=1, description="new tokens over the whole generation")
+    max_steps: int | None = Field(None, ge=0, description="steps before the answer is forced; default: from the data")
+    max_step_tokens: int | None = Field(None, ge=1, description="default: from the training data")
+    max_answer_tokens: int | None = Field(None, ge=1, description="default: from the training data")
+    max_tokens: int | None = Field(None, ge=1, description="new tokens over the whole generation, both arms; "
+                                                           "default: from the training data")
     seed: int = 0
+
+    def resolved(self, budget: dict[str, int] | None) -> "DecodeConfig":
+        """Caps left unset are filled from the training data's token budget (see `ShardsHandle.budget`)."""
+        budget = budget or {}
+
+        def cap(value: int | None, key: str, fallback: int) -> int:
+            if value is not None:
+                return value
+            return max(1, int(budget[key] * BUDGET_SLACK + 0.999)) if budget.get(key) else fallback
+
+        return self.model_copy(update={
+            "max_steps": cap(self.max_steps, "steps_p99", 16), "max_step_tokens": cap(self.max_step_tokens,
+                                                                                       "step_tokens_p99", 64),
+            "max_answer_tokens": cap(self.max_answer_tokens, "answer_tokens_p99", 64),
+            "max_tokens": cap(self.max_tokens, "reply_tokens_p99", 512)})
 
 
 @dataclass
@@ -89,9 +111,9 @@ class ScaffoldDecoder:
     drops pruned steps from the context by masking their cache columns."""
 
     def __init__(self, model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase, cfg: DecodeConfig = DecodeConfig(),
-                 tags: dict[str, str] | None = None) -> None:
-        self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, cfg
-        self.fmt = Formatter(tokenizer, tags or signal_tags())
+                 fmt: Formatter | None = None) -> None:
+        self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, cfg.resolved(None)
+        self.fmt = fmt or Formatter(tokenizer, signal_tags())
         self.device = next(model.parameters()).device
 
     def _text(self, ids: list[int]) -> str:
@@ -181,7 +203,7 @@ class ScaffoldDecoder:
                     continue
                 if s.signal == ANSWER_SIGNAL:
                     s.gen.answer_text = self._text(w)
-                    s.gen.answer = extract_final_answer(s.gen.answer_text)
+                    s.gen.answer = extract_number(s.gen.answer_text)
                     s.done = True
                     continue
                 s.gen.steps.append(GeneratedStep(s.signal, self._text(w), s.conf))
@@ -196,9 +218,9 @@ class ScaffoldDecoder:
 
 
 def plain_generate_batch(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str],
-                         max_new_tokens: int = 512, tags: dict[str, str] | None = None) -> list[Generation]:
+                         max_new_tokens: int = 512, fmt: Formatter | None = None) -> list[Generation]:
     """The CoT-SFT baseline's decoding: HF `generate`, greedy, left-padded batch, until EOS."""
-    fmt = Formatter(tokenizer, tags or signal_tags())
+    fmt = fmt or Formatter(tokenizer, signal_tags())
     device = next(model.parameters()).device
     ids, mask = left_padded([fmt.question_ids(q) for q in questions], fmt.eos_id)
     width = ids.size(1)
@@ -212,11 +234,11 @@ def plain_generate_batch(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerB
         gen = Generation(new_tokens=len(new), stopped_by="eos" if fmt.eos_id in new else "max_tokens")
         gen.steps = [GeneratedStep("", p, None) for p in parts[:-1]]
         gen.answer_text = parts[-1] if parts else ""
-        gen.answer = extract_final_answer(gen.answer_text) if parts else None
+        gen.answer = extract_number(gen.answer_text) if parts else None
         gens.append(gen)
     return gens
 
 
 def plain_generate(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase, question: str,
-                   max_new_tokens: int = 512, tags: dict[str, str] | None = None) -> Generation:
-    return plain_generate_batch(model, tokenizer, [question], max_new_tokens, tags)[0]
+                   max_new_tokens: int = 512, fmt: Formatter | None = None) -> Generation:
+    return plain_generate_batch(model, tokenizer, [question], max_new_tokens, fmt)[0]

@@ -1,9 +1,11 @@
-"""Evaluation (paper §4): Pass@1 with greedy decoding per variant, plus the process metrics DESIGN.md defines:
+"""Evaluation (paper §4): Pass@1 with greedy decoding per variant, plus the process metrics:
 
 - next-signal accuracy: the signal head's argmax at each step boundary of held-out teacher traces (teacher
   forced), overall and on the positions whose confidence reaches τ (with that coverage);
 - signal fidelity: share of generated steps whose keyword-labeller signal equals the signal that conditioned them;
 - answer consistency: share of answers equal to the result stated in the last conclusion step.
+
+Every answer is also kept per item (`SampleRecord`), so comparisons can be paired (both arms answer the same items).
 """
 
 from __future__ import annotations
@@ -13,20 +15,19 @@ import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
 import torch
 from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
 
-from scaffold_lib.core.answers import answers_match, last_number
-from scaffold_lib.evaluation.decoding import DecodeConfig, Generation, ScaffoldDecoder, plain_generate_batch
-from scaffold_lib.student.examples import Formatter, signal_tags
+from scaffold_lib.core import answers
 from scaffold_lib.core.ids import content_id
-from scaffold_lib.student.model import ScaffoldStudent
 from scaffold_lib.data.signals import CONCLUSION_SIGNAL, keyword_table, label_step
-from scaffold_lib.evaluation.suites import EvalItem, get_suite
+from scaffold_lib.evaluation.decoding import DecodeConfig, Generation, ScaffoldDecoder, plain_generate_batch
+from scaffold_lib.evaluation.suites import HELDOUT, EvalItem, Suite, get_suite
+from scaffold_lib.student.examples import Formatter
+from scaffold_lib.student.model import ScaffoldStudent
 
 SCAFFOLD_VARIANTS = ("predicted", "golden", "random", "summaries_only")
 BASELINE_VARIANT = "cot_sft"
@@ -35,17 +36,49 @@ TABLE_ROWS = (BASE_VARIANT, BASELINE_VARIANT, "golden", "predicted", "random", "
 
 
 class EvalConfig(BaseModel):
-    benchmark: str = "synthetic-arith"
-    suite_version: str | None = Field(None, description="default: the suite's own version")
+    """What is evaluated and how: suites, which split of the warehouse's held-out problems, variants, decoding."""
+
+    suites: list[str] = Field(default_factory=lambda: [HELDOUT], description="heldout (the warehouse's held-out "
+                              "problems) and/or gsm8k, math500, strategyqa, csqa, truthfulqa_mc1 (files)")
+    split: Literal["validation", "test"] = Field("test", description="the held-out split scored as `heldout`: tune "
+                                                                     "on validation, report test once")
     variants: list[str] = Field(default_factory=lambda: list(SCAFFOLD_VARIANTS))
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
-    limit: int | None = Field(None, ge=1, description="evaluate on the first N items only")
+    limit: int | None = Field(None, ge=1, description="evaluate on the first N items of each suite only")
     batch_size: int = Field(32, ge=1, description="questions decoded together")
+    include_base: bool = Field(True, description="also score the untuned backbone (the table's first row)")
+    export_samples: bool = Field(True, description="write per-sample answers (lm-evaluation-harness style JSONL)")
+    suites_dir: str | None = Field(None, description="where suite files are looked for; default <home>/benchmarks")
+
+
+@dataclass(frozen=True)
+class SuiteRun:
+    """One suite's evaluation, resolved: the decoding caps are final and the config hash names them."""
+
+    suite: Suite
+    split: str
+    decode: DecodeConfig
+    variants: tuple[str, ...]
+    batch_size: int
+    config_hash: str
+
+
+def suite_run(cfg: EvalConfig, suite_name: str, budget: dict[str, int] | None = None) -> SuiteRun:
+    """What makes two scores comparable: suite + version + split, prompt format, the resolved decoding settings (τ,
+    caps, guards) and the item limit. Every variant of one evaluation shares the hash (the variant is the table's
+    row); batch size is left out, since greedy results do not depend on it."""
+    suite = get_suite(suite_name)
+    split = cfg.split if suite.name == HELDOUT else "test"
+    decode = cfg.decode.resolved(budget)
+    config_hash = content_id("eval", suite.name, suite.version, split, suite.prompt_format, decode.model_dump(),
+                             cfg.limit)
+    return SuiteRun(suite, split, decode, tuple(cfg.variants), cfg.batch_size, config_hash)
 
 
 @dataclass
 class ScoreRow:
     benchmark: str
+    split: str
     variant: str
     n: int
     accuracy: float
@@ -63,7 +96,7 @@ class ScoreRow:
 
 @dataclass
 class SampleRecord:
-    """One answer, in the per-sample form lm-evaluation-harness users know."""
+    """One answer, in the per-sample form lm-evaluation-harness users know, with what decoding did."""
 
     doc_id: str
     variant: str
@@ -73,15 +106,8 @@ class SampleRecord:
     gold: str
     correct: bool
     signals: list[str] = field(default_factory=list)
-
-
-def eval_config_hash(cfg: EvalConfig) -> str:
-    """What makes two scores comparable: suite + version, prompt format, decoding settings (τ, max tokens, guards)
-    and the item limit. Every variant of one evaluation shares it (the variant is the table's row), and batch size
-    is left out: greedy results do not depend on it."""
-    suite = get_suite(cfg.benchmark)
-    return content_id("eval", suite.name, cfg.suite_version or suite.version, suite.prompt_format,
-                      cfg.decode.model_dump(), cfg.limit)
+    stopped_by: str = ""
+    new_tokens: int = 0
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -105,51 +131,59 @@ def answer_consistency(generations: Iterable[Generation]) -> float | None:
     checks = []
     for g in generations:
         conclusions = [s.text for s in g.steps if s.signal == CONCLUSION_SIGNAL]
-        if conclusions and g.answer is not None and (stated := last_number(conclusions[-1])) is not None:
-            checks.append(answers_match(g.answer, stated))
+        if conclusions and g.answer is not None and (stated := answers.last_number(conclusions[-1])) is not None:
+            checks.append(answers.numbers_equal(g.answer, stated))
     return sum(checks) / len(checks) if checks else None
 
 
 @torch.no_grad()
-def next_signal_accuracy(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase, items: Sequence[EvalItem],
-                         tau: float, tags: dict[str, str] | None = None) -> dict:
-    fmt = Formatter(tokenizer, tags or signal_tags())
+def signal_predictions(model: ScaffoldStudent, fmt: Formatter, items: Sequence[EvalItem]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities [boundaries, 7], targets [boundaries]) of the signal head at every step boundary of the items'
+    teacher traces (teacher forced): what next-signal accuracy and calibration are computed from."""
     device = next(model.parameters()).device
-    correct = total = confident = confident_correct = 0
+    probs, targets = [], []
     for item in items:
         if not item.golden_signals:
             continue
         ex = fmt.scaffold(item.doc_id, item.question, item.golden_steps, item.golden_signals)
         hidden = model.hidden_states(torch.from_numpy(ex.input_ids).long()[None].to(device))[0]
-        probs = torch.softmax(model.signal_head(hidden[torch.from_numpy(ex.signal_positions).long()]).float(), -1)
-        conf, pred = probs.max(-1)
-        hit = pred.cpu() == torch.from_numpy(ex.signal_targets).long()
-        correct += int(hit.sum())
-        total += len(hit)
-        sure = conf.cpu() >= tau
-        confident += int(sure.sum())
-        confident_correct += int((hit & sure).sum())
-    return {"next_signal_acc": correct / total if total else None,
-            "next_signal_acc_at_tau": confident_correct / confident if confident else None,
-            "coverage_at_tau": confident / total if total else None, "boundaries": total}
+        logits = model.signal_head(hidden[torch.from_numpy(ex.signal_positions).long().to(device)]).float()
+        probs.append(torch.softmax(logits, -1).cpu())
+        targets.append(torch.from_numpy(ex.signal_targets).long())
+    if not probs:
+        return torch.zeros(0, 7), torch.zeros(0, dtype=torch.long)
+    return torch.cat(probs), torch.cat(targets)
 
 
-def _score(cfg: EvalConfig, variant: str, items: Sequence[EvalItem], gens: Sequence[Generation],
-           next_acc: float | None) -> tuple[ScoreRow, list[SampleRecord]]:
-    suite = get_suite(cfg.benchmark)
+def next_signal_accuracy(model: ScaffoldStudent, fmt: Formatter, items: Sequence[EvalItem], tau: float) -> dict:
+    probs, targets = signal_predictions(model, fmt, items)
+    total = len(targets)
+    if not total:
+        return {"next_signal_acc": None, "next_signal_acc_at_tau": None, "coverage_at_tau": None, "boundaries": 0}
+    conf, pred = probs.max(-1)
+    hit, sure = pred == targets, conf >= tau
+    return {"next_signal_acc": float(hit.float().mean()),
+            "next_signal_acc_at_tau": float(hit[sure].float().mean()) if sure.any() else None,
+            "coverage_at_tau": float(sure.float().mean()), "boundaries": total}
+
+
+def score(run: SuiteRun, variant: str, items: Sequence[EvalItem], gens: Sequence[Generation],
+          next_acc: float | None) -> tuple[ScoreRow, list[SampleRecord]]:
     records = []
     for item, g in zip(items, gens):
         response = "\n\n".join([s.text for s in g.steps] + [g.answer_text])
         # the answer step first (what the model committed to), else anything in the response
-        extracted = suite.extract(g.answer_text, item.choices) or suite.extract(response, item.choices)
+        extracted = (answers.extract(g.answer_text, item.answer_type, item.choices)
+                     or answers.extract(response, item.answer_type, item.choices))
         records.append(SampleRecord(item.doc_id, variant, item.question, response, extracted, item.answer,
-                                    suite.is_correct(extracted, item.answer), [s.signal for s in g.steps]))
+                                    answers.is_correct(extracted, item.answer, item.answer_type), [s.signal for s in g.steps],
+                                    g.stopped_by, g.new_tokens))
     k, n = sum(r.correct for r in records), len(records)
     lo, hi = wilson_interval(k, n)
     scaffolded = variant not in (BASELINE_VARIANT, BASE_VARIANT)
-    row = ScoreRow(cfg.benchmark, variant, n, k / n if n else 0.0, lo, hi, next_acc,
+    row = ScoreRow(run.suite.name, run.split, variant, n, k / n if n else 0.0, lo, hi, next_acc,
                    signal_fidelity(gens) if scaffolded else None, answer_consistency(gens) if scaffolded else None,
-                   sum(len(g.steps) for g in gens) / n if n else 0.0, eval_config_hash(cfg))
+                   sum(len(g.steps) for g in gens) / n if n else 0.0, run.config_hash)
     return row, records
 
 
@@ -158,38 +192,38 @@ def _batches(items: Sequence, size: int):
         yield items[start:start + size]
 
 
-def evaluate_scaffold(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase, items: Sequence[EvalItem],
-                      cfg: EvalConfig, progress: bool = True) -> tuple[list[ScoreRow], list[SampleRecord]]:
-    items = list(items)[: cfg.limit]
-    decoder = ScaffoldDecoder(model, tokenizer, cfg.decode)
-    next_acc = next_signal_accuracy(model, tokenizer, items, cfg.decode.tau)["next_signal_acc"]
+def evaluate_scaffold(model: ScaffoldStudent, fmt: Formatter, items: Sequence[EvalItem], run: SuiteRun,
+                      progress: bool = True) -> tuple[list[ScoreRow], list[SampleRecord]]:
+    """Every scaffold variant on the same items. The golden variant needs the teacher's signals: items without them
+    are left out of it (and the stage scores only items every variant can answer, so comparisons stay paired)."""
+    decoder = ScaffoldDecoder(model, fmt.tokenizer, run.decode, fmt)
+    next_acc = next_signal_accuracy(model, fmt, items, run.decode.tau)["next_signal_acc"]
     rows, records = [], []
-    for variant in cfg.variants:
+    for variant in run.variants:
         if variant not in SCAFFOLD_VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; choose from {SCAFFOLD_VARIANTS}")
         usable = [i for i in items if variant != "golden" or i.golden_signals]
         if not usable:
             continue  # golden signals exist only where the eval set has teacher traces
-        rng = random.Random(cfg.decode.seed)
+        rng = random.Random(run.decode.seed)
         gens = []
-        for batch in tqdm(list(_batches(usable, cfg.batch_size)), desc=f"eval {variant}", disable=not progress):
+        for batch in tqdm(list(_batches(usable, run.batch_size)), desc=f"eval {variant}", disable=not progress):
             gens += decoder.generate_batch([i.question for i in batch], variant,
                                            [i.golden_signals for i in batch] if variant == "golden" else None, rng)
-        row, recs = _score(cfg, variant, usable, gens, next_acc)
+        row, recs = score(run, variant, usable, gens, next_acc)
         rows.append(row)
         records.extend(recs)
     return rows, records
 
 
-def evaluate_baseline(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase, items: Sequence[EvalItem],
-                      cfg: EvalConfig, progress: bool = True, variant: str = BASELINE_VARIANT
-                      ) -> tuple[list[ScoreRow], list[SampleRecord]]:
-    """Plain greedy generation: the CoT-SFT baseline, or (variant `base`) the untuned backbone."""
-    items = list(items)[: cfg.limit]
+def evaluate_plain(model: ScaffoldStudent, fmt: Formatter, items: Sequence[EvalItem], run: SuiteRun,
+                   variant: str = BASELINE_VARIANT, progress: bool = True) -> tuple[list[ScoreRow], list[SampleRecord]]:
+    """Plain greedy generation with the same total token budget: the CoT-SFT baseline, or (`base`) the untuned
+    backbone."""
     gens = []
-    for batch in tqdm(list(_batches(items, cfg.batch_size)), desc=f"eval {variant}", disable=not progress):
-        gens += plain_generate_batch(model, tokenizer, [i.question for i in batch], cfg.decode.max_tokens)
-    row, records = _score(cfg, variant, items, gens, None)
+    for batch in tqdm(list(_batches(items, run.batch_size)), desc=f"eval {variant}", disable=not progress):
+        gens += plain_generate_batch(model, fmt.tokenizer, [i.question for i in batch], run.decode.max_tokens, fmt)
+    row, records = score(run, variant, items, gens, None)
     return [row], records
 
 
@@ -202,14 +236,19 @@ def export_samples(records: Sequence[SampleRecord], path: str | Path) -> Path:
     with tmp.open("w", encoding="utf-8") as fh:
         for r in records:
             fh.write(json.dumps({"doc_id": r.doc_id, "variant": r.variant, "prompt": r.prompt, "response": r.response,
-                                 "extracted": r.extracted, "gold": r.gold, "correct": r.correct},
-                                ensure_ascii=False) + "\n")
+                                 "extracted": r.extracted, "gold": r.gold, "correct": r.correct,
+                                 "stopped_by": r.stopped_by}, ensure_ascii=False) + "\n")
     tmp.replace(path)
     return path
 
 
 class IncomparableScores(ValueError):
-    """Score rows of one benchmark were made with different eval configs (see `eval_config_hash`)."""
+    """Score rows of one benchmark were made with different eval configs (see `suite_run`)."""
+
+
+def _column(row: dict) -> str:
+    split = row.get("split")
+    return f"{row['benchmark']} ({split})" if row["benchmark"] == HELDOUT and split else row["benchmark"]
 
 
 def comparison_table_markdown(rows: Sequence[dict]) -> str:
@@ -218,10 +257,10 @@ def comparison_table_markdown(rows: Sequence[dict]) -> str:
     eval configs in one column, naming the hashes."""
     by_suite: dict[str, dict[str, dict]] = {}
     for r in rows:
-        column = by_suite.setdefault(r["benchmark"], {})
+        column = by_suite.setdefault(_column(r), {})
         hashes = {c["eval_config_hash"] for c in column.values()} | {r["eval_config_hash"]}
         if len(hashes) > 1:
-            raise IncomparableScores(f"{r['benchmark']}: scores with different eval configs {sorted(hashes)} cannot "
+            raise IncomparableScores(f"{_column(r)}: scores with different eval configs {sorted(hashes)} cannot "
                                      "share a column; pick one eval_config_hash")
         column[r["variant"]] = r
     suites = sorted(by_suite)
@@ -241,10 +280,10 @@ def score_table_markdown(rows: Sequence[dict]) -> str:
     """Markdown table of score rows (dicts with the ScoreRow fields and optionally `model`)."""
     def pct(v):
         return "–" if v is None else f"{100 * v:.1f} %"
-    lines = ["| model | variant | n | Pass@1 (95 % CI) | next-signal acc | signal fidelity | answer consistency |",
-             "|---|---|---:|---|---:|---:|---:|"]
+    lines = ["| model | suite | variant | n | Pass@1 (95 % CI) | next-signal acc | signal fidelity | answer consistency "
+             "| mean steps |", "|---|---|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r.get('model', '')} | {r['variant']} | {r['n']} | {pct(r['accuracy'])} "
+        lines.append(f"| {r.get('model', '')} | {_column(r)} | {r['variant']} | {r['n']} | {pct(r['accuracy'])} "
                      f"({100 * r['ci_low']:.0f}–{100 * r['ci_high']:.0f}) | {pct(r['next_signal_acc'])} | "
-                     f"{pct(r['signal_fidelity'])} | {pct(r['answer_consistency'])} |")
+                     f"{pct(r['signal_fidelity'])} | {pct(r['answer_consistency'])} | {r.get('mean_steps', 0):.1f} |")
     return "\n".join(lines)

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from scaffold_lib.core import answers
+from scaffold_lib.core.answers import LETTERS, boxed_contents, gold_answer
+from scaffold_lib.core.files import DataFileError, iter_file_rows
 from scaffold_lib.core.ids import content_id
-from scaffold_lib.data.problems import ProblemFileError, iter_file_rows, normalise_gold_answer
-
-LETTERS = "ABCDEFGHIJ"
 
 
 @dataclass
@@ -41,6 +40,7 @@ class EvalItem:
     golden_signals: list[str] | None = None
     golden_steps: list[str] | None = None
     choices: list[str] | None = None  # option texts of a multiple-choice item, labelled A, B, C, …
+    raw_question: str | None = None  # the question as the source wrote it (to match predictions files by text)
 
 
 class SuiteDataError(ValueError):
@@ -65,173 +65,6 @@ def format_question(question: str, answer_type: str, choices: list[str] | None =
     return "\n".join(parts)
 
 
-# --- answer extraction and matching, per answer type ---------------------------------------------------------
-_NUM = r"-?\$?\s?\d[\d,]*(?:\.\d+)?"
-_ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:|=)?\s*[:*\s]*", re.I)
-
-
-def boxed_contents(text: str) -> list[str]:
-    """The contents of every `\\boxed{…}` / `\\fbox{…}`, with nested braces balanced (`\\boxed{\\frac{1}{2}}`)."""
-    out = []
-    for match in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
-        depth, start = 1, match.end()
-        for i in range(start, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                out.append(text[start:i])
-                break
-    return out
-
-
-def normalise_number(text: str) -> str | None:
-    """'1,000' -> '1000', '$18.00' -> '18', '50%' -> '50', '-3.50' -> '-3.5'; None when not a number."""
-    t = re.sub(r"(?<=\d),(?=\d{3})", "", text.strip()).replace("$", "").replace("\\%", "").rstrip(".%").strip()
-    if not re.fullmatch(r"-?\d+(?:\.\d+)?", t):
-        return None
-    if "." in t:
-        t = t.rstrip("0").rstrip(".")
-    return "0" if t in ("-0", "") else t
-
-
-def extract_number(text: str) -> str | None:
-    """GSM8K style: a boxed value, `#### N`, the answer statement, else the last number; units and `$` ignored."""
-    candidates = [b for b in boxed_contents(text)]
-    candidates += re.findall(r"####\s*(" + _NUM + ")", text)
-    candidates += [m.group(1) for m in re.finditer(_ANSWER_IS.pattern + "(" + _NUM + ")", text, re.I)]
-    for candidate in reversed(candidates):  # the last commitment wins
-        found = re.search(_NUM, candidate)
-        if found and (value := normalise_number(found.group(0).replace(" ", ""))) is not None:
-            return value
-    numbers = re.findall(_NUM, text)
-    return normalise_number(numbers[-1].replace(" ", "")) if numbers else None
-
-
-def numbers_equal(predicted: str | None, gold: str) -> bool:
-    p, g = normalise_number(predicted or ""), normalise_number(gold)
-    return p is not None and g is not None and abs(float(p) - float(g)) < 1e-9 * max(1.0, abs(float(g)))
-
-
-_TEXT_UNITS = re.compile(r"\\(?:text|textbf|mbox|mathrm)\{\s*([^{}]*)\}")
-
-
-def normalise_latex(text: str) -> str:
-    """Plain-string normal form of a MATH answer: no `$`, spaces, `\\left`/`\\right`, `\\!`, degrees, text units or
-    trailing period; `\\dfrac`/`\\tfrac` -> `\\frac`, `\\frac12` -> `\\frac{1}{2}`."""
-    t = text.strip().strip("$").strip()
-    t = re.sub(r"\\(?:left|right)\b", "", t)
-    t = re.sub(r"\\[!,;: ]", "", t)
-    t = t.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\displaystyle", "")
-    t = re.sub(r"\^\s*\{?\\circ\}?|°|\bdegrees?\b", "", t)
-    t = t.replace("\\%", "").replace("%", "").replace("\\$", "")
-    # a text unit after a value is dropped ("5\text{ cm}"); alone it is the answer ("\text{(B)}")
-    t = _TEXT_UNITS.sub(lambda m: "" if re.search(r"[\d}]\s*$", t[: m.start()]) else m.group(1), t)
-    t = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", t)
-    t = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", t)
-    t = re.sub(r"\s+", "", t).rstrip(".")
-    t = re.sub(r"^[a-z]\s*=", "", t)  # "x=5" answers "5"
-    return t
-
-
-def _latex_to_sympy(text: str):
-    """A small LaTeX -> sympy translation covering MATH answers (fractions, roots, powers, pi, products)."""
-    import sympy
-    from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application, parse_expr,
-                                            standard_transformations)
-
-    t = text
-    for _ in range(5):  # nested \frac / \sqrt, innermost first
-        t = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", t)
-        t = re.sub(r"\\sqrt\[([^\]]*)\]\{([^{}]*)\}", r"((\2)**(1/(\1)))", t)
-        t = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", t)
-    t = t.replace("\\pi", "pi").replace("\\cdot", "*").replace("\\times", "*").replace("{", "(").replace("}", ")")
-    if "\\" in t or not t:
-        raise ValueError(f"unsupported LaTeX: {text!r}")
-    return parse_expr(t, transformations=standard_transformations + (implicit_multiplication_application, convert_xor),
-                      local_dict={"pi": sympy.pi, "e": sympy.E})
-
-
-def _split_top_level(text: str) -> list[str]:
-    """'(1,2)' -> ['1', '2']; a tuple or interval compares element-wise, brackets included in the check."""
-    depth, parts, current = 0, [], ""
-    for ch in text:
-        depth += ch in "({[" and 1 or (ch in ")}]" and -1 or 0)
-        if ch == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += ch
-    return parts + [current]
-
-
-def math_equal(predicted: str | None, gold: str) -> bool:
-    """Equal as normalised strings, else as numbers / sympy expressions (`\\frac{1}{2}` = `0.5`, `2\\sqrt{2}` =
-    `\\sqrt{8}`), element-wise for tuples and intervals."""
-    if predicted is None:
-        return False
-    p, g = normalise_latex(predicted), normalise_latex(gold)
-    if p == g:
-        return True
-    if p[:1] + p[-1:] in ("()", "[]", "(]", "[)") and g[:1] + g[-1:] == p[:1] + p[-1:]:
-        ps, gs = _split_top_level(p[1:-1]), _split_top_level(g[1:-1])
-        return len(ps) == len(gs) > 1 and all(math_equal(a, b) for a, b in zip(ps, gs))
-    try:
-        import sympy
-
-        a, b = _latex_to_sympy(p.replace(",", "") if normalise_number(p) else p), _latex_to_sympy(g)
-        difference = sympy.simplify(a - b)
-        return bool(difference == 0) or (difference.is_number and abs(complex(difference.evalf())) < 1e-9)
-    except Exception:  # anything sympy cannot read is simply not equal (never an error in scoring)
-        return False
-
-
-def extract_math(text: str) -> str | None:
-    boxed = boxed_contents(text)
-    if boxed:
-        return boxed[-1].strip()
-    statements = [m for m in re.finditer(_ANSWER_IS.pattern + r"(.+?)(?:\.\s|\.?$|\n)", text, re.I | re.M)]
-    if statements:
-        return statements[-1].group(1).strip().strip("$")
-    return extract_number(text)
-
-
-_YES_NO = {"yes": "yes", "no": "no", "true": "yes", "false": "no"}
-
-
-def extract_yes_no(text: str) -> str | None:
-    """The answer statement's yes/no (or true/false), else a leading yes/no, else the last one mentioned."""
-    stated = re.findall(_ANSWER_IS.pattern + r"\W*(yes|no|true|false)\b", text, re.I)
-    if stated:
-        return _YES_NO[stated[-1].lower()]
-    leading = re.match(r"\W*(yes|no|true|false)\b", text, re.I)
-    if leading:
-        return _YES_NO[leading.group(1).lower()]
-    mentions = re.findall(r"\b(yes|no)\b", text, re.I)
-    return _YES_NO[mentions[-1].lower()] if mentions else None
-
-
-def extract_choice(text: str, choices: list[str] | None = None) -> str | None:
-    """The option letter: an answer statement (`answer is (B)`), a letter standing alone (`B`, `(b)`, `B.`), a
-    parenthesised letter, else the one option whose text appears. A sentence's article "A" is not the letter A."""
-    letters = LETTERS[: len(choices)] if choices else LETTERS[:5]
-    one = f"[{letters}{letters.lower()}]"
-    patterns = (
-        _ANSWER_IS.pattern + r"(?:option\s*)?\(?(" + one + r")\)?(?![\w'])",
-        r"^\W*\(?(" + one + r")\)?[.):]?\s*$",
-        r"^\(?(" + one + r")[.)]\s",
-        r"\((" + one + r")\)",
-    )
-    for pattern in patterns:
-        found = re.findall(pattern, text.strip(), re.I | re.M if pattern.startswith("^") else re.I)
-        if found:
-            return found[-1].upper()
-    if choices:
-        lowered = text.casefold()
-        hits = {LETTERS[i] for i, c in enumerate(choices) if c.strip() and c.strip().casefold() in lowered}
-        if len(hits) == 1:
-            return hits.pop()
-    return None
-
-
 # --- suites -------------------------------------------------------------------------------------------------
 Row = dict
 RowToItem = Callable[[Row, str], EvalItem]  # (row, where) -> item; raises SuiteDataError naming `where` and field
@@ -253,10 +86,11 @@ def _doc_id(suite: str, row: Row, id_field: str | None, question: str) -> str:
 
 def _gsm8k(row: Row, where: str) -> EvalItem:
     question, answer = _field(row, "question", where), _field(row, "answer", where)
-    gold, kind = normalise_gold_answer(answer)
+    gold, kind = gold_answer(answer)
     if kind != "number":
         raise SuiteDataError(f"{where}: field 'answer' has no '#### N' number: {answer[-60:]!r}")
-    return EvalItem(_doc_id("gsm8k", row, None, question), format_question(question, "number"), gold, "number")
+    return EvalItem(_doc_id("gsm8k", row, None, question), format_question(question, "number"), gold, "number",
+                    raw_question=question)
 
 
 def _math500(row: Row, where: str) -> EvalItem:
@@ -267,17 +101,18 @@ def _math500(row: Row, where: str) -> EvalItem:
         if not boxed:
             raise SuiteDataError(f"{where}: field 'answer' missing and no \\boxed{{}} in 'solution'")
         gold = boxed[-1]
-    return EvalItem(_doc_id("math500", row, "unique_id", problem), format_question(problem, "math"), gold.strip(), "math")
+    return EvalItem(_doc_id("math500", row, "unique_id", problem), format_question(problem, "math"), gold.strip(), "math",
+                    raw_question=problem)
 
 
 def _strategyqa(row: Row, where: str) -> EvalItem:
     question, answer = _field(row, "question", where), row.get("answer")
-    if isinstance(answer, str) and answer.strip().lower() in _YES_NO:
-        answer = _YES_NO[answer.strip().lower()] == "yes"
+    if isinstance(answer, str) and answers.extract_yes_no(answer) is not None and len(answer.split()) == 1:
+        answer = answers.extract_yes_no(answer) == "yes"
     if not isinstance(answer, bool):
         raise SuiteDataError(f"{where}: field 'answer' must be true/false, got {answer!r:.60}")
     return EvalItem(_doc_id("strategyqa", row, "qid", question), format_question(question, "yes_no"),
-                    "yes" if answer else "no", "yes_no")
+                    "yes" if answer else "no", "yes_no", raw_question=question)
 
 
 def _csqa(row: Row, where: str) -> EvalItem:
@@ -296,7 +131,7 @@ def _csqa(row: Row, where: str) -> EvalItem:
         raise SuiteDataError(f"{where}: field 'answerKey' {key!r} is not one of the labels {labels}")
     texts = [t for _, t in pairs]
     return EvalItem(_doc_id("csqa", row, "id", question), format_question(question, "choice", texts),
-                    LETTERS[labels.index(key)], "choice", choices=texts)
+                    LETTERS[labels.index(key)], "choice", choices=texts, raw_question=question)
 
 
 def _truthfulqa_mc1(row: Row, where: str) -> EvalItem:
@@ -314,36 +149,24 @@ def _truthfulqa_mc1(row: Row, where: str) -> EvalItem:
     texts = [str(text) for text, _ in options]
     gold = LETTERS[[label for _, label in options].index(1)]
     return EvalItem(_doc_id("truthfulqa_mc1", row, None, question), format_question(question, "choice", texts), gold,
-                    "choice", choices=texts)
+                    "choice", choices=texts, raw_question=question)
 
 
 @dataclass(frozen=True)
 class Suite:
     name: str
     version: str
-    answer_type: str  # number | math | yes_no | choice
+    answer_type: str  # number | math | yes_no | choice (per-item: the held-out problems carry their own)
     prompt_format: str
     default_file: str
     hf_dataset: tuple[str, str | None, str] | None  # (name, config, split)
     row_to_item: RowToItem | None  # None: items come from the warehouse (the synthetic suite)
 
-    def extract(self, response: str, choices: list[str] | None = None) -> str | None:
-        return EXTRACTORS[self.answer_type](response, choices)
-
-    def is_correct(self, extracted: str | None, gold: str) -> bool:
-        if extracted is None:
-            return False
-        if self.answer_type == "number":
-            return numbers_equal(extracted, gold)
-        if self.answer_type == "math":
-            return math_equal(extracted, gold)
-        return extracted.strip().casefold() == gold.strip().casefold()
-
     def load(self, path: str | Path | None = None, *, data_dir: str | Path | None = None,
              limit: int | None = None) -> list[EvalItem]:
         if self.row_to_item is None:
             raise SuiteDataError(f"suite {self.name!r} is built from the warehouse's held-out problems "
-                                 "(scaffold_lib.student.stages.eval_items), not from a file")
+                                 "(scaffold_lib.evaluation.stages.heldout_items), not from a file")
         file = Path(path) if path else Path(data_dir) / self.default_file if data_dir else None
         if file is not None and file.exists():
             rows = _file_rows(file)
@@ -395,20 +218,13 @@ def _file_rows(path: Path) -> Iterator[tuple[str, Row]]:
             if error is not None:
                 raise SuiteDataError(f"{path}:{line}: {error}")
             yield f"{path}:{line}", row
-    except ProblemFileError as exc:
+    except DataFileError as exc:
         raise SuiteDataError(str(exc)) from exc
 
 
-EXTRACTORS: dict[str, Callable[[str, list[str] | None], str | None]] = {
-    "number": lambda text, _: extract_number(text),
-    "math": lambda text, _: extract_math(text),
-    "yes_no": lambda text, _: extract_yes_no(text),
-    "choice": extract_choice,
-}
-
-SYNTHETIC = "synthetic-arith"
+HELDOUT = "heldout"  # the warehouse's held-out problems (validation or test split), whatever their source
 SUITES: dict[str, Suite] = {s.name: s for s in (
-    Suite(SYNTHETIC, "2", "number", "question-v1", "", None, None),
+    Suite(HELDOUT, "3", "per-item", "question-v1", "", None, None),
     Suite("gsm8k", "1", "number", "question-v1", "gsm8k_test.jsonl", ("openai/gsm8k", "main", "test"), _gsm8k),
     Suite("math500", "1", "math", "question-v1", "math500_test.jsonl", ("HuggingFaceH4/MATH-500", None, "test"), _math500),
     Suite("strategyqa", "1", "yes_no", "yes-no-v1", "strategyqa.json", ("ChilleD/StrategyQA", None, "test"), _strategyqa),

@@ -16,6 +16,7 @@ import hashlib
 import json
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -78,41 +79,80 @@ def _flatten(prefix: str, value, out: dict) -> dict:
     return out
 
 
-@dataclass
-class LoggedModel:
-    run_id: str
-    version: str | None
-    model_name: str
+def start_run(cfg: RegistryConfig, run_name: str, *, params: dict, tags: dict[str, str],
+              dataset: dict | None = None) -> str:
+    """An MLflow run opened before the work starts (so its duration is the real one and metrics appear live), with
+    the params in one batch (never secrets: callers pass configs whose secrets are excluded from dumps) and the
+    training data as an input dataset (`dataset`: name, digest, source, rows)."""
+    from mlflow.entities import Param, RunTag
 
-
-def log_trained_model(cfg: RegistryConfig, model_dir: str | Path, *, kind: str, params: dict, losses: Sequence[dict],
-                      tags: dict[str, str], register_as: str | None) -> LoggedModel:
-    """One MLflow run for one trained student; registered (alias challenger) when `register_as` is given."""
     c = client(cfg)
-    run = c.create_run(experiment_id(cfg), run_name=f"{kind}-{tags.get('manifest_hash', '')[:8]}",
-                       tags={**tags, "kind": kind, "git_commit": git_commit()})
-    run_id = run.info.run_id
-    flat = _flatten("", params, {})
-    for key, value in flat.items():
-        c.log_param(run_id, key, str(value)[:6000])
-    for row in losses:
-        step = int(row["step"])
-        for key, value in row.items():
-            if key != "step" and value is not None:
-                c.log_metric(run_id, key, float(value), step=step)
+    run = c.create_run(experiment_id(cfg), run_name=run_name, tags={**tags, "git_commit": git_commit()})
+    flat = [Param(k, str(v)[:6000]) for k, v in _flatten("", params, {}).items()]
+    for start in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
+        c.log_batch(run.info.run_id, params=flat[start:start + 100])
+    if dataset is not None:
+        _log_dataset(cfg, run.info.run_id, dataset)
+    c.log_batch(run.info.run_id, tags=[RunTag("mlflow.source.name", "scaffold_lib"),
+                                       RunTag("mlflow.source.type", "JOB")])
+    return run.info.run_id
+
+
+def _log_dataset(cfg: RegistryConfig, run_id: str, dataset: dict) -> None:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source = _dataset_source(dataset["source"])
+    entity = Dataset(name=dataset["name"], digest=dataset["digest"][:36], source_type=source._get_source_type(),
+                     source=source.to_json(), schema=json.dumps({"mlflow_colspec": [
+                         {"name": n, "type": "long"} for n in ("input_ids", "labels", "signal_ids", "position_ids")]}),
+                     profile=json.dumps({k: dataset.get(k) for k in ("rows", "tokens", "traces")}))
+    client(cfg).log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", "training")])])
+
+
+def _dataset_source(url: str):
+    """MLflow's source type for where the shards are (local, s3://, http…); a URL it has no type for is kept as a
+    plain URI."""
+    import warnings
+
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    uri = url if "://" in url else Path(url).resolve().as_uri()
+    try:
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": any of them names the folder
+            warnings.simplefilter("ignore")
+            return resolve_dataset_source(uri)
+    except MlflowException:
+        return CodeDatasetSource({"uri": uri})
+
+
+def log_metrics(cfg: RegistryConfig, run_id: str, step: int, metrics: dict[str, float | None]) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client(cfg).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None])
+
+
+def finish_run(cfg: RegistryConfig, run_id: str, failed: bool = False) -> None:
+    client(cfg).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def register_model(cfg: RegistryConfig, run_id: str, model_dir: str | Path, *, name: str, tags: dict[str, str],
+                   description: str = "") -> str:
+    """Log the model directory (safetensors weights, tokenizer, heads, config) to the run and register it as a new
+    version of `name` with alias `challenger`; returns the version."""
+    c = client(cfg)
     c.log_artifacts(run_id, str(model_dir), artifact_path=MODEL_ARTIFACT)
-    c.set_terminated(run_id)
-    version = None
-    if register_as:
-        try:
-            c.create_registered_model(register_as)
-        except MlflowException:
-            pass  # already registered
-        mv = c.create_model_version(register_as, source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run_id=run_id,
-                                    tags={**tags, "kind": kind, "git_commit": git_commit()})
-        version = str(mv.version)
-        c.set_registered_model_alias(register_as, CHALLENGER, version)
-    return LoggedModel(run_id, version, register_as or "")
+    try:
+        c.create_registered_model(name)
+    except MlflowException:
+        pass  # already registered
+    run = c.get_run(run_id)
+    mv = c.create_model_version(name, source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run_id=run_id,
+                                tags={**tags, "git_commit": git_commit()}, description=description or None)
+    version = str(mv.version)
+    c.set_registered_model_alias(name, CHALLENGER, version)
+    return version
 
 
 def resolve_version(cfg: RegistryConfig, ref: str, model_name: str | None = None) -> str:
@@ -219,6 +259,7 @@ def log_scores(cfg: RegistryConfig, run_id: str, rows: Sequence[dict], table_mar
     """Scores onto the model's own run: one metric per benchmark/variant and the table as an artifact."""
     c = client(cfg)
     for r in rows:
-        c.log_metric(run_id, f"{r['benchmark']}.{r['variant']}.accuracy", float(r["accuracy"]))
+        split = f".{r['split']}" if r.get("split") else ""
+        c.log_metric(run_id, f"{r['benchmark']}{split}.{r['variant']}.accuracy", float(r["accuracy"]))
     c.log_text(run_id, table_markdown, f"{name}.md")
     c.log_text(run_id, json.dumps(list(rows), indent=2, default=str), f"{name}.json")

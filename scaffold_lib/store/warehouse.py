@@ -19,7 +19,7 @@ import pyarrow as pa
 SCHEMA: dict[str, str] = {
     "problems": """
         problem_id VARCHAR PRIMARY KEY, source VARCHAR NOT NULL, split VARCHAR NOT NULL, question VARCHAR NOT NULL,
-        answer VARCHAR NOT NULL, answer_type VARCHAR NOT NULL""",
+        answer VARCHAR NOT NULL, answer_type VARCHAR NOT NULL, group_id VARCHAR, solution VARCHAR""",
     "teacher_traces": """
         trace_id VARCHAR PRIMARY KEY, problem_id VARCHAR NOT NULL, teacher VARCHAR NOT NULL, text VARCHAR NOT NULL,
         final_answer VARCHAR, is_correct BOOLEAN NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER,
@@ -28,7 +28,8 @@ SCHEMA: dict[str, str] = {
         failure_id VARCHAR PRIMARY KEY, trace_id VARCHAR NOT NULL, problem_id VARCHAR NOT NULL, teacher VARCHAR NOT NULL,
         error VARCHAR NOT NULL""",
     "segmented_steps": """
-        step_id VARCHAR PRIMARY KEY, trace_id VARCHAR NOT NULL, idx INTEGER NOT NULL, text VARCHAR NOT NULL""",
+        step_id VARCHAR PRIMARY KEY, trace_id VARCHAR NOT NULL, idx INTEGER NOT NULL, text VARCHAR NOT NULL,
+        segmenter VARCHAR""",
     "signal_labels": """
         step_id VARCHAR PRIMARY KEY, signal VARCHAR NOT NULL, labeller VARCHAR NOT NULL, keyword VARCHAR,
         confidence DOUBLE NOT NULL, keyword_signal VARCHAR""",
@@ -55,7 +56,12 @@ SCHEMA: dict[str, str] = {
         score_id VARCHAR PRIMARY KEY, model_name VARCHAR NOT NULL, version VARCHAR NOT NULL, benchmark VARCHAR NOT NULL,
         variant VARCHAR NOT NULL, n INTEGER NOT NULL, accuracy DOUBLE NOT NULL, ci_low DOUBLE, ci_high DOUBLE,
         next_signal_acc DOUBLE, signal_fidelity DOUBLE, answer_consistency DOUBLE, mean_steps DOUBLE,
-        eval_config_hash VARCHAR NOT NULL, mlflow_run_id VARCHAR, evaluation_id VARCHAR""",
+        eval_config_hash VARCHAR NOT NULL, mlflow_run_id VARCHAR, evaluation_id VARCHAR, split VARCHAR""",
+    "item_scores": """
+        evaluation_id VARCHAR NOT NULL, model_name VARCHAR NOT NULL, version VARCHAR NOT NULL, benchmark VARCHAR NOT NULL,
+        split VARCHAR NOT NULL, variant VARCHAR NOT NULL, doc_id VARCHAR NOT NULL, correct BOOLEAN NOT NULL,
+        extracted VARCHAR, gold VARCHAR NOT NULL, n_steps INTEGER, new_tokens INTEGER, stopped_by VARCHAR,
+        PRIMARY KEY (evaluation_id, model_name, version, benchmark, variant, doc_id)""",
 }
 # every table also records who wrote each row and when
 AUDIT_COLUMNS = "dagster_run_id VARCHAR, created_at TIMESTAMP DEFAULT current_timestamp"

@@ -11,7 +11,9 @@ prediction made at this position, i.e. of the step the *next* token belongs to; 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -41,22 +43,47 @@ class Example:
         return len(self.input_ids)
 
 
+FORMAT_FILE = "scaffold.json"  # written beside every prepared backbone and trained student
+
+
+def text_format(path: str | Path) -> dict:
+    """The text format a backbone or student was prepared with ({"tags": …, "chat_template": …}); a directory
+    without one (a plain checkpoint) uses the built-in tags and no chat template."""
+    meta_path = Path(str(path)) / FORMAT_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return {"tags": signal_tags(), "chat_template": False, **meta.get("format", {})}
+
+
 @dataclass
 class Formatter:
-    """Turns (question, steps, signals) into token arrays, for the scaffold student or the baseline."""
+    """Turns (question, steps, signals) into token arrays, for the scaffold student or the baseline. With
+    `chat_template`, the question is the user turn of the tokenizer's chat template and the steps the assistant's
+    reply (an instruct model is tuned in the form it was instructed in)."""
 
     tokenizer: PreTrainedTokenizerBase
     tags: dict[str, str]
+    chat_template: bool = False
 
     def __post_init__(self) -> None:
         self.sep_ids = self._encode([STEP_SEPARATOR])[0]
         self.tag_ids = dict(zip(self.tags, self._encode(list(self.tags.values()))))
         self.eos_id = self.tokenizer.eos_token_id
+        if self.chat_template and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("chat_template=True but the tokenizer has no chat template")
+
+    @classmethod
+    def for_model(cls, path: str | Path, tokenizer: PreTrainedTokenizerBase) -> "Formatter":
+        fmt = text_format(path)
+        return cls(tokenizer, fmt["tags"], fmt["chat_template"])
 
     def _encode(self, pieces: list[str]) -> list[list[int]]:
         return self.tokenizer(pieces, add_special_tokens=False)["input_ids"]
 
     def question_ids(self, question: str) -> list[int]:
+        if self.chat_template:
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=True,
+                                                     add_generation_prompt=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         return self._encode([QUESTION_TEMPLATE.format(question=question)])[0] + self.sep_ids
 
     def scaffold(self, trace_id: str, question: str, steps: list[str], signals: list[str]) -> Example:

@@ -6,8 +6,7 @@ Dagster Pipes (or by hand):
 
 `job.json` names the warehouse, the artifacts folder, the base model, the shard manifest and the `TrainConfig`.
 Every rank trains (DDP, see `training.train`); rank 0 alone writes checkpoints and the student, writes
-`<student>/training.json` with the loss curve, and, when Dagster started it, streams logs and reports the
-materialisation through Pipes. The child never writes the warehouse or MLflow: the asset records lineage and
+`<student>/training.json` with the loss curve, and, when Dagster started it, streams its logs through Pipes. The child never writes the warehouse or MLflow: the asset records lineage and
 registers the version after the launch returns, so DuckDB keeps one writer.
 """
 
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from scaffold_lib.student.stages import train_student
+from scaffold_lib.student.stages import fit_student
 from scaffold_lib.student.training import TrainConfig, init_distributed, pick_device
 from scaffold_lib.store.warehouse import Warehouse
 
@@ -48,14 +47,13 @@ def run(job: LaunchJob) -> dict:
                 pipes.log.info(f"{job.train.kind} step {step}/{job.train.max_steps}: loss {metrics['loss']:.4f}, "
                                f"{metrics['tokens_per_s']:,.0f} tokens/s (world {dist.world})")
 
-        trained = train_student(Warehouse(job.warehouse), job.artifacts, job.base_model, job.manifest_hash, job.train,
+        trained = fit_student(Warehouse(job.warehouse), job.artifacts, job.base_model, job.manifest_hash, job.train,
                                 on_log=on_log, progress=False)
         summary = {"student_path": trained.path, "world_size": dist.world, "final_loss": trained.result.final_loss,
                    "resumed_from_step": trained.result.resumed_from, "shard_ids": trained.shard_ids}
         if pipes is not None:
-            pipes.report_asset_materialization(metadata={
-                "launcher_world_size": dist.world, "student_path": {"raw_value": trained.path, "type": "path"},
-                "final_loss": trained.result.final_loss})
+            pipes.log.info(f"rank 0 wrote {trained.path} (world {dist.world}, final loss "
+                           f"{trained.result.final_loss:.4f})")
     if dist.world > 1:
         import torch.distributed
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -32,18 +33,25 @@ EOS_TOKEN = "<|endoftext|>"
 
 
 class StudentConfig(BaseModel):
-    """Which backbone the student starts from. `base_model` = "embedded", a hub id or a local path."""
+    """Which backbone the student starts from: "embedded" (a tiny Qwen2 built from these sizes with a tokenizer
+    trained on the traces), a hub id or a local model directory (`scaffold import-model` makes one from a GGUF)."""
 
     base_model: str = EMBEDDED
-    # sizes of the embedded default (about 1-3 M parameters)
+    # sizes of the embedded default (about 2 M parameters)
     vocab_size: int = Field(768, ge=260)
-    hidden_size: int = 128
-    intermediate_size: int = 384
+    hidden_size: int = 192
+    intermediate_size: int = 512
     num_hidden_layers: int = 4
-    num_attention_heads: int = 4
+    num_attention_heads: int = 6
     num_key_value_heads: int = 2
     max_position_embeddings: int = 1024
     seed: int = 0
+    chat_template: bool | None = Field(None, description="wrap the question in the tokenizer's chat template; "
+                                                         "default: when the backbone is a pretrained model that has one")
+
+
+class StudentLoadError(ValueError):
+    """A student directory cannot be used as it is; the message names the file and what is wrong."""
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, atomic: Iterable[str] = ()) -> PreTrainedTokenizerBase:
@@ -91,6 +99,37 @@ def build_embedded_base(cfg: StudentConfig, texts: Iterable[str], out_dir: str |
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    tmp.replace(out_dir)
+    return out_dir
+
+
+def prepare_pretrained_base(base_model: str, out_dir: str | Path, atomic: Iterable[str]) -> Path:
+    """A pretrained backbone made ready for the scaffold format: the `atomic` strings (step separator, signal tags)
+    become added tokens of its tokenizer, each new embedding row starting as the mean of the rows of the tokens that
+    spelled the string before (so `[conclusion] ` starts near what "[conclusion] " meant), saved as safetensors."""
+    from tokenizers import AddedToken
+
+    out_dir = Path(out_dir)
+    tokenizer = load_tokenizer(base_model)
+    model = AutoModelForCausalLM.from_pretrained(str(base_model), use_safetensors=True, dtype=torch.float32)
+    before = {a: tokenizer(a, add_special_tokens=False)["input_ids"] for a in atomic}
+    new = [a for a, ids in before.items() if len(ids) != 1]
+    tokenizer.add_tokens([AddedToken(a, normalized=False, special=False) for a in new])
+    if new:
+        old_rows = model.get_input_embeddings().weight.shape[0]
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for table in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
+                for a in new:
+                    row = tokenizer.convert_tokens_to_ids(a)
+                    if row >= old_rows or row < 0:
+                        raise ValueError(f"token {a!r} got id {row}, expected a new row past {old_rows}")
+                    table.weight[row] = table.weight[before[a]].mean(0)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)
     return out_dir
 
@@ -168,7 +207,8 @@ class ScaffoldStudent(nn.Module):
 
     # --- persistence: backbone as a normal HF checkpoint (safetensors), heads in their own safetensors file
 
-    def save_pretrained(self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
+    def save_pretrained(self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
+                        text_format: dict | None = None) -> Path:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(out_dir, safe_serialization=True)
@@ -179,27 +219,67 @@ class ScaffoldStudent(nn.Module):
                        "signal_head.weight": self.signal_head.weight.detach().contiguous().cpu(),
                        "signal_head.bias": self.signal_head.bias.detach().contiguous().cpu()},
                       str(out_dir / HEADS_FILE))
-        (out_dir / SCAFFOLD_CONFIG).write_text(json.dumps({"kind": self.kind, "signals": list(SIGNALS)}, indent=2))
+        meta = {"kind": self.kind, "signals": list(SIGNALS), "hidden_size": self.backbone.config.hidden_size,
+                **({"format": text_format} if text_format else {}),
+                **({"tokenizer_hash": tokenizer_hash(tokenizer)} if tokenizer is not None else {})}
+        (out_dir / SCAFFOLD_CONFIG).write_text(json.dumps(meta, indent=2))
         return out_dir
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, kind: str | None = None, **model_kwargs) -> "ScaffoldStudent":
+    def from_pretrained(cls, path: str | Path, kind: str | None = None, *, fresh_heads: bool = False,
+                        **model_kwargs) -> "ScaffoldStudent":
         """Any HF causal LM path/id; a saved scaffold student also gets its heads back. Weights load from
-        safetensors only (`use_safetensors=True`): a pickled checkpoint is refused."""
+        safetensors only (`use_safetensors=True`): a pickled checkpoint is refused.
+
+        Fails loudly (`StudentLoadError`, naming the file) when a saved scaffold student's heads file is missing or
+        does not fit the backbone, or when its signals differ from this build's. New, untrained heads are made only
+        for a backbone that is not a saved scaffold student (the start of training) or with `fresh_heads=True`."""
         path_obj = Path(str(path))
         meta_path = path_obj / SCAFFOLD_CONFIG
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         if meta.get("signals", list(SIGNALS)) != list(SIGNALS):
-            raise ValueError(f"{path}: trained with signals {meta['signals']}, this build has {list(SIGNALS)}")
+            raise StudentLoadError(f"{meta_path}: trained with signals {meta['signals']}, this build has {list(SIGNALS)}")
         backbone = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, **model_kwargs)
         student = cls(backbone, kind=kind or meta.get("kind", "scaffold"))
         heads = path_obj / HEADS_FILE
-        if student.kind == "scaffold" and heads.exists():
-            state = load_file(str(heads))
-            student.signal_embedding.weight.data.copy_(state["signal_embedding.weight"])
-            student.signal_head.weight.data.copy_(state["signal_head.weight"])
-            student.signal_head.bias.data.copy_(state["signal_head.bias"])
+        saved_scaffold = meta.get("kind") == "scaffold"
+        if student.kind != "scaffold":
+            return student
+        if not heads.exists():
+            if (saved_scaffold or meta.get("kind") == "baseline") and not fresh_heads:
+                raise StudentLoadError(
+                    f"{heads} is missing: {path_obj} is a saved {meta.get('kind')} student, and loading it as a scaffold "
+                    "student would give it untrained signal heads (pass fresh_heads=True to start new heads on purpose)")
+            return student
+        state = load_file(str(heads))
+        expected = {"signal_embedding.weight": student.signal_embedding.weight.shape,
+                    "signal_head.weight": student.signal_head.weight.shape, "signal_head.bias": student.signal_head.bias.shape}
+        wrong = {k: tuple(state[k].shape) if k in state else None for k, shape in expected.items()
+                 if k not in state or tuple(state[k].shape) != tuple(shape)}
+        if wrong:
+            raise StudentLoadError(f"{heads}: heads do not fit this backbone (hidden {backbone.config.hidden_size}, "
+                                   f"{NUM_SIGNALS} signals): {wrong} vs expected "
+                                   f"{ {k: tuple(v) for k, v in expected.items()} }")
+        student.signal_embedding.weight.data.copy_(state["signal_embedding.weight"])
+        student.signal_head.weight.data.copy_(state["signal_head.weight"])
+        student.signal_head.bias.data.copy_(state["signal_head.bias"])
         return student
+
+
+def check_tokenizer(path: str | Path, tokenizer: PreTrainedTokenizerBase, tags: dict[str, str]) -> None:
+    """The tokenizer of a student directory is the one it was trained with and spells every signal tag as one token;
+    else `StudentLoadError` naming the directory."""
+    meta_path = Path(str(path)) / SCAFFOLD_CONFIG
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    recorded = meta.get("tokenizer_hash")
+    if recorded and recorded != tokenizer_hash(tokenizer):
+        raise StudentLoadError(f"{path}: its tokenizer (hash {tokenizer_hash(tokenizer)}) is not the one the student "
+                               f"was trained with ({recorded}, {meta_path})")
+    split = {tag: len(ids) for tag, ids in zip(tags.values(), tokenizer(list(tags.values()), add_special_tokens=False)
+                                               ["input_ids"]) if len(ids) != 1}
+    if split:
+        raise StudentLoadError(f"{path}: the tokenizer lacks the signal tokens {sorted(split)} (each must be one token; "
+                               "prepare the backbone with the pipeline's pack stage, which adds them)")
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,111 +1,216 @@
-"""The student stages over the warehouse: packed shards -> trained students -> benchmark scores.
+"""The student stages, each one function over the store: packed shards -> a trained student (scaffold or CoT-SFT
+baseline), tracked in MLflow, registered, and with its row-level lineage in the warehouse.
 
-Shared by the Dagster assets and the `scaffold` CLI. Files live under an artifacts root (by default
-$DAGSTER_HOME/artifacts): base models, shards, checkpoints and trained students, each keyed by content so a
-retry or a re-run with the same inputs finds its previous work.
+Stages pass small handles (`ShardsHandle`, `ModelHandle`: ids, paths, hashes, figures), never models. Files live
+under the store's artifacts folder (prepared backbones, shards, checkpoints, students), keyed by content so a retry
+or a re-run with the same inputs finds its previous work.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
-from dataclasses import asdict, dataclass, field
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from scaffold_lib.evaluation.metrics import EvalItem
-from scaffold_lib.student.examples import STEP_SEPARATOR, Formatter, signal_tags, training_corpus
 from scaffold_lib.core.ids import content_id
-from scaffold_lib.student.model import EMBEDDED, ScaffoldStudent, StudentConfig, build_embedded_base, load_tokenizer, tokenizer_hash
-from scaffold_lib.student.shards import PackConfig, ShardInfo, load_rows, pack_rows, write_shards
-from scaffold_lib.student.training import TrainConfig, TrainResult, full_model_state, init_distributed, pick_device, train
+from scaffold_lib.store.store import Store
 from scaffold_lib.store.warehouse import Warehouse
+from scaffold_lib.student.examples import (FORMAT_FILE, STEP_SEPARATOR, Formatter, signal_tags, text_format,
+                                           training_corpus)
+from scaffold_lib.student.model import (EMBEDDED, ScaffoldStudent, StudentConfig, build_embedded_base, load_tokenizer,
+                                        prepare_pretrained_base, tokenizer_hash)
+from scaffold_lib.student.shards import PackConfig, ShardInfo, load_rows, pack_rows, write_shards
+from scaffold_lib.student.training import (TrainConfig, TrainResult, full_model_state, init_distributed, pick_device,
+                                           train)
 
 KINDS = ("scaffold", "baseline")
+BASELINE_SUFFIX = "-baseline"  # the CoT-SFT baseline is registered as <model name>-baseline
 
 
 class ShardsConfig(BaseModel):
-    student: StudentConfig = Field(default_factory=StudentConfig)
+    """How training traces become packed Parquet shards."""
+
     pack: PackConfig = Field(default_factory=PackConfig)
     include_incorrect: bool = Field(False, description="train on traces whose answer is wrong too")
     storage_url: str | None = Field(None, description="where shards go: a folder or an fsspec URL (s3://bucket/"
                                                       "shards, with s3fs installed); default <artifacts>/shards")
+    min_fill: float = Field(0.99, ge=0, le=1, description="the blocking fill check's threshold")
 
 
-@dataclass
-class ShardsReport:
-    base_model: str
+class ShardsHandle(BaseModel):
+    """What the shards stage produced: the prepared backbone, its tokenizer, one manifest per arm, and the token
+    budget of a step / an answer / a whole trace in the training data (decoding caps come from it)."""
+
+    base_model: str  # local directory of the prepared backbone (tokenizer with the signal tags)
+    source_model: str  # what the config named: "embedded", a hub id or a path
+    pretrained: bool
     tokenizer_hash: str
+    text_format: dict
+    manifests: dict[str, str]
+    storage: str
     traces: int
     skipped_incomplete: int
-    manifests: dict[str, str] = field(default_factory=dict)  # kind -> manifest hash
-    shards: dict[str, list[ShardInfo]] = field(default_factory=dict)
-    stats: dict[str, dict] = field(default_factory=dict)
+    stats: dict[str, dict]
+    budget: dict[str, int]
+    fill_target: float = 0.0
+    shard_ids: dict[str, list[str]] = Field(default_factory=dict)
 
 
-def training_traces(wh: Warehouse, split: str = "train", include_incorrect: bool = False) -> tuple[list[dict], int]:
+class ModelHandle(BaseModel):
+    """A trained, registered student: where it is in MLflow and on disk, what it was trained on, how it went."""
+
+    model_name: str
+    version: str
+    kind: str
+    mlflow_run_id: str
+    model_uri: str
+    path: str
+    manifest_hash: str
+    base_model: str
+    tokenizer_hash: str
+    train_config: dict
+    device: str
+    world_size: int = 1
+    steps: int
+    resumed_from: int = 0
+    first_loss: float
+    final_loss: float  # mean of the last 10 steps (TrainResult.final_loss)
+    losses: list[float]
+    token_losses: list[float] = Field(default_factory=list)
+    signal_losses: list[float] = Field(default_factory=list)
+    tokens_per_s: float
+    train_tokens: int
+    traces: int
+
+
+# --- shards -------------------------------------------------------------------------------------------------------
+
+
+def training_traces(wh: Warehouse, splits: Sequence[str] = ("train",), include_incorrect: bool = False,
+                    only_problems: Sequence[str] | None = None) -> tuple[list[dict], int]:
     """(traces with question, ordered steps and signals; count of traces skipped because a step has no label)."""
     rows = wh.query("""
-        SELECT t.trace_id, p.problem_id, p.question, p.answer, p.answer_type,
+        SELECT t.trace_id, p.problem_id, p.question, p.answer, p.answer_type, t.is_correct,
                list(s.text ORDER BY s.idx) AS steps, list(l.signal ORDER BY s.idx) AS signals,
                count(*) AS n_steps, count(l.step_id) AS n_labelled
         FROM teacher_traces t
         JOIN problems p USING (problem_id)
         JOIN segmented_steps s USING (trace_id)
         LEFT JOIN signal_labels l USING (step_id)
-        WHERE p.split = ? AND (t.is_correct OR ?)
-        GROUP BY ALL ORDER BY t.trace_id""", [split, include_incorrect])
+        WHERE list_contains(?, p.split) AND (t.is_correct OR ?)
+          AND (?::VARCHAR[] IS NULL OR list_contains(?::VARCHAR[], p.problem_id))
+        GROUP BY ALL ORDER BY t.trace_id""", [list(splits), include_incorrect, only_problems, only_problems])
     complete = [r for r in rows if r["n_steps"] == r["n_labelled"]]
     return complete, len(rows) - len(complete)
 
 
-def prepare_base_model(cfg: StudentConfig, corpus: list[str], artifacts: Path, tags: dict[str, str]) -> str:
-    """Path or hub id of the backbone: the embedded default is built once per (config, corpus, tags)."""
-    if cfg.base_model != EMBEDDED:
-        return cfg.base_model
+def prepare_base_model(cfg: StudentConfig, corpus: list[str], artifacts: Path, tags: dict[str, str]) -> tuple[Path, dict]:
+    """(local directory of the backbone, its text format). The embedded default is built once per (config, corpus,
+    tags); a pretrained backbone gets the step separator and the signal tags as added tokens, once per (model,
+    tags). Every stage after this one reads the format from the directory, so pack, train and decode agree."""
     atomic = [STEP_SEPARATOR, *tags.values()]
-    corpus_hash = hashlib.sha256("\x1e".join(corpus).encode()).hexdigest()[:16]
-    out = artifacts / "base_models" / content_id("base", cfg.model_dump(), corpus_hash, atomic)
-    if not (out / "config.json").exists():
-        build_embedded_base(cfg, corpus, out, atomic)
-    return str(out)
+    if cfg.base_model == EMBEDDED:
+        corpus_hash = hashlib.sha256("\x1e".join(corpus).encode()).hexdigest()[:16]
+        out = artifacts / "base_models" / content_id("base", cfg.model_dump(), corpus_hash, atomic)
+        if not (out / "config.json").exists():
+            build_embedded_base(cfg, corpus, out, atomic)
+        chat = False
+    else:
+        out = artifacts / "base_models" / content_id("base", cfg.base_model, atomic,
+                                                     _stamp(cfg.base_model), cfg.chat_template)
+        if not (out / "config.json").exists():
+            prepare_pretrained_base(cfg.base_model, out, atomic)
+        has_template = bool(getattr(load_tokenizer(out), "chat_template", None))
+        chat = has_template if cfg.chat_template is None else cfg.chat_template
+    fmt = {"tags": tags, "chat_template": chat}
+    if not (out / FORMAT_FILE).exists():
+        (out / FORMAT_FILE).write_text(json.dumps({"format": fmt}, indent=2))
+    return out, fmt
 
 
-def build_packed_shards(wh: Warehouse, artifacts: str | Path, cfg: ShardsConfig = ShardsConfig(),
-                        run_id: str | None = None) -> ShardsReport:
-    artifacts = Path(artifacts)
-    traces, skipped = training_traces(wh, "train", cfg.include_incorrect)
+def _stamp(base_model: str) -> str:
+    """A local backbone's identity includes its weights' size and mtime, so replacing them prepares it anew."""
+    path = Path(base_model)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    return ",".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
+
+
+def _p99(lengths: list[int]) -> int:
+    return int(np.percentile(lengths, 99)) if lengths else 0
+
+
+def pack_shards(store: Store, cfg: ShardsConfig, student: StudentConfig, run_id: str | None = None) -> ShardsHandle:
+    """Correct training traces in the scaffold format (and plain CoT for the baseline), best-fit-decreasing packed into
+    fixed-length rows with per-example position ids, written as Parquet shards with a manifest per arm."""
+    wh = store.warehouse
+    traces, skipped = training_traces(wh, ("train",), cfg.include_incorrect)
     if not traces:
-        raise ValueError("no labelled training traces in the warehouse: materialise signal_labels first")
+        raise ValueError("no labelled training traces in the warehouse: run the data stages first (problems, "
+                         "teacher_traces, segmented_steps, signal_labels)")
     tags = signal_tags()
     corpus = [training_corpus(t["question"], t["steps"], t["signals"], tags) for t in traces]
-    base = prepare_base_model(cfg.student, corpus, artifacts, tags)
+    base, fmt = prepare_base_model(student, corpus, store.artifacts, tags)
     tokenizer = load_tokenizer(base)
     tok_hash = tokenizer_hash(tokenizer)
-    fmt = Formatter(tokenizer, tags)
-    report = ShardsReport(base, tok_hash, len(traces), skipped)
+    formatter = Formatter(tokenizer, tags, fmt["chat_template"])
+    storage = cfg.storage_url.rstrip("/") if cfg.storage_url else str(store.artifacts / "shards")
+    handle = ShardsHandle(base_model=str(base), source_model=student.base_model,
+                          pretrained=student.base_model != EMBEDDED, tokenizer_hash=tok_hash, text_format=fmt,
+                          manifests={}, storage=storage, traces=len(traces), skipped_incomplete=skipped, stats={},
+                          budget={}, fill_target=cfg.min_fill)
+    scaffold_examples = []
     for kind in KINDS:
-        examples = [fmt.scaffold(t["trace_id"], t["question"], t["steps"], t["signals"]) if kind == "scaffold"
-                    else fmt.baseline(t["trace_id"], t["question"], t["steps"]) for t in traces]
+        examples = [formatter.scaffold(t["trace_id"], t["question"], t["steps"], t["signals"]) if kind == "scaffold"
+                    else formatter.baseline(t["trace_id"], t["question"], t["steps"]) for t in traces]
+        if kind == "scaffold":
+            scaffold_examples = examples
         rows, stats = pack_rows(examples, cfg.pack)
-        root = f"{cfg.storage_url.rstrip('/')}/{kind}" if cfg.storage_url else artifacts / "shards" / kind
-        infos, manifest = write_shards(rows, root, kind, tok_hash, cfg.pack)
+        infos, manifest = write_shards(rows, f"{storage}/{kind}", kind, tok_hash, cfg.pack)
         wh.insert_new("shards", [i.as_row(manifest) for i in infos], run_id)
         wh.insert_new("shard_members", [{"shard_id": i.shard_id, "trace_id": t} for i in infos for t in i.trace_ids],
                       run_id)
-        report.manifests[kind], report.shards[kind] = manifest, infos
-        report.stats[kind] = {"examples": stats.examples, "rows": stats.rows, "tokens": stats.tokens,
+        handle.manifests[kind] = manifest
+        handle.shard_ids[kind] = [i.shard_id for i in infos]
+        handle.stats[kind] = {"examples": stats.examples, "rows": stats.rows, "tokens": stats.tokens,
                               "fill_ratio": round(stats.fill_ratio, 5), "split_examples": stats.split_examples,
                               "dropped_examples": stats.dropped_examples}
-    return report
+    handle.budget = token_budget(formatter, traces, scaffold_examples)
+    return handle
+
+
+def token_budget(formatter: Formatter, traces: list[dict], examples: list) -> dict[str, int]:
+    """99th percentiles of the training data's step, answer-step and whole-reply lengths in tokens (tags and
+    separators included): decoding caps for both arms come from these, so neither is cut off where the teacher
+    was not."""
+    step_lengths, answer_lengths = [], []
+    for t in traces:
+        ids = formatter._encode(t["steps"])
+        step_lengths += [len(i) + 2 for i in ids[:-1]]
+        answer_lengths.append(len(ids[-1]) + 2)
+    replies = [len(e.input_ids) - int((e.labels == -100).sum()) + 1 for e in examples]
+    return {"step_tokens_p99": _p99(step_lengths), "answer_tokens_p99": _p99(answer_lengths),
+            "reply_tokens_p99": _p99(replies), "steps_p99": _p99([len(t["steps"]) for t in traces])}
 
 
 def shards_of_manifest(wh: Warehouse, manifest_hash: str) -> list[dict]:
     return wh.query("SELECT * FROM shards WHERE manifest_hash = ? ORDER BY path", [manifest_hash])
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+
+
+class ShardTokenizerMismatch(ValueError):
+    """Shards tokenised with one tokenizer met a model with another."""
 
 
 @dataclass
@@ -116,16 +221,31 @@ class TrainedStudent:
     shard_ids: list[str]
     result: TrainResult
     config: dict
+    world_size: int = 1
 
 
-def train_student(wh: Warehouse, artifacts: str | Path, base_model: str, manifest_hash: str, cfg: TrainConfig,
-                  on_log: Callable[[int, dict], None] | None = None, progress: bool = True) -> TrainedStudent:
-    """Train on the shards of one manifest; checkpoints are keyed by (base, manifest, config), so a retried
-    run resumes where the killed one stopped."""
-    artifacts = Path(artifacts)
+def check_shards_fit(wh: Warehouse, manifest_hash: str, base_model: str) -> list[dict]:
+    """The shards of a manifest, after checking they were tokenised with the backbone's tokenizer."""
     shards = shards_of_manifest(wh, manifest_hash)
     if not shards:
-        raise ValueError(f"no shards with manifest {manifest_hash}: materialise packed_shards first")
+        raise ValueError(f"no shards with manifest {manifest_hash}: run the pack stage first")
+    model_hash = tokenizer_hash(load_tokenizer(base_model))
+    shard_hashes = {s["tokenizer_hash"] for s in shards}
+    if shard_hashes != {model_hash}:
+        raise ShardTokenizerMismatch(
+            f"shards of manifest {manifest_hash} were tokenised with tokenizer {sorted(shard_hashes)} but the backbone "
+            f"{base_model} has tokenizer {model_hash}: repack the shards for this backbone (the pack stage with "
+            "student.base_model set to it)")
+    return shards
+
+
+def fit_student(wh: Warehouse, artifacts: str | Path, base_model: str, manifest_hash: str, cfg: TrainConfig,
+                on_log: Callable[[int, dict], None] | None = None, progress: bool = True) -> TrainedStudent:
+    """Train on the shards of one manifest (this process, or one rank under torchrun); checkpoints are keyed by (base,
+    manifest, config), so a retried run resumes where the killed one stopped. Writes the student directory; no
+    registry or warehouse writes (the stage does those, in one process)."""
+    artifacts = Path(artifacts)
+    shards = check_shards_fit(wh, manifest_hash, base_model)
     key = content_id("student", cfg.kind, base_model, manifest_hash, cfg.model_dump())
     data = load_rows([s["path"] for s in shards])
     torch.manual_seed(cfg.seed)  # the new signal head and embedding: the same seed gives the same student
@@ -142,21 +262,111 @@ def train_student(wh: Warehouse, artifacts: str | Path, base_model: str, manifes
     if dist.is_main:  # under torchrun every rank holds the same weights: one writes them
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, load_tokenizer(base_model))
+        model.save_pretrained(tmp, load_tokenizer(base_model), text_format(base_model))
         (tmp / "training.json").write_text(json.dumps({
             "train_config": cfg.model_dump(), "manifest_hash": manifest_hash, "base_model": base_model,
             "final_loss": result.final_loss, "world_size": dist.world, "result": asdict(result)}, indent=2))
         shutil.rmtree(out, ignore_errors=True)
         tmp.replace(out)
     dist.barrier()
-    return TrainedStudent(str(out), cfg.kind, manifest_hash, [s["shard_id"] for s in shards], result, cfg.model_dump())
+    return TrainedStudent(str(out), cfg.kind, manifest_hash, [s["shard_id"] for s in shards], result, cfg.model_dump(),
+                          dist.world)
 
 
-def eval_items(wh: Warehouse, split: str = "test", source: str | None = None) -> list[EvalItem]:
-    """Held-out problems, with the teacher's steps and signals as golden where a correct trace exists."""
-    problems = wh.query("SELECT problem_id, question, answer, answer_type FROM problems WHERE split = ? "
-                        "AND (? IS NULL OR source = ?) ORDER BY problem_id", [split, source, source])
-    golden = {t["problem_id"]: t for t in training_traces(wh, split)[0]}
-    return [EvalItem(p["problem_id"], p["question"], p["answer"], p["answer_type"],
-                     golden[p["problem_id"]]["signals"] if p["problem_id"] in golden else None,
-                     golden[p["problem_id"]]["steps"] if p["problem_id"] in golden else None) for p in problems]
+def torchrun_command(job_file: Path, nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "scaffold_lib.student.launch", str(job_file)]
+
+
+RunCommand = Callable[[list[str], dict[str, str]], None]
+
+
+def _run_subprocess(command: list[str], env: dict[str, str]) -> None:
+    import os
+
+    subprocess.run(command, env={**os.environ, **env}, check=True)
+
+
+def fit_under_torchrun(store: Store, base_model: str, manifest_hash: str, cfg: TrainConfig,
+                       run_command: RunCommand | None = None) -> TrainedStudent:
+    """Train under `torchrun` (DDP, or FSDP with `cfg.fsdp`): writes the job file, runs the command (`run_command`:
+    Dagster passes one that streams the ranks' logs through Pipes), then reads what rank 0 wrote."""
+    from scaffold_lib.student.launch import LaunchJob
+
+    job = LaunchJob(warehouse=str(store.warehouse_path), artifacts=str(store.artifacts), base_model=base_model,
+                    manifest_hash=manifest_hash, train=cfg)
+    job_file = store.artifacts / "launch" / f"{content_id('launch', job.model_dump())}.json"
+    job_file.parent.mkdir(parents=True, exist_ok=True)
+    job_file.write_text(job.model_dump_json())
+    env = {"OMP_NUM_THREADS": "1"} if cfg.device != "cuda" and not torch.cuda.is_available() else {}
+    (run_command or _run_subprocess)(torchrun_command(job_file, cfg.nproc), env)
+    key = content_id("student", cfg.kind, base_model, manifest_hash, cfg.model_dump())
+    student = store.artifacts / "students" / key
+    record = json.loads((student / "training.json").read_text())
+    shards = shards_of_manifest(store.warehouse, manifest_hash)
+    return TrainedStudent(str(student), cfg.kind, manifest_hash, [s["shard_id"] for s in shards],
+                          TrainResult(**record["result"]), cfg.model_dump(), record["world_size"])
+
+
+def train_model(store: Store, shards: ShardsHandle, cfg: TrainConfig, kind: str, run_id: str | None = None, *,
+                on_log: Callable[[int, dict], None] | None = None, run_command: RunCommand | None = None,
+                tags: dict[str, str] | None = None, progress: bool = True) -> ModelHandle:
+    """The whole training stage for one arm: an MLflow run opened before training (metrics logged as the steps
+    happen), the fit (in process or under torchrun), the student registered as a new version with alias
+    `challenger`, and its lineage (version -> shards) in the warehouse."""
+    from scaffold_lib.store import registry
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    cfg = cfg.model_copy(update={"kind": kind}).resolved(shards.pretrained)
+    device = str(pick_device(cfg.device))
+    manifest = shards.manifests[kind]
+    shard_rows = check_shards_fit(store.warehouse, manifest, shards.base_model)
+    reg = store.registry
+    name = reg.model_name if kind == "scaffold" else reg.model_name + BASELINE_SUFFIX
+    tags = {"manifest_hash": manifest, "kind": kind, **(tags or {})}
+    mlflow_run = registry.start_run(
+        reg, f"{kind}-{manifest[:8]}", tags=tags,
+        params={"train": cfg.model_dump(), "base_model": shards.source_model, "manifest_hash": manifest,
+                "tokenizer_hash": shards.tokenizer_hash, **({"dagster_run_id": run_id} if run_id else {})},
+        dataset={"name": f"{kind}-shards", "digest": manifest, "source": f"{shards.storage}/{kind}",
+                 "rows": shards.stats[kind]["rows"], "tokens": shards.stats[kind]["tokens"],
+                 "traces": shards.traces})
+
+    def log(step: int, metrics: dict) -> None:
+        registry.log_metrics(reg, mlflow_run, step, metrics)
+        if on_log is not None:
+            on_log(step, metrics)
+
+    try:
+        if cfg.launcher == "torchrun":
+            trained = fit_under_torchrun(store, shards.base_model, manifest, cfg, run_command)
+            for step, loss in enumerate(trained.result.losses, start=1):  # the ranks do not write MLflow
+                registry.log_metrics(reg, mlflow_run, step, {"loss": loss})
+        else:
+            trained = fit_student(store.warehouse, store.artifacts, shards.base_model, manifest, cfg, log, progress)
+        result = trained.result
+        if not result.losses or not all(math.isfinite(x) for x in result.losses):
+            raise FloatingPointError(f"training {kind} produced no finite loss")
+        description = (f"{kind} student trained {cfg.max_steps} steps on {shards.traces} traces (manifest {manifest}); "
+                       f"loss {result.losses[0]:.3f} -> {result.final_loss:.3f}")
+        version = registry.register_model(reg, mlflow_run, trained.path, name=name,
+                                          tags={**tags, **({"dagster_run_id": run_id} if run_id else {})},
+                                          description=description)
+    except BaseException:
+        registry.finish_run(reg, mlflow_run, failed=True)
+        raise
+    registry.finish_run(reg, mlflow_run)
+    wh = store.warehouse
+    wh.insert_new("model_versions", [{"model_name": name, "version": version, "kind": kind, "mlflow_run_id": mlflow_run,
+                                      "manifest_hash": manifest, "config_json": json.dumps(cfg.model_dump()),
+                                      "final_loss": result.final_loss}], run_id)
+    wh.insert_new("model_shards", [{"model_name": name, "version": version, "shard_id": s["shard_id"]}
+                                   for s in shard_rows], run_id)
+    return ModelHandle(model_name=name, version=version, kind=kind, mlflow_run_id=mlflow_run,
+                       model_uri=f"models:/{name}/{version}", path=trained.path, manifest_hash=manifest,
+                       base_model=shards.base_model, tokenizer_hash=shards.tokenizer_hash, train_config=cfg.model_dump(),
+                       device=device, world_size=trained.world_size, steps=cfg.max_steps,
+                       resumed_from=result.resumed_from, first_loss=result.losses[0], final_loss=result.final_loss,
+                       losses=result.losses, token_losses=result.token_losses, signal_losses=result.signal_losses,
+                       tokens_per_s=result.tokens_per_s, train_tokens=result.train_tokens, traces=shards.traces)

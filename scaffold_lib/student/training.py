@@ -27,12 +27,19 @@ from transformers import get_scheduler
 from scaffold_lib.student.model import ScaffoldStudent
 
 
+EMBEDDED_LR, PRETRAINED_LR = 3e-3, 5e-5  # from scratch vs fine-tuning (3e-3 wrecks a pretrained model in 30 steps)
+
+
 class TrainConfig(BaseModel):
+    """One training run; both arms (scaffold student and CoT-SFT baseline) use the same settings but `kind`."""
+
     kind: Literal["scaffold", "baseline"] = "scaffold"
     beta: float = Field(0.3, ge=0.0, le=1.0, description="weight of the signal loss")
-    learning_rate: float = Field(3e-3, gt=0)
+    learning_rate: float | None = Field(None, gt=0, description=f"default: {EMBEDDED_LR} for the embedded student "
+                                                                f"trained from scratch, {PRETRAINED_LR} for a pretrained one")
     weight_decay: float = 0.01
-    warmup_steps: int = 20
+    warmup_steps: int | None = Field(None, ge=0, description="default: a tenth of the steps, at most 20 (from "
+                                                             "scratch) or 50 (pretrained)")
     max_steps: int = Field(200, ge=1)
     batch_size: int = Field(8, ge=1, description="rows per micro-batch")
     grad_accum: int = Field(1, ge=1)
@@ -55,6 +62,16 @@ class TrainConfig(BaseModel):
     lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     keep_checkpoints: int = 2
     log_every: int = 10
+    launcher: Literal["inprocess", "torchrun"] = Field("inprocess", description="torchrun: a DDP (or FSDP) job of "
+                                                                               "`nproc` processes")
+    nproc: int = Field(1, ge=1, description="processes per node under torchrun (GPUs, or CPU processes on gloo)")
+
+    def resolved(self, pretrained: bool) -> "TrainConfig":
+        """The config with the backbone-dependent defaults filled in (what is recorded and trained with)."""
+        lr = self.learning_rate or (PRETRAINED_LR if pretrained else EMBEDDED_LR)
+        warmup = self.warmup_steps if self.warmup_steps is not None else \
+            min(50 if pretrained else 20, max(1, self.max_steps // 10))
+        return self.model_copy(update={"learning_rate": lr, "warmup_steps": warmup})
 
 
 @dataclass

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from scaffold_lib.data.problems import FieldMap, ProblemFileError, load_problem_file
 from scaffold_lib.data.segmentation import segment
 from scaffold_lib.data.signals import SIGNALS, KeywordFileError, KeywordTable, label_steps
-from scaffold_lib.data.stages import generate_teacher_traces, segment_traces, store_problems
+from support.stages import generate_teacher_traces, segment_traces, store_problems
 from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap
 from scaffold_lib.store.warehouse import Warehouse
 
