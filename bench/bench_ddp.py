@@ -26,19 +26,19 @@ def main() -> None:
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="bench-ddp-"))
     env = {**os.environ, "DAGSTER_HOME": str(home), "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cli = [sys.executable, "-m", "scaffold_lib.cli"]
-    run([*cli, "data", "--warehouse", str(home / "wh.duckdb"), "--n-problems", "80"], env)
-    pack = subprocess.run([*cli, "pack", "--warehouse", str(home / "wh.duckdb"), "--artifacts", str(home / "art"),
-                           "--row-len", "512"], env=env, capture_output=True, text=True, check=True)
+    cli = [sys.executable, "-m", "scaffold_lib.cli", "--home", str(home), "--preset", "demo"]
+    subprocess.run([*cli, "data", "--n-problems", "80"], env=env, capture_output=True, check=True)
+    pack = subprocess.run([*cli, "pack"], env=env, capture_output=True, text=True, check=True)
     info = json.loads(pack.stdout)
     results = {}
     for name, procs in (("1 process x 2 threads", 1), ("2 processes x 1 thread", 2)):
         job = home / f"job{procs}.json"
         job.write_text(json.dumps({
-            "warehouse": str(home / "wh.duckdb"), "artifacts": str(home / f"run{procs}"), "base_model": info["base_model"],
+            "warehouse": str(home / "warehouse.duckdb"), "artifacts": str(home / f"run{procs}"),
+            "base_model": info["base_model"],
             "manifest_hash": info["manifests"]["scaffold"],
             "train": {"max_steps": args.steps, "batch_size": args.batch // procs, "checkpoint_every": 0,
-                      "warmup_steps": 3}}))
+                      "warmup_steps": 3, "learning_rate": 3e-3}}))
         launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)]
                     if procs > 1 else [sys.executable])
         summary = json.loads(run([*launcher, "-m", "scaffold_lib.student.launch", str(job)],

@@ -14,11 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
 from scaffold_lib.data.endpoint import EndpointConfig
 from scaffold_lib.data.llm_teachers import EndpointTeacher
 from scaffold_lib.data.problems import GeneratorConfig, generate_problems
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def start_server(latency: float) -> tuple[subprocess.Popen, str]:

@@ -57,7 +57,7 @@ class NaiveLabeller:
         table = keyword_table()
         # lower-cased original keywords, longest first; "**answer:**" is matched without its markup
         keywords = {}
-        for key, (signal, original) in table.by_words.items():
+        for signal, original in table.by_words.values():
             keywords[original.lower().strip(string.punctuation)] = signal
         self.keywords = sorted(keywords.items(), key=lambda kv: -len(kv[0]))
 

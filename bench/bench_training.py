@@ -40,7 +40,8 @@ def main() -> None:
     data["signal_targets"] = torch.zeros((len(rows), 1), dtype=torch.long)
     rows_per_batch = max(1, round(8 * sum(lengths) / len(lengths) / args.row_len))  # ~8 examples per batch
     model = ScaffoldStudent.from_pretrained(base, kind="baseline")
-    cfg = TrainConfig(kind="baseline", max_steps=args.steps, batch_size=rows_per_batch, warmup_steps=2)
+    cfg = TrainConfig(kind="baseline", max_steps=args.steps, batch_size=rows_per_batch, warmup_steps=2,
+                      learning_rate=3e-3)
     start = time.perf_counter()
     train(model, data, cfg, progress=False)
     ours_s = time.perf_counter() - start

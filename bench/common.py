@@ -3,12 +3,12 @@
 import tempfile
 from pathlib import Path
 
-from scaffold_lib.student.examples import Formatter, signal_tags, training_corpus
-from scaffold_lib.student.model import StudentConfig, build_embedded_base, load_tokenizer
 from scaffold_lib.data.problems import GeneratorConfig, generate_problems
 from scaffold_lib.data.segmentation import segment
 from scaffold_lib.data.signals import label_steps
 from scaffold_lib.data.teachers import ProgrammaticTeacher
+from scaffold_lib.student.examples import Formatter, signal_tags, training_corpus
+from scaffold_lib.student.model import StudentConfig, build_embedded_base, load_tokenizer
 
 STUDENT = StudentConfig(hidden_size=192, num_attention_heads=6, intermediate_size=512)
 
@@ -21,7 +21,7 @@ def tiny_student(n_problems: int = 1500, out: str | None = None):
     items = []
     for t in traces:
         steps = segment(t.text)
-        items.append((t.trace_id, by_id[t.problem_id].question, steps, [l.signal for l in label_steps(steps)]))
+        items.append((t.trace_id, by_id[t.problem_id].question, steps, [label.signal for label in label_steps(steps)]))
     tags = signal_tags()
     out_dir = Path(out or tempfile.mkdtemp(prefix="bench-")) / "base"
     build_embedded_base(STUDENT, [training_corpus(q, s, g, tags) for _, q, s, g in items], out_dir,

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from scaffold_lib.core import paths
 
 
-class CliError(Exception):
+class CliError(Exception):  # usage errors the CLI itself finds
     """An error for the user: printed as one line, exit code 2, no traceback."""
 
 
@@ -341,7 +341,7 @@ def _version(args: argparse.Namespace, ref: str, name: str | None = None) -> str
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
-    from scaffold_lib.evaluation.decoding import DecodeConfig, ScaffoldDecoder, plain_generate
+    from scaffold_lib.evaluation.decoding import ScaffoldDecoder, plain_generate
     from scaffold_lib.evaluation.stages import load_for_eval
 
     resolved = settings(args)
@@ -552,12 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 1 a stage or a quality gate failed (the message says why); 2 bad input or usage."""
     args = build_parser().parse_args(argv)
-    from scaffold_lib.core.files import DataFileError
-    from scaffold_lib.data.endpoint import EndpointConfigError
-    from scaffold_lib.data.stages import StageFailed
-    from scaffold_lib.pipeline import GateFailed
-    from scaffold_lib.student.model import StudentLoadError
-    from scaffold_lib.student.stages import ShardTokenizerMismatch
+    from scaffold_lib.core.errors import RunFailed, UserError
 
     def fail(exc: BaseException, code: int) -> int:
         print(f"scaffold {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
@@ -565,9 +560,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (StageFailed, GateFailed) as exc:
+    except RunFailed as exc:
         return fail(exc, 1)
-    except (CliError, DataFileError, EndpointConfigError, StudentLoadError, ShardTokenizerMismatch) as exc:
+    except (CliError, UserError) as exc:
         return fail(exc, 2)
     except BrokenPipeError:  # `scaffold label … | head` is fine
         return 0

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
+from scaffold_lib.core.errors import UserError
 from scaffold_lib.core.ids import content_id
 from scaffold_lib.data.problems import ProblemsConfig
 from scaffold_lib.data.segmentation import SegmentationConfig
@@ -50,7 +51,7 @@ class PipelineConfig(BaseModel):
 SECTIONS: tuple[str, ...] = tuple(PipelineConfig.model_fields)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A preset, an instance file or an override is not valid; the message names the file and the setting."""
 
 

@@ -5,11 +5,12 @@ what `scaffold run` does; Dagster's `full_pipeline` job runs the same functions 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from scaffold_lib import checks
 from scaffold_lib.config import PipelineConfig
+from scaffold_lib.core.errors import RunFailed
 from scaffold_lib.data import stages as data_stages
 from scaffold_lib.evaluation.stages import EvaluationHandle, evaluate_models, promote_challenger
 from scaffold_lib.store.handles import save_handle
@@ -18,7 +19,7 @@ from scaffold_lib.store.store import Store
 from scaffold_lib.student.stages import ModelHandle, ShardsHandle, pack_shards, train_model
 
 
-class GateFailed(RuntimeError):
+class GateFailed(RunFailed):
     """A blocking quality gate failed: what depends on it did not run."""
 
 

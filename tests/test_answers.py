@@ -10,8 +10,17 @@ from lm_eval.api.metrics import exact_match_hf_evaluate
 from lm_eval.filters.extraction import RegexFilter
 from math_verify import parse, verify
 
-from scaffold_lib.core.answers import (committed_answer, extract, extract_number, gold_answer, is_correct, last_number,
-                                       math_equal, normalise_number, numbers_equal)
+from scaffold_lib.core.answers import (
+    committed_answer,
+    extract,
+    extract_number,
+    gold_answer,
+    is_correct,
+    last_number,
+    math_equal,
+    normalise_number,
+    numbers_equal,
+)
 from scaffold_lib.data.problems import Problem
 from scaffold_lib.data.teachers import verify as verify_trace
 

@@ -93,16 +93,17 @@ def test_label_output_piped_into_a_closed_reader_is_fine(write_jsonl):
 
 
 def test_data_twice_adds_nothing_the_second_time(tmp_path):
-    warehouse = tmp_path / "wh" / "warehouse.duckdb"
-    first = scaffold("data", "--warehouse", warehouse, "--n-problems", 30)
+    home = tmp_path / "home"
+    warehouse = home / "warehouse.duckdb"
+    first = scaffold("--home", home, "data", "--n-problems", 30)
     assert first.returncode == 0, first.stderr
     assert "problems: +30 new rows (30 total)" in first.stdout
-    assert str(warehouse) in first.stdout
+    assert str(warehouse) in first.stdout and "# preset demo v1" in first.stdout
     counts = Warehouse(warehouse).counts()
     assert counts["problems"] == 30 and counts["teacher_traces"] == 30
     assert counts["segmented_steps"] > 4 * 30 and counts["signal_labels"] == counts["segmented_steps"]
 
-    second = scaffold("data", "--warehouse", warehouse, "--n-problems", 30)
+    second = scaffold("--home", home, "data", "--n-problems", 30)
     assert second.returncode == 0, second.stderr
     assert Warehouse(warehouse).counts() == counts
     for stage in ("problems", "teacher_traces", "segmented_steps", "signal_labels"):
@@ -110,21 +111,28 @@ def test_data_twice_adds_nothing_the_second_time(tmp_path):
     assert "asked=0" in second.stdout
 
 
-def test_data_with_problem_file_strict_and_lenient(tmp_path, write_jsonl):
+def test_data_with_problem_file_strict_lenient_and_loud_when_nothing_is_answered(tmp_path, write_jsonl):
     path = write_jsonl([{"question": "What is 2+2?", "answer": "#### 4"}, b"{broken", {"question": "Q?", "answer": "1"}],
                        name="user.jsonl")
-    warehouse = tmp_path / "warehouse.duckdb"
-    assert_user_error(scaffold("data", "--warehouse", warehouse, "--problems-file", path), f"{path}:2:", "invalid JSON")
-    ok = scaffold("data", "--warehouse", warehouse, "--problems-file", path, "--lenient")
-    assert ok.returncode == 0, ok.stderr
-    counts = Warehouse(warehouse).counts()
+    home = tmp_path / "home"
+    assert_user_error(scaffold("--home", home, "data", "--problems-file", path, "--no-lenient"), f"{path}:2:",
+                      "invalid JSON")
+    loud = scaffold("--home", home, "data", "--problems-file", path)
+    # the programmatic teacher cannot solve these: every problem failed, so the run fails and says why
+    assert loud.returncode == 1, (loud.stdout, loud.stderr)
+    assert "Traceback" not in loud.stderr and "answered none of 2 problems" in loud.stderr
+    assert "only solves the built-in synthetic problems" in loud.stderr
+    counts = Warehouse(home / "warehouse.duckdb").counts()
+    # what was done is kept: the problems, the quarantined row and the failures
     assert counts["problems"] == 2 and counts["quarantine"] == 1
-    # the programmatic teacher cannot solve these: recorded as failures, not a crash
     assert counts["teacher_traces"] == 0 and counts["teacher_failures"] == 2
 
 
 def test_data_bad_setting_is_a_user_error(tmp_path):
-    assert_user_error(scaffold("data", "--warehouse", tmp_path / "w.duckdb", "--n-problems", 0), "--n-problems")
+    assert_user_error(scaffold("--home", tmp_path, "data", "--n-problems", 0), "problems.synthetic.n_problems",
+                      "greater than or equal to 1")
+    assert_user_error(scaffold("--home", tmp_path, "--set", "train.max_step=3", "config"),
+                      "unknown setting 'train.max_step' (did you mean train.max_steps?)")
 
 
 def test_help_lists_the_commands():

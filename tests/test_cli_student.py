@@ -1,58 +1,79 @@
-"""The student commands of the `scaffold` CLI, run as real subprocesses on a tiny warehouse."""
+"""The student commands of the `scaffold` CLI, run as real subprocesses on a tiny instance: pack, train (registers
+versions with lineage), eval (stores scores), ask, scores, lineage, promote."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from scaffold_lib.store.store import Store
+
 pytestmark = pytest.mark.timeout(300)
 
 
 def scaffold(*args: str, home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DAGSTER_HOME": str(home), "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "scaffold_lib.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=240)
+    env = {**os.environ, "DAGSTER_HOME": str(home), "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+    return subprocess.run([sys.executable, "-m", "scaffold_lib.cli", "--preset", "micro", *args], capture_output=True,
+                          text=True, env=env, timeout=240)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
     home = tmp_path_factory.mktemp("cli-home")
-    wh = home / "warehouse.duckdb"
-    assert scaffold("data", "--warehouse", str(wh), "--n-problems", "40", home=home).returncode == 0
-    packed = scaffold("pack", "--warehouse", str(wh), "--artifacts", str(home / "art"), "--row-len", "512", home=home)
+    assert scaffold("data", "--n-problems", "40", home=home).returncode == 0
+    packed = scaffold("pack", home=home)
     assert packed.returncode == 0, packed.stderr
     info = json.loads(packed.stdout)
-    out = scaffold("train", "--warehouse", str(wh), "--artifacts", str(home / "art"), "--base-model", info["base_model"],
-                   "--steps", "3", "--batch-size", "2", home=home)
+    out = scaffold("train", "--steps", "3", "--batch-size", "2", home=home)
     assert out.returncode == 0, out.stderr
-    model_dir = out.stdout.strip().splitlines()[-1].removeprefix("model: ")
-    return {"home": home, "wh": wh, "info": info, "model": model_dir, "train_stdout": out.stdout}
+    model_dir = [line for line in out.stdout.splitlines() if line.startswith("model: ")][0].removeprefix("model: ")
+    return {"home": home, "info": info, "model": model_dir, "train_stdout": out.stdout}
 
 
-def test_pack_reports_manifests_and_fill(trained):
+def test_pack_reports_manifests_fill_and_budget(trained):
     info = trained["info"]
     assert set(info["manifests"]) == {"scaffold", "baseline"}
     assert 0.5 < info["stats"]["scaffold"]["fill_ratio"] <= 1.0
-    assert Path(info["base_model"], "tokenizer.json").exists()
+    assert Path(info["base_model"], "tokenizer.json").exists() and Path(info["handle"]).exists()
+    assert info["budget"]["reply_tokens_p99"] > info["budget"]["answer_tokens_p99"] > 0
 
 
-def test_train_prints_loss_and_writes_a_loadable_student(trained):
-    assert "trained scaffold for 3 steps" in trained["train_stdout"]
-    assert Path(trained["model"], "scaffold_heads.safetensors").exists()
+def test_train_registers_both_arms_with_lineage(trained):
+    stdout = trained["train_stdout"]
+    assert "trained scaffold for 3 steps" in stdout and "trained baseline for 3 steps" in stdout
+    assert "registered: models:/scaffold-student/1" in stdout
+    assert "registered: models:/scaffold-student-baseline/1" in stdout
     assert Path(trained["model"], "model.safetensors").exists()
+    wh = Store.at(trained["home"]).warehouse
+    versions = wh.query("SELECT model_name, version, kind FROM model_versions ORDER BY kind")
+    assert versions == [{"model_name": "scaffold-student-baseline", "version": "1", "kind": "baseline"},
+                        {"model_name": "scaffold-student", "version": "1", "kind": "scaffold"}]
+    assert wh.scalar("SELECT count(*) FROM model_shards") == wh.scalar("SELECT count(*) FROM shards")
+    # every row names the CLI run that wrote it
+    assert {r["dagster_run_id"][:4] for r in wh.query("SELECT dagster_run_id FROM model_versions")} == {"cli-"}
 
 
-def test_eval_prints_a_score_table_and_exports_samples(trained, tmp_path):
-    samples = tmp_path / "samples.jsonl"
-    out = scaffold("eval", "--warehouse", str(trained["wh"]), "--model", trained["model"], "--limit", "2",
-                   "--variants", "predicted,random", "--samples", str(samples), home=trained["home"])
+def test_eval_stores_scores_and_prints_the_tables(trained):
+    out = scaffold("eval", "--limit", "2", "--variants", "predicted", "random", "--samples", home=trained["home"])
     assert out.returncode == 0, out.stderr
-    assert "| predicted | 2 |" in out.stdout and "| random | 2 |" in out.stdout
-    records = [json.loads(line) for line in samples.read_text().splitlines()]
-    assert len(records) == 4 and {"doc_id", "prompt", "response", "extracted", "gold", "correct"} <= set(records[0])
+    assert out.stdout.startswith("| variant | heldout (test) |")  # the comparison table: a column per suite
+    assert re.search(r"^\| predicted \| \d+\.\d % \(n=2, \d+–\d+\) \|$", out.stdout, re.M)
+    wh = Store.at(trained["home"]).warehouse
+    rows = wh.query("SELECT model_name, variant, n FROM benchmark_scores ORDER BY model_name, variant")
+    assert {(r["model_name"], r["variant"]) for r in rows} == {
+        ("scaffold-student", "predicted"), ("scaffold-student", "random"), ("scaffold-student-baseline", "cot_sft"),
+        ("base:embedded", "base")}
+    assert {r["n"] for r in rows} == {2}
+    assert wh.scalar("SELECT count(*) FROM item_scores") == 2 * 4
+    sample_files = [line.split(": ", 2)[-1] for line in out.stdout.splitlines() if line.endswith(".jsonl")]
+    records = [json.loads(line) for line in Path(sample_files[0]).read_text().splitlines()]
+    assert {"doc_id", "prompt", "response", "extracted", "gold", "correct"} <= set(records[0])
+    scores = scaffold("scores", "--model", "1", home=trained["home"])
+    assert scores.returncode == 0 and scores.stdout.startswith("| variant | heldout (test) |")
 
 
 def test_ask_prints_tagged_steps_and_an_answer(trained):
@@ -62,13 +83,22 @@ def test_ask_prints_tagged_steps_and_an_answer(trained):
     assert "[response_generation]" in out.stdout and "answer:" in out.stdout
 
 
-def test_registry_commands_explain_a_missing_registry(trained):
-    for args in (("ask", "q", "--model", "champion"), ("promote", "--version", "1"), ("lineage", "--model", "champion")):
-        out = scaffold(*args, "--warehouse", str(trained["wh"]), home=trained["home"])
+def test_promote_applies_the_rule_and_lineage_lists_the_traces(trained):
+    out = scaffold("promote", home=trained["home"])
+    assert out.returncode == 0, out.stderr
+    assert "promotion of v1: yes" in out.stdout
+    lineage = scaffold("lineage", "--model", "champion", home=trained["home"])
+    assert lineage.returncode == 0 and "scaffold-student v1: trained on" in lineage.stdout
+
+
+def test_registry_commands_explain_a_missing_registry(tmp_path):
+    for args in (("ask", "q", "--model", "champion"), ("promote", "--version", "1"), ("lineage", "--model", "champion"),
+                 ("train",), ("eval",)):
+        out = scaffold(*args, home=tmp_path)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         assert "Traceback" not in out.stderr and "scaffold" in out.stderr
 
 
 def test_lineage_of_an_unknown_trace_is_empty(trained):
-    out = scaffold("lineage", "--trace", "nope", "--warehouse", str(trained["wh"]), home=trained["home"])
+    out = scaffold("lineage", "--trace", "nope", home=trained["home"])
     assert out.returncode == 0 and "reached 0 model version(s)" in out.stdout

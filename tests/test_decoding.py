@@ -9,12 +9,19 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from scaffold_lib.data.signals import ANSWER_SIGNAL, CONCLUSION_SIGNAL, SIGNAL_INDEX, SIGNALS
 from scaffold_lib.evaluation.decoding import STEP_SIGNALS, DecodeConfig, ScaffoldDecoder, plain_generate
-from scaffold_lib.evaluation.metrics import EvalConfig, EvalItem, evaluate_baseline, evaluate_scaffold, next_signal_accuracy
+from scaffold_lib.evaluation.metrics import (
+    EvalConfig,
+    evaluate_plain,
+    evaluate_scaffold,
+    next_signal_accuracy,
+    suite_run,
+)
+from scaffold_lib.evaluation.suites import EvalItem
 from scaffold_lib.student.examples import STEP_SEPARATOR
 from scaffold_lib.student.model import ScaffoldStudent
 from scaffold_lib.student.shards import PackConfig, load_rows, pack_rows, write_shards
-from scaffold_lib.data.signals import ANSWER_SIGNAL, CONCLUSION_SIGNAL, SIGNAL_INDEX, SIGNALS
 from scaffold_lib.student.training import TrainConfig, train
 from student_kit import TinyWorld, tiny_world
 
@@ -227,7 +234,7 @@ def test_memorised_trace_is_reproduced(world, memorised):
         assert [s.signal for s in gen.steps] == trace.signals[:-1], variant
         assert gen.answer_text == trace.steps[-1] and gen.answer == trace.answer
         assert gen.stopped_by == "answer"
-    acc = next_signal_accuracy(memorised, world.tokenizer, [EvalItem("d0", trace.question, trace.answer, "number",
+    acc = next_signal_accuracy(memorised, world.fmt, [EvalItem("d0", trace.question, trace.answer, "number",
                                                                      trace.signals, trace.steps)], tau=0.5)
     assert acc["next_signal_acc"] == 1.0 and acc["boundaries"] == len(trace.steps)
 
@@ -248,11 +255,11 @@ def test_next_signal_accuracy_of_a_constant_head(world):
     items = [EvalItem(t.trace_id, t.question, t.answer, "number", t.signals, t.steps) for t in world.traces[:8]]
     targets = [s for t in world.traces[:8] for s in t.signals]
     share = targets.count("reasoning_analysis") / len(targets)
-    acc = next_signal_accuracy(model, world.tokenizer, items, tau=0.96)
+    acc = next_signal_accuracy(model, world.fmt, items, tau=0.96)
     assert acc["boundaries"] == len(targets)
     assert acc["next_signal_acc"] == pytest.approx(share) and acc["next_signal_acc_at_tau"] == pytest.approx(share)
     assert acc["coverage_at_tau"] == 1.0
-    none = next_signal_accuracy(model, world.tokenizer, items, tau=1.0)
+    none = next_signal_accuracy(model, world.fmt, items, tau=1.0)
     assert none["coverage_at_tau"] == 0.0 and none["next_signal_acc_at_tau"] is None
 
 
@@ -264,8 +271,8 @@ def test_evaluate_scaffold_and_baseline(world, memorised):
     items = [EvalItem("d0", t0.question, t0.answer, "number", t0.signals, t0.steps),
              EvalItem("d1", t1.question, t1.answer, "number", t1.signals, t1.steps),
              EvalItem("d2", t2.question, t2.answer)]  # no teacher trace: no golden signals
-    cfg = EvalConfig(decode=DecodeConfig(tau=0.0, max_steps=8, max_step_tokens=48, max_tokens=320), batch_size=2)
-    rows, records = evaluate_scaffold(memorised, world.tokenizer, items, cfg, progress=False)
+    cfg = EvalConfig(decode=DecodeConfig(tau=0.0, max_steps=16, max_step_tokens=48, max_tokens=320), batch_size=2)
+    rows, records = evaluate_scaffold(memorised, world.fmt, items, suite_run(cfg, "heldout"), progress=False)
     by_variant = {r.variant: r for r in rows}
     assert list(by_variant) == ["predicted", "golden", "random", "summaries_only"]
     assert by_variant["golden"].n == 2 and by_variant["predicted"].n == 3
@@ -280,16 +287,16 @@ def test_evaluate_scaffold_and_baseline(world, memorised):
         assert 0 <= r.ci_low <= r.accuracy <= r.ci_high <= 1
         # teacher forced over d0 and d1: at least every boundary of the memorised trace d0 is right
         assert r.next_signal_acc >= len(t0.signals) / (len(t0.signals) + len(t1.signals))
-    limited, _ = evaluate_scaffold(memorised, world.tokenizer, items,
-                                   cfg.model_copy(update={"limit": 1, "variants": ["golden"]}), progress=False)
+    limited, _ = evaluate_scaffold(memorised, world.fmt, items[:1],
+                                   suite_run(cfg.model_copy(update={"variants": ["golden"]}), "heldout"), progress=False)
     assert [(r.variant, r.n) for r in limited] == [("golden", 1)]
     with pytest.raises(ValueError, match="unknown variant"):
-        evaluate_scaffold(memorised, world.tokenizer, items, cfg.model_copy(update={"variants": ["nope"]}),
-                          progress=False)
+        evaluate_scaffold(memorised, world.fmt, items, suite_run(cfg.model_copy(update={"variants": ["nope"]}),
+                                                                 "heldout"), progress=False)
 
-    base_rows, base_records = evaluate_baseline(world.student(kind="baseline").eval(), world.tokenizer, items,
-                                                cfg.model_copy(update={"decode": DecodeConfig(max_tokens=12)}),
-                                                progress=False)
+    base_rows, base_records = evaluate_plain(world.student(kind="baseline").eval(), world.fmt, items,
+                                             suite_run(cfg.model_copy(update={"decode": DecodeConfig(max_tokens=12)}),
+                                                       "heldout"), progress=False)
     assert len(base_rows) == 1 and base_rows[0].variant == "cot_sft" and base_rows[0].n == 3
     assert base_rows[0].signal_fidelity is None and base_rows[0].answer_consistency is None
     assert len(base_records) == 3 and all(r.variant == "cot_sft" for r in base_records)

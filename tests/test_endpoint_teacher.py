@@ -19,11 +19,11 @@ from scaffold_lib.data.endpoint import EndpointConfig, EndpointConfigError
 from scaffold_lib.data.label_validation import LabelValidator, ValidatorConfig
 from scaffold_lib.data.llm_teachers import EndpointTeacher, PromptConfig
 from scaffold_lib.data.problems import GeneratorConfig, generate_problems
-from support.scripted_endpoint import FaultPlan, Reply, ScriptedEndpoint, prompt_key
 from scaffold_lib.data.signals import FALLBACK, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE
 from scaffold_lib.data.stages import StageFailed, label_statistics, validate_signal_labels
-from support.stages import generate_teacher_traces, label_signals, segment_traces, store_of, store_problems
 from scaffold_lib.store.warehouse import Warehouse
+from support.scripted_endpoint import FaultPlan, Reply, ScriptedEndpoint, prompt_key
+from support.stages import generate_teacher_traces, label_signals, segment_traces, store_of, store_problems
 
 FAST_RETRY = {"backoff_initial_s": 0.01, "backoff_max_s": 0.2}
 
@@ -41,7 +41,7 @@ def stored_problems(wh: Warehouse, n: int, seed: int = 0) -> list:
 
 def test_every_problem_is_traced_once_under_20_percent_faults(tmp_path: Path, warehouse_path: Path) -> None:
     wh = Warehouse(warehouse_path)
-    problems = stored_problems(wh, 80)
+    stored_problems(wh, 80)
     faults = FaultPlan(rate=0.2, slow_s=1.5, retry_after_s=0.05, seed=1)
     with ScriptedEndpoint(faults=faults) as server:
         teacher = EndpointTeacher(endpoint_config(server, timeout_s=0.5), journal_dir=tmp_path / "j", progress=False)
@@ -67,7 +67,7 @@ def test_every_problem_is_traced_once_under_20_percent_faults(tmp_path: Path, wa
 
 def test_think_tags_streaming_and_samples(tmp_path: Path, warehouse_path: Path) -> None:
     wh = Warehouse(warehouse_path)
-    problems = stored_problems(wh, 6)
+    stored_problems(wh, 6)
     with ScriptedEndpoint(reasoning_mode="think_tags") as server:
         teacher = EndpointTeacher(endpoint_config(server, stream=True), PromptConfig(samples=2),
                                   journal_dir=tmp_path / "j", progress=False)

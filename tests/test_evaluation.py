@@ -10,17 +10,21 @@ import pytest
 from scaffold_lib.evaluation.decoding import DecodeConfig, GeneratedStep, Generation
 from scaffold_lib.evaluation.metrics import (
     EvalConfig,
-    EvalItem,
-    ScoreRow,
-    _score,
-    answer_consistency,
     IncomparableScores,
+    ScoreRow,
+    answer_consistency,
     comparison_table_markdown,
-    eval_config_hash,
+    score,
     score_table_markdown,
     signal_fidelity,
+    suite_run,
     wilson_interval,
 )
+from scaffold_lib.evaluation.suites import EvalItem
+
+
+def eval_config_hash(cfg: EvalConfig, suite: str = "heldout", budget: dict | None = None) -> str:
+    return suite_run(cfg, suite, budget).config_hash
 
 
 def gen(*steps: tuple[str, str], answer: str | None = None, answer_text: str = "") -> Generation:
@@ -118,35 +122,46 @@ def test_eval_config_hash_tracks_what_makes_scores_comparable():
     for change in ({"tau": 0.5}, {"max_steps": 3}, {"max_tokens": 64}, {"max_step_tokens": 8}):
         other = base.model_copy(update={"decode": DecodeConfig(**change)})
         assert eval_config_hash(other) != h, change
-    assert eval_config_hash(base.model_copy(update={"suite_version": "9"})) != h
-    assert eval_config_hash(base.model_copy(update={"benchmark": "gsm8k"})) != h
+    assert eval_config_hash(base, "gsm8k") != h
+    assert eval_config_hash(base.model_copy(update={"split": "validation"})) != h  # tuning scores are not test scores
     assert eval_config_hash(base.model_copy(update={"limit": 10})) != h
+    # caps left to the data are resolved from the training budget, and the hash names the resolved caps
+    budget = {"step_tokens_p99": 40, "answer_tokens_p99": 20, "reply_tokens_p99": 300, "steps_p99": 9}
+    assert eval_config_hash(base, budget=budget) != h
+    run = suite_run(base, "heldout", budget)
+    assert (run.decode.max_step_tokens, run.decode.max_answer_tokens, run.decode.max_tokens, run.decode.max_steps) == (
+        50, 25, 375, 12)
+    pinned = base.model_copy(update={"decode": DecodeConfig(max_tokens=100)})
+    assert suite_run(pinned, "heldout", budget).decode.max_tokens == 100  # a cap set by hand is kept
 
 
 def test_score_rows_and_table():
     cfg = EvalConfig()
+    run = suite_run(cfg, "heldout")
     items = [EvalItem(f"d{i}", f"q{i}", str(i)) for i in range(4)]
     gens = [gen(("conclusion_summary", "Therefore, it is 0."), answer="0", answer_text="The answer is 0."),
             gen(("reasoning_analysis", "So it is 1."), answer="1"),
             gen(answer="5"),
             gen(answer=None)]
-    row, records = _score(cfg, "predicted", items, gens, next_acc=0.8)
+    row, records = score(run, "predicted", items, gens, next_acc=0.8)
     assert (row.n, row.accuracy) == (4, 0.5)
     assert (row.ci_low, row.ci_high) == pytest.approx(wilson_interval(2, 4))
     assert row.signal_fidelity == 1.0 and row.answer_consistency == 1.0 and row.mean_steps == 0.5
-    assert row.eval_config_hash == eval_config_hash(cfg) and row.next_signal_acc == 0.8
+    assert row.eval_config_hash == run.config_hash and row.next_signal_acc == 0.8
+    assert (row.benchmark, row.split) == ("heldout", "test")
     assert [r.correct for r in records] == [True, True, False, False]
     assert records[0].response == "Therefore, it is 0.\n\nThe answer is 0."
     assert records[0].signals == ["conclusion_summary"]
-    base_row, _ = _score(cfg, "cot_sft", items, gens, None)
+    base_row, _ = score(run, "cot_sft", items, gens, None)
     assert base_row.signal_fidelity is None and base_row.answer_consistency is None
 
     table = score_table_markdown([{**row.as_row(), "model": "scaffold-student/3"}, base_row.as_row()])
     lines = table.splitlines()
-    assert lines[0].startswith("| model | variant | n | Pass@1")
+    assert lines[0].startswith("| model | suite | variant | n | Pass@1")
     assert len(lines) == 4
-    assert lines[2] == "| scaffold-student/3 | predicted | 4 | 50.0 % (15–85) | 80.0 % | 100.0 % | 100.0 % |"
-    assert lines[3] == "|  | cot_sft | 4 | 50.0 % (15–85) | – | – | – |"
+    assert lines[2] == ("| scaffold-student/3 | heldout (test) | predicted | 4 | 50.0 % (15–85) | 80.0 % | 100.0 % | "
+                        "100.0 % | 0.5 |")
+    assert lines[3] == "|  | heldout (test) | cot_sft | 4 | 50.0 % (15–85) | – | – | – | 0.5 |"
     assert isinstance(row, ScoreRow)
 
 

@@ -3,16 +3,17 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from scaffold_lib.evaluation.decoding import DecodeConfig, ScaffoldDecoder
-from scaffold_lib.student.stages import ShardsConfig, build_packed_shards, train_student
-from scaffold_lib.student.model import ScaffoldStudent, StudentConfig, load_tokenizer
 from scaffold_lib.data.problems import GeneratorConfig, generate_problems
-from scaffold_lib.student.shards import PackConfig
-from scaffold_lib.data.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
 from scaffold_lib.data.teachers import ProgrammaticTeacher
+from scaffold_lib.evaluation.decoding import DecodeConfig, ScaffoldDecoder
+from scaffold_lib.evaluation.stages import load_for_eval
+from scaffold_lib.store.store import Store
+from scaffold_lib.student.model import StudentConfig, load_tokenizer
+from scaffold_lib.student.shards import PackConfig
+from scaffold_lib.student.stages import ShardsConfig, fit_student, pack_shards
 from scaffold_lib.student.training import TrainConfig
-from scaffold_lib.store.warehouse import Warehouse
-from tests.student_kit import tiny_world
+from student_kit import tiny_world
+from support.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
 
 
 def test_a_llama_checkpoint_trains_as_scaffold_student(tmp_path_factory, tmp_path):
@@ -26,20 +27,22 @@ def test_a_llama_checkpoint_trains_as_scaffold_student(tmp_path_factory, tmp_pat
                      ).save_pretrained(llama_dir)
     tokenizer.save_pretrained(llama_dir)
 
-    wh = Warehouse(tmp_path / "warehouse.duckdb")
+    store = Store.at(tmp_path)
+    wh = store.warehouse
     store_problems(wh, generate_problems(GeneratorConfig(n_problems=30, max_ops=2)))
     generate_teacher_traces(wh, ProgrammaticTeacher())
     segment_traces(wh)
     label_signals(wh)
-    report = build_packed_shards(wh, tmp_path / "art", ShardsConfig(student=StudentConfig(base_model=str(llama_dir)),
-                                                                    pack=PackConfig(row_len=512)))
-    assert report.base_model == str(llama_dir)  # used as given, not rebuilt
+    report = pack_shards(store, ShardsConfig(pack=PackConfig(row_len=512)), StudentConfig(base_model=str(llama_dir)))
+    assert report.source_model == str(llama_dir) and report.pretrained
+    # prepared beside the artifacts (tokenizer with the signal tags), the given checkpoint left as it was
+    assert report.base_model.startswith(str(store.artifacts)) and not (llama_dir / "scaffold.json").exists()
 
-    trained = train_student(wh, tmp_path / "art", report.base_model, report.manifests["scaffold"],
-                            TrainConfig(max_steps=4, batch_size=2, warmup_steps=1), progress=False)
+    trained = fit_student(wh, store.artifacts, report.base_model, report.manifests["scaffold"],
+                          TrainConfig(max_steps=4, batch_size=2, learning_rate=3e-3, warmup_steps=1), progress=False)
     assert trained.result.losses[-1] < trained.result.losses[0]
-    student = ScaffoldStudent.from_pretrained(trained.path)
+    student, fmt = load_for_eval(trained.path)
     assert student.backbone.config.model_type == "llama" and student.kind == "scaffold"
-    gen = ScaffoldDecoder(student, load_tokenizer(trained.path), DecodeConfig(tau=0.0, max_steps=2, max_tokens=40)
+    gen = ScaffoldDecoder(student, fmt.tokenizer, DecodeConfig(tau=0.0, max_steps=2, max_tokens=40), fmt
                           ).generate("Ava has 3 apples. Ava buys 2 more apples. How many apples does Ava have now?")
     assert len(gen.steps) <= 2 and gen.new_tokens <= 40

@@ -1,10 +1,9 @@
-"""The Dagster layer (DESIGN.md §2–§5): definitions load, one end-to-end run of the embedded default at micro size
-(rows, registry, aliases, lineage, MLflow params), incremental refresh, promotion refused by the margin, the
-file sensor, and asset checks that fail when they should.
+"""The Dagster layer: definitions load; one end-to-end run of the micro preset (rows, registry, aliases, lineage,
+MLflow); the CLI and Dagster write the same rows; overlapping runs each score their own model; defaults come from
+one place; incremental refresh; promotion gates; the file sensor; checks that fail when they should.
 
-One micro run of the whole graph is shared by the module (`pipeline` fixture). It runs against a temporary
-DAGSTER_HOME with its own DuckDB file, MLflow sqlite store and artifacts; the student is shrunk and the eval
-limited so that the run takes well under a minute on 2 CPU cores.
+One micro run of the whole graph is shared by the module (`pipeline` fixture), against a temporary DAGSTER_HOME
+with its own DuckDB file, MLflow sqlite store and artifacts.
 """
 
 from __future__ import annotations
@@ -15,92 +14,53 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import dagster as dg
 import pytest
 
-from pipelines import demo
-from pipelines.definitions import defs as load_defs
-from pipelines.defs import automation, data_assets
-from pipelines.defs.resources import (EndpointSettings, LabellerResource, MlflowResource, StudentResource,
-                                     TeacherResource, WarehouseResource)
+from pipelines.defs import automation
+from scaffold_lib.config import load_preset, save_instance_settings
+from scaffold_lib.evaluation.decoding import ScaffoldDecoder
+from scaffold_lib.evaluation.stages import EvaluationHandle, load_for_eval
 from scaffold_lib.store import registry
-from scaffold_lib.student.model import ScaffoldStudent
-from scaffold_lib.data.problems import GeneratorConfig, generate_problems
-from scaffold_lib.data.stages import label_signals
-from scaffold_lib.store.warehouse import Warehouse
+from scaffold_lib.store.handles import load_handle
+from scaffold_lib.store.store import Store
+from scaffold_lib.store.warehouse import AUDIT_COLUMNS, Warehouse
+from support.dagster_kit import (
+    REPO,
+    check_results,
+    definitions,
+    failures,
+    graph,
+    metadata,
+    micro,
+    new_instance,
+    resources,
+    run_config,
+)
+from support.stages import label_signals
 
-REPO = Path(__file__).resolve().parent.parent
 MODEL = "scaffold-student"
 ASSETS = {"problems", "teacher_traces", "segmented_steps", "signal_labels", "packed_shards", "student_model",
           "baseline_model", "benchmark_scores", "model_promotion"}
 DATA_ASSETS = ("problems", "teacher_traces", "segmented_steps", "signal_labels")
 CHECKS = {
-    ("problems", "problems_without_quarantine"), ("teacher_traces", "teacher_accuracy_above_floor"),
-    ("segmented_steps", "no_empty_steps"), ("signal_labels", "label_coverage_in_bounds"),
-    ("packed_shards", "shard_fill_on_target"), ("student_model", "student_loss_finite_and_falling"),
-    ("baseline_model", "baseline_loss_finite_and_falling"), ("benchmark_scores", "scaffold_beats_baseline"),
+    ("problems", "problems_without_quarantine"), ("problems", "splits_disjoint_by_group"),
+    ("teacher_traces", "teacher_accuracy_above_floor"), ("segmented_steps", "no_empty_steps"),
+    ("signal_labels", "label_coverage_in_bounds"), ("packed_shards", "shard_fill_on_target"),
+    ("student_model", "student_loss_finite_and_falling"), ("baseline_model", "baseline_loss_finite_and_falling"),
+    ("benchmark_scores", "scaffold_beats_baseline"),
 }
 STAGE_TABLES = ("problems", "teacher_traces", "segmented_steps", "signal_labels", "shards", "shard_members",
-                "model_versions", "model_shards", "benchmark_scores")
-# a value that must never reach MLflow: the teacher's API key comes from this env var
+                "model_versions", "model_shards", "benchmark_scores", "item_scores")
+# a value that must never reach MLflow: an API key in the environment
 SECRET = "sk-test-DO-NOT-LOG-0123456789abcdef"
 SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|passwd|credential|auth|bearer)", re.I)
 SECRET_VALUE = re.compile(r"(sk-[A-Za-z0-9-]{12,}|Bearer\s+\S+)")
-
-
-# --------------------------------------------------------------------------------------------------- helpers
-
-
-def definitions() -> dg.Definitions:
-    return load_defs()
-
-
-def graph() -> list:
-    """Every asset and check but the sharded teacher: one run cannot mix its partitioning with the suites'."""
-    d = definitions()
-    return [*(a for a in d.assets if dg.AssetKey("teacher_trace_shards") not in a.keys), *d.asset_checks]
-
-
-def resources(home: Path, **mlflow_kw) -> dict:
-    return {
-        "warehouse": WarehouseResource(path=str(home / "warehouse.duckdb")),
-        "mlflow": MlflowResource(tracking_uri=f"sqlite:///{home}/mlflow.db",
-                                 artifact_location=(home / "mlartifacts").as_uri(), **mlflow_kw),
-        # a smaller backbone than the default keeps training at micro size to seconds
-        "student": StudentResource(artifacts_dir=str(home / "artifacts"), hidden_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, intermediate_size=128),
-        "teacher": TeacherResource(endpoint=EndpointSettings(api_key=dg.EnvVar("OPENAI_API_KEY"))),
-        "labeller": LabellerResource(),
-    }
-
-
-def micro_run_config() -> dict:
-    cfg = demo.run_config("micro")
-    # two held-out problems and short generations are enough to exercise every variant
-    cfg["ops"]["benchmark_scores"]["config"].update(limit=2, max_tokens=48, max_steps=4)
-    return cfg
-
-
-def only_ops(cfg: dict, names) -> dict:
-    return {"ops": {k: v for k, v in cfg["ops"].items() if k in names}}
-
-
-def metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
-    (mat,) = result.asset_materializations_for_node(asset)
-    return {k: v.value for k, v in mat.metadata.items()}
-
-
-def check_results(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
-    return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-
-
-def failures(result: dg.ExecuteInProcessResult) -> str:
-    return "; ".join(f"{e.step_key}: {e.event_specific_data.error.message if e.event_specific_data.error else ''}"
-                     for e in result.all_events if e.is_step_failure)
 
 
 @dataclass
@@ -108,6 +68,7 @@ class Pipeline:
     home: Path
     instance: dg.DagsterInstance
     result: dg.ExecuteInProcessResult
+    store: Store
     wh: Warehouse
     reg: registry.RegistryConfig
     counts: dict[str, int]
@@ -118,20 +79,18 @@ class Pipeline:
 def pipeline(tmp_path_factory) -> Iterator[Pipeline]:
     """The whole graph materialised once, in process, against a temporary DAGSTER_HOME."""
     home = tmp_path_factory.mktemp("dagster_home")
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
     mp = pytest.MonkeyPatch()
     mp.setenv("DAGSTER_HOME", str(home))
     mp.setenv("OPENAI_API_KEY", SECRET)
-    instance = dg.DagsterInstance.from_config(str(home))
+    instance = new_instance(home)
     try:
-        result = dg.materialize(graph(), resources=resources(home), run_config=micro_run_config(), instance=instance,
+        result = dg.materialize(graph(), resources=resources(home), run_config=run_config(micro()), instance=instance,
                                 raise_on_error=False)
         assert result.success, f"micro pipeline run failed: {failures(result)}"
-        reg = registry.RegistryConfig(tracking_uri=f"sqlite:///{home}/mlflow.db",
-                                      artifact_location=(home / "mlartifacts").as_uri())
-        wh = Warehouse(home / "warehouse.duckdb")
-        aliases = {a: registry.alias_version(reg, a) for a in (registry.CHAMPION, registry.CHALLENGER)}
-        yield Pipeline(home, instance, result, wh, reg, wh.counts(), aliases)
+        store = Store.at(home)
+        aliases = {a: registry.alias_version(store.registry, a) for a in (registry.CHAMPION, registry.CHALLENGER)}
+        yield Pipeline(home, instance, result, store, store.warehouse, store.registry, store.warehouse.counts(),
+                       aliases)
     finally:
         instance.dispose()
         mp.undo()
@@ -151,11 +110,11 @@ def test_definitions_load_every_asset_check_schedule_and_sensor():
     for key in ag.get_all_asset_keys():
         node = ag.get(key)
         name = key.to_user_string()
-        assert node.group_name == ("data" if name in (*DATA_ASSETS, "teacher_trace_shards") else "student"), name
+        expected = "data" if name in DATA_ASSETS else "teacher_fleet" if name == "teacher_trace_shards" else "student"
+        assert node.group_name == expected, name
         assert node.kinds, f"{name} has no kinds"
         assert node.description and len(node.description) > 30, f"{name} has no docstring"
-    # resources every asset needs are bound
-    assert {"warehouse", "mlflow", "teacher", "student", "labeller"} <= set(d.resources or {})
+    assert {"store", "secrets", "io_manager"} <= set(d.resources or {})
 
 
 def test_jobs_select_the_right_stages():
@@ -176,20 +135,138 @@ def test_jobs_select_the_right_stages():
 
 def test_dg_check_defs_cli(tmp_path):
     dg_bin = Path(sys.executable).parent / "dg"
-    if not dg_bin.exists():
-        pytest.skip(f"the dg CLI is not installed next to {sys.executable}")
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "VIRTUAL_ENV": str(Path(sys.executable).parent.parent),
            "NO_COLOR": "1"}
-    try:
-        proc = subprocess.run([str(dg_bin), "check", "defs"], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=240)
-    except subprocess.TimeoutExpired:
-        pytest.skip("`dg check defs` took longer than 4 minutes on this machine")
+    proc = subprocess.run([str(dg_bin), "check", "defs"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=540)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "All definitions loaded successfully" in proc.stdout + proc.stderr
 
 
-# ------------------------------------------------------------------------------------------ 2. end to end
+# --------------------------------------------------------------------- 2. one configuration, one code path
+
+DUMP_DAGSTER_DEFAULTS = """
+import json
+from pipelines.definitions import defs
+from support.dagster_kit import ASSET_SECTIONS
+d = defs()
+print(json.dumps({asset: d.resolve_assets_def(asset).op.config_schema.as_field().default_value
+                  for asset in ASSET_SECTIONS}))
+"""
+
+
+@pytest.mark.parametrize("preset", [None, "micro"])
+def test_every_default_comes_from_the_library_and_the_instance_preset(tmp_path, preset):
+    """Dagster's run-config defaults and the CLI's resolved settings are the library's preset, section by section:
+    nothing is typed twice, and an instance keeps the preset it was set up with."""
+    from support.dagster_kit import ASSET_SECTIONS
+
+    home = tmp_path / "home"
+    if preset:
+        save_instance_settings(home, preset)
+    expected = load_preset(preset or "demo").config.model_dump(mode="json")
+    env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    dagster = subprocess.run([sys.executable, "-c", DUMP_DAGSTER_DEFAULTS], env=env, cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
+    assert dagster.returncode == 0, dagster.stderr[-2000:]
+    for asset, defaults in json.loads(dagster.stdout.strip().splitlines()[-1]).items():
+        for section in ASSET_SECTIONS[asset]:
+            assert defaults[section] == json.loads(json.dumps(expected[section])), (asset, section)
+    cli = subprocess.run([sys.executable, "-m", "scaffold_lib.cli", "--home", str(home), "config"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout.split("\n", 1)[1]) == expected
+    assert cli.stdout.startswith(f"# preset {preset or 'demo'} v1")
+
+
+TABLE_KEYS = {"problems": ["problem_id"], "teacher_traces": ["trace_id"], "segmented_steps": ["step_id"],
+              "signal_labels": ["step_id"], "shards": ["shard_id"], "shard_members": ["shard_id", "trace_id"],
+              "model_versions": ["model_name", "version"], "model_shards": ["model_name", "version", "shard_id"],
+              "benchmark_scores": ["score_id"],
+              "item_scores": ["model_name", "version", "benchmark", "variant", "doc_id"]}
+# columns that name where or by whom a row was written, not what it holds
+VOLATILE = {c.split()[0] for c in AUDIT_COLUMNS.split(",")} | {"mlflow_run_id", "path", "evaluation_id"}
+
+
+def table_rows(wh: Warehouse, table: str) -> list[dict]:
+    rows = wh.query(f"SELECT * FROM {table}")
+    return sorted(({k: v for k, v in r.items() if k not in VOLATILE} for r in rows),
+                  key=lambda r: tuple(str(r[k]) for k in TABLE_KEYS[table]))
+
+
+def test_the_cli_and_dagster_write_the_same_rows(pipeline, tmp_path):
+    """`scaffold run --preset micro` (no Dagster) and the Dagster run of the same preset call the same stage
+    functions: every stage table holds the same rows, scores included."""
+    home = tmp_path / "cli"
+    env = {**os.environ, "DAGSTER_HOME": str(home), "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    import torch
+
+    # the same number of threads as this process's in-process Dagster run: float sums in another order would differ
+    # in the last bits
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    proc = subprocess.run([sys.executable, "-m", "scaffold_lib.cli", "--home", str(home), "--preset", "micro", "run"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli = Warehouse(home / "warehouse.duckdb")
+    for table in STAGE_TABLES:
+        ours, theirs = table_rows(cli, table), table_rows(pipeline.wh, table)
+        assert len(ours) == len(theirs) > 0, table
+        assert ours == theirs, table
+    # the same table layout as the demo prints
+    assert "The comparison table (Pass@1):" in proc.stdout and "| variant | heldout (test) |" in proc.stdout
+
+
+def test_overlapping_runs_each_score_their_own_model(tmp_path, monkeypatch):
+    """Run A trains v_a and, while it is about to evaluate, run B trains v_b (now the latest student_model). A's
+    benchmark_scores still scores v_a: assets take their upstream's output from their own run."""
+    from pipelines.defs import student_assets
+
+    home = tmp_path / "home"
+    instance = new_instance(home)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    cfg = micro()
+    original = student_assets.evaluate_models
+    a_waiting, b_done = threading.Event(), threading.Event()
+
+    def evaluate_after_b(*args, **kwargs):
+        a_waiting.set()
+        assert b_done.wait(300), "run B did not finish"
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(student_assets, "evaluate_models", evaluate_after_b)
+    upstream = [*DATA_ASSETS, "packed_shards"]
+    shards_run = [dg.materialize(graph(), selection=upstream, resources=resources(home),
+                                 run_config=run_config(cfg, upstream), instance=instance)]
+    results: dict[str, dg.ExecuteInProcessResult] = {}
+
+    def run_a() -> None:
+        selection = ["student_model", "baseline_model", "benchmark_scores"]
+        results["a"] = dg.materialize(graph(), selection=selection, resources=resources(home),
+                                      run_config=run_config(cfg, selection), instance=instance, raise_on_error=False)
+
+    a = threading.Thread(target=run_a)
+    a.start()
+    assert a_waiting.wait(300), "run A never reached its evaluation"
+    other_seed = micro(train={"seed": 1})
+    results["b"] = dg.materialize(graph(), selection=["student_model"], resources=resources(home),
+                                  run_config=run_config(other_seed, ["student_model"]), instance=instance)
+    b_done.set()
+    a.join(300)
+    assert shards_run[0].success and results["b"].success and results["a"].success, failures(results["a"])
+    version_a = metadata(results["a"], "student_model")["model_version"]
+    version_b = metadata(results["b"], "student_model")["model_version"]
+    assert int(version_b) == int(version_a) + 1
+    latest = instance.get_latest_materialization_event(dg.AssetKey("student_model"))
+    assert latest.run_id == results["b"].run_id  # B's student is the instance-wide latest ...
+    evaluation = load_handle(home, "benchmark_scores", EvaluationHandle, results["a"].run_id)
+    assert evaluation.version == version_a  # ... and A scored its own
+    scored = Store.at(home).warehouse.query("SELECT DISTINCT version FROM benchmark_scores WHERE model_name = ? "
+                                            "AND dagster_run_id = ?", [MODEL, results["a"].run_id])
+    assert scored == [{"version": version_a}]
+    instance.dispose()
+
+
+# ------------------------------------------------------------------------------------------ 3. end to end
 
 
 def test_micro_run_materialises_everything_and_gates_pass(pipeline):
@@ -208,6 +285,8 @@ def test_rows_in_every_stage_table(pipeline):
     assert counts["problems"] == 60 and counts["teacher_traces"] == 60
     assert counts["signal_labels"] == counts["segmented_steps"]
     assert counts["quarantine"] == 0
+    assert {r["split"] for r in pipeline.wh.query("SELECT DISTINCT split FROM problems")} == {"train", "validation",
+                                                                                              "test"}
     # two students (scaffold + baseline), each with its own shards
     assert pipeline.wh.query("SELECT kind, count(*) AS n FROM model_versions GROUP BY kind ORDER BY kind") == [
         {"kind": "baseline", "n": 1}, {"kind": "scaffold", "n": 1}]
@@ -231,14 +310,19 @@ def test_first_model_is_registered_challenger_and_champion(pipeline):
     assert str(c.get_model_version(MODEL + "-baseline", "1").version) == "1"
 
 
-def test_champion_downloads_and_loads(pipeline, tmp_path):
+def test_the_champion_loads_and_answers_exactly_as_the_trained_student(pipeline, tmp_path):
+    """The registered artifact is the trained student: same weights, same heads, same answer to a question."""
     model_dir = registry.download_model(pipeline.reg, registry.CHAMPION, dst=tmp_path / "champion")
-    assert (model_dir / "model.safetensors").exists() or list(model_dir.glob("*.safetensors"))
-    model = ScaffoldStudent.from_pretrained(model_dir)
-    assert isinstance(model, ScaffoldStudent)
-    assert sum(p.numel() for p in model.parameters()) > 0
-    # the same directory the registry points at for version 1
-    assert registry.resolve_version(pipeline.reg, "champion") == "1"
+    champion, fmt = load_for_eval(model_dir)
+    handle = metadata(pipeline.result, "student_model")
+    trained, _ = load_for_eval(Path(json.loads(Path(handle["handle"]).read_text())["handle"]["path"]))
+    for (name, a), b in zip(champion.state_dict().items(), trained.state_dict().values()):
+        assert (a == b).all(), name
+    question = pipeline.wh.scalar("SELECT question FROM problems WHERE split = 'test' ORDER BY problem_id LIMIT 1")
+    cfg = micro().eval.decode.model_copy(update={"tau": 0.0})
+    a = ScaffoldDecoder(champion, fmt.tokenizer, cfg, fmt).generate(question)
+    b = ScaffoldDecoder(trained, fmt.tokenizer, cfg, fmt).generate(question)
+    assert a.render() == b.render() and a.steps  # it decodes signal-tagged steps, identically
 
 
 def test_row_level_lineage_joins(pipeline):
@@ -247,8 +331,8 @@ def test_row_level_lineage_joins(pipeline):
     correct_train = {r["trace_id"] for r in wh.query(
         "SELECT t.trace_id FROM teacher_traces t JOIN problems p USING (problem_id) "
         "WHERE p.split = 'train' AND t.is_correct")}
-    assert members and members <= correct_train
-    # no test-split problem leaks into training shards
+    assert members and members == correct_train
+    # no held-out problem leaks into training shards
     assert wh.scalar("SELECT count(*) FROM shard_members m JOIN teacher_traces t USING (trace_id) "
                      "JOIN problems p USING (problem_id) WHERE p.split <> 'train'") == 0
     # each model version lists shards that exist, of its own kind and manifest
@@ -257,11 +341,6 @@ def test_row_level_lineage_joins(pipeline):
         shards = wh.query("SELECT s.kind, s.manifest_hash FROM model_shards ms JOIN shards s USING (shard_id) "
                           "WHERE ms.model_name = ? AND ms.version = ?", [mv["model_name"], mv["version"]])
         assert shards and {(s["kind"], s["manifest_hash"]) for s in shards} == {(mv["kind"], mv["manifest_hash"])}
-    # "which teacher traces trained the champion?" is one query
-    champion_traces = {r["trace_id"] for r in wh.query(
-        "SELECT DISTINCT m.trace_id FROM model_shards ms JOIN shard_members m USING (shard_id) "
-        "WHERE ms.model_name = ? AND ms.version = ?", [MODEL, pipeline.aliases["champion"]])}
-    assert champion_traces and champion_traces <= correct_train
     # every score row names a registered model version and its MLflow run
     c = registry.client(pipeline.reg)
     scores = wh.query("SELECT DISTINCT s.model_name, s.version, s.mlflow_run_id, v.mlflow_run_id AS mv_run "
@@ -271,16 +350,17 @@ def test_row_level_lineage_joins(pipeline):
     for r in scores:
         assert r["mlflow_run_id"] == r["mv_run"]
         assert c.get_model_version(r["model_name"], r["version"]).run_id == r["mlflow_run_id"]
-    # the untuned backbone is scored too, named by its path, with no MLflow run
     base = wh.query("SELECT model_name, version, mlflow_run_id FROM benchmark_scores WHERE variant = 'base'")
     assert len(base) == 1 and base[0]["model_name"].startswith("base:") and base[0]["mlflow_run_id"] is None
-    # one evaluation, one id, one eval config: the comparison table's rows
     rows = wh.query("SELECT * FROM benchmark_scores")
     assert len({r["evaluation_id"] for r in rows}) == 1 and len({r["eval_config_hash"] for r in rows}) == 1
     assert {r["variant"] for r in rows} == {"base", "cot_sft", "predicted", "golden", "random", "summaries_only"}
+    # paired: every variant answered the same items
+    items = wh.query("SELECT variant, list(doc_id ORDER BY doc_id) AS docs FROM item_scores GROUP BY variant")
+    assert len({tuple(r["docs"]) for r in items}) == 1
 
 
-def test_mlflow_runs_record_lineage_and_no_secrets(pipeline):
+def test_mlflow_runs_are_live_record_lineage_and_no_secrets(pipeline):
     c = registry.client(pipeline.reg)
     manifests = {r["mlflow_run_id"]: r["manifest_hash"] for r in pipeline.wh.query("SELECT * FROM model_versions")}
     assert len(manifests) == 2
@@ -291,16 +371,19 @@ def test_mlflow_runs_record_lineage_and_no_secrets(pipeline):
         assert params["dagster_run_id"] == pipeline.result.run_id
         assert tags["dagster_run_id"] == pipeline.result.run_id
         assert any(k.startswith("train.") for k in params)
+        # opened before training and closed after registration: a real duration, with the step metrics in between
+        history = c.get_metric_history(run_id, "loss")
+        assert history and run.info.start_time <= min(m.timestamp for m in history) <= run.info.end_time
+        assert run.inputs.dataset_inputs[0].dataset.digest == manifest
         for key, value in {**params, **{k: v for k, v in tags.items() if not k.startswith("mlflow.")}}.items():
             assert not SECRET_KEY.search(key), f"secret-looking key {key!r} logged"
             assert SECRET not in str(value) and not SECRET_VALUE.search(str(value)), f"{key}={value!r}"
-        # scores were logged onto the model's own run
         assert any(k.endswith(".accuracy") for k in run.data.metrics)
     for mv in c.search_model_versions(f"name='{MODEL}'"):
         assert not any(SECRET in str(v) for v in mv.tags.values())
 
 
-# ---------------------------------------------------------------------------------- 3. incremental refresh
+# ---------------------------------------------------------------------------------- 4. incremental refresh
 
 
 def data_graph() -> list:
@@ -311,7 +394,7 @@ def data_graph() -> list:
 def test_second_data_refresh_makes_no_teacher_calls(pipeline):
     before = pipeline.wh.counts()
     result = dg.materialize(data_graph(), resources=resources(pipeline.home), instance=pipeline.instance,
-                            run_config={"ops": {"problems": {"config": {"n_problems": 60}}}})
+                            run_config=run_config(micro(), DATA_ASSETS))
     assert result.success
     teacher = metadata(result, "teacher_traces")
     assert teacher["asked"] == 0 and teacher["skipped_existing"] == 60
@@ -323,16 +406,17 @@ def test_second_data_refresh_makes_no_teacher_calls(pipeline):
 def test_growing_the_problem_set_adds_only_the_new_ones(pipeline, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
-    # a copy of the warehouse so the shared run's tables stay as they were
-    for f in pipeline.home.glob("warehouse.duckdb*"):
+    for f in pipeline.home.glob("warehouse.duckdb*"):  # a copy, so the shared run's tables stay as they were
         shutil.copy(f, home / f.name)
     wh = Warehouse(home / "warehouse.duckdb")
     before = wh.counts()
     old_ids = {r["problem_id"] for r in wh.query("SELECT problem_id FROM problems")}
-    grown = {p.problem_id for p in generate_problems(GeneratorConfig(n_problems=70, seed=0))}
+    grown_cfg = micro(problems={"synthetic": {"n_problems": 70}})
+    from scaffold_lib.data.problems import generate_problems
+
+    grown = {p.problem_id for p in generate_problems(grown_cfg.problems.synthetic, grown_cfg.problems.split)}
     assert old_ids < grown
-    result = dg.materialize(data_graph(), resources=resources(home),
-                            run_config={"ops": {"problems": {"config": {"n_problems": 70}}}})
+    result = dg.materialize(data_graph(), resources=resources(home), run_config=run_config(grown_cfg, DATA_ASSETS))
     assert result.success
     assert metadata(result, "problems")["new_rows"] == 10
     teacher = metadata(result, "teacher_traces")
@@ -343,7 +427,6 @@ def test_growing_the_problem_set_adds_only_the_new_ones(pipeline, tmp_path):
     new_traced = {r["problem_id"] for r in wh.query("SELECT problem_id FROM teacher_traces WHERE dagster_run_id = ?",
                                                     [result.run_id])}
     assert new_traced == grown - old_ids
-    # steps and labels only for the new traces
     assert wh.scalar("SELECT count(*) FROM segmented_steps s JOIN teacher_traces t USING (trace_id) "
                      "WHERE s.dagster_run_id = ? AND t.dagster_run_id IS DISTINCT FROM ?",
                      [result.run_id, result.run_id]) == 0
@@ -352,19 +435,18 @@ def test_growing_the_problem_set_adds_only_the_new_ones(pipeline, tmp_path):
     assert after["signal_labels"] - before["signal_labels"] == new_steps
 
 
-# ------------------------------------------------------------------------------------------ 4. promotion
+# ------------------------------------------------------------------------------------------ 5. promotion
 
 
 def test_promotion_refused_when_margin_not_met(pipeline):
-    """Retrain the scaffold student and evaluate it again with a promotion margin no model can meet: a new version
-    becomes challenger, champion stays on version 1 and the refusal is recorded on the new version."""
-    selection = ["student_model", "benchmark_scores", "model_promotion"]
-    result = dg.materialize(graph(), selection=selection, resources=resources(pipeline.home, promotion_margin=1.0),
-                            run_config=only_ops(micro_run_config(), selection), instance=pipeline.instance,
-                            raise_on_error=False)
+    """Retrain and evaluate again with a promotion margin no model can meet: a new version becomes challenger,
+    champion stays on version 1 and the refusal is recorded on the new version."""
+    selection = ["student_model", "baseline_model", "benchmark_scores", "model_promotion"]
+    cfg = micro(promotion={"margin": 1.0})
+    result = dg.materialize(graph(), selection=selection, resources=resources(pipeline.home),
+                            run_config=run_config(cfg, selection), instance=pipeline.instance, raise_on_error=False)
     assert result.success, failures(result)
-    student = metadata(result, "student_model")
-    assert student["model_version"] == "2"
+    assert metadata(result, "student_model")["model_version"] == "2"
     promo = metadata(result, "model_promotion")
     assert promo["promoted"] is False
     assert promo["challenger_version"] == "2" and promo["previous_champion"] == "1"
@@ -372,65 +454,58 @@ def test_promotion_refused_when_margin_not_met(pipeline):
     assert "margin 1.000" in promo["reason"]
     assert registry.alias_version(pipeline.reg, registry.CHAMPION) == "1"
     assert registry.alias_version(pipeline.reg, registry.CHALLENGER) == "2"
-    c = registry.client(pipeline.reg)
-    v2 = c.get_model_version(MODEL, "2")
+    v2 = registry.client(pipeline.reg).get_model_version(MODEL, "2")
     assert "does not beat champion" in v2.tags["promotion_refused"]
     assert "promoted_by" not in v2.tags
-    # the new version's scores are in the warehouse next to the champion's
     assert pipeline.wh.scalar("SELECT count(*) FROM benchmark_scores WHERE model_name = ? AND version = '2'",
                               [MODEL]) > 0
-    # and the champion still loads by alias
-    assert ScaffoldStudent.from_pretrained(registry.download_model(pipeline.reg, registry.CHAMPION))
 
 
 def test_promotion_refused_when_a_blocking_check_failed_in_an_earlier_run(pipeline, tmp_path):
-    """With margin 0, v2 (same weights as v1, so the same score) would be promoted; a blocking data check that
+    """With margin 0, v2 (same data and seed as v1, so the same score) would be promoted; a blocking data check that
     failed in a later data refresh must stop it, even though that failure happened in another run."""
     assert registry.alias_version(pipeline.reg, registry.CHALLENGER) == "2", "runs after the margin test"
-    bad = dg.materialize(
-        [a for a in graph() if {k.to_user_string() for k in getattr(a, "keys", set())} & {"problems", "teacher_traces"}
-         or any(k.name == "teacher_accuracy_above_floor" for k in getattr(a, "check_keys", set()))],
-        resources={"warehouse": WarehouseResource(path=str(tmp_path / "bad.duckdb")),
-                   "teacher": TeacherResource(wrong_fraction=1.0)},
-        run_config={"ops": {"problems": {"config": {"n_problems": 12}}}}, instance=pipeline.instance,
-        raise_on_error=False)
+    teacher_graph = [a for a in graph() if {k.to_user_string() for k in getattr(a, "keys", set())}
+                     & {"problems", "teacher_traces"}
+                     or any(k.name == "teacher_accuracy_above_floor" for k in getattr(a, "check_keys", set()))]
+    bad_home = tmp_path / "bad"
+    bad_cfg = micro(problems={"synthetic": {"n_problems": 12}}, teacher={"programmatic": {"wrong_fraction": 1.0}})
+    bad = dg.materialize(teacher_graph, resources=resources(bad_home),
+                         run_config=run_config(bad_cfg, ["problems", "teacher_traces"]), instance=pipeline.instance,
+                         raise_on_error=False)
     assert check_results(bad)["teacher_accuracy_above_floor"] is False
-    result = dg.materialize(graph(), selection=["model_promotion"], resources=resources(pipeline.home),
-                            instance=pipeline.instance, raise_on_error=False)
+    promote = ["model_promotion"]
+    result = dg.materialize(graph(), selection=promote, resources=resources(pipeline.home),
+                            run_config=run_config(micro(), promote), instance=pipeline.instance, raise_on_error=False)
     assert result.success, failures(result)
     promo = metadata(result, "model_promotion")
     assert promo["promoted"] is False and promo["champion_version"] == "1"
     assert "blocked by failed checks" in promo["reason"] and "teacher_accuracy_above_floor" in promo["reason"]
     assert bad.run_id in promo["reason"]
-    assert registry.alias_version(pipeline.reg, registry.CHAMPION) == "1"
     refused = registry.client(pipeline.reg).get_model_version(MODEL, "2").tags["promotion_refused"]
     assert "teacher_accuracy_above_floor" in refused
 
     # once the check passes again (a good data refresh), the same challenger is promoted (margin 0, equal score)
-    good = dg.materialize(
-        [a for a in graph() if {k.to_user_string() for k in getattr(a, "keys", set())} & {"teacher_traces"}
-         or any(k.name == "teacher_accuracy_above_floor" for k in getattr(a, "check_keys", set()))],
-        selection=dg.AssetSelection.checks_for_assets("teacher_traces"),
-        resources={"warehouse": WarehouseResource(path=str(pipeline.wh.path)), "teacher": TeacherResource()},
-        instance=pipeline.instance)
+    good = dg.materialize(teacher_graph, selection=dg.AssetSelection.checks_for_assets("teacher_traces"),
+                          resources=resources(pipeline.home), instance=pipeline.instance)
     assert check_results(good)["teacher_accuracy_above_floor"] is True
-    result = dg.materialize(graph(), selection=["model_promotion"], resources=resources(pipeline.home),
-                            instance=pipeline.instance)
+    result = dg.materialize(graph(), selection=promote, resources=resources(pipeline.home),
+                            run_config=run_config(micro(), promote), instance=pipeline.instance)
     promo = metadata(result, "model_promotion")
     assert promo["promoted"] is True and promo["champion_version"] == "2", promo["reason"]
-    v2 = registry.client(pipeline.reg).get_model_version(MODEL, "2")
-    assert v2.tags["promoted_by"] == f"dagster run {result.run_id}"
-
+    assert registry.client(pipeline.reg).get_model_version(MODEL, "2").tags["promoted_by"] == \
+        f"dagster run {result.run_id}"
 
     # rollback goes through the same call and records who and why; the rolled-back champion loads by alias
     registry.set_champion(pipeline.reg, "1", "rollback: v2 was promoted by mistake", who="on-call")
     assert registry.alias_version(pipeline.reg, registry.CHAMPION) == "1"
     v1 = registry.client(pipeline.reg).get_model_version(MODEL, "1")
     assert v1.tags["promoted_by"] == "on-call" and v1.tags["promotion_reason"].startswith("rollback")
-    assert ScaffoldStudent.from_pretrained(registry.download_model(pipeline.reg, registry.CHAMPION, dst=tmp_path / "c"))
+    model, _ = load_for_eval(registry.download_model(pipeline.reg, registry.CHAMPION, dst=tmp_path / "c"))
+    assert model.kind == "scaffold"
 
 
-# --------------------------------------------------------------------------------------------- 5. sensor
+# --------------------------------------------------------------------------------------------- 6. sensor
 
 
 def evaluate_sensor() -> dg.SensorResult:
@@ -457,22 +532,19 @@ def test_sensor_requests_a_run_per_new_or_changed_file(tmp_path, monkeypatch):
     (first,) = evaluate_sensor().run_requests
     assert first.tags["problem_file"] == "gsm8k_extra.jsonl"
     assert first.run_key.startswith("gsm8k_extra.jsonl:")
-    # unchanged file: the same run key, so Dagster does not launch it twice
     (again,) = evaluate_sensor().run_requests
-    assert again.run_key == first.run_key
-    # changed content (and mtime): a new run key
+    assert again.run_key == first.run_key  # unchanged file: the same run key, so Dagster does not launch it twice
     with path.open("a") as fh:
         fh.write('{"question": "Ann has 5 pens and loses 2. How many?", "answer": "#### 3"}\n')
     os.utime(path, (1_700_000_100, 1_700_000_100))
     (changed,) = evaluate_sensor().run_requests
     assert changed.run_key != first.run_key
-    # touched only (same size, new mtime): also picked up again
     os.utime(path, (1_700_000_200, 1_700_000_200))
     (touched,) = evaluate_sensor().run_requests
     assert touched.run_key not in {first.run_key, changed.run_key}
 
 
-# ------------------------------------------------------------------------------------ 6. failing checks
+# ------------------------------------------------------------------------------------ 7. failing checks
 
 
 def _steps_warehouse(path: Path, texts: list[list[str]]) -> Warehouse:
@@ -482,30 +554,34 @@ def _steps_warehouse(path: Path, texts: list[list[str]]) -> Warehouse:
     return wh
 
 
-def test_label_coverage_check_fails_without_keywords(warehouse_path):
-    wh = _steps_warehouse(warehouse_path, [["Zebra quux flibber.", "Purple wombat dances.", "Blorp 7."]] * 3)
+def check(name: str, home: Path) -> dg.AssetCheckResult:
+    from pipelines.defs import data_assets
+    from pipelines.defs.resources import StoreResource
+
+    return getattr(data_assets, name)(store=StoreResource(home=str(home)))
+
+
+def test_label_coverage_check_fails_without_keywords(tmp_path):
+    wh = _steps_warehouse(tmp_path / "warehouse.duckdb", [["Zebra quux flibber.", "Purple wombat dances.", "Blorp 7."]] * 3)
     label_signals(wh)
-    result = data_assets.label_coverage_in_bounds(warehouse=WarehouseResource(path=str(warehouse_path)))
+    result = check("label_coverage_in_bounds", tmp_path)
     assert result.passed is False
     assert result.metadata["keyword_coverage"].value < 0.5
     assert result.metadata["fallback_share"].value > 0.3
 
 
 def test_label_coverage_check_passes_with_keywords(pipeline):
-    result = data_assets.label_coverage_in_bounds(warehouse=WarehouseResource(path=str(pipeline.wh.path)))
-    assert result.passed is True
+    assert check("label_coverage_in_bounds", pipeline.home).passed is True
 
 
-def test_no_empty_steps_check(warehouse_path):
-    _steps_warehouse(warehouse_path, [["First, add 3 and 4.", "So the answer is 7."]])
-    res = WarehouseResource(path=str(warehouse_path))
-    assert data_assets.no_empty_steps(warehouse=res).passed is True
-    # whitespace of any kind (DuckDB's trim() alone strips spaces only)
-    Warehouse(warehouse_path).insert_new("segmented_steps", [
+def test_no_empty_steps_check(tmp_path):
+    _steps_warehouse(tmp_path / "warehouse.duckdb", [["First, add 3 and 4.", "So the answer is 7."]])
+    assert check("no_empty_steps", tmp_path).passed is True
+    Warehouse(tmp_path / "warehouse.duckdb").insert_new("segmented_steps", [
         {"step_id": "blank", "trace_id": "t9", "idx": 0, "text": "   "},
         {"step_id": "newlines", "trace_id": "t9", "idx": 1, "text": "  \n\t "},
         {"step_id": "nbsp", "trace_id": "t9", "idx": 2, "text": "\u00a0\n"}])
-    failed = data_assets.no_empty_steps(warehouse=res)
+    failed = check("no_empty_steps", tmp_path)
     assert failed.passed is False and failed.metadata["empty_steps"].value == 3
 
 
@@ -514,11 +590,9 @@ def test_teacher_accuracy_check_fails_and_blocks_downstream(tmp_path, monkeypatc
     picked = {"problems", "teacher_traces", "segmented_steps"}
     selection = [a for a in graph() if {k.to_user_string() for k in getattr(a, "keys", set())} & picked
                  or any(k.asset_key.to_user_string() == "teacher_traces" for k in getattr(a, "check_keys", set()))]
-    result = dg.materialize(
-        selection, raise_on_error=False,
-        resources={"warehouse": WarehouseResource(path=str(tmp_path / "w.duckdb")),
-                   "teacher": TeacherResource(wrong_fraction=1.0)},
-        run_config={"ops": {"problems": {"config": {"n_problems": 12}}}})
+    cfg = micro(problems={"synthetic": {"n_problems": 12}}, teacher={"programmatic": {"wrong_fraction": 1.0}})
+    result = dg.materialize(selection, raise_on_error=False, resources=resources(tmp_path),
+                            run_config=run_config(cfg, picked))
     checks = check_results(result)
     assert checks["teacher_accuracy_above_floor"] is False
     evaluation = next(e for e in result.get_asset_check_evaluations()
@@ -529,36 +603,36 @@ def test_teacher_accuracy_check_fails_and_blocks_downstream(tmp_path, monkeypatc
     assert "teacher_traces" in materialised and "segmented_steps" not in materialised
 
 
-def test_a_user_gsm8k_file_runs_through_its_suite_partition(pipeline, tmp_path, capsys):
-    """The benchmark_scores partition `gsm8k` scores the student, the baseline and the base model on a GSM8K-format
-    file the user supplied; `scaffold scores` then prints the comparison table with a column per suite."""
+def test_a_user_gsm8k_file_is_scored_as_its_own_suite(pipeline, tmp_path, capsys):
+    """benchmark_scores scores the student, the baseline and the base model on a GSM8K-format file the user supplied;
+    `scaffold scores` then prints the comparison table with a column per suite."""
     suites = tmp_path / "benchmarks"
     suites.mkdir()
     (suites / "gsm8k_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
         {"question": "Tom has 3 apples and buys 4 more. How many apples does Tom have?", "answer": "3 + 4 = 7\n#### 7"},
         {"question": "A box holds 12 pens. How many pens are in 2 boxes?", "answer": "#### 24"},
         {"question": "Sam had 1,000 coins and spent 1. How many are left?", "answer": "#### 999"}]))
-    cfg = {"ops": {"benchmark_scores": {"config": {**micro_run_config()["ops"]["benchmark_scores"]["config"],
-                                                   "suites_dir": str(suites), "limit": 3}}}}
-    result = dg.materialize(graph(), selection=["benchmark_scores"], partition_key="gsm8k", run_config=cfg,
+    selection = ["benchmark_scores"]
+    cfg = micro(eval={"suites": ["gsm8k"], "suites_dir": str(suites), "limit": 3})
+    result = dg.materialize(graph(), selection=selection, run_config=run_config(cfg, selection),
                             resources=resources(pipeline.home), instance=pipeline.instance, raise_on_error=False)
     assert result.success, failures(result)
     meta = metadata(result, "benchmark_scores")
     assert meta["suites"] == "gsm8k" and "| variant | gsm8k |" in meta["comparison_table"]
-    samples = json.loads(json.dumps(meta["samples"]))
-    first = Path(next(iter(samples.values()))).read_text().splitlines()
+    first = Path(next(iter(meta["samples"].values()))).read_text().splitlines()
     assert {"doc_id", "prompt", "response", "extracted", "gold", "correct"} <= set(json.loads(first[0]))
     rows = pipeline.wh.query("SELECT variant, n FROM benchmark_scores WHERE benchmark = 'gsm8k'")
     assert {r["variant"] for r in rows} == {"base", "cot_sft", "predicted", "random", "summaries_only"}  # no golden:
     assert {r["n"] for r in rows} == {3}  # the user file has no teacher traces
-    # a suite whose file is missing fails with where to put it, and nothing is written
-    missing = dg.materialize(graph(), selection=["benchmark_scores"], partition_key="math500", run_config=cfg,
-                             resources=resources(pipeline.home), instance=pipeline.instance, raise_on_error=False)
+    # a suite whose file is missing fails with where to put it
+    missing = dg.materialize(graph(), selection=selection, instance=pipeline.instance, raise_on_error=False,
+                             run_config=run_config(micro(eval={"suites": ["math500"], "suites_dir": str(suites)}),
+                                                   selection), resources=resources(pipeline.home))
     assert not missing.success and "math500_test.jsonl: no such file" in failures(missing)
     from scaffold_lib.cli import main as scaffold
 
     version = str(meta["challenger_version"])
-    assert scaffold(["scores", "--model", version, "--warehouse", str(pipeline.home / "warehouse.duckdb")]) == 0
+    assert scaffold(["--home", str(pipeline.home), "scores", "--model", version]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("| variant | gsm8k | synthetic-arith |")
+    assert printed.startswith("| variant | gsm8k | heldout (test) |")
     assert "| cot_sft |" in printed and "| base |" in printed

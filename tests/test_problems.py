@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from scaffold_lib.core.ids import content_id
 from scaffold_lib.core.answers import gold_answer as normalise_gold_answer
+from scaffold_lib.core.ids import content_id
 from scaffold_lib.data.problems import (
     SYNTHETIC_SOURCE,
     FieldMap,

@@ -1,15 +1,17 @@
-"""The MLflow registry layer (DESIGN.md §5) on a throwaway sqlite store: runs, versions, aliases, the promotion
+"""The MLflow registry layer (docs/architecture.md, "Registry and promotion") on a throwaway sqlite store: runs, versions, aliases, the promotion
 rule, promotion / rollback / refusal records and downloads by alias. No model is trained here: a tiny directory
 stands in for the weights (the end-to-end test in test_pipeline.py loads a real one)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from scaffold_lib.store import registry
+from scaffold_lib.store.store import Store
 
 # ---------------------------------------------------------------------------------------------------- pure rule
 
@@ -36,8 +38,8 @@ def test_failed_gate_wins_over_any_score():
     assert not ok and "label_coverage_in_bounds" in reason
 
 
-def test_sqlite_config_is_absolute(tmp_path):
-    cfg = registry.sqlite_config(tmp_path)
+def test_the_store_registry_is_absolute_sqlite(tmp_path):
+    cfg = Store.at(tmp_path).registry
     assert cfg.tracking_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     assert cfg.tracking_uri.startswith("sqlite:////")
     assert cfg.artifact_location == (tmp_path.resolve() / "mlartifacts").as_uri()
@@ -55,25 +57,35 @@ def _fake_model(root: Path, marker: str) -> Path:
     return d
 
 
-def _log(cfg, root: Path, marker: str, register_as: str | None = "scaffold-student") -> registry.LoggedModel:
-    return registry.log_trained_model(
-        cfg, _fake_model(root, marker), kind="scaffold",
-        params={"train": {"learning_rate": 0.003, "max_steps": 2}, "manifest_hash": f"manifest-{marker}",
-                "dagster_run_id": f"run-{marker}"},
-        losses=[{"step": 1, "loss": 2.0, "tokens_per_s": 10.0}, {"step": 2, "loss": 1.5, "tokens_per_s": None}],
-        tags={"manifest_hash": f"manifest-{marker}", "dagster_run_id": f"run-{marker}"}, register_as=register_as)
+@dataclass
+class Logged:
+    run_id: str
+    version: str | None
+
+
+def _log(cfg, root: Path, marker: str, register_as: str | None = "scaffold-student") -> Logged:
+    tags = {"manifest_hash": f"manifest-{marker}", "dagster_run_id": f"run-{marker}", "kind": "scaffold"}
+    run_id = registry.start_run(cfg, f"scaffold-{marker}", tags=tags, params={
+        "train": {"learning_rate": 0.003, "max_steps": 2}, "manifest_hash": f"manifest-{marker}",
+        "dagster_run_id": f"run-{marker}"}, dataset={"name": "scaffold-shards", "digest": f"manifest-{marker}",
+                                                     "source": str(root / "shards"), "rows": 4, "tokens": 2048})
+    registry.log_metrics(cfg, run_id, 1, {"loss": 2.0, "tokens_per_s": 10.0})
+    registry.log_metrics(cfg, run_id, 2, {"loss": 1.5, "tokens_per_s": None})
+    registry.finish_run(cfg, run_id)
+    version = registry.register_model(cfg, run_id, _fake_model(root, marker), name=register_as, tags=tags,
+                                      description=f"model {marker}") if register_as else None
+    return Logged(run_id, version)
 
 
 @pytest.fixture
 def reg(tmp_path) -> registry.RegistryConfig:
-    return registry.sqlite_config(tmp_path / "home")
+    return Store.at(tmp_path / "home").registry
 
 
 def test_log_register_aliases_and_lookup(reg, tmp_path):
     first = _log(reg, tmp_path, "a")
     second = _log(reg, tmp_path, "b")
     assert (first.version, second.version) == ("1", "2")
-    assert first.model_name == "scaffold-student"
     # each new version takes `challenger`; nobody is champion until promoted
     assert registry.alias_version(reg, registry.CHALLENGER) == "2"
     assert registry.alias_version(reg, registry.CHAMPION) is None
@@ -92,7 +104,12 @@ def test_log_register_aliases_and_lookup(reg, tmp_path):
     assert [m.value for m in c.get_metric_history(first.run_id, "loss")] == [2.0, 1.5]
     assert len(c.get_metric_history(first.run_id, "tokens_per_s")) == 1  # None values are not logged
     mv = c.get_model_version("scaffold-student", "1")
-    assert mv.run_id == first.run_id and mv.tags["manifest_hash"] == "manifest-a"
+    assert mv.run_id == first.run_id and mv.tags["manifest_hash"] == "manifest-a" and mv.description == "model a"
+    # the run was opened before the work and closed after it; its training data is an input dataset
+    assert run.info.status == "FINISHED" and run.info.end_time >= run.info.start_time
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.digest == "manifest-a" and dataset.dataset.name == "scaffold-shards"
+    assert json.loads(dataset.dataset.profile) == {"rows": 4, "tokens": 2048, "traces": None}
     # an unregistered run gets no version
     unregistered = _log(reg, tmp_path, "c", register_as=None)
     assert unregistered.version is None
@@ -146,12 +163,12 @@ def test_experiment_is_reused(reg):
 
 def test_log_scores_puts_metrics_and_tables_on_the_run(reg, tmp_path):
     logged = _log(reg, tmp_path, "a")
-    rows = [{"benchmark": "synthetic-arith", "variant": "predicted", "accuracy": 0.25},
-            {"benchmark": "synthetic-arith", "variant": "golden", "accuracy": 0.5}]
+    rows = [{"benchmark": "heldout", "split": "test", "variant": "predicted", "accuracy": 0.25},
+            {"benchmark": "heldout", "split": "test", "variant": "golden", "accuracy": 0.5}]
     registry.log_scores(reg, logged.run_id, rows, "| table |")
     c = registry.client(reg)
     metrics = c.get_run(logged.run_id).data.metrics
-    assert metrics["synthetic-arith.predicted.accuracy"] == 0.25
-    assert metrics["synthetic-arith.golden.accuracy"] == 0.5
+    assert metrics["heldout.test.predicted.accuracy"] == 0.25
+    assert metrics["heldout.test.golden.accuracy"] == 0.5
     names = {a.path for a in c.list_artifacts(logged.run_id)}
     assert {"scores.md", "scores.json", registry.MODEL_ARTIFACT} <= names

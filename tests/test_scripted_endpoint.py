@@ -5,11 +5,11 @@ client's retry policy classifies)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -18,8 +18,8 @@ import pytest
 from scaffold_lib.core.answers import extract_number, is_correct
 from scaffold_lib.data.endpoint import is_retryable
 from scaffold_lib.data.problems import GeneratorConfig, generate_problems
-from support.scripted_endpoint import FaultPlan, ScriptedEndpoint, prompt_key
 from scaffold_lib.data.teachers import DEFAULT_PROMPT
+from support.scripted_endpoint import FaultPlan, ScriptedEndpoint, prompt_key
 
 PROBLEMS = generate_problems(GeneratorConfig(n_problems=3))
 PROBLEM = PROBLEMS[0]

@@ -161,7 +161,7 @@ def test_final_step_is_response_generation(table):
 def test_label_steps_marks_only_the_last_step_final():
     steps = ["First, 3 apples.", "Ava buys 2 more.", "The answer is 5.", "Therefore 5."]
     labels = label_steps(steps)
-    assert [(l.signal, l.labeller) for l in labels] == [
+    assert [(label.signal, label.labeller) for label in labels] == [
         ("reasoning_analysis", KEYWORD), ("reasoning_analysis", FALLBACK),
         ("response_generation", KEYWORD), ("response_generation", FINAL_STEP)]
     assert label_steps([]) == []

@@ -5,40 +5,41 @@ from __future__ import annotations
 
 import fsspec
 
-from scaffold_lib.student.stages import ShardsConfig, build_packed_shards, train_student
-from scaffold_lib.student.model import StudentConfig
 from scaffold_lib.data.problems import GeneratorConfig, generate_problems
-from scaffold_lib.student.shards import PackConfig, load_rows
-from scaffold_lib.data.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
 from scaffold_lib.data.teachers import ProgrammaticTeacher
+from scaffold_lib.store.store import Store
+from scaffold_lib.student.model import StudentConfig
+from scaffold_lib.student.shards import PackConfig, load_rows
+from scaffold_lib.student.stages import ShardsConfig, fit_student, pack_shards
 from scaffold_lib.student.training import TrainConfig
-from scaffold_lib.store.warehouse import Warehouse
+from support.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
 
 TINY = StudentConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                      num_key_value_heads=1, vocab_size=300)
 
 
-def test_shards_at_an_fsspec_url_are_written_whole_read_in_place_and_trained_on(tmp_path, warehouse_path):
-    wh = Warehouse(warehouse_path)
+def test_shards_at_an_fsspec_url_are_written_whole_read_in_place_and_trained_on(tmp_path):
+    store = Store.at(tmp_path)
+    wh = store.warehouse
     store_problems(wh, generate_problems(GeneratorConfig(n_problems=60, seed=2)))
     generate_teacher_traces(wh, ProgrammaticTeacher())
     segment_traces(wh)
     label_signals(wh)
-    cfg = ShardsConfig(student=TINY, pack=PackConfig(row_len=512, rows_per_shard=4), storage_url="memory://bucket/run1")
-    report = build_packed_shards(wh, tmp_path / "art", cfg)
+    cfg = ShardsConfig(pack=PackConfig(row_len=512, rows_per_shard=4), storage_url="memory://bucket/run1")
+    report = pack_shards(store, cfg, TINY)
     paths = [r["path"] for r in wh.query("SELECT path FROM shards ORDER BY path")]
     assert paths and all(p.startswith("memory:///bucket/run1/") for p in paths)  # fsspec canonical URLs
-    assert not list((tmp_path / "art").rglob("*.parquet"))  # nothing went to the local artifacts folder
+    assert not list(store.artifacts.rglob("*.parquet"))  # nothing went to the local artifacts folder
     memory = fsspec.filesystem("memory")
     assert sorted(memory.ls("/bucket/run1/scaffold", detail=False)) == sorted(
         p.removeprefix("memory://") for p in paths if "/scaffold/" in p)
     # DuckDB reads the shards where they are, and finds every row the manifest promises
     assert wh.parquet_rows(paths) == wh.scalar("SELECT sum(n_rows) FROM shards")
     data = load_rows([p for p in paths if "/scaffold/" in p])
-    assert data["input_ids"].shape == (sum(i.n_rows for i in report.shards["scaffold"]), 512)
-    trained = train_student(wh, tmp_path / "art", report.base_model, report.manifests["scaffold"],
-                            TrainConfig(max_steps=3, batch_size=2, warmup_steps=1), progress=False)
+    assert data["input_ids"].shape == (report.stats["scaffold"]["rows"], 512)
+    trained = fit_student(wh, store.artifacts, report.base_model, report.manifests["scaffold"],
+                          TrainConfig(max_steps=3, batch_size=2).resolved(pretrained=False), progress=False)
     assert trained.result.losses[-1] < trained.result.losses[0]
     # a second build finds the shards already there (content-addressed) and writes nothing new
-    again = build_packed_shards(wh, tmp_path / "art", cfg)
+    again = pack_shards(store, cfg, TINY)
     assert again.manifests == report.manifests and wh.scalar("SELECT count(*) FROM shards") == len(paths)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from scaffold_lib.student.examples import Example
-from scaffold_lib.student.model import HEADS_FILE, SCAFFOLD_CONFIG, ScaffoldStudent
-from scaffold_lib.student.shards import PackConfig, load_rows, pack_rows, write_shards
 from scaffold_lib.data.signals import NUM_SIGNALS, SIGNALS
+from scaffold_lib.student.examples import Example
+from scaffold_lib.student.model import HEADS_FILE, SCAFFOLD_CONFIG, ScaffoldStudent, StudentLoadError, tokenizer_hash
+from scaffold_lib.student.shards import PackConfig, load_rows, pack_rows, write_shards
 from scaffold_lib.student.training import TrainConfig, latest_checkpoint, micro_batch_indices, train
 from student_kit import TINY, TinyWorld, tiny_world
 
@@ -298,7 +298,9 @@ def test_save_and_load_round_trip(world, tmp_path):
     train(model, world.data_copy(), cfg(max_steps=2), progress=False)  # heads differ from any fresh init
     out = model.save_pretrained(tmp_path / "student", world.tokenizer)
     assert (out / "model.safetensors").exists() and (out / HEADS_FILE).exists()
-    assert json.loads((out / SCAFFOLD_CONFIG).read_text()) == {"kind": "scaffold", "signals": list(SIGNALS)}
+    assert json.loads((out / SCAFFOLD_CONFIG).read_text()) == {
+        "kind": "scaffold", "signals": list(SIGNALS), "hidden_size": TINY.hidden_size,
+        "tokenizer_hash": tokenizer_hash(world.tokenizer)}
     assert not list(out.glob("*.bin"))
     torch.manual_seed(999)
     loaded = ScaffoldStudent.from_pretrained(out).eval()
@@ -335,6 +337,39 @@ def test_signal_set_mismatch_is_refused(world, tmp_path):
         ScaffoldStudent.from_pretrained(out)
 
 
+def test_loading_fails_loudly_naming_the_file(world, tmp_path):
+    """A saved student with its heads missing or mismatched, or the wrong tokenizer, is an error, never a student with
+    fresh heads or wrong ids."""
+    from safetensors.torch import load_file, save_file
+
+    from scaffold_lib.student.model import check_tokenizer
+
+    out = world.student().save_pretrained(tmp_path / "s", world.tokenizer, {"tags": world.tags, "chat_template": False})
+    heads = out / HEADS_FILE
+    state = load_file(str(heads))
+    heads.unlink()
+    with pytest.raises(StudentLoadError, match=rf"{heads}.* is missing.*untrained signal heads"):
+        ScaffoldStudent.from_pretrained(out)
+    assert ScaffoldStudent.from_pretrained(out, fresh_heads=True).kind == "scaffold"  # on purpose only
+    save_file({**state, "signal_head.weight": state["signal_head.weight"][:, :8].contiguous()}, str(heads))
+    with pytest.raises(StudentLoadError, match=r"heads do not fit this backbone.*signal_head.weight"):
+        ScaffoldStudent.from_pretrained(out)
+    # a backbone that is not a saved student gets new heads: that is how training starts
+    assert ScaffoldStudent.from_pretrained(world.base).kind == "scaffold"
+
+    check_tokenizer(out, world.tokenizer, world.tags)  # the tokenizer it was trained with: fine
+    from transformers import AutoTokenizer
+
+    other = AutoTokenizer.from_pretrained(world.base)
+    other.add_tokens(["<extra>"])
+    with pytest.raises(StudentLoadError, match=r"is not the one the student was trained with"):
+        check_tokenizer(out, other, world.tags)
+    bare = tmp_path / "bare"
+    world.student().save_pretrained(bare)  # no tokenizer recorded
+    with pytest.raises(StudentLoadError, match=r"lacks the signal tokens \['\[made-up\] '\]"):
+        check_tokenizer(bare, world.tokenizer, {**world.tags, "x": "[made-up] "})
+
+
 def test_tiny_config_is_tiny(world):
     from scaffold_lib.student.model import count_parameters
 
@@ -346,58 +381,63 @@ def test_tiny_config_is_tiny(world):
 # --- 9. the warehouse-level stages -----------------------------------------------------------------------
 
 
-def test_distill_stages_on_a_tiny_warehouse(tmp_path):
-    from scaffold_lib.student.stages import ShardsConfig, build_packed_shards, eval_items, train_student
+def test_student_stages_on_a_tiny_warehouse(tmp_path):
     from scaffold_lib.data.problems import GeneratorConfig, generate_problems
-    from scaffold_lib.data.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
     from scaffold_lib.data.teachers import ProgrammaticTeacher
-    from scaffold_lib.store.warehouse import Warehouse
+    from scaffold_lib.evaluation.stages import heldout_items
+    from scaffold_lib.store.store import Store
+    from scaffold_lib.student.stages import ShardsConfig, fit_student, pack_shards
+    from support.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
 
-    wh = Warehouse(tmp_path / "wh.duckdb")
-    store_problems(wh, generate_problems(GeneratorConfig(n_problems=30, seed=1, test_fraction=0.2)))
+    store = Store.at(tmp_path)
+    wh = store.warehouse
+    store_problems(wh, generate_problems(GeneratorConfig(n_problems=30, seed=1)))
     generate_teacher_traces(wh, ProgrammaticTeacher())
     segment_traces(wh)
     label_signals(wh)
-    artifacts = tmp_path / "artifacts"
-    sc = ShardsConfig(student=TINY, pack=PackConfig(row_len=512, rows_per_shard=4))
+    sc = ShardsConfig(pack=PackConfig(row_len=512, rows_per_shard=4))
 
-    report = build_packed_shards(wh, artifacts, sc, run_id="run-1")
+    report = pack_shards(store, sc, TINY, run_id="run-1")
     n_train = wh.scalar("SELECT count(*) FROM teacher_traces t JOIN problems p USING (problem_id) "
                         "WHERE p.split = 'train' AND t.is_correct")
     assert report.traces == n_train > 0 and report.skipped_incomplete == 0
     assert set(report.manifests) == {"scaffold", "baseline"}
     n_shards = wh.scalar("SELECT count(*) FROM shards")
-    assert n_shards == sum(len(v) for v in report.shards.values()) > 0
-    for kind, infos in report.shards.items():
-        assert all(Path(i.path).exists() for i in infos)
+    assert n_shards == sum(len(v) for v in report.shard_ids.values()) > 0
+    for kind in report.manifests:
+        paths = [r["path"] for r in wh.query("SELECT path FROM shards WHERE kind = ?", [kind])]
+        assert paths and all(Path(p).exists() for p in paths)
         assert wh.scalar("SELECT count(DISTINCT manifest_hash) FROM shards WHERE kind = ?", [kind]) == 1
         members = wh.scalar("SELECT count(DISTINCT m.trace_id) FROM shard_members m JOIN shards s USING (shard_id) "
                             "WHERE s.kind = ?", [kind])
         assert members == n_train
         assert report.stats[kind]["examples"] == n_train
     assert wh.scalar("SELECT count(*) FROM shards WHERE dagster_run_id = 'run-1'") == n_shards
+    # the decoding budget comes from the training data: 99th percentiles of a step, an answer and a reply
+    assert 0 < report.budget["answer_tokens_p99"] <= report.budget["reply_tokens_p99"]
+    assert 0 < report.budget["step_tokens_p99"] <= report.budget["reply_tokens_p99"]
 
     # idempotent: same manifest, no new rows
     members_before = wh.scalar("SELECT count(*) FROM shard_members")
-    again = build_packed_shards(wh, artifacts, sc, run_id="run-2")
+    again = pack_shards(store, sc, TINY, run_id="run-2")
     assert again.manifests == report.manifests and again.base_model == report.base_model
     assert wh.scalar("SELECT count(*) FROM shards") == n_shards
     assert wh.scalar("SELECT count(*) FROM shard_members") == members_before
 
-    tc = TrainConfig(max_steps=3, batch_size=2, warmup_steps=0, checkpoint_every=3)
-    trained = train_student(wh, artifacts, report.base_model, report.manifests["scaffold"], tc, progress=False)
+    tc = TrainConfig(max_steps=3, batch_size=2, warmup_steps=0, checkpoint_every=3).resolved(pretrained=False)
+    trained = fit_student(wh, store.artifacts, report.base_model, report.manifests["scaffold"], tc, progress=False)
     assert len(trained.result.losses) == 3 and trained.kind == "scaffold"
-    assert sorted(trained.shard_ids) == sorted(i.shard_id for i in report.shards["scaffold"])
+    assert sorted(trained.shard_ids) == sorted(report.shard_ids["scaffold"])
     student = ScaffoldStudent.from_pretrained(trained.path)
     assert student.kind == "scaffold"
     meta = json.loads((Path(trained.path) / "training.json").read_text())
     assert meta["manifest_hash"] == report.manifests["scaffold"]
     assert not list(Path(trained.path).parent.glob("*.tmp"))
     # a retry with the same inputs resumes from the finished checkpoint instead of training again
-    retry = train_student(wh, artifacts, report.base_model, report.manifests["scaffold"], tc, progress=False)
+    retry = fit_student(wh, store.artifacts, report.base_model, report.manifests["scaffold"], tc, progress=False)
     assert retry.path == trained.path and retry.result.resumed_from == 3
 
-    items = eval_items(wh, "test")
+    items = heldout_items(wh, "test")
     n_test = wh.scalar("SELECT count(*) FROM problems WHERE split = 'test'")
     assert len(items) == n_test > 0
     with_golden = [i for i in items if i.golden_signals]

@@ -9,8 +9,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from scaffold_lib.core.answers import (boxed_contents, extract, extract_choice, extract_math, extract_number,
-                                       extract_yes_no, is_correct, math_equal, numbers_equal)
+from scaffold_lib.core.answers import (
+    boxed_contents,
+    extract,
+    extract_choice,
+    extract_math,
+    extract_number,
+    extract_yes_no,
+    is_correct,
+    math_equal,
+    numbers_equal,
+)
 from scaffold_lib.evaluation.suites import SUITES, SuiteDataError, get_suite
 
 GSM8K, MATH, STRATEGY, CSQA, TRUTHFUL = (SUITES[n] for n in ("gsm8k", "math500", "strategyqa", "csqa", "truthfulqa_mc1"))

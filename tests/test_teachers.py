@@ -10,7 +10,7 @@ import pytest
 
 from scaffold_lib.data.problems import GeneratorConfig, Problem, generate_problems, make_problem_id
 from scaffold_lib.data.segmentation import segment
-from scaffold_lib.data.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig, verify
+from scaffold_lib.data.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig
 
 CORRECTIONS = ("Wait", "Actually", "But that is not right")
 

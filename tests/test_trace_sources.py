@@ -15,9 +15,9 @@ from scaffold_lib.data.journal import Journal
 from scaffold_lib.data.label_validation import Verdict, decide, parse_signal
 from scaffold_lib.data.problems import GeneratorConfig, ProblemFileError, generate_problems, parse_question, solve
 from scaffold_lib.data.signals import FALLBACK, FINAL_STEP, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE
-from support.stages import generate_teacher_traces, segment_traces, store_problems
 from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap, load_trace_rows
 from scaffold_lib.store.warehouse import Warehouse
+from support.stages import generate_teacher_traces, segment_traces, store_problems
 
 
 def test_journal_keeps_acknowledged_records_and_cuts_a_torn_tail(tmp_path: Path) -> None:

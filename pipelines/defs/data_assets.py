@@ -4,8 +4,17 @@ Each asset calls its library stage function and adds Dagster metadata; the check
 
 import dagster as dg
 
-from pipelines.defs.common import (DATA_GROUP, FLEET_GROUP, WAREHOUSE_POOL, check_result, library_config,
-                                   markdown_table, run_id, section_config, stage_failure)
+from pipelines.defs.common import (
+    DATA_GROUP,
+    FLEET_GROUP,
+    WAREHOUSE_POOL,
+    check_result,
+    library_config,
+    markdown_table,
+    run_id,
+    section_config,
+    stage_failure,
+)
 from pipelines.defs.resources import SecretsResource, StoreResource
 from scaffold_lib import checks
 from scaffold_lib.core.files import DataFileError

@@ -7,8 +7,17 @@ import os
 
 import dagster as dg
 
-from pipelines.defs.common import (GPU_POOL, STUDENT_GROUP, WAREHOUSE_POOL, check_result, library_config,
-                                   markdown_table, run_id, section_config, stage_failure)
+from pipelines.defs.common import (
+    GPU_POOL,
+    STUDENT_GROUP,
+    WAREHOUSE_POOL,
+    check_result,
+    library_config,
+    markdown_table,
+    run_id,
+    section_config,
+    stage_failure,
+)
 from pipelines.defs.resources import StoreResource
 from scaffold_lib import checks
 from scaffold_lib.evaluation.stages import EvaluationHandle, evaluate_models, promote_challenger
@@ -72,7 +81,7 @@ def loss_table(model: ModelHandle, rows: int = 12) -> str:
 
 
 def train(context: dg.AssetExecutionContext, kind: str, config: dg.Config, shards: ShardsHandle,
-          store: StoreResource) -> ModelHandle:
+          store: StoreResource) -> dg.Output[ModelHandle]:
     cfg = library_config(config, "train")
 
     def on_log(step: int, metrics: dict) -> None:
@@ -88,7 +97,8 @@ def train(context: dg.AssetExecutionContext, kind: str, config: dg.Config, shard
     except (ShardTokenizerMismatch, StudentLoadError, FloatingPointError) as exc:
         raise stage_failure(exc) from exc
     ui = mlflow_ui()
-    context.add_output_metadata({
+    # an Output, not a bare value: after a Pipes launch Dagster requires a typed event stream
+    return dg.Output(model, metadata={
         "model_name": model.model_name, "model_version": model.version,
         "mlflow_run": dg.MetadataValue.url(f"{ui}/#/experiments/0/runs/{model.mlflow_run_id}"),
         "model_version_page": dg.MetadataValue.url(f"{ui}/#/models/{model.model_name}/versions/{model.version}"),
@@ -100,12 +110,11 @@ def train(context: dg.AssetExecutionContext, kind: str, config: dg.Config, shard
         "traces_command": f"scaffold lineage --model {model.version}" if kind == "scaffold" else "",
         "loss": dg.MetadataValue.md(loss_table(model)),
     })
-    return model
 
 
 @dg.asset(group_name=STUDENT_GROUP, kinds={"pytorch", "mlflow"}, pool=GPU_POOL)
 def student_model(context: dg.AssetExecutionContext, config: TrainRunConfig, packed_shards: ShardsHandle,
-                  store: StoreResource) -> ModelHandle:
+                  store: StoreResource) -> dg.Output[ModelHandle]:
     """The scaffold student trained with the multi-task loss on this run's shards, tracked live in MLflow and
     registered as a new version with alias `challenger`. Device chosen at run time (CUDA + bf16 when present)."""
     return train(context, "scaffold", config, packed_shards, store)
@@ -113,7 +122,7 @@ def student_model(context: dg.AssetExecutionContext, config: TrainRunConfig, pac
 
 @dg.asset(group_name=STUDENT_GROUP, kinds={"pytorch", "mlflow"}, pool=GPU_POOL)
 def baseline_model(context: dg.AssetExecutionContext, config: TrainRunConfig, packed_shards: ShardsHandle,
-                   store: StoreResource) -> ModelHandle:
+                   store: StoreResource) -> dg.Output[ModelHandle]:
     """The CoT-SFT baseline: same backbone, traces and budget as the student, plain text without signals."""
     return train(context, "baseline", config, packed_shards, store)
 

@@ -127,7 +127,9 @@ def math_equal(predicted: str | None, gold: str) -> bool:
 
     # math-verify's timeouts use SIGALRM, which only the main thread may set
     timeout = 5 if _in_main_thread() else None
-    wrap = (lambda s: s if "$" in s or "\\(" in s else f"${s}$")
+    def wrap(s: str) -> str:
+        return s if "$" in s or "\\(" in s else f"${s}$"
+
     try:
         gold_parsed = parse(wrap(gold), parsing_timeout=timeout)
         pred_parsed = parse(wrap(predicted), parsing_timeout=timeout)

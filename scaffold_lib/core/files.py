@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+
+from scaffold_lib.core.errors import UserError
 
 
-class DataFileError(ValueError):
+class DataFileError(UserError):
     """A data file cannot be used; the message names the file, the line and the field."""
 
 

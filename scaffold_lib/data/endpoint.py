@@ -22,13 +22,16 @@ import json
 import os
 import re
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import openai
 from pydantic import BaseModel, Field, SecretStr
-from tqdm.auto import tqdm
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tqdm.auto import tqdm
+
+from scaffold_lib.core.errors import UserError
 
 T = TypeVar("T")
 
@@ -54,7 +57,7 @@ class EndpointConfig(BaseModel):
     max_tokens: int = Field(4096, ge=1)
     seed: int | None = None
 
-    def require(self, what: str) -> "EndpointConfig":
+    def require(self, what: str) -> EndpointConfig:
         """This config, or a clear error when it cannot reach anything."""
         if not self.base_urls or not self.model:
             raise EndpointConfigError(f"{what}: set endpoint.base_urls and endpoint.model (e.g. "
@@ -73,7 +76,7 @@ class EndpointConfig(BaseModel):
                 "max_tokens": self.max_tokens, "seed": self.seed}
 
 
-class EndpointConfigError(RuntimeError):
+class EndpointConfigError(UserError):
     """The endpoint refuses every request (bad key, unknown model, wrong URL): stop instead of failing each one."""
 
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from pydantic import BaseModel, Field
 
-from scaffold_lib.data.endpoint import EndpointClient, EndpointConfig, EndpointConfigError, error_summary
 from scaffold_lib.core.ids import content_id
+from scaffold_lib.data.endpoint import EndpointClient, EndpointConfig, EndpointConfigError, error_summary
 from scaffold_lib.data.journal import Journal
 from scaffold_lib.data.signals import FALLBACK, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE, SIGNALS
 

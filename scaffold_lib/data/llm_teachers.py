@@ -14,14 +14,20 @@ import re
 import statistics
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from pydantic import BaseModel, Field, field_validator
 from tqdm.auto import tqdm
 
-from scaffold_lib.data.endpoint import (Completion, EndpointClient, EndpointConfig, EndpointConfigError, error_summary,
-                                   split_reasoning)
+from scaffold_lib.data.endpoint import (
+    Completion,
+    EndpointClient,
+    EndpointConfig,
+    EndpointConfigError,
+    error_summary,
+    split_reasoning,
+)
 from scaffold_lib.data.journal import Journal
 from scaffold_lib.data.problems import Problem
 from scaffold_lib.data.teachers import DEFAULT_PROMPT, TeacherFailure, TeacherResult, Trace, make_trace_id, verify
@@ -177,7 +183,7 @@ class HFTeacher(_JournalledTeacher):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from scaffold_lib.student.training import pick_device
+        from scaffold_lib.core.devices import pick_device
 
         device = pick_device(self.config.device)
         tokenizer = AutoTokenizer.from_pretrained(self.config.model)

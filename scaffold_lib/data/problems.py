@@ -58,7 +58,7 @@ class GeneratorConfig(BaseModel):
     distractor_prob: float = Field(0.4, ge=0, le=1)
 
     @model_validator(mode="after")
-    def _ops_range(self) -> "GeneratorConfig":
+    def _ops_range(self) -> GeneratorConfig:
         if self.min_ops > self.max_ops:
             raise ValueError(f"min_ops ({self.min_ops}) > max_ops ({self.max_ops})")
         return self
@@ -77,7 +77,7 @@ class SplitConfig(BaseModel):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _fractions(self) -> "SplitConfig":
+    def _fractions(self) -> SplitConfig:
         if self.validation_fraction + self.test_fraction > 1:
             raise ValueError("validation_fraction + test_fraction must not exceed 1")
         return self

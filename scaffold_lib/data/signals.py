@@ -17,6 +17,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
 
+from scaffold_lib.core.errors import UserError
+
 SIGNALS: tuple[str, ...] = (
     "addition_elaboration",
     "examples_illustration",
@@ -40,7 +42,7 @@ _STRIP = string.punctuation + "“”‘’«»—–…"
 DEFAULT_KEYWORDS_PATH = "scaffold_lib/data/signal_keywords.toml"
 
 
-class KeywordFileError(ValueError):
+class KeywordFileError(UserError):
     """The keyword file is malformed; the message names the file and the entry."""
 
 
@@ -69,7 +71,7 @@ class KeywordTable:
     source: str
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "KeywordTable":
+    def load(cls, path: str | Path | None = None) -> KeywordTable:
         if path is None:
             text = resources.files("scaffold_lib").joinpath("data/signal_keywords.toml").read_text("utf-8")
             source = DEFAULT_KEYWORDS_PATH
@@ -86,7 +88,7 @@ class KeywordTable:
         return cls.from_mapping(data, source)
 
     @classmethod
-    def from_mapping(cls, data: dict, source: str = "<mapping>") -> "KeywordTable":
+    def from_mapping(cls, data: dict, source: str = "<mapping>") -> KeywordTable:
         unknown = sorted(set(data) - set(SIGNALS))
         if unknown:
             raise KeywordFileError(f"{source}: unknown signal name(s) {unknown}; expected some of {list(SIGNALS)}")

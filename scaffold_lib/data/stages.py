@@ -9,29 +9,46 @@ CLI and the experiment runner call exactly these functions.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from scaffold_lib.core.errors import RunFailed
 from scaffold_lib.core.ids import content_id
 from scaffold_lib.data.endpoint import TRANSPORT_ERRORS, EndpointConfig
 from scaffold_lib.data.label_validation import LabelValidator, ValidatorConfig, Verdict, decide
 from scaffold_lib.data.llm_teachers import EndpointTeacher, HFTeacher, HFTeacherConfig, PromptConfig
-from scaffold_lib.data.problems import (SPLITS, LoadResult, Problem, ProblemsConfig, Quarantined, generate_problems,
-                                        load_problem_file, load_reasoning_gym, problem_files, shard_of)
+from scaffold_lib.data.problems import (
+    SPLITS,
+    LoadResult,
+    Problem,
+    ProblemsConfig,
+    Quarantined,
+    generate_problems,
+    load_problem_file,
+    load_reasoning_gym,
+    problem_files,
+    shard_of,
+)
 from scaffold_lib.data.segmentation import SegmentationConfig, resolve, segment
 from scaffold_lib.data.signals import FALLBACK, KEYWORD, SIGNALS, LabellerConfig, LabelStats, keyword_table, label_step
-from scaffold_lib.data.teachers import (ProgrammaticTeacher, ProgrammaticTeacherConfig, ReferenceTeacher, Teacher,
-                                        TeacherResult)
+from scaffold_lib.data.teachers import (
+    ProgrammaticTeacher,
+    ProgrammaticTeacherConfig,
+    ReferenceTeacher,
+    Teacher,
+    TeacherResult,
+)
 from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap
 from scaffold_lib.store.store import Store
 
 TeacherBackend = Literal["programmatic", "reference", "openai", "hf", "import"]
 
 
-class StageFailed(RuntimeError):
+class StageFailed(RunFailed):
     """A stage did nothing useful; the message says why and what to change."""
 
 

@@ -10,15 +10,15 @@ counted as `not_covered`, never failed.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
+from scaffold_lib.core.files import DataFileError, iter_file_rows, text_error
 from scaffold_lib.data.endpoint import split_reasoning
 from scaffold_lib.data.llm_teachers import trace_from_record
-from scaffold_lib.core.files import DataFileError, iter_file_rows, text_error
 from scaffold_lib.data.problems import Problem, Quarantined, normalise_question
 from scaffold_lib.data.teachers import TeacherResult, make_trace_id
 

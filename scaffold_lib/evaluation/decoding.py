@@ -11,17 +11,18 @@ predicted step signal replaced by a uniform draw), and summaries-only (the conte
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from scaffold_lib.core.answers import extract_number
+from scaffold_lib.data.signals import ANSWER_SIGNAL, CONCLUSION_SIGNAL, SIGNAL_INDEX, SIGNALS
 from scaffold_lib.student.examples import STEP_SEPARATOR, Formatter, signal_tags
 from scaffold_lib.student.model import ScaffoldStudent
-from scaffold_lib.data.signals import ANSWER_SIGNAL, CONCLUSION_SIGNAL, SIGNAL_INDEX, SIGNALS
 
 Variant = Literal["predicted", "golden", "random", "summaries_only"]
 STEP_SIGNALS = [s for s in SIGNALS if s != ANSWER_SIGNAL]
@@ -42,7 +43,7 @@ class DecodeConfig(BaseModel):
                                                            "default: from the training data")
     seed: int = 0
 
-    def resolved(self, budget: dict[str, int] | None) -> "DecodeConfig":
+    def resolved(self, budget: dict[str, int] | None) -> DecodeConfig:
         """Caps left unset are filled from the training data's token budget (see `ShardsHandle.budget`)."""
         budget = budget or {}
 
@@ -165,6 +166,8 @@ class ScaffoldDecoder:
         ids, mask = left_padded(prompts, fmt.eos_id)
         width = ids.size(1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        from transformers import DynamicCache
+
         cache = DynamicCache(config=model.backbone.config)
         out = model.decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
                             cache=cache, use_cache=True)

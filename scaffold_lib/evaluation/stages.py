@@ -7,22 +7,33 @@ and to the students' MLflow runs; the Dagster assets and the `scaffold` CLI call
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from pydantic import BaseModel, Field
 
 from scaffold_lib.core import paths
 from scaffold_lib.core.ids import content_id
-from scaffold_lib.evaluation.metrics import (BASE_VARIANT, EvalConfig, SampleRecord, ScoreRow, comparison_table_markdown,
-                                             evaluate_plain, evaluate_scaffold, export_samples, score_table_markdown,
-                                             suite_run)
+from scaffold_lib.evaluation.metrics import (
+    BASE_VARIANT,
+    EvalConfig,
+    SampleRecord,
+    ScoreRow,
+    comparison_table_markdown,
+    evaluate_plain,
+    evaluate_scaffold,
+    export_samples,
+    score_table_markdown,
+    suite_run,
+)
 from scaffold_lib.evaluation.suites import HELDOUT, EvalItem, get_suite
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.warehouse import Warehouse
 from scaffold_lib.student.examples import Formatter
 from scaffold_lib.student.model import ScaffoldStudent, check_tokenizer, load_tokenizer
 from scaffold_lib.student.stages import ModelHandle, ShardsHandle, training_traces
+
+UNTUNED = "untuned"  # the version name of the backbone's score rows (it is no registered version)
 
 
 class EvaluationHandle(BaseModel):
@@ -111,7 +122,7 @@ def evaluate_models(store: Store, student: ModelHandle, baseline: ModelHandle | 
         models.append((baseline.model_name, baseline.version, baseline.mlflow_run_id,
                        _local_or_registered(store, baseline), "baseline"))
     if cfg.include_base:  # the backbone is no registered version: named by what the config named, never an MLflow run
-        models.append((f"base:{Path(shards.source_model).name or shards.source_model}", "untuned", None,
+        models.append((f"base:{Path(shards.source_model).name or shards.source_model}", UNTUNED, None,
                        Path(shards.base_model), BASE_VARIANT))
     all_rows: list[dict] = []
     counts, dropped, samples = {}, {}, {}
@@ -162,7 +173,8 @@ def _store_scores(wh: Warehouse, evaluation_id: str, name: str, version: str, ml
          "doc_id": rec.doc_id, "correct": rec.correct, "extracted": rec.extracted, "gold": rec.gold,
          "n_steps": len(rec.signals), "new_tokens": rec.new_tokens, "stopped_by": rec.stopped_by}
         for rec in records], run_id)
-    return [{**r, "model": f"{name} v{version}"} for r in dict_rows]
+    label = f"{name} (untuned)" if version == UNTUNED else f"{name} v{version}"
+    return [{**r, "model": label} for r in dict_rows]
 
 
 # --- promotion -----------------------------------------------------------------------------------------------------

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from scaffold_lib.core import answers
 from scaffold_lib.core.answers import LETTERS, boxed_contents, gold_answer
+from scaffold_lib.core.errors import UserError
 from scaffold_lib.core.files import DataFileError, iter_file_rows
 from scaffold_lib.core.ids import content_id
 
@@ -43,7 +44,7 @@ class EvalItem:
     raw_question: str | None = None  # the question as the source wrote it (to match predictions files by text)
 
 
-class SuiteDataError(ValueError):
+class SuiteDataError(UserError):
     """A suite's data is missing or malformed; the message names the file, the line and the field."""
 
 

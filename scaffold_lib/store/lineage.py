@@ -1,4 +1,4 @@
-"""Row-level lineage over the warehouse (DESIGN.md §4): score <- model version <- shard <- trace <- problem.
+"""Row-level lineage over the warehouse (docs/architecture.md, "Lineage"): score <- model version <- shard <- trace <- problem.
 
 "Which teacher traces trained the champion?" and "which model versions used trace X?" are one query each."""
 

@@ -1,4 +1,4 @@
-"""MLflow tracking and the model registry (DESIGN.md §5).
+"""MLflow tracking and the model registry (docs/architecture.md, "Registry and promotion").
 
 Tracking on sqlite with an explicit artifact location. Each trained student is logged as a run (params:
 config, data manifest hash, Dagster run id — never secrets; metrics per step; the model directory with
@@ -17,9 +17,9 @@ import json
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import mlflow
 from mlflow import MlflowClient
@@ -37,12 +37,6 @@ class RegistryConfig(BaseModel):
     artifact_location: str  # absolute path or URL
     model_name: str = "scaffold-student"
     experiment: str = "reasoning-scaffold"
-
-
-def sqlite_config(home: str | Path, model_name: str = "scaffold-student") -> RegistryConfig:
-    home = Path(home).resolve()
-    return RegistryConfig(tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
-                          artifact_location=(home / "mlartifacts").as_uri(), model_name=model_name)
 
 
 def client(cfg: RegistryConfig) -> MlflowClient:

@@ -25,7 +25,7 @@ class Store:
     @classmethod
     def at(cls, home: str | Path | None = None, *, warehouse: str | Path | None = None,
            tracking_uri: str | None = None, artifact_location: str | None = None, model_name: str = MODEL_NAME,
-           lock_timeout_s: float = 600.0) -> "Store":
+           lock_timeout_s: float = 600.0) -> Store:
         """The store below `home` (default: $DAGSTER_HOME, else ./dagster_home): `warehouse.duckdb`, MLflow on
         `mlflow.db` with artifacts in `mlartifacts/`, `artifacts/`, `journals/`. Each part can be placed elsewhere."""
         home = Path(home).resolve() if home else paths.dagster_home()

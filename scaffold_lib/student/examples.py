@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from scaffold_lib.student.model import NO_SIGNAL
 from scaffold_lib.data.signals import SIGNAL_INDEX, keyword_table
+from scaffold_lib.student.model import NO_SIGNAL
 
 STEP_SEPARATOR = "\n\n"
 QUESTION_TEMPLATE = "Question: {question}"
@@ -72,7 +72,7 @@ class Formatter:
             raise ValueError("chat_template=True but the tokenizer has no chat template")
 
     @classmethod
-    def for_model(cls, path: str | Path, tokenizer: PreTrainedTokenizerBase) -> "Formatter":
+    def for_model(cls, path: str | Path, tokenizer: PreTrainedTokenizerBase) -> Formatter:
         fmt = text_format(path)
         return cls(tokenizer, fmt["tags"], fmt["chat_template"])
 

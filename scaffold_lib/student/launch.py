@@ -20,9 +20,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from scaffold_lib.student.stages import fit_student
-from scaffold_lib.student.training import TrainConfig, init_distributed, pick_device
+from scaffold_lib.core.devices import pick_device
 from scaffold_lib.store.warehouse import Warehouse
+from scaffold_lib.student.stages import fit_student
+from scaffold_lib.student.training import TrainConfig, init_distributed
 
 
 class LaunchJob(BaseModel):

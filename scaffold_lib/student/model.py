@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from pydantic import BaseModel, Field
@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from scaffold_lib.core.errors import UserError
 from scaffold_lib.data.signals import NUM_SIGNALS, SIGNALS
 
 EMBEDDED = "embedded"
@@ -50,7 +51,7 @@ class StudentConfig(BaseModel):
                                                          "default: when the backbone is a pretrained model that has one")
 
 
-class StudentLoadError(ValueError):
+class StudentLoadError(UserError):
     """A student directory cannot be used as it is; the message names the file and what is wrong."""
 
 
@@ -141,6 +142,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Losses in float32 under bf16 autocast, but never below the model's own precision (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class ScaffoldStudent(nn.Module):
     """Backbone + signal embedding + signal head. `kind="baseline"` is the same backbone with the heads unused
     (the CoT-SFT baseline); it saves as a plain HF checkpoint."""
@@ -192,14 +198,14 @@ class ScaffoldStudent(nn.Module):
         hidden = self.hidden_states(input_ids, position_ids)
         out: dict[str, torch.Tensor] = {}
         if token_loss:
-            logits = self.token_logits(hidden, signal_ids).float()
+            logits = _at_least_fp32(self.token_logits(hidden, signal_ids))
             out["token_loss_sum"] = nn.functional.cross_entropy(
                 logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100, reduction="sum")
             out["token_count"] = (labels != -100).sum()
         if signal_loss and self.kind == "scaffold" and signal_positions is not None:
             valid = signal_positions >= 0
             flat = hidden.reshape(-1, hidden.size(-1))[signal_positions[valid]]
-            signal_logits = self.signal_head(flat).float()
+            signal_logits = _at_least_fp32(self.signal_head(flat))
             out["signal_loss_sum"] = nn.functional.cross_entropy(signal_logits, signal_targets[valid], reduction="sum")
             out["signal_count"] = valid.sum()
             out["signal_correct"] = (signal_logits.argmax(-1) == signal_targets[valid]).sum()
@@ -227,7 +233,7 @@ class ScaffoldStudent(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, kind: str | None = None, *, fresh_heads: bool = False,
-                        **model_kwargs) -> "ScaffoldStudent":
+                        **model_kwargs) -> ScaffoldStudent:
         """Any HF causal LM path/id; a saved scaffold student also gets its heads back. Weights load from
         safetensors only (`use_safetensors=True`): a pickled checkpoint is refused.
 

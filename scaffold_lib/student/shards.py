@@ -9,9 +9,10 @@ chunks or dropped, and counted either way: nothing is truncated silently.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import fsspec
 import numpy as np
@@ -20,8 +21,8 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, Field
 
-from scaffold_lib.student.examples import Example
 from scaffold_lib.core.ids import content_id
+from scaffold_lib.student.examples import Example
 from scaffold_lib.student.model import NO_SIGNAL
 from scaffold_lib.student.packing import pack_bfd
 

@@ -14,24 +14,38 @@ import math
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
+from scaffold_lib.core.devices import pick_device
+from scaffold_lib.core.errors import UserError
 from scaffold_lib.core.ids import content_id
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.warehouse import Warehouse
-from scaffold_lib.student.examples import (FORMAT_FILE, STEP_SEPARATOR, Formatter, signal_tags, text_format,
-                                           training_corpus)
-from scaffold_lib.student.model import (EMBEDDED, ScaffoldStudent, StudentConfig, build_embedded_base, load_tokenizer,
-                                        prepare_pretrained_base, tokenizer_hash)
-from scaffold_lib.student.shards import PackConfig, ShardInfo, load_rows, pack_rows, write_shards
-from scaffold_lib.student.training import (TrainConfig, TrainResult, full_model_state, init_distributed, pick_device,
-                                           train)
+from scaffold_lib.student.examples import (
+    FORMAT_FILE,
+    STEP_SEPARATOR,
+    Formatter,
+    signal_tags,
+    text_format,
+    training_corpus,
+)
+from scaffold_lib.student.model import (
+    EMBEDDED,
+    ScaffoldStudent,
+    StudentConfig,
+    build_embedded_base,
+    load_tokenizer,
+    prepare_pretrained_base,
+    tokenizer_hash,
+)
+from scaffold_lib.student.shards import PackConfig, load_rows, pack_rows, write_shards
+from scaffold_lib.student.training import TrainConfig, TrainResult, full_model_state, init_distributed, train
 
 KINDS = ("scaffold", "baseline")
 BASELINE_SUFFIX = "-baseline"  # the CoT-SFT baseline is registered as <model name>-baseline
@@ -209,7 +223,7 @@ def shards_of_manifest(wh: Warehouse, manifest_hash: str) -> list[dict]:
 # --- training -----------------------------------------------------------------------------------------------------
 
 
-class ShardTokenizerMismatch(ValueError):
+class ShardTokenizerMismatch(UserError):
     """Shards tokenised with one tokenizer met a model with another."""
 
 

@@ -14,18 +14,18 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
+from scaffold_lib.core.devices import pick_device
 from scaffold_lib.student.model import ScaffoldStudent
-
 
 EMBEDDED_LR, PRETRAINED_LR = 3e-3, 5e-5  # from scratch vs fine-tuning (3e-3 wrecks a pretrained model in 30 steps)
 
@@ -66,7 +66,7 @@ class TrainConfig(BaseModel):
                                                                                "`nproc` processes")
     nproc: int = Field(1, ge=1, description="processes per node under torchrun (GPUs, or CPU processes on gloo)")
 
-    def resolved(self, pretrained: bool) -> "TrainConfig":
+    def resolved(self, pretrained: bool) -> TrainConfig:
         """The config with the backbone-dependent defaults filled in (what is recorded and trained with)."""
         lr = self.learning_rate or (PRETRAINED_LR if pretrained else EMBEDDED_LR)
         warmup = self.warmup_steps if self.warmup_steps is not None else \
@@ -88,12 +88,6 @@ class TrainResult:
     def final_loss(self) -> float:
         tail = self.losses[-10:]
         return sum(tail) / len(tail) if tail else float("nan")
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def micro_batch_indices(n_rows: int, batch_size: int, seed: int, micro_step: int) -> torch.Tensor:
@@ -152,6 +146,8 @@ def _batch(data: dict[str, torch.Tensor], idx: torch.Tensor, device: torch.devic
 def train(model: ScaffoldStudent, data: dict[str, torch.Tensor], cfg: TrainConfig,
           checkpoint_dir: str | Path | None = None, on_log: Callable[[int, dict], None] | None = None,
           progress: bool = True) -> TrainResult:
+    if cfg.learning_rate is None or cfg.warmup_steps is None:
+        raise ValueError("the learning rate and warm-up depend on the backbone: pass cfg.resolved(pretrained=...)")
     device = pick_device(cfg.device)
     dist = init_distributed(device)
     if device.type == "cuda" and dist.world > 1:
@@ -181,6 +177,8 @@ def train(model: ScaffoldStudent, data: dict[str, torch.Tensor], cfg: TrainConfi
     # decay cannot move them: β = 0 leaves the signal head untouched, β = 1 the signal embedding.
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    from transformers import get_scheduler  # imported here: its module pulls in much of transformers
+
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
     result = TrainResult(steps=cfg.max_steps)
     start_step = 0

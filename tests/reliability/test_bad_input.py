@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from scaffold_lib.data.problems import FieldMap, ProblemFileError, load_problem_file
 from scaffold_lib.data.segmentation import segment
 from scaffold_lib.data.signals import SIGNALS, KeywordFileError, KeywordTable, label_steps
-from support.stages import generate_teacher_traces, segment_traces, store_problems
 from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap
 from scaffold_lib.store.warehouse import Warehouse
+from support.stages import generate_teacher_traces, segment_traces, store_problems
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,

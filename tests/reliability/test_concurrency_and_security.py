@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from scaffold_lib.store import registry
 from scaffold_lib.core.paths import REPO_ROOT, PathOutsideRoot, inside
+from scaffold_lib.store import registry
 from scaffold_lib.store.warehouse import Warehouse, WarehouseBusyError
 
 pytestmark = pytest.mark.timeout(600)
@@ -24,18 +24,19 @@ CONCURRENT_RUNS = 3
 
 
 def test_concurrent_data_runs_all_finish_with_the_rows_of_one_run(tmp_path: Path) -> None:
-    from tests.reliability.test_crashes import DATA_TABLES, env_for, run_ok, scaffold_cmd, table_fingerprint
+    from test_crashes import DATA_TABLES, data_cmd, env_for, run_ok, table_fingerprint
 
-    data = ("data", "--n-problems", "800", "--seed", "5")
-    run_ok(scaffold_cmd(*data, "--warehouse", str(tmp_path / "reference.duckdb")), env_for(tmp_path))
-    shared = tmp_path / "shared.duckdb"
-    procs = [subprocess.Popen(scaffold_cmd(*data, "--warehouse", str(shared)), env=env_for(tmp_path),
+    data = ("--n-problems", "800", "--seed", "5")
+    run_ok(data_cmd(tmp_path / "reference", *data), env_for(tmp_path))
+    shared = tmp_path / "shared"
+    procs = [subprocess.Popen(data_cmd(shared, *data), env=env_for(tmp_path),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(CONCURRENT_RUNS)]
     outputs = [p.communicate(timeout=300) for p in procs]
     for proc, (_, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-2000:]
         assert "lock" not in err.lower()  # no lock error reached the user: writers waited their turn
-    reference, result = Warehouse(tmp_path / "reference.duckdb"), Warehouse(shared)
+    reference = Warehouse(tmp_path / "reference" / "warehouse.duckdb")
+    result = Warehouse(shared / "warehouse.duckdb")
     for table in DATA_TABLES:
         assert table_fingerprint(result, table) == table_fingerprint(reference, table), table
     print(f"\n[reliability] {CONCURRENT_RUNS} concurrent data runs on one warehouse: all finished, tables identical "

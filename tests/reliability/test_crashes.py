@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,23 +65,26 @@ def run_ok(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
 CRASH_POINTS = 6  # kill points for the data stages, spread over the whole run (seeded)
 
 
+def data_cmd(home: Path, *args: str) -> list[str]:
+    return scaffold_cmd("--home", str(home), "--preset", "demo", "data", *args)
+
+
 def test_kill_9_during_the_data_stages_then_rerun_gives_the_uninterrupted_tables(tmp_path: Path) -> None:
-    data = ("data", "--n-problems", "1500", "--seed", "3")
-    reference = tmp_path / "reference.duckdb"
+    data = ("--n-problems", "1500", "--seed", "3")
+    reference = tmp_path / "reference"
     started = time.perf_counter()
-    run_ok(scaffold_cmd(*data, "--warehouse", str(reference)), env_for(tmp_path))
+    run_ok(data_cmd(reference, *data), env_for(tmp_path))
     duration = time.perf_counter() - started
-    expected = {t: table_fingerprint(Warehouse(reference), t) for t in DATA_TABLES}
+    expected = {t: table_fingerprint(Warehouse(reference / "warehouse.duckdb"), t) for t in DATA_TABLES}
     assert expected["teacher_traces"][0] > 1000 and expected["signal_labels"][0] > 5000
     rng = random.Random(7)
     landed = 0
     for point in range(CRASH_POINTS):
-        warehouse = tmp_path / f"crash-{point}.duckdb"
+        home = tmp_path / f"crash-{point}"
         # from just after start-up (imports) to the end: every stage gets hit
-        landed += kill_after(scaffold_cmd(*data, "--warehouse", str(warehouse)), env_for(tmp_path),
-                             rng.uniform(0.25, 1.0) * duration)
-        run_ok(scaffold_cmd(*data, "--warehouse", str(warehouse)), env_for(tmp_path))
-        wh = Warehouse(warehouse)
+        landed += kill_after(data_cmd(home, *data), env_for(tmp_path), rng.uniform(0.25, 1.0) * duration)
+        run_ok(data_cmd(home, *data), env_for(tmp_path))
+        wh = Warehouse(home / "warehouse.duckdb")
         for table in DATA_TABLES:
             assert table_fingerprint(wh, table) == expected[table], (point, table)
     assert landed >= CRASH_POINTS - 1  # the kills really interrupted runs
@@ -90,35 +94,40 @@ def test_kill_9_during_the_data_stages_then_rerun_gives_the_uninterrupted_tables
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory) -> dict:
     home = tmp_path_factory.mktemp("train-crash")
-    wh = home / "wh.duckdb"
-    run_ok(scaffold_cmd("data", "--warehouse", str(wh), "--n-problems", "120"), env_for(home))
-    info = json.loads(run_ok(scaffold_cmd("pack", "--warehouse", str(wh), "--artifacts", str(home / "art"),
-                                          "--row-len", "512"), env_for(home)).stdout)
-    return {"home": home, "wh": wh, "info": info}
+    run_ok(data_cmd(home, "--n-problems", "120"), env_for(home))
+    started = time.perf_counter()
+    info = json.loads(run_ok(scaffold_cmd("--home", str(home), "--preset", "demo", "pack"), env_for(home)).stdout)
+    return {"home": home, "info": info, "pack_s": time.perf_counter() - started}
+
+
+def copy_of(packed: dict, to: Path) -> Path:
+    """The packed instance (warehouse, shards, handles) copied, so a run can crash in its own home."""
+    shutil.copytree(packed["home"], to)
+    return to
 
 
 def test_kill_9_during_packing_leaves_no_half_written_shard(packed, tmp_path: Path) -> None:
-    home, info = packed["home"], packed["info"]
-    art = tmp_path / "art"
-    # the embedded base model is shared: the crash hits tokenizer training / packing / shard writing
-    for point, delay in enumerate((1.5, 2.5, 3.5)):
-        kill_after(scaffold_cmd("pack", "--warehouse", str(packed["wh"]), "--artifacts", str(art), "--row-len", "512"),
-                   env_for(home), delay)
-        for shard in art.rglob("*.parquet"):  # every file under a final name is whole
+    info = packed["info"]
+    home = copy_of(packed, tmp_path / "home")
+    shutil.rmtree(home / "artifacts")  # pack again from nothing: tokenizer training, packing, shard writing
+    pack = scaffold_cmd("--home", str(home), "--preset", "demo", "pack")
+    landed = 0
+    for fraction in (0.35, 0.6, 0.85):
+        landed += kill_after(pack, env_for(home), fraction * packed["pack_s"])
+        for shard in (home / "artifacts").rglob("*.parquet"):  # every file under a final name is whole
             pq.read_table(shard)
-    again = json.loads(run_ok(scaffold_cmd("pack", "--warehouse", str(packed["wh"]), "--artifacts", str(art),
-                                           "--row-len", "512"), env_for(home)).stdout)
+    assert landed >= 2, "the kills must land while packing runs"
+    again = json.loads(run_ok(pack, env_for(home)).stdout)
     assert again["manifests"] == info["manifests"]  # the same shards, by content hash, as the uninterrupted run
-    wh = Warehouse(packed["wh"])
+    wh = Warehouse(home / "warehouse.duckdb")
     assert wh.scalar("SELECT count(*) FROM shards") == wh.scalar("SELECT count(DISTINCT shard_id) FROM shards")
-    for row in wh.query("SELECT path, n_rows FROM shards WHERE path LIKE ?", [f"{art}%"]):
+    for row in wh.query("SELECT path, n_rows FROM shards WHERE path LIKE ?", [f"{home}%"]):
         assert pq.read_table(row["path"]).num_rows == row["n_rows"]
 
 
-def _train(packed: dict, art: Path, steps: int) -> list[str]:
-    return scaffold_cmd("train", "--warehouse", str(packed["wh"]), "--artifacts", str(art), "--base-model",
-                        packed["info"]["base_model"], "--steps", str(steps), "--batch-size", "2",
-                        "--checkpoint-every", "5", "--lr", "3e-3")
+def _train(home: Path, steps: int) -> list[str]:
+    return scaffold_cmd("--home", str(home), "--preset", "demo", "train", "--kind", "scaffold", "--steps", str(steps),
+                        "--batch-size", "2", "--checkpoint-every", "5", "--learning-rate", "3e-3")
 
 
 def _final_loss(stdout: str) -> float:
@@ -127,25 +136,27 @@ def _final_loss(stdout: str) -> float:
 
 def test_kill_9_during_training_resumes_from_the_last_checkpoint_to_the_same_loss(packed, tmp_path: Path) -> None:
     steps = 30
-    reference = run_ok(_train(packed, tmp_path / "ref", steps), env_for(packed["home"]))
-    art = tmp_path / "crash"
-    proc = subprocess.Popen(_train(packed, art, steps), env=env_for(packed["home"]), stdout=subprocess.DEVNULL,
+    reference = run_ok(_train(copy_of(packed, tmp_path / "ref"), steps), env_for(tmp_path))
+    home = copy_of(packed, tmp_path / "crash")
+    proc = subprocess.Popen(_train(home, steps), env=env_for(home), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
+    checkpoints = home / "artifacts" / "checkpoints"
     while time.monotonic() < deadline and proc.poll() is None:
-        done = [p for p in art.rglob("step-*") if (p / "trainer_state.json").exists()]
+        done = [p for p in checkpoints.rglob("step-*") if (p / "trainer_state.json").exists()]
         if any(int(p.name.split("-")[1]) >= 10 for p in done):
             break
         time.sleep(0.05)
     assert proc.poll() is None, "training ended before the kill"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    checkpoints = sorted(p for p in art.rglob("step-*") if p.is_dir())
-    for ckpt in checkpoints:  # every checkpoint under a final name loads
+    saved = sorted(p for p in checkpoints.rglob("step-*") if p.is_dir())
+    for ckpt in saved:  # every checkpoint under a final name loads
         load_file(str(ckpt / "model.safetensors"))
         json.loads((ckpt / "trainer_state.json").read_text())
-    last = max(int(p.name.split("-")[1]) for p in checkpoints)
-    resumed = run_ok(_train(packed, art, steps), env_for(packed["home"]))
+    last = max(int(p.name.split("-")[1]) for p in saved)
+    assert 10 <= last < steps
+    resumed = run_ok(_train(home, steps), env_for(home))
     assert f"(resumed from {last})" in resumed.stdout  # from the checkpoint, not from zero
     # batches are a pure function of (seed, step) and the RNG is restored: the same final loss
     difference = abs(_final_loss(resumed.stdout) - _final_loss(reference.stdout))

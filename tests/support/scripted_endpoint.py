@@ -24,9 +24,9 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 from scaffold_lib.data.problems import parse_question
 from scaffold_lib.data.teachers import ProgrammaticTeacherConfig, write_trace
@@ -102,9 +102,9 @@ class _Handler(BaseHTTPRequestHandler):
     # headers and body go out in two writes: with Nagle's algorithm the second waits for the client's delayed ACK
     # (~40 ms per request), which a real server does not add
     disable_nagle_algorithm = True
-    server: "_Server"
+    server: _Server
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - silence per-request logging
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
     def _send_json(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
@@ -120,7 +120,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> None:
         self._send_json(status, {"error": {"message": message, "type": kind, "code": status}}, headers)
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         endpoint = self.server.endpoint
         if self.path.rstrip("/") == "/stats":
             self._send_json(200, endpoint.stats())
@@ -130,7 +130,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._error(404, f"no route {self.path}", "not_found_error")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         endpoint = self.server.endpoint
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
@@ -157,7 +157,7 @@ class _Server(ThreadingHTTPServer):
     # the default listen backlog of 5 drops the SYNs of a burst of new connections (the client then waits a 1 s
     # retransmit); real servers accept hundreds at once
     request_queue_size = 1024
-    endpoint: "ScriptedEndpoint"
+    endpoint: ScriptedEndpoint
 
 
 class ScriptedEndpoint:
@@ -179,7 +179,7 @@ class ScriptedEndpoint:
         self.reset_stats()
 
     # --- lifecycle -------------------------------------------------------------------------------------------
-    def start(self) -> "ScriptedEndpoint":
+    def start(self) -> ScriptedEndpoint:
         self._server = _Server(self._address, _Handler)
         self._server.endpoint = self
         host, port = self._server.server_address[:2]
@@ -195,7 +195,7 @@ class ScriptedEndpoint:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> "ScriptedEndpoint":
+    def __enter__(self) -> ScriptedEndpoint:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -1,0 +1,78 @@
+"""The layering docs/architecture.md describes, checked: scaffold_lib imports only go down (core <- store <- data <-
+student <- evaluation <- top-level modules), the library never imports Dagster, and pipelines/ holds no stage logic
+(no warehouse writes, no registry calls: those are the stage functions' job)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LIB = REPO / "scaffold_lib"
+LAYERS = {"core": 0, "store": 1, "data": 2, "student": 3, "evaluation": 4}
+TOP = 5  # config, checks, pipeline, cli
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")
+    return LAYERS.get(parts[1], TOP) if len(parts) > 1 else TOP
+
+
+def imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+
+
+def test_library_imports_only_go_down_the_layers():
+    upward = []
+    for path in LIB.rglob("*.py"):
+        own = layer_of(module_name(path))
+        for target in imports(path):
+            if target.startswith("scaffold_lib.") and layer_of(target) > own:
+                upward.append(f"{module_name(path)} imports {target}")
+    assert not upward, "\n".join(upward)
+
+
+def test_the_library_never_imports_dagster():
+    """(dagster_pipes, the protocol a launched training job speaks back to Dagster, is the one exception: it is a
+    small standalone package, and only the torchrun entry point uses it, when Dagster started it.)"""
+    offenders = [module_name(p) for p in LIB.rglob("*.py")
+                 if any((t == "dagster" or t.startswith(("dagster.", "dagster_"))) and t != "dagster_pipes"
+                        for t in imports(p))]
+    assert not offenders
+
+
+WRITES = ("insert_new", "upsert", "register_model", "log_scores", "promote_if_better", "set_champion", "start_run",
+          "log_metrics")
+
+
+def test_pipelines_only_wire():
+    """No warehouse writes or registry calls under pipelines/: every asset calls a stage function for those."""
+    offenders = []
+    for path in (REPO / "pipelines").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in WRITES:
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: .{node.attr}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_asset_bodies_are_short():
+    """An asset calls its stage function and adds metadata: a handful of statements, not a stage."""
+    long = []
+    for path in (REPO / "pipelines" / "defs").glob("*_assets.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and any(
+                    isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "asset" for d in node.decorator_list):
+                statements = sum(isinstance(n, ast.stmt) for n in ast.walk(node)) - 1
+                if statements > 12:
+                    long.append(f"{path.name}: {node.name} has {statements} statements")
+    assert not long, "\n".join(long)
