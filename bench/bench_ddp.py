@@ -33,22 +33,41 @@ def main() -> None:
     results = {}
     for name, procs in (("1 process x 2 threads", 1), ("2 processes x 1 thread", 2)):
         job = home / f"job{procs}.json"
-        job.write_text(json.dumps({
-            "warehouse": str(home / "warehouse.duckdb"), "artifacts": str(home / f"run{procs}"),
-            "base_model": info["base_model"],
-            "manifest_hash": info["manifests"]["scaffold"],
-            "train": {"max_steps": args.steps, "batch_size": args.batch // procs, "checkpoint_every": 0,
-                      "warmup_steps": 3, "learning_rate": 3e-3}}))
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)]
-                    if procs > 1 else [sys.executable])
-        summary = json.loads(run([*launcher, "-m", "scaffold_lib.student.launch", str(job)],
-                                 {**env, "OMP_NUM_THREADS": str(2 // procs)}))
+        job.write_text(
+            json.dumps(
+                {
+                    "warehouse": str(home / "warehouse.duckdb"),
+                    "artifacts": str(home / f"run{procs}"),
+                    "base_model": info["base_model"],
+                    "manifest_hash": info["manifests"]["scaffold"],
+                    "train": {
+                        "max_steps": args.steps,
+                        "batch_size": args.batch // procs,
+                        "checkpoint_every": 0,
+                        "warmup_steps": 3,
+                        "learning_rate": 3e-3,
+                    },
+                }
+            )
+        )
+        launcher = (
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)]
+            if procs > 1
+            else [sys.executable]
+        )
+        summary = json.loads(
+            run([*launcher, "-m", "scaffold_lib.student.launch", str(job)], {**env, "OMP_NUM_THREADS": str(2 // procs)})
+        )
         result = json.loads((Path(summary["student_path"]) / "training.json").read_text())["result"]
         results[name] = (result["tokens_per_s"], summary["final_loss"])
-        print(f"{name}, {args.batch // procs} rows each: {result['tokens_per_s']:,.0f} tokens/s, "
-              f"final loss {summary['final_loss']:.6f}")
+        print(
+            f"{name}, {args.batch // procs} rows each: {result['tokens_per_s']:,.0f} tokens/s, "
+            f"final loss {summary['final_loss']:.6f}"
+        )
     (one_speed, one_loss), (two_speed, two_loss) = results.values()
-    print(f"2 processes vs 1: {two_speed / one_speed:.2f}x tokens/s; final loss difference {abs(two_loss - one_loss):.1e}")
+    print(
+        f"2 processes vs 1: {two_speed / one_speed:.2f}x tokens/s; final loss difference {abs(two_loss - one_loss):.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -31,13 +31,15 @@ def main() -> None:
     # τ = 0: always write another step; steps of 32 tokens until the whole budget is used
     cfg = DecodeConfig(tau=0.0, max_steps=1000, max_step_tokens=32, max_tokens=args.tokens, max_answer_tokens=1)
     decoder = ScaffoldDecoder(model, tokenizer, cfg)
-    batches = [questions[i:i + args.batch] for i in range(0, len(questions), args.batch)]
+    batches = [questions[i : i + args.batch] for i in range(0, len(questions), args.batch)]
     with torch.no_grad():
         start = time.perf_counter()
         scaffold_tokens = sum(g.new_tokens for b in batches for g in decoder.generate_batch(b))
         scaffold_s = time.perf_counter() - start
         start = time.perf_counter()
-        plain_tokens = sum(g.new_tokens for b in batches for g in plain_generate_batch(model, tokenizer, b, args.tokens))
+        plain_tokens = sum(
+            g.new_tokens for b in batches for g in plain_generate_batch(model, tokenizer, b, args.tokens)
+        )
         plain_s = time.perf_counter() - start
     s, p = scaffold_tokens / scaffold_s, plain_tokens / plain_s
     print(f"{len(questions)} questions, batch {args.batch}, budget {args.tokens} new tokens each")

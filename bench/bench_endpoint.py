@@ -22,8 +22,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def start_server(latency: float) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "support" / "scripted_endpoint.py"), "--port", "0",
-                             "--latency", str(latency)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "tests" / "support" / "scripted_endpoint.py"),
+            "--port",
+            "0",
+            "--latency",
+            str(latency),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()
     url = next(word for word in line.split() if word.startswith("http://"))
     return proc, url
@@ -44,8 +54,10 @@ def main() -> None:
     proc, url = start_server(args.latency)
     try:
         print(f"server {url}, latency {args.latency * 1000:.0f} ms per request")
-        print("| in flight C | requests | wall s | req/s | ideal C/latency | share of ideal | client CPU ms/request "
-              "| server CPU ms/request |")
+        print(
+            "| in flight C | requests | wall s | req/s | ideal C/latency | share of ideal | client CPU ms/request "
+            "| server CPU ms/request |"
+        )
         print("|---:|---:|---:|---:|---:|---:|---:|---:|")
         for c in args.concurrency:
             n = c * args.rounds
@@ -60,8 +72,10 @@ def main() -> None:
             assert not result.failures, result.failures[:3]
             ideal = c / args.latency
             rate = len(result.traces) / wall
-            print(f"| {c} | {len(result.traces)} | {wall:.2f} | {rate:.1f} | {ideal:.1f} | {rate / ideal:.1%} "
-                  f"| {1000 * cpu / len(result.traces):.2f} | {1000 * server_cpu / len(result.traces):.2f} |")
+            print(
+                f"| {c} | {len(result.traces)} | {wall:.2f} | {rate:.1f} | {ideal:.1f} | {rate / ideal:.1%} "
+                f"| {1000 * cpu / len(result.traces):.2f} | {1000 * server_cpu / len(result.traces):.2f} |"
+            )
     finally:
         proc.terminate()
         proc.wait()

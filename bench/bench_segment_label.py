@@ -117,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     traces, n_steps = build_traces(args.steps)
     chars = sum(len(t) for t in traces)
     print(f"python {platform.python_version()} on {platform.machine()}, single process")
-    print(f"corpus: {len(traces):,} teacher traces, {n_steps:,} steps, {chars / 1e6:.1f} M characters "
-          f"(built in {time.perf_counter() - t0:.1f} s, not timed)")
+    print(
+        f"corpus: {len(traces):,} teacher traces, {n_steps:,} steps, {chars / 1e6:.1f} M characters "
+        f"(built in {time.perf_counter() - t0:.1f} s, not timed)"
+    )
 
     ours, ours_s, stats = run_ours(traces)
     naive, naive_s = run_naive(traces)
@@ -128,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"naive baseline        : {naive_steps:,} steps in {naive_s:.2f} s = {naive_rate:,.0f} steps/s")
     print(f"ratio (ours / naive)  : {ours_rate / naive_rate:.2f}x")
     agree = sum(a.signal == b[0] for a, b in zip(ours, naive)) / max(1, min(ours_steps, naive_steps))
-    print(f"keyword coverage {stats.keyword_coverage:.1%}, fallback share {stats.fallback_share:.1%}; "
-          f"baseline gives the same signal on {agree:.2%} of steps")
+    print(
+        f"keyword coverage {stats.keyword_coverage:.1%}, fallback share {stats.fallback_share:.1%}; "
+        f"baseline gives the same signal on {agree:.2%} of steps"
+    )
     met = ours_rate >= TARGET_STEPS_PER_S
     print(f"target >= {TARGET_STEPS_PER_S:,} steps/s: {'met' if met else 'MISSED'}")
     return 0 if met else 1

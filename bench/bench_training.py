@@ -34,14 +34,17 @@ def main() -> None:
 
     # ours: packed rows, block-diagonal attention through per-example position ids
     rows, stats = pack_rows(examples, PackConfig(row_len=args.row_len))
-    data = {k: torch.stack([torch.as_tensor(r[k], dtype=torch.long) for r in rows])
-            for k in ("input_ids", "labels", "signal_ids", "position_ids")}
+    data = {
+        k: torch.stack([torch.as_tensor(r[k], dtype=torch.long) for r in rows])
+        for k in ("input_ids", "labels", "signal_ids", "position_ids")
+    }
     data["signal_positions"] = torch.full((len(rows), 1), -1, dtype=torch.long)
     data["signal_targets"] = torch.zeros((len(rows), 1), dtype=torch.long)
     rows_per_batch = max(1, round(8 * sum(lengths) / len(lengths) / args.row_len))  # ~8 examples per batch
     model = ScaffoldStudent.from_pretrained(base, kind="baseline")
-    cfg = TrainConfig(kind="baseline", max_steps=args.steps, batch_size=rows_per_batch, warmup_steps=2,
-                      learning_rate=3e-3)
+    cfg = TrainConfig(
+        kind="baseline", max_steps=args.steps, batch_size=rows_per_batch, warmup_steps=2, learning_rate=3e-3
+    )
     start = time.perf_counter()
     train(model, data, cfg, progress=False)
     ours_s = time.perf_counter() - start
@@ -49,13 +52,23 @@ def main() -> None:
     ours = ours_tokens / ours_s
 
     # baseline: HF Trainer, padded batches of 8 examples
-    ds = Dataset.from_dict({"input_ids": [e.input_ids.tolist() for e in examples],
-                            "labels": [e.input_ids.tolist() for e in examples]})
+    ds = Dataset.from_dict(
+        {"input_ids": [e.input_ids.tolist() for e in examples], "labels": [e.input_ids.tolist() for e in examples]}
+    )
     hf_model = AutoModelForCausalLM.from_pretrained(base)
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
-    targs = TrainingArguments(output_dir="/tmp/bench-hf-trainer", per_device_train_batch_size=8,
-                              max_steps=args.steps, learning_rate=3e-3, report_to=[], save_strategy="no",
-                              logging_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    targs = TrainingArguments(
+        output_dir="/tmp/bench-hf-trainer",
+        per_device_train_batch_size=8,
+        max_steps=args.steps,
+        learning_rate=3e-3,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=hf_model, args=targs, train_dataset=ds, data_collator=collator)
     counted = {"tokens": 0}
     original = trainer.training_step
@@ -70,9 +83,13 @@ def main() -> None:
     hf_s = time.perf_counter() - start
     hf = counted["tokens"] / hf_s
 
-    print(f"ours (packed rows of {args.row_len}, {rows_per_batch} rows/step, fill {100 * stats.fill_ratio:.2f} %): "
-          f"{ours_tokens:,.0f} non-pad tokens in {ours_s:.1f} s = {ours:,.0f} tokens/s")
-    print(f"HF Trainer (padded batches of 8):  {counted['tokens']:,} non-pad tokens in {hf_s:.1f} s = {hf:,.0f} tokens/s")
+    print(
+        f"ours (packed rows of {args.row_len}, {rows_per_batch} rows/step, fill {100 * stats.fill_ratio:.2f} %): "
+        f"{ours_tokens:,.0f} non-pad tokens in {ours_s:.1f} s = {ours:,.0f} tokens/s"
+    )
+    print(
+        f"HF Trainer (padded batches of 8):  {counted['tokens']:,} non-pad tokens in {hf_s:.1f} s = {hf:,.0f} tokens/s"
+    )
     print(f"ratio ours / HF Trainer: {ours / hf:.2f}x (goal >= 2x)")
 
 

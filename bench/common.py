@@ -24,7 +24,8 @@ def tiny_student(n_problems: int = 1500, out: str | None = None):
         items.append((t.trace_id, by_id[t.problem_id].question, steps, [label.signal for label in label_steps(steps)]))
     tags = signal_tags()
     out_dir = Path(out or tempfile.mkdtemp(prefix="bench-")) / "base"
-    build_embedded_base(STUDENT, [training_corpus(q, s, g, tags) for _, q, s, g in items], out_dir,
-                        ["\n\n", *tags.values()])
+    build_embedded_base(
+        STUDENT, [training_corpus(q, s, g, tags) for _, q, s, g in items], out_dir, ["\n\n", *tags.values()]
+    )
     tokenizer = load_tokenizer(out_dir)
     return out_dir, tokenizer, Formatter(tokenizer, tags), items

@@ -15,8 +15,9 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="demo", help="a named preset (scaffold presets)")
     args = parser.parse_args(argv)
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(__file__).resolve().parent.parent / "dagster_home")))
@@ -45,14 +46,23 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     if not result.success:
         failed = [e.step_key for e in result.all_events if e.is_step_failure]
-        print(f"\nThe pipeline run {result.run_id} failed at {failed}; open the Dagster UI (make ui) for the logs.",
-              file=sys.stderr)
+        print(
+            f"\nThe pipeline run {result.run_id} failed at {failed}; open the Dagster UI (make ui) for the logs.",
+            file=sys.stderr,
+        )
         return 1
     store = Store.at(home)
     evaluation = load_handle(home, "benchmark_scores", EvaluationHandle, result.run_id)
     champion = registry.alias_version(store.registry, registry.CHAMPION)
-    print("\n" + summary(store, evaluation, champion, f"Reasoning Scaffolding demo ({args.preset}): run "
-                                                      f"{result.run_id} finished in {elapsed / 60:.1f} min"))
+    print(
+        "\n"
+        + summary(
+            store,
+            evaluation,
+            champion,
+            f"Reasoning Scaffolding demo ({args.preset}): run {result.run_id} finished in {elapsed / 60:.1f} min",
+        )
+    )
     print("Open the UIs with `make ui`: Dagster on http://127.0.0.1:3000, MLflow on http://127.0.0.1:5000")
     return 0
 

@@ -32,8 +32,14 @@ class Check:
 
 def problems_without_quarantine(store: Store) -> Check:
     n = store.warehouse.scalar("SELECT count(*) FROM quarantine WHERE stage = 'problems'")
-    return Check("problems_without_quarantine", "problems", n == 0, False,
-                 "problem files had no malformed rows (quarantined rows are counted)", {"quarantined_rows": n})
+    return Check(
+        "problems_without_quarantine",
+        "problems",
+        n == 0,
+        False,
+        "problem files had no malformed rows (quarantined rows are counted)",
+        {"quarantined_rows": n},
+    )
 
 
 def splits_disjoint_by_group(store: Store) -> Check:
@@ -41,52 +47,97 @@ def splits_disjoint_by_group(store: Store) -> Check:
     training item."""
     overlap = split_overlap(store)
     shared = sum(overlap.values())
-    return Check("splits_disjoint_by_group", "problems", shared == 0, True,
-                 "no group has problems in two splits", {"shared_groups": shared, **overlap})
+    return Check(
+        "splits_disjoint_by_group",
+        "problems",
+        shared == 0,
+        True,
+        "no group has problems in two splits",
+        {"shared_groups": shared, **overlap},
+    )
 
 
 def teacher_accuracy_above_floor(store: Store, floor: float = TEACHER_ACCURACY_FLOOR) -> Check:
     acc = float(store.warehouse.scalar("SELECT coalesce(avg(is_correct::INT), 0) FROM teacher_traces"))
-    return Check("teacher_accuracy_above_floor", "teacher_traces", acc >= floor, True,
-                 f"teacher accuracy is above the floor ({floor})", {"teacher_accuracy": round(acc, 4), "floor": floor})
+    return Check(
+        "teacher_accuracy_above_floor",
+        "teacher_traces",
+        acc >= floor,
+        True,
+        f"teacher accuracy is above the floor ({floor})",
+        {"teacher_accuracy": round(acc, 4), "floor": floor},
+    )
 
 
 def no_empty_steps(store: Store) -> Check:
     # DuckDB's trim() strips spaces only: a step of newlines/tabs must count as empty too
     n = store.warehouse.scalar(r"SELECT count(*) FROM segmented_steps WHERE regexp_full_match(text, '[\s\p{Z}]*')")
-    return Check("no_empty_steps", "segmented_steps", n == 0, True, "no step is empty or whitespace", {"empty_steps": n})
+    return Check(
+        "no_empty_steps", "segmented_steps", n == 0, True, "no step is empty or whitespace", {"empty_steps": n}
+    )
 
 
-def label_coverage_in_bounds(store: Store, min_coverage: float = MIN_KEYWORD_COVERAGE,
-                             max_fallback: float = MAX_FALLBACK_SHARE) -> Check:
+def label_coverage_in_bounds(
+    store: Store, min_coverage: float = MIN_KEYWORD_COVERAGE, max_fallback: float = MAX_FALLBACK_SHARE
+) -> Check:
     stats = label_statistics(store)
     ok = stats["keyword_coverage"] >= min_coverage and stats["fallback_share"] <= max_fallback
-    return Check("label_coverage_in_bounds", "signal_labels", ok, True,
-                 f"keyword coverage >= {min_coverage:.0%} and fallback share <= {max_fallback:.0%} (paper: 74 % coverage)",
-                 {"keyword_coverage": stats["keyword_coverage"], "fallback_share": stats["fallback_share"],
-                  "signals_seen": sum(1 for s in SIGNALS if stats["by_signal"][s])})
+    return Check(
+        "label_coverage_in_bounds",
+        "signal_labels",
+        ok,
+        True,
+        f"keyword coverage >= {min_coverage:.0%} and fallback share <= {max_fallback:.0%} (paper: 74 % coverage)",
+        {
+            "keyword_coverage": stats["keyword_coverage"],
+            "fallback_share": stats["fallback_share"],
+            "signals_seen": sum(1 for s in SIGNALS if stats["by_signal"][s]),
+        },
+    )
 
 
 def shard_fill_on_target(shards: ShardsHandle, target: float) -> Check:
     fill = min(s["fill_ratio"] for s in shards.stats.values())
-    return Check("shard_fill_on_target", "packed_shards", fill >= target, True,
-                 "every packed set fills its rows to the target", {"min_fill_ratio": fill, "target": target})
+    return Check(
+        "shard_fill_on_target",
+        "packed_shards",
+        fill >= target,
+        True,
+        "every packed set fills its rows to the target",
+        {"min_fill_ratio": fill, "target": target},
+    )
 
 
 def loss_finite_and_falling(model: ModelHandle) -> Check:
     ok = math.isfinite(model.final_loss) and model.final_loss < model.first_loss
     asset = "student_model" if model.kind == "scaffold" else "baseline_model"
-    return Check(f"{'student' if model.kind == 'scaffold' else 'baseline'}_loss_finite_and_falling", asset, ok, True,
-                 "training loss is finite and fell", {"first_loss": model.first_loss, "final_loss": model.final_loss})
+    return Check(
+        f"{'student' if model.kind == 'scaffold' else 'baseline'}_loss_finite_and_falling",
+        asset,
+        ok,
+        True,
+        "training loss is finite and fell",
+        {"first_loss": model.first_loss, "final_loss": model.final_loss},
+    )
 
 
 def scaffold_beats_baseline(evaluation: EvaluationHandle, suite: str, split: str) -> Check:
     acc = {r["variant"]: r["accuracy"] for r in evaluation.rows if r["benchmark"] == suite and r["split"] == split}
     scaffold, baseline = acc.get("predicted", 0.0), acc.get("cot_sft", 0.0)
-    return Check("scaffold_beats_baseline", "benchmark_scores", scaffold > baseline, False,
-                 f"scaffold {scaffold:.3f} vs baseline {baseline:.3f} (difference {scaffold - baseline:+.3f})",
-                 {"scaffold": scaffold, "baseline": baseline, "difference": scaffold - baseline})
+    return Check(
+        "scaffold_beats_baseline",
+        "benchmark_scores",
+        scaffold > baseline,
+        False,
+        f"scaffold {scaffold:.3f} vs baseline {baseline:.3f} (difference {scaffold - baseline:+.3f})",
+        {"scaffold": scaffold, "baseline": baseline, "difference": scaffold - baseline},
+    )
 
 
-DATA_CHECKS = (problems_without_quarantine, splits_disjoint_by_group, teacher_accuracy_above_floor, no_empty_steps,
-               label_coverage_in_bounds)
+DATA_CHECKS = (
+    problems_without_quarantine,
+    splits_disjoint_by_group,
+    teacher_accuracy_above_floor,
+    no_empty_steps,
+    label_coverage_in_bounds,
+)

@@ -113,8 +113,9 @@ def _read_trace_lines(path: Path):
             try:
                 text = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM may open the file
             except UnicodeDecodeError as exc:
-                raise CliError(f"{path}:{number}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                               "re-encode the file as UTF-8") from exc
+                raise CliError(
+                    f"{path}:{number}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8"
+                ) from exc
             if not text.strip():
                 continue
             try:
@@ -132,8 +133,9 @@ def _read_trace_lines(path: Path):
                 try:
                     value.encode("utf-8")
                 except UnicodeEncodeError as exc:  # valid JSON such as "\ud800", but not writable as UTF-8
-                    raise CliError(f"{path}:{number}: field {field_name!r} contains an unpaired surrogate "
-                                   f"at character {exc.start}") from exc
+                    raise CliError(
+                        f"{path}:{number}: field {field_name!r} contains an unpaired surrogate at character {exc.start}"
+                    ) from exc
             yield number, str(row["id"]), row["trace"]
 
 
@@ -147,8 +149,19 @@ def cmd_label(args: argparse.Namespace) -> None:
         for _, trace_id, trace in _read_trace_lines(Path(args.traces)):
             steps = segment(trace, args.segmenter)
             for idx, (text, label) in enumerate(zip(steps, label_steps(steps, config))):
-                out.write(json.dumps({"trace_id": trace_id, "idx": idx, "text": text, "signal": label.signal,
-                                      "labeller": label.labeller}, ensure_ascii=False) + "\n")
+                out.write(
+                    json.dumps(
+                        {
+                            "trace_id": trace_id,
+                            "idx": idx,
+                            "text": text,
+                            "signal": label.signal,
+                            "labeller": label.labeller,
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
     except KeywordFileError as exc:
         raise CliError(str(exc)) from exc
 
@@ -201,9 +214,18 @@ def _data_overrides(args: argparse.Namespace) -> dict:
     if args.base_url:
         extra["teacher"].setdefault("endpoint", {})["base_urls"] = args.base_url
     if args.validate_labels:
-        extra["labeller"].update(validate_with_llm=True, endpoint={
-            "base_urls": args.base_url, "model": args.label_model or args.model,
-            **({"api_key_env": v} if (v := getattr(args, FLAG_PREFIX + "teacher.endpoint.api_key_env", None)) else {})})
+        extra["labeller"].update(
+            validate_with_llm=True,
+            endpoint={
+                "base_urls": args.base_url,
+                "model": args.label_model or args.model,
+                **(
+                    {"api_key_env": v}
+                    if (v := getattr(args, FLAG_PREFIX + "teacher.endpoint.api_key_env", None))
+                    else {}
+                ),
+            },
+        )
     return {k: v for k, v in extra.items() if v}
 
 
@@ -228,9 +250,19 @@ def cmd_pack(args: argparse.Namespace) -> None:
     store, run_id = store_of(args), new_run_id()
     handle = pack_shards(store, resolved.config.shards, resolved.config.student, run_id)
     path = save_handle(store.home, "packed_shards", run_id, handle)
-    print(json.dumps({"base_model": handle.base_model, "tokenizer_hash": handle.tokenizer_hash,
-                      "manifests": handle.manifests, "stats": handle.stats, "budget": handle.budget,
-                      "handle": str(path)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "base_model": handle.base_model,
+                "tokenizer_hash": handle.tokenizer_hash,
+                "manifests": handle.manifests,
+                "stats": handle.stats,
+                "budget": handle.budget,
+                "handle": str(path),
+            },
+            indent=2,
+        )
+    )
 
 
 def _shards_handle(args: argparse.Namespace):
@@ -254,9 +286,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     for kind in kinds:
         model = train_model(store, shards, resolved.config.train, kind, run_id)
         save_handle(store.home, "student_model" if kind == "scaffold" else "baseline_model", run_id, model)
-        print(f"trained {kind} for {model.steps} steps (resumed from {model.resumed_from}): loss {model.first_loss:.3f} "
-              f"-> {model.final_loss:.3f}, {model.tokens_per_s:,.0f} tokens/s\n"
-              f"registered: {model.model_uri} (MLflow run {model.mlflow_run_id})\nmodel: {model.path}")
+        print(
+            f"trained {kind} for {model.steps} steps (resumed from {model.resumed_from}): loss {model.first_loss:.3f} "
+            f"-> {model.final_loss:.3f}, {model.tokens_per_s:,.0f} tokens/s\n"
+            f"registered: {model.model_uri} (MLflow run {model.mlflow_run_id})\nmodel: {model.path}"
+        )
 
 
 def _model_handle(args: argparse.Namespace, stage: str, ref: str | None):
@@ -290,8 +324,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     store, run_id = store_of(args), new_run_id()
     student = _model_handle(args, "student_model", args.model)
     baseline = None if args.no_baseline else _model_handle(args, "baseline_model", args.baseline)
-    shards = next((h for h in reversed(all_handles(args.home, "packed_shards", ShardsHandle))
-                   if student.manifest_hash in h.manifests.values()), None)
+    shards = next(
+        (
+            h
+            for h in reversed(all_handles(args.home, "packed_shards", ShardsHandle))
+            if student.manifest_hash in h.manifests.values()
+        ),
+        None,
+    )
     if shards is None:
         raise CliError(f"no packed shards record for manifest {student.manifest_hash} in {args.home}/handles")
     try:
@@ -308,8 +348,9 @@ def cmd_score(args: argparse.Namespace) -> None:
     from scaffold_lib.evaluation.scoring import score_predictions
 
     try:
-        summary = score_predictions(args.suite, args.predictions, suite_file=args.suite_file, out=args.out,
-                                    data_dir=store_of(args).benchmarks)
+        summary = score_predictions(
+            args.suite, args.predictions, suite_file=args.suite_file, out=args.out, data_dir=store_of(args).benchmarks
+        )
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     print(summary)
@@ -365,19 +406,25 @@ def cmd_lineage(args: argparse.Namespace) -> None:
         rows = lineage.models_of_trace(wh, args.trace)
         print(f"trace {args.trace} reached {len(rows)} model version(s):")
         for r in rows:
-            print(f"  {r['model_name']} v{r['version']} ({r['kind']}), mlflow run {r['mlflow_run_id']}, "
-                  f"run {r['dagster_run_id']}")
+            print(
+                f"  {r['model_name']} v{r['version']} ({r['kind']}), mlflow run {r['mlflow_run_id']}, "
+                f"run {r['dagster_run_id']}"
+            )
         return
     name = store_of(args).model_name
     version = _version(args, args.model)
     summary = lineage.model_summary(wh, name, version)
-    print(f"{summary['model']}: trained on {summary['traces']} teacher traces of {summary['problems']} problems "
-          f"in {summary['shards']} shards")
+    print(
+        f"{summary['model']}: trained on {summary['traces']} teacher traces of {summary['problems']} problems "
+        f"in {summary['shards']} shards"
+    )
     for t in lineage.traces_of_model(wh, name, version)[: args.show]:
         print(f"  trace {t['trace_id']}  problem {t['problem_id']}  ({t['source']}/{t['split']}, {t['teacher']})")
     for s in summary["scores"]:
-        print(f"  score {s['benchmark']}/{s['variant']}: {100 * s['accuracy']:.1f} % of {s['n']} "
-              f"(eval config {s['eval_config_hash']})")
+        print(
+            f"  score {s['benchmark']}/{s['variant']}: {100 * s['accuracy']:.1f} % of {s['n']} "
+            f"(eval config {s['eval_config_hash']})"
+        )
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
@@ -391,8 +438,9 @@ def cmd_promote(args: argparse.Namespace) -> None:
             evaluation = load_handle(args.home, "benchmark_scores", EvaluationHandle)
         except HandleNotFound as exc:
             raise CliError(f"{exc}: run `scaffold eval` first, or give --version to move the alias by hand") from exc
-        outcome = promote_challenger(store_of(args), evaluation, settings(args).config.promotion, (),
-                                     who=args.who or "scaffold promote")
+        outcome = promote_challenger(
+            store_of(args), evaluation, settings(args).config.promotion, (), who=args.who or "scaffold promote"
+        )
         print(f"promotion of v{evaluation.version}: {'yes' if outcome.promoted else 'no'} — {outcome.reason}")
         return
     version = _version(args, args.version)
@@ -408,15 +456,19 @@ def cmd_scores(args: argparse.Namespace) -> None:
     store = store_of(args)
     version = _version(args, args.model)
     # the newest evaluation of this version per suite, with the baseline and base rows scored alongside it
-    rows = store.warehouse.query("""
+    rows = store.warehouse.query(
+        """
         SELECT s.* FROM benchmark_scores s JOIN (
             SELECT DISTINCT ON (benchmark, split) evaluation_id FROM benchmark_scores
             WHERE model_name = ? AND version = ? AND evaluation_id IS NOT NULL
             ORDER BY benchmark, split, created_at DESC) latest USING (evaluation_id)
-        ORDER BY s.benchmark, s.variant""", [store.model_name, version])
+        ORDER BY s.benchmark, s.variant""",
+        [store.model_name, version],
+    )
     if not rows:
-        raise CliError(f"no scores for {store.model_name} v{version}: run `scaffold eval` or materialise "
-                       "benchmark_scores")
+        raise CliError(
+            f"no scores for {store.model_name} v{version}: run `scaffold eval` or materialise benchmark_scores"
+        )
     try:
         print(comparison_table_markdown(rows))
     except IncomparableScores as exc:
@@ -433,24 +485,42 @@ def cmd_run(args: argparse.Namespace) -> None:
     store = store_of(args)
     print(f"# {resolved.describe()}")
     result = run_pipeline(store, resolved.config)
-    print("\n" + summary(store, result.evaluation, result.promotion.champion,
-                         f"Reasoning Scaffolding ({resolved.preset}): run {result.run_id}"))
+    print(
+        "\n"
+        + summary(
+            store,
+            result.evaluation,
+            result.promotion.champion,
+            f"Reasoning Scaffolding ({resolved.preset}): run {result.run_id}",
+        )
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaffold", description=__doc__)
-    parser.add_argument("--home", default=str(paths.dagster_home()),
-                        help="the instance folder: warehouse, MLflow, artifacts (default: $DAGSTER_HOME or ./dagster_home)")
+    parser.add_argument(
+        "--home",
+        default=str(paths.dagster_home()),
+        help="the instance folder: warehouse, MLflow, artifacts (default: $DAGSTER_HOME or ./dagster_home)",
+    )
     parser.add_argument("--preset", default=None, help="a named preset (`scaffold presets`); default: the instance's")
-    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                        help="override one setting, e.g. --set train.max_steps=400 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set train.max_steps=400 (repeatable)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("label", help="segment and keyword-label traces from a JSONL file (fields: id, trace)")
-    p.add_argument("traces", help="JSONL file, one {\"id\": ..., \"trace\": ...} per line")
+    p.add_argument("traces", help='JSONL file, one {"id": ..., "trace": ...} per line')
     p.add_argument("--keywords", default=None, help="keyword file (TOML) replacing the built-in one")
-    p.add_argument("--segmenter", choices=["blank_line", "line", "auto"], default="blank_line",
-                   help="blank_line (R1-style traces), line (GSM8K-style solutions), auto")
+    p.add_argument(
+        "--segmenter",
+        choices=["blank_line", "line", "auto"],
+        default="blank_line",
+        help="blank_line (R1-style traces), line (GSM8K-style solutions), auto",
+    )
     p.set_defaults(func=cmd_label)
 
     p = sub.add_parser("presets", help="list the named presets")
@@ -464,9 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--source", "problems.source")
     add_flag(p, "--n-problems", "problems.synthetic.n_problems")
     add_flag(p, "--seed", "problems.synthetic.seed")
-    p.add_argument("--problems-file", action="append", default=[],
-                   help="JSONL/Parquet problems (GSM8K format: question, answer '… #### N'; a split column is "
-                        "honoured); repeatable; replaces the synthetic generator")
+    p.add_argument(
+        "--problems-file",
+        action="append",
+        default=[],
+        help="JSONL/Parquet problems (GSM8K format: question, answer '… #### N'; a split column is "
+        "honoured); repeatable; replaces the synthetic generator",
+    )
     add_flag(p, "--lenient", "problems.lenient")
     add_flag(p, "--teacher", "teacher.backend")
     p.add_argument("--base-url", action="append", default=[], help="endpoint /v1 URL; repeat to spread the load")
@@ -478,7 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--temperature", "teacher.endpoint.temperature")
     add_flag(p, "--journal-dir", "teacher.journal_dir")
     p.add_argument("--import-traces", default=None, help="take traces from this JSONL/Parquet file or HF dataset")
-    p.add_argument("--fields", default=None, help="import columns, e.g. question=problem,thinking=generation,answer=final")
+    p.add_argument(
+        "--fields", default=None, help="import columns, e.g. question=problem,thinking=generation,answer=final"
+    )
     add_flag(p, "--segmenter", "segmentation.segmenter")
     add_flag(p, "--keywords", "labeller.keywords_path")
     p.add_argument("--validate-labels", action="store_true", help="have an LLM confirm/correct the keyword labels")
@@ -495,8 +571,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["scaffold", "baseline", "both"], default="both")
     p.add_argument("--shards-run", default=None, help="the run whose packed shards to train on (default: the newest)")
     add_flag(p, "--steps", "train.max_steps")
-    add_section_flags(p, "train", ["beta", "learning_rate", "batch_size", "grad_accum", "seed", "checkpoint_every",
-                                   "device", "launcher", "nproc", "lora_r", "gradient_checkpointing"])
+    add_section_flags(
+        p,
+        "train",
+        [
+            "beta",
+            "learning_rate",
+            "batch_size",
+            "grad_accum",
+            "seed",
+            "checkpoint_every",
+            "device",
+            "launcher",
+            "nproc",
+            "lora_r",
+            "gradient_checkpointing",
+        ],
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score the newest trained pair (or given versions) and store the scores")
@@ -519,8 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write per-item rows (question, extracted, gold, correct) here")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("run", help="the whole pipeline in this process (no Dagster): data, shards, both arms, "
-                                   "scores, promotion")
+    p = sub.add_parser(
+        "run", help="the whole pipeline in this process (no Dagster): data, shards, both arms, scores, promotion"
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("ask", help="answer one question, printing signal-tagged steps")
@@ -536,8 +628,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=10, help="how many traces to list")
     p.set_defaults(func=cmd_lineage)
 
-    p = sub.add_parser("promote", help="apply the promotion rule to the newest evaluation, or move the champion "
-                                       "alias by hand (--version, e.g. to roll back)")
+    p = sub.add_parser(
+        "promote",
+        help="apply the promotion rule to the newest evaluation, or move the champion "
+        "alias by hand (--version, e.g. to roll back)",
+    )
     p.add_argument("--version", default=None)
     p.add_argument("--reason", default="manual promotion")
     p.add_argument("--who", default=None, help="recorded on the version (default: the OS user)")

@@ -210,9 +210,13 @@ def save_instance_settings(home: str | Path, preset: str, overrides: dict | None
     load_preset(preset, overrides)
     path = instance_file(home)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["# The settings this instance runs with: scheduled and sensor-started runs, `scaffold` commands and the",
-             "# Dagster launchpad's defaults. Change with `scaffold init --preset NAME [--set section.key=value]`.",
-             f"preset = {json.dumps(preset)}", "", "[overrides]"]
+    lines = [
+        "# The settings this instance runs with: scheduled and sensor-started runs, `scaffold` commands and the",
+        "# Dagster launchpad's defaults. Change with `scaffold init --preset NAME [--set section.key=value]`.",
+        f"preset = {json.dumps(preset)}",
+        "",
+        "[overrides]",
+    ]
     lines += [f"{json.dumps(k)} = {json.dumps(v)}" for k, v in flatten(overrides or {}).items()]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n", "utf-8")

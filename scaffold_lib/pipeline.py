@@ -39,15 +39,21 @@ def new_run_id(prefix: str = "cli") -> str:
     return f"{prefix}-{uuid.uuid4()}"
 
 
-def run_data_stages(store: Store, cfg: PipelineConfig, run_id: str, result: PipelineResult,
-                    log: Callable[[str], None] = print) -> None:
-    steps = (("problems", lambda: data_stages.build_problems(store, cfg.problems, run_id)),
-             ("teacher_traces", lambda: data_stages.write_traces(store, cfg.teacher, run_id)),
-             ("segmented_steps", lambda: data_stages.segment_traces(store, cfg.segmentation, run_id)),
-             ("signal_labels", lambda: data_stages.label_signals(store, cfg.labeller, run_id)))
-    gates = {"problems": [checks.problems_without_quarantine, checks.splits_disjoint_by_group],
-             "teacher_traces": [checks.teacher_accuracy_above_floor],
-             "segmented_steps": [checks.no_empty_steps], "signal_labels": [checks.label_coverage_in_bounds]}
+def run_data_stages(
+    store: Store, cfg: PipelineConfig, run_id: str, result: PipelineResult, log: Callable[[str], None] = print
+) -> None:
+    steps = (
+        ("problems", lambda: data_stages.build_problems(store, cfg.problems, run_id)),
+        ("teacher_traces", lambda: data_stages.write_traces(store, cfg.teacher, run_id)),
+        ("segmented_steps", lambda: data_stages.segment_traces(store, cfg.segmentation, run_id)),
+        ("signal_labels", lambda: data_stages.label_signals(store, cfg.labeller, run_id)),
+    )
+    gates = {
+        "problems": [checks.problems_without_quarantine, checks.splits_disjoint_by_group],
+        "teacher_traces": [checks.teacher_accuracy_above_floor],
+        "segmented_steps": [checks.no_empty_steps],
+        "signal_labels": [checks.label_coverage_in_bounds],
+    }
     for name, stage in steps:
         report = stage()
         result.reports[name] = report
@@ -64,8 +70,13 @@ def _gate(result: PipelineResult, evaluated: list[checks.Check], log: Callable[[
         raise GateFailed("; ".join(f"{c.asset}.{c.name} failed: {c.metadata}" for c in failed))
 
 
-def run_pipeline(store: Store, cfg: PipelineConfig, run_id: str | None = None, log: Callable[[str], None] = print,
-                 progress: bool = True) -> PipelineResult:
+def run_pipeline(
+    store: Store,
+    cfg: PipelineConfig,
+    run_id: str | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> PipelineResult:
     """problems -> traces -> steps -> labels -> shards -> scaffold student + CoT-SFT baseline -> scores -> promotion."""
     run_id = run_id or new_run_id()
     result = PipelineResult(run_id)
@@ -80,8 +91,9 @@ def run_pipeline(store: Store, cfg: PipelineConfig, run_id: str | None = None, l
         setattr(result, "student" if kind == "scaffold" else "baseline", model)
         log(f"{kind}: {model.model_uri}, loss {model.first_loss:.3f} -> {model.final_loss:.3f}")
         _gate(result, [checks.loss_finite_and_falling(model)], log)
-    result.evaluation = evaluate_models(store, result.student, result.baseline, result.shards, cfg.eval, run_id,
-                                        progress=progress)
+    result.evaluation = evaluate_models(
+        store, result.student, result.baseline, result.shards, cfg.eval, run_id, progress=progress
+    )
     save_handle(store.home, "benchmark_scores", run_id, result.evaluation)
     result.checks.append(checks.scaffold_beats_baseline(result.evaluation, cfg.promotion.suite, cfg.eval.split))
     log(result.checks[-1].line())
@@ -91,8 +103,17 @@ def run_pipeline(store: Store, cfg: PipelineConfig, run_id: str | None = None, l
     return result
 
 
-STAGE_TABLES = ("problems", "teacher_traces", "segmented_steps", "signal_labels", "shards", "model_versions",
-                "benchmark_scores", "item_scores", "quarantine")
+STAGE_TABLES = (
+    "problems",
+    "teacher_traces",
+    "segmented_steps",
+    "signal_labels",
+    "shards",
+    "model_versions",
+    "benchmark_scores",
+    "item_scores",
+    "quarantine",
+)
 
 
 def summary(store: Store, evaluation: EvaluationHandle, champion: str | None, header: str) -> str:
@@ -101,7 +122,16 @@ def summary(store: Store, evaluation: EvaluationHandle, champion: str | None, he
     counts = store.warehouse.counts()
     lines = [header, "", f"Stage tables (DuckDB {store.warehouse_path}):"]
     lines += [f"  {table:<18} {counts[table]:>7} rows" for table in STAGE_TABLES]
-    lines += ["", "The comparison table (Pass@1):", "", evaluation.comparison_table, "", "Process metrics:", "",
-              evaluation.score_table, "",
-              f"Champion: models:/{store.model_name}@champion = version {champion or 'none'} (MLflow {store.tracking_uri})"]
+    lines += [
+        "",
+        "The comparison table (Pass@1):",
+        "",
+        evaluation.comparison_table,
+        "",
+        "Process metrics:",
+        "",
+        evaluation.score_table,
+        "",
+        f"Champion: models:/{store.model_name}@champion = version {champion or 'none'} (MLflow {store.tracking_uri})",
+    ]
     return "\n".join(lines)

@@ -30,8 +30,14 @@ from scaffold_lib.student.shards import PackConfig, load_rows, pack_rows, write_
 # Two threads fighting another process for two cores make a 25 ms step take a second (OpenMP spin-waits).
 torch.set_num_threads(1)
 
-TINY = StudentConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     num_key_value_heads=1, vocab_size=512)
+TINY = StudentConfig(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    vocab_size=512,
+)
 TRAIN_PACK = PackConfig(row_len=512, rows_per_shard=8)
 
 
@@ -93,7 +99,12 @@ def tiny_world(tmp_path_factory) -> TinyWorld:
     tokenizer = load_tokenizer(base)
     fmt = Formatter(tokenizer, tags)
     world = TinyWorld(
-        root, base, tokenizer, tags, fmt, traces,
+        root,
+        base,
+        tokenizer,
+        tags,
+        fmt,
+        traces,
         [fmt.scaffold(t.trace_id, t.question, t.steps, t.signals) for t in traces],
         [fmt.baseline(t.trace_id, t.question, t.steps) for t in traces],
     )

@@ -32,9 +32,12 @@ IGNORE = [",", "\\$", "(?s).*#### ", "\\.$"]
 
 def lm_eval_correct(output: str, gold_field: str) -> tuple[bool, bool]:
     """(strict-match, flexible-extract) correctness as lm-eval scores a GSM8K output."""
+
     def score(filtered: str) -> bool:
-        return bool(exact_match_hf_evaluate([filtered], [gold_field], regexes_to_ignore=IGNORE, ignore_case=True)
-                    ["exact_match"])
+        return bool(
+            exact_match_hf_evaluate([filtered], [gold_field], regexes_to_ignore=IGNORE, ignore_case=True)["exact_match"]
+        )
+
     return score(list(STRICT.apply([[output]], [{}]))[0][0]), score(list(FLEXIBLE.apply([[output]], [{}]))[0][0])
 
 
@@ -73,44 +76,68 @@ def test_unmarked_answers_score_as_lm_eval_flexible_extract(output, gold):
     assert ours(output, gold) is flexible
 
 
-@pytest.mark.parametrize("output, gold, why", [
-    ("So she pays $18.00.\n#### $18.00", "#### 18", "exact match compares '18.00' with '18': a value, not a string"),
-    ("The answer is 6 + 7 = 13. I double-checked 6 and 7.", "#### 13",
-     "flexible extract takes the last number (7); the answer statement commits to 13"),
-    ("The answer is \\boxed{42}, since 40 + 2.", "#### 42", "flexible extract takes the last number (2)"),
-    ("The answer is 1,000. That is 10 boxes of 100.", "#### 1000", "the last number is 100"),
-])
+@pytest.mark.parametrize(
+    "output, gold, why",
+    [
+        (
+            "So she pays $18.00.\n#### $18.00",
+            "#### 18",
+            "exact match compares '18.00' with '18': a value, not a string",
+        ),
+        (
+            "The answer is 6 + 7 = 13. I double-checked 6 and 7.",
+            "#### 13",
+            "flexible extract takes the last number (7); the answer statement commits to 13",
+        ),
+        ("The answer is \\boxed{42}, since 40 + 2.", "#### 42", "flexible extract takes the last number (2)"),
+        ("The answer is 1,000. That is 10 boxes of 100.", "#### 1000", "the last number is 100"),
+    ],
+)
 def test_where_lm_eval_is_wrong_we_say_so(output, gold, why):
     strict, flexible = lm_eval_correct(output, gold)
     assert not strict and not flexible, why  # lm-eval scores these wrong ...
     assert ours(output, gold), why  # ... and they are right
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("The answer is 1,000.", "1000"),
-    ("**Answer:** 42", "42"),
-    ("**Answer**: 42", "42"),
-    ("So we get \\boxed{7} in the end, not 8", "7"),
-    ("It costs $18.00", "18"),
-    ("The answer is $18.00.", "18"),
-    ("Final answer: -3.50", "-3.5"),
-    ("First 3 apples, then 5, finally 11 apples", "11"),
-    ("The answer is 4. Later 9 was mentioned.", "4"),  # an answer statement beats a later number
-    ("answer is 2 ... the answer is 6", "6"),  # the last statement counts
-    ("The answer is 6 + 7 = 13.", "13"),  # the statement's result, not its first operand
-    ("#### 72 and then 2 more", "72"),
-    ("The answer is 1{,}000", "1000"),
-    ("No number here at all.", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The answer is 1,000.", "1000"),
+        ("**Answer:** 42", "42"),
+        ("**Answer**: 42", "42"),
+        ("So we get \\boxed{7} in the end, not 8", "7"),
+        ("It costs $18.00", "18"),
+        ("The answer is $18.00.", "18"),
+        ("Final answer: -3.50", "-3.5"),
+        ("First 3 apples, then 5, finally 11 apples", "11"),
+        ("The answer is 4. Later 9 was mentioned.", "4"),  # an answer statement beats a later number
+        ("answer is 2 ... the answer is 6", "6"),  # the last statement counts
+        ("The answer is 6 + 7 = 13.", "13"),  # the statement's result, not its first operand
+        ("#### 72 and then 2 more", "72"),
+        ("The answer is 1{,}000", "1000"),
+        ("No number here at all.", None),
+        ("", None),
+    ],
+)
 def test_extract_number(text, expected):
     assert extract_number(text) == expected
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("1,000", "1000"), ("$18.00", "18"), ("-3.50", "-3.5"), ("7.", "7"), ("-0", "0"), ("abc", None), ("1.2.3", None),
-    ("1,\\!000", "1000"), ("\\$5", "5"), ("50%", "50"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("1,000", "1000"),
+        ("$18.00", "18"),
+        ("-3.50", "-3.5"),
+        ("7.", "7"),
+        ("-0", "0"),
+        ("abc", None),
+        ("1.2.3", None),
+        ("1,\\!000", "1000"),
+        ("\\$5", "5"),
+        ("50%", "50"),
+    ],
+)
 def test_normalise_number(raw, expected):
     assert normalise_number(raw) == expected
 
@@ -123,11 +150,18 @@ def test_last_number_and_number_equality():
     assert is_correct("Paris.", "paris", "text") and not is_correct("Rome", "paris", "text")
 
 
-@pytest.mark.parametrize("predicted, gold", [
-    ("\\pm 2", "\\pm2"), ("\\{1,2\\}", "\\{2,1\\}"), ("\\begin{pmatrix}1\\\\2\\end{pmatrix}",
-                                                    "\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
-    ("1,\\!000", "1000"), ("\\frac{1}{2}", "0.5"), ("2\\sqrt{2}", "\\sqrt{8}"), ("\\$18.00", "18"),
-])
+@pytest.mark.parametrize(
+    "predicted, gold",
+    [
+        ("\\pm 2", "\\pm2"),
+        ("\\{1,2\\}", "\\{2,1\\}"),
+        ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
+        ("1,\\!000", "1000"),
+        ("\\frac{1}{2}", "0.5"),
+        ("2\\sqrt{2}", "\\sqrt{8}"),
+        ("\\$18.00", "18"),
+    ],
+)
 def test_math_equivalence_agrees_with_math_verify(predicted, gold):
     assert math_equal(predicted, gold)
     assert verify(parse(f"${gold}$"), parse(f"${predicted}$"))

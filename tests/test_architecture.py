@@ -45,14 +45,24 @@ def test_library_imports_only_go_down_the_layers():
 def test_the_library_never_imports_dagster():
     """(dagster_pipes, the protocol a launched training job speaks back to Dagster, is the one exception: it is a
     small standalone package, and only the torchrun entry point uses it, when Dagster started it.)"""
-    offenders = [module_name(p) for p in LIB.rglob("*.py")
-                 if any((t == "dagster" or t.startswith(("dagster.", "dagster_"))) and t != "dagster_pipes"
-                        for t in imports(p))]
+    offenders = [
+        module_name(p)
+        for p in LIB.rglob("*.py")
+        if any((t == "dagster" or t.startswith(("dagster.", "dagster_"))) and t != "dagster_pipes" for t in imports(p))
+    ]
     assert not offenders
 
 
-WRITES = ("insert_new", "upsert", "register_model", "log_scores", "promote_if_better", "set_champion", "start_run",
-          "log_metrics")
+WRITES = (
+    "insert_new",
+    "upsert",
+    "register_model",
+    "log_scores",
+    "promote_if_better",
+    "set_champion",
+    "start_run",
+    "log_metrics",
+)
 
 
 def test_pipelines_only_wire():
@@ -71,7 +81,8 @@ def test_asset_bodies_are_short():
     for path in (REPO / "pipelines" / "defs").glob("*_assets.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef) and any(
-                    isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "asset" for d in node.decorator_list):
+                isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "asset" for d in node.decorator_list
+            ):
                 statements = sum(isinstance(n, ast.stmt) for n in ast.walk(node)) - 1
                 if statements > 12:
                     long.append(f"{path.name}: {node.name} has {statements} statements")

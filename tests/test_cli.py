@@ -16,8 +16,13 @@ TRACE_B = "Hmm, let me think.\r\n\r\n\r\nHowever, 4 - 1 = 3.\n  \nTherefore 3."
 
 
 def scaffold(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scaffold_lib.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=120, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "scaffold_lib.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -31,17 +36,31 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 def test_label_success(write_jsonl):
-    path = write_jsonl([{"id": "a", "trace": TRACE_A}, "", {"id": 7, "trace": TRACE_B}, {"id": "empty", "trace": " \n\n "}])
+    path = write_jsonl(
+        [{"id": "a", "trace": TRACE_A}, "", {"id": 7, "trace": TRACE_B}, {"id": "empty", "trace": " \n\n "}]
+    )
     proc = scaffold("label", path)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert all(set(r) == {"trace_id", "idx", "text", "signal", "labeller"} for r in rows)
-    assert [(r["trace_id"], r["idx"]) for r in rows] == [("a", 0), ("a", 1), ("a", 2), ("a", 3),
-                                                         ("7", 0), ("7", 1), ("7", 2)]
+    assert [(r["trace_id"], r["idx"]) for r in rows] == [
+        ("a", 0),
+        ("a", 1),
+        ("a", 2),
+        ("a", 3),
+        ("7", 0),
+        ("7", 1),
+        ("7", 2),
+    ]
     assert [(r["signal"], r["labeller"]) for r in rows] == [
-        ("reasoning_analysis", "keyword"), ("addition_elaboration", "keyword"), ("reasoning_analysis", "fallback"),
+        ("reasoning_analysis", "keyword"),
+        ("addition_elaboration", "keyword"),
+        ("reasoning_analysis", "fallback"),
         ("response_generation", "keyword"),
-        ("opinion_recall", "keyword"), ("contrast_concession", "keyword"), ("response_generation", "final_step")]
+        ("opinion_recall", "keyword"),
+        ("contrast_concession", "keyword"),
+        ("response_generation", "final_step"),
+    ]
     assert rows[1]["text"] == "Then she buys 2 more, so 3 + 2 = 5."
     assert rows[4]["text"] == "Hmm, let me think."
 
@@ -63,16 +82,19 @@ def test_label_bad_keywords_file(write_jsonl, tmp_path):
     assert_user_error(proc, "bad_kw.toml", "unknown signal")
 
 
-@pytest.mark.parametrize("bad_line, needles", [
-    (b'{"id": "b", "trace": "unterminated', ["invalid JSON"]),
-    (b'{"trace": "So 3."}', ["missing field 'id'"]),
-    (b'{"id": "b"}', ["missing field 'trace'"]),
-    (b'{"id": "b", "trace": 12}', ["'trace' must be a string", "int"]),
-    (b'{"id": "b", "trace": ["So", "3"]}', ["'trace' must be a string", "list"]),
-    (b'"just a string"', ["expected a JSON object"]),
-    (b'{"id": "b", "trace": "caf\xe9"}', ["not UTF-8"]),
-    (b'{"id": "b", "trace": "bad \\ud800 escape"}', ["'trace'", "surrogate"]),
-])
+@pytest.mark.parametrize(
+    "bad_line, needles",
+    [
+        (b'{"id": "b", "trace": "unterminated', ["invalid JSON"]),
+        (b'{"trace": "So 3."}', ["missing field 'id'"]),
+        (b'{"id": "b"}', ["missing field 'trace'"]),
+        (b'{"id": "b", "trace": 12}', ["'trace' must be a string", "int"]),
+        (b'{"id": "b", "trace": ["So", "3"]}', ["'trace' must be a string", "list"]),
+        (b'"just a string"', ["expected a JSON object"]),
+        (b'{"id": "b", "trace": "caf\xe9"}', ["not UTF-8"]),
+        (b'{"id": "b", "trace": "bad \\ud800 escape"}', ["'trace'", "surrogate"]),
+    ],
+)
 def test_label_errors_name_the_line(write_jsonl, bad_line, needles):
     path = write_jsonl([{"id": "a", "trace": TRACE_A}, "", bad_line])  # the bad line is line 3
     proc = scaffold("label", path)
@@ -86,8 +108,13 @@ def test_label_missing_file(tmp_path):
 
 def test_label_output_piped_into_a_closed_reader_is_fine(write_jsonl):
     path = write_jsonl([{"id": str(i), "trace": TRACE_A} for i in range(3000)])
-    proc = subprocess.run(f"{sys.executable} -m scaffold_lib.cli label {path} | head -n 1", shell=True,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        f"{sys.executable} -m scaffold_lib.cli label {path} | head -n 1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.stdout.count("\n") == 1
     assert "Traceback" not in proc.stderr
 
@@ -112,11 +139,14 @@ def test_data_twice_adds_nothing_the_second_time(tmp_path):
 
 
 def test_data_with_problem_file_strict_lenient_and_loud_when_nothing_is_answered(tmp_path, write_jsonl):
-    path = write_jsonl([{"question": "What is 2+2?", "answer": "#### 4"}, b"{broken", {"question": "Q?", "answer": "1"}],
-                       name="user.jsonl")
+    path = write_jsonl(
+        [{"question": "What is 2+2?", "answer": "#### 4"}, b"{broken", {"question": "Q?", "answer": "1"}],
+        name="user.jsonl",
+    )
     home = tmp_path / "home"
-    assert_user_error(scaffold("--home", home, "data", "--problems-file", path, "--no-lenient"), f"{path}:2:",
-                      "invalid JSON")
+    assert_user_error(
+        scaffold("--home", home, "data", "--problems-file", path, "--no-lenient"), f"{path}:2:", "invalid JSON"
+    )
     loud = scaffold("--home", home, "data", "--problems-file", path)
     # the programmatic teacher cannot solve these: every problem failed, so the run fails and says why
     assert loud.returncode == 1, (loud.stdout, loud.stderr)
@@ -129,10 +159,15 @@ def test_data_with_problem_file_strict_lenient_and_loud_when_nothing_is_answered
 
 
 def test_data_bad_setting_is_a_user_error(tmp_path):
-    assert_user_error(scaffold("--home", tmp_path, "data", "--n-problems", 0), "problems.synthetic.n_problems",
-                      "greater than or equal to 1")
-    assert_user_error(scaffold("--home", tmp_path, "--set", "train.max_step=3", "config"),
-                      "unknown setting 'train.max_step' (did you mean train.max_steps?)")
+    assert_user_error(
+        scaffold("--home", tmp_path, "data", "--n-problems", 0),
+        "problems.synthetic.n_problems",
+        "greater than or equal to 1",
+    )
+    assert_user_error(
+        scaffold("--home", tmp_path, "--set", "train.max_step=3", "config"),
+        "unknown setting 'train.max_step' (did you mean train.max_steps?)",
+    )
 
 
 def test_help_lists_the_commands():

@@ -12,13 +12,18 @@ import pytest
 
 from scaffold_lib.store.store import Store
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def scaffold(*args: str, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "DAGSTER_HOME": str(home), "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
-    return subprocess.run([sys.executable, "-m", "scaffold_lib.cli", "--preset", "micro", *args], capture_output=True,
-                          text=True, env=env, timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "scaffold_lib.cli", "--preset", "micro", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +55,10 @@ def test_train_registers_both_arms_with_lineage(trained):
     assert Path(trained["model"], "model.safetensors").exists()
     wh = Store.at(trained["home"]).warehouse
     versions = wh.query("SELECT model_name, version, kind FROM model_versions ORDER BY kind")
-    assert versions == [{"model_name": "scaffold-student-baseline", "version": "1", "kind": "baseline"},
-                        {"model_name": "scaffold-student", "version": "1", "kind": "scaffold"}]
+    assert versions == [
+        {"model_name": "scaffold-student-baseline", "version": "1", "kind": "baseline"},
+        {"model_name": "scaffold-student", "version": "1", "kind": "scaffold"},
+    ]
     assert wh.scalar("SELECT count(*) FROM model_shards") == wh.scalar("SELECT count(*) FROM shards")
     # every row names the CLI run that wrote it
     assert {r["dagster_run_id"][:4] for r in wh.query("SELECT dagster_run_id FROM model_versions")} == {"cli-"}
@@ -65,8 +72,11 @@ def test_eval_stores_scores_and_prints_the_tables(trained):
     wh = Store.at(trained["home"]).warehouse
     rows = wh.query("SELECT model_name, variant, n FROM benchmark_scores ORDER BY model_name, variant")
     assert {(r["model_name"], r["variant"]) for r in rows} == {
-        ("scaffold-student", "predicted"), ("scaffold-student", "random"), ("scaffold-student-baseline", "cot_sft"),
-        ("base:embedded", "base")}
+        ("scaffold-student", "predicted"),
+        ("scaffold-student", "random"),
+        ("scaffold-student-baseline", "cot_sft"),
+        ("base:embedded", "base"),
+    }
     assert {r["n"] for r in rows} == {2}
     assert wh.scalar("SELECT count(*) FROM item_scores") == 2 * 4
     sample_files = [line.split(": ", 2)[-1] for line in out.stdout.splitlines() if line.endswith(".jsonl")]
@@ -77,8 +87,15 @@ def test_eval_stores_scores_and_prints_the_tables(trained):
 
 
 def test_ask_prints_tagged_steps_and_an_answer(trained):
-    out = scaffold("ask", "Ava has 3 apples. Ava buys 2 more apples. How many apples does Ava have now?",
-                   "--model", trained["model"], "--tau", "0", home=trained["home"])
+    out = scaffold(
+        "ask",
+        "Ava has 3 apples. Ava buys 2 more apples. How many apples does Ava have now?",
+        "--model",
+        trained["model"],
+        "--tau",
+        "0",
+        home=trained["home"],
+    )
     assert out.returncode == 0, out.stderr
     assert "[response_generation]" in out.stdout and "answer:" in out.stdout
 
@@ -92,8 +109,13 @@ def test_promote_applies_the_rule_and_lineage_lists_the_traces(trained):
 
 
 def test_registry_commands_explain_a_missing_registry(tmp_path):
-    for args in (("ask", "q", "--model", "champion"), ("promote", "--version", "1"), ("lineage", "--model", "champion"),
-                 ("train",), ("eval",)):
+    for args in (
+        ("ask", "q", "--model", "champion"),
+        ("promote", "--version", "1"),
+        ("lineage", "--model", "champion"),
+        ("train",),
+        ("eval",),
+    ):
         out = scaffold(*args, home=tmp_path)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         assert "Traceback" not in out.stderr and "scaffold" in out.stderr

@@ -68,9 +68,12 @@ def memorise(world: TinyWorld, kind: str, steps: int = 150) -> ScaffoldStudent:
     rows, _ = pack_rows([ex], pc)
     infos, _ = write_shards(rows, world.root / f"memorise-{kind}", kind, "h", pc)
     model = world.student(kind=kind)
-    result = train(model, load_rows([i.path for i in infos]),
-                   TrainConfig(kind=kind, max_steps=steps, batch_size=1, warmup_steps=0, learning_rate=1e-2,
-                               weight_decay=0.0), progress=False)
+    result = train(
+        model,
+        load_rows([i.path for i in infos]),
+        TrainConfig(kind=kind, max_steps=steps, batch_size=1, warmup_steps=0, learning_rate=1e-2, weight_decay=0.0),
+        progress=False,
+    )
     assert result.token_losses[-1] < 0.1
     return model.eval()
 
@@ -84,8 +87,9 @@ def question(world: TinyWorld, i: int = 0) -> str:
     return world.traces[i].question
 
 
-def reference_decode(model: ScaffoldStudent, world: TinyWorld, q: str, signals: list[str], max_step_tokens: int,
-                     max_answer_tokens: int) -> tuple[list[str], str]:
+def reference_decode(
+    model: ScaffoldStudent, world: TinyWorld, q: str, signals: list[str], max_step_tokens: int, max_answer_tokens: int
+) -> tuple[list[str], str]:
     """Greedy decoding with a fixed signal sequence and no cache: every token recomputes the whole context."""
     fmt, tok = world.fmt, world.tokenizer
     ids, steps = list(fmt.question_ids(q)), []
@@ -122,8 +126,9 @@ def test_impossible_tau_answers_at_once(world, untrained):
 
 
 def test_confident_steps_until_max_steps(world, untrained):
-    dec = ScaffoldDecoder(untrained, world.tokenizer, DecodeConfig(tau=0.96, max_steps=2, max_step_tokens=4,
-                                                                   max_answer_tokens=3))
+    dec = ScaffoldDecoder(
+        untrained, world.tokenizer, DecodeConfig(tau=0.96, max_steps=2, max_step_tokens=4, max_answer_tokens=3)
+    )
     gen = dec.generate(question(world))
     assert gen.stopped_by == "max_steps" and len(gen.steps) == 2
     assert [s.signal for s in gen.steps] == ["reasoning_analysis"] * 2
@@ -135,8 +140,11 @@ def test_confident_steps_until_max_steps(world, untrained):
 
 @pytest.mark.parametrize("max_tokens", [1, 5, 9, 10, 11, 12, 13])
 def test_max_tokens_is_never_exceeded(world, untrained, max_tokens):
-    dec = ScaffoldDecoder(untrained, world.tokenizer, DecodeConfig(tau=0.0, max_steps=50, max_step_tokens=4,
-                                                                   max_answer_tokens=5, max_tokens=max_tokens))
+    dec = ScaffoldDecoder(
+        untrained,
+        world.tokenizer,
+        DecodeConfig(tau=0.0, max_steps=50, max_step_tokens=4, max_answer_tokens=5, max_tokens=max_tokens),
+    )
     gen = dec.generate(question(world))
     assert 1 <= gen.new_tokens <= max_tokens
     assert gen.stopped_by == "max_tokens"
@@ -166,8 +174,9 @@ def test_golden_follows_the_given_signals_then_answers(world, untrained):
 
 
 def test_random_variant_draws_step_signals(world, untrained):
-    dec = ScaffoldDecoder(untrained, world.tokenizer, DecodeConfig(tau=0.5, max_steps=8, max_step_tokens=2,
-                                                                   max_answer_tokens=2))
+    dec = ScaffoldDecoder(
+        untrained, world.tokenizer, DecodeConfig(tau=0.5, max_steps=8, max_step_tokens=2, max_answer_tokens=2)
+    )
     gen = dec.generate(question(world), "random", rng=random.Random(0))
     signals = [s.signal for s in gen.steps]
     assert len(signals) == 8 and set(signals) <= set(STEP_SIGNALS) and ANSWER_SIGNAL not in signals
@@ -200,9 +209,11 @@ def test_summaries_only_prunes_non_conclusion_steps(world, memorised):
 def test_kv_cache_and_batching_match_recomputation(world, sharp):
     cfg = DecodeConfig(max_step_tokens=5, max_answer_tokens=4)
     dec = ScaffoldDecoder(sharp, world.tokenizer, cfg)
-    goldens = [["reasoning_analysis", "addition_elaboration", ANSWER_SIGNAL],
-               ["contrast_concession", "conclusion_summary", "opinion_recall", ANSWER_SIGNAL],
-               ["examples_illustration", ANSWER_SIGNAL]]
+    goldens = [
+        ["reasoning_analysis", "addition_elaboration", ANSWER_SIGNAL],
+        ["contrast_concession", "conclusion_summary", "opinion_recall", ANSWER_SIGNAL],
+        ["examples_illustration", ANSWER_SIGNAL],
+    ]
     qs = [question(world, i) for i in (0, 1, 2)]
     assert len({len(world.fmt.question_ids(q)) for q in qs}) > 1  # left padding is exercised
     batch = dec.generate_batch(qs, "golden", goldens)
@@ -234,8 +245,12 @@ def test_memorised_trace_is_reproduced(world, memorised):
         assert [s.signal for s in gen.steps] == trace.signals[:-1], variant
         assert gen.answer_text == trace.steps[-1] and gen.answer == trace.answer
         assert gen.stopped_by == "answer"
-    acc = next_signal_accuracy(memorised, world.fmt, [EvalItem("d0", trace.question, trace.answer, "number",
-                                                                     trace.signals, trace.steps)], tau=0.5)
+    acc = next_signal_accuracy(
+        memorised,
+        world.fmt,
+        [EvalItem("d0", trace.question, trace.answer, "number", trace.signals, trace.steps)],
+        tau=0.5,
+    )
     assert acc["next_signal_acc"] == 1.0 and acc["boundaries"] == len(trace.steps)
 
 
@@ -268,9 +283,11 @@ def test_next_signal_accuracy_of_a_constant_head(world):
 
 def test_evaluate_scaffold_and_baseline(world, memorised):
     t0, t1, t2 = world.traces[:3]
-    items = [EvalItem("d0", t0.question, t0.answer, "number", t0.signals, t0.steps),
-             EvalItem("d1", t1.question, t1.answer, "number", t1.signals, t1.steps),
-             EvalItem("d2", t2.question, t2.answer)]  # no teacher trace: no golden signals
+    items = [
+        EvalItem("d0", t0.question, t0.answer, "number", t0.signals, t0.steps),
+        EvalItem("d1", t1.question, t1.answer, "number", t1.signals, t1.steps),
+        EvalItem("d2", t2.question, t2.answer),
+    ]  # no teacher trace: no golden signals
     cfg = EvalConfig(decode=DecodeConfig(tau=0.0, max_steps=16, max_step_tokens=48, max_tokens=320), batch_size=2)
     rows, records = evaluate_scaffold(memorised, world.fmt, items, suite_run(cfg, "heldout"), progress=False)
     by_variant = {r.variant: r for r in rows}
@@ -287,16 +304,30 @@ def test_evaluate_scaffold_and_baseline(world, memorised):
         assert 0 <= r.ci_low <= r.accuracy <= r.ci_high <= 1
         # teacher forced over d0 and d1: at least every boundary of the memorised trace d0 is right
         assert r.next_signal_acc >= len(t0.signals) / (len(t0.signals) + len(t1.signals))
-    limited, _ = evaluate_scaffold(memorised, world.fmt, items[:1],
-                                   suite_run(cfg.model_copy(update={"variants": ["golden"]}), "heldout"), progress=False)
+    limited, _ = evaluate_scaffold(
+        memorised,
+        world.fmt,
+        items[:1],
+        suite_run(cfg.model_copy(update={"variants": ["golden"]}), "heldout"),
+        progress=False,
+    )
     assert [(r.variant, r.n) for r in limited] == [("golden", 1)]
     with pytest.raises(ValueError, match="unknown variant"):
-        evaluate_scaffold(memorised, world.fmt, items, suite_run(cfg.model_copy(update={"variants": ["nope"]}),
-                                                                 "heldout"), progress=False)
+        evaluate_scaffold(
+            memorised,
+            world.fmt,
+            items,
+            suite_run(cfg.model_copy(update={"variants": ["nope"]}), "heldout"),
+            progress=False,
+        )
 
-    base_rows, base_records = evaluate_plain(world.student(kind="baseline").eval(), world.fmt, items,
-                                             suite_run(cfg.model_copy(update={"decode": DecodeConfig(max_tokens=12)}),
-                                                       "heldout"), progress=False)
+    base_rows, base_records = evaluate_plain(
+        world.student(kind="baseline").eval(),
+        world.fmt,
+        items,
+        suite_run(cfg.model_copy(update={"decode": DecodeConfig(max_tokens=12)}), "heldout"),
+        progress=False,
+    )
     assert len(base_rows) == 1 and base_rows[0].variant == "cot_sft" and base_rows[0].n == 3
     assert base_rows[0].signal_fidelity is None and base_rows[0].answer_consistency is None
     assert len(base_records) == 3 and all(r.variant == "cot_sft" for r in base_records)
@@ -305,8 +336,9 @@ def test_evaluate_scaffold_and_baseline(world, memorised):
 
 def test_random_variant_does_not_depend_on_batch_size(world, untrained):
     """The eval-config hash leaves the batch size out, so no variant's output may depend on it (random included)."""
-    dec = ScaffoldDecoder(untrained, world.tokenizer, DecodeConfig(tau=0.5, max_steps=4, max_step_tokens=2,
-                                                                   max_answer_tokens=2))
+    dec = ScaffoldDecoder(
+        untrained, world.tokenizer, DecodeConfig(tau=0.5, max_steps=4, max_step_tokens=2, max_answer_tokens=2)
+    )
     qs = [question(world, i) for i in range(4)]
     rng = random.Random(7)
     together = dec.generate_batch(qs, "random", rng=rng)

@@ -15,13 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 STEPS = 8
 
 
 def _env(home: Path) -> dict:
-    return {**os.environ, "DAGSTER_HOME": str(home), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "TQDM_DISABLE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def _run(cmd: list[str], home: Path) -> dict:
@@ -43,11 +48,24 @@ def packed(tmp_path_factory) -> dict:
 def job_file(packed: dict, name: str, batch_size: int, **train) -> Path:
     info = packed["info"]
     path = packed["home"] / f"{name}.json"
-    path.write_text(json.dumps({
-        "warehouse": str(packed["wh"]), "artifacts": str(packed["home"] / name), "base_model": info["base_model"],
-        "manifest_hash": info["manifests"]["scaffold"],
-        "train": {"max_steps": STEPS, "batch_size": batch_size, "checkpoint_every": 4, "warmup_steps": 2,
-                  "learning_rate": 3e-3, **train}}))
+    path.write_text(
+        json.dumps(
+            {
+                "warehouse": str(packed["wh"]),
+                "artifacts": str(packed["home"] / name),
+                "base_model": info["base_model"],
+                "manifest_hash": info["manifests"]["scaffold"],
+                "train": {
+                    "max_steps": STEPS,
+                    "batch_size": batch_size,
+                    "checkpoint_every": 4,
+                    "warmup_steps": 2,
+                    "learning_rate": 3e-3,
+                    **train,
+                },
+            }
+        )
+    )
     return path
 
 
@@ -56,8 +74,20 @@ def one_process(job: Path, home: Path) -> dict:
 
 
 def two_processes(job: Path, home: Path) -> dict:
-    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                 "-m", "scaffold_lib.student.launch", str(job)], home)
+    return _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "scaffold_lib.student.launch",
+            str(job),
+        ],
+        home,
+    )
 
 
 def losses(summary: dict) -> np.ndarray:
@@ -75,7 +105,9 @@ def test_two_processes_of_batch_b_follow_one_process_of_batch_2b(packed) -> None
     assert len(list((art / "students").iterdir())) == 1
     (ckpts,) = list((art / "checkpoints").iterdir())
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000004", "step-0000008"]
-    print(f"\n[distributed] 2 processes x 2 rows vs 1 x 4 rows over {STEPS} steps: max loss difference {difference:.1e}")
+    print(
+        f"\n[distributed] 2 processes x 2 rows vs 1 x 4 rows over {STEPS} steps: max loss difference {difference:.1e}"
+    )
 
 
 def test_a_checkpoint_written_by_two_processes_resumes_in_one(packed) -> None:
@@ -125,8 +157,14 @@ def test_student_model_launches_torchrun_through_pipes(tmp_path, monkeypatch) ->
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     selection = ["problems", "teacher_traces", "segmented_steps", "signal_labels", "packed_shards", "student_model"]
     cfg = micro(train={"launcher": "torchrun", "nproc": 2, "max_steps": 6, "checkpoint_every": 3})
-    result = dg.materialize(graph(), selection=selection, resources=resources(home),
-                            run_config=run_config(cfg, selection), instance=instance, raise_on_error=False)
+    result = dg.materialize(
+        graph(),
+        selection=selection,
+        resources=resources(home),
+        run_config=run_config(cfg, selection),
+        instance=instance,
+        raise_on_error=False,
+    )
     assert result.success, failures(result)
     meta = metadata(result, "student_model")
     assert meta["world_size"] == 2 and meta["model_version"] == "1"

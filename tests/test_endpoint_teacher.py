@@ -29,8 +29,17 @@ FAST_RETRY = {"backoff_initial_s": 0.01, "backoff_max_s": 0.2}
 
 
 def endpoint_config(server: ScriptedEndpoint, **overrides) -> EndpointConfig:
-    return EndpointConfig(**{"base_urls": [server.base_url], "model": "scripted-r1", "api_key": "test-key",
-                             "concurrency": 8, "timeout_s": 5.0, **FAST_RETRY, **overrides})
+    return EndpointConfig(
+        **{
+            "base_urls": [server.base_url],
+            "model": "scripted-r1",
+            "api_key": "test-key",
+            "concurrency": 8,
+            "timeout_s": 5.0,
+            **FAST_RETRY,
+            **overrides,
+        }
+    )
 
 
 def stored_problems(wh: Warehouse, n: int, seed: int = 0) -> list:
@@ -59,8 +68,9 @@ def test_every_problem_is_traced_once_under_20_percent_faults(tmp_path: Path, wa
     assert run["requests_answered"] == 80 and run["completion_tokens"] > 0 and run["latency_p95_s"] is not None
     # a second run asks nothing: everything is in the warehouse
     with ScriptedEndpoint() as server:
-        again = generate_teacher_traces(wh, EndpointTeacher(endpoint_config(server), journal_dir=tmp_path / "j",
-                                                            progress=False))
+        again = generate_teacher_traces(
+            wh, EndpointTeacher(endpoint_config(server), journal_dir=tmp_path / "j", progress=False)
+        )
         assert server.stats()["requests"] == 0
     assert again.new_rows == 0 and again.details["asked"] == 0
 
@@ -69,8 +79,9 @@ def test_think_tags_streaming_and_samples(tmp_path: Path, warehouse_path: Path) 
     wh = Warehouse(warehouse_path)
     stored_problems(wh, 6)
     with ScriptedEndpoint(reasoning_mode="think_tags") as server:
-        teacher = EndpointTeacher(endpoint_config(server, stream=True), PromptConfig(samples=2),
-                                  journal_dir=tmp_path / "j", progress=False)
+        teacher = EndpointTeacher(
+            endpoint_config(server, stream=True), PromptConfig(samples=2), journal_dir=tmp_path / "j", progress=False
+        )
         report = generate_teacher_traces(wh, teacher)
         assert server.stats()["requests"] == 12
     assert report.new_rows == 12
@@ -81,9 +92,11 @@ def test_think_tags_streaming_and_samples(tmp_path: Path, warehouse_path: Path) 
         assert r["answer_text"].split()[0] in ("The", "**Answer:**") and r["completion_tokens"] > 5
     segment_traces(wh)
     label_signals(wh)
-    final = wh.query("SELECT l.signal FROM signal_labels l JOIN segmented_steps s USING (step_id) "
-                     "JOIN (SELECT trace_id, max(idx) AS last FROM segmented_steps GROUP BY ALL) m USING (trace_id) "
-                     "WHERE s.idx = m.last")
+    final = wh.query(
+        "SELECT l.signal FROM signal_labels l JOIN segmented_steps s USING (step_id) "
+        "JOIN (SELECT trace_id, max(idx) AS last FROM segmented_steps GROUP BY ALL) m USING (trace_id) "
+        "WHERE s.idx = m.last"
+    )
     assert {r["signal"] for r in final} == {"response_generation"}
 
 
@@ -91,8 +104,9 @@ def test_a_refused_key_stops_the_run_instead_of_failing_each_problem(tmp_path: P
     wh = Warehouse(warehouse_path)
     stored_problems(wh, 20)
     with ScriptedEndpoint(api_key="the-right-key") as server:
-        teacher = EndpointTeacher(endpoint_config(server, api_key="a-wrong-key", concurrency=4), journal_dir=tmp_path / "j",
-                                  progress=False)
+        teacher = EndpointTeacher(
+            endpoint_config(server, api_key="a-wrong-key", concurrency=4), journal_dir=tmp_path / "j", progress=False
+        )
         with pytest.raises(EndpointConfigError, match="401"):
             generate_teacher_traces(wh, teacher)
         assert server.stats()["requests"] <= 4  # the other workers stopped at once
@@ -113,8 +127,9 @@ def test_failures_are_recorded_and_retried_on_the_next_run(tmp_path: Path, wareh
     errors = wh.query("SELECT DISTINCT error FROM teacher_failures")
     assert len(errors) == 1 and errors[0]["error"].startswith("InternalServerError 500")
     with ScriptedEndpoint() as server:
-        retry = generate_teacher_traces(wh, EndpointTeacher(endpoint_config(server), journal_dir=tmp_path / "j",
-                                                            progress=False))
+        retry = generate_teacher_traces(
+            wh, EndpointTeacher(endpoint_config(server), journal_dir=tmp_path / "j", progress=False)
+        )
     assert retry.new_rows == 10 and retry.details["failed"] == 0
 
 
@@ -154,8 +169,13 @@ def test_kill_9_mid_run_keeps_every_completed_trace_and_resends_none(tmp_path: P
         first_run = server.stats()
         assert 15 <= len(done_before) < 60, "the kill must land mid-run"
         server.reset_stats()
-        second = subprocess.run([sys.executable, "-c", GENERATE, str(home), server.base_url, str(journals)],
-                                env=env, capture_output=True, text=True, timeout=120)
+        second = subprocess.run(
+            [sys.executable, "-c", GENERATE, str(home), server.base_url, str(journals)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert second.returncode == 0, second.stderr
         second_run = server.stats()
     wh = Warehouse(warehouse)
@@ -194,14 +214,20 @@ def test_llm_label_validation_confirms_corrects_reasks_and_caches(tmp_path: Path
     wh = Warehouse(warehouse_path)
     stored_problems(wh, 40)
     with ScriptedEndpoint() as server:
-        generate_teacher_traces(wh, EndpointTeacher(endpoint_config(server), journal_dir=tmp_path / "j", progress=False))
+        generate_teacher_traces(
+            wh, EndpointTeacher(endpoint_config(server), journal_dir=tmp_path / "j", progress=False)
+        )
     segment_traces(wh)
     label_signals(wh)
-    before = {r["step_id"]: r for r in wh.query("SELECT l.*, s.text FROM signal_labels l JOIN segmented_steps s USING (step_id)")}
+    before = {
+        r["step_id"]: r
+        for r in wh.query("SELECT l.*, s.text FROM signal_labels l JOIN segmented_steps s USING (step_id)")
+    }
     to_check = [r for r in before.values() if r["labeller"] in (KEYWORD, FALLBACK)]
     with ScriptedEndpoint(responder=validator_responder) as server:
-        validator = LabelValidator(ValidatorConfig(endpoint=endpoint_config(server, max_tokens=16)),
-                                   tmp_path / "j", progress=False)
+        validator = LabelValidator(
+            ValidatorConfig(endpoint=endpoint_config(server, max_tokens=16)), tmp_path / "j", progress=False
+        )
         report = validate_signal_labels(store_of(wh), validator)
         stats = server.stats()
     distinct = len({(r["text"], r["keyword_signal"]) for r in to_check})
@@ -217,8 +243,11 @@ def test_llm_label_validation_confirms_corrects_reasks_and_caches(tmp_path: Path
         if old["labeller"] not in (KEYWORD, FALLBACK) or "ignore" in old["text"]:
             assert (new["signal"], new["labeller"]) == (old["signal"], old["labeller"])
         elif old["text"].startswith("Hmm"):
-            expected = LLM_AGREE if old["signal"] == "contrast_concession" and old["labeller"] == KEYWORD else (
-                LLM_OVERRIDE if old["labeller"] == KEYWORD else LLM)
+            expected = (
+                LLM_AGREE
+                if old["signal"] == "contrast_concession" and old["labeller"] == KEYWORD
+                else (LLM_OVERRIDE if old["labeller"] == KEYWORD else LLM)
+            )
             assert (new["signal"], new["labeller"]) == ("contrast_concession", expected)
         elif old["labeller"] == KEYWORD:
             assert (new["signal"], new["labeller"]) == (old["signal"], LLM_AGREE)
@@ -231,8 +260,10 @@ def test_llm_label_validation_confirms_corrects_reasks_and_caches(tmp_path: Path
     assert stats_after["keyword_coverage"] == label_statistics(store_of(wh))["keyword_coverage"] > 0.5
     # a re-run asks nothing: verdicts come from the warehouse cache, even with a fresh journal folder
     with ScriptedEndpoint(responder=validator_responder) as server:
-        again = validate_signal_labels(store_of(wh), LabelValidator(ValidatorConfig(endpoint=endpoint_config(server)),
-                                                          tmp_path / "fresh", progress=False))
+        again = validate_signal_labels(
+            store_of(wh),
+            LabelValidator(ValidatorConfig(endpoint=endpoint_config(server)), tmp_path / "fresh", progress=False),
+        )
         assert server.stats()["requests"] == 0
     assert again["verdicts_from_cache"] == len(never)  # only the never-valid ones are still keyword/fallback
 
@@ -243,8 +274,11 @@ SENTINEL = "sk-sentinel-7f3a9c1e-never-log-me"
 def dagster_resources(home: Path, **secrets) -> dict:
     from pipelines.defs.resources import HandleIOManager, SecretsResource, StoreResource
 
-    return {"store": StoreResource(home=str(home)), "io_manager": HandleIOManager(home=str(home)),
-            "secrets": SecretsResource(**secrets)}
+    return {
+        "store": StoreResource(home=str(home)),
+        "io_manager": HandleIOManager(home=str(home)),
+        "secrets": SecretsResource(**secrets),
+    }
 
 
 def test_dagster_assets_run_against_a_configured_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -256,23 +290,46 @@ def test_dagster_assets_run_against_a_configured_endpoint(tmp_path: Path, monkey
     home.mkdir()
 
     # the servers accept only the key the environment holds: a run that did not deliver it fails with a 401
-    with ScriptedEndpoint(api_key=SENTINEL) as teacher_server, \
-            ScriptedEndpoint(responder=validator_responder, api_key=SENTINEL) as label_server:
+    with (
+        ScriptedEndpoint(api_key=SENTINEL) as teacher_server,
+        ScriptedEndpoint(responder=validator_responder, api_key=SENTINEL) as label_server,
+    ):
         endpoint = {"model": "scripted-r1", "concurrency": 8}
-        run_config = {"ops": {
-            "problems": {"config": {"problems": {"synthetic": {"n_problems": 30}}}},
-            "teacher_traces": {"config": {"teacher": {
-                "backend": "openai", "journal_dir": str(tmp_path / "j"), "progress": False,
-                "endpoint": {"base_urls": [teacher_server.base_url], **endpoint}}}},
-            "signal_labels": {"config": {"labeller": {
-                "validate_with_llm": True, "progress": False,
-                "endpoint": {"base_urls": [label_server.base_url], **endpoint}}}}}}
+        run_config = {
+            "ops": {
+                "problems": {"config": {"problems": {"synthetic": {"n_problems": 30}}}},
+                "teacher_traces": {
+                    "config": {
+                        "teacher": {
+                            "backend": "openai",
+                            "journal_dir": str(tmp_path / "j"),
+                            "progress": False,
+                            "endpoint": {"base_urls": [teacher_server.base_url], **endpoint},
+                        }
+                    }
+                },
+                "signal_labels": {
+                    "config": {
+                        "labeller": {
+                            "validate_with_llm": True,
+                            "progress": False,
+                            "endpoint": {"base_urls": [label_server.base_url], **endpoint},
+                        }
+                    }
+                },
+            }
+        }
         instance = dg.DagsterInstance.ephemeral()
         result = dg.materialize(
             [data_assets.problems, data_assets.teacher_traces, data_assets.segmented_steps, data_assets.signal_labels],
-            resources=dagster_resources(home, teacher_api_key=dg.EnvVar("SCAFFOLD_TEST_API_KEY"),
-                                        labeller_api_key=dg.EnvVar("SCAFFOLD_TEST_API_KEY")),
-            instance=instance, run_config=run_config)
+            resources=dagster_resources(
+                home,
+                teacher_api_key=dg.EnvVar("SCAFFOLD_TEST_API_KEY"),
+                labeller_api_key=dg.EnvVar("SCAFFOLD_TEST_API_KEY"),
+            ),
+            instance=instance,
+            run_config=run_config,
+        )
         assert teacher_server.stats()["requests"] == 30 and label_server.stats()["requests"] > 0
     assert result.success
     traces = result.asset_materializations_for_node("teacher_traces")[0].metadata
@@ -291,7 +348,8 @@ def test_dagster_assets_run_against_a_configured_endpoint(tmp_path: Path, monkey
 
 
 def test_a_partition_backfill_fans_out_over_two_endpoints_and_a_failed_shard_reruns_alone(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pipelines.defs import data_assets
     from scaffold_lib.data.problems import shard_of
 
@@ -302,14 +360,27 @@ def test_a_partition_backfill_fans_out_over_two_endpoints_and_a_failed_shard_rer
     keys = data_assets.TRACE_SHARDS.get_partition_keys()
     down = FaultPlan(rate=1.0, kinds=("server_error",), max_faults_per_prompt=10_000)
     with ScriptedEndpoint() as even, ScriptedEndpoint(faults=down) as odd:
+
         def run(assets: list, partition: str | None = None) -> dg.ExecuteInProcessResult:
-            teacher = {"backend": "openai", "journal_dir": str(tmp_path / "j"), "progress": False,
-                       "endpoint": {"base_urls": [even.base_url, odd.base_url], "model": "scripted-r1",
-                                    "max_attempts": 2}}
-            config = ({"problems": {"config": {"problems": {"synthetic": {"n_problems": 64}}}}}
-                      if data_assets.problems in assets else {"teacher_trace_shards": {"config": {"teacher": teacher}}})
-            return dg.materialize(assets, partition_key=partition, instance=instance, raise_on_error=False,
-                                  resources=dagster_resources(home), run_config={"ops": config})
+            teacher = {
+                "backend": "openai",
+                "journal_dir": str(tmp_path / "j"),
+                "progress": False,
+                "endpoint": {"base_urls": [even.base_url, odd.base_url], "model": "scripted-r1", "max_attempts": 2},
+            }
+            config = (
+                {"problems": {"config": {"problems": {"synthetic": {"n_problems": 64}}}}}
+                if data_assets.problems in assets
+                else {"teacher_trace_shards": {"config": {"teacher": teacher}}}
+            )
+            return dg.materialize(
+                assets,
+                partition_key=partition,
+                instance=instance,
+                raise_on_error=False,
+                resources=dagster_resources(home),
+                run_config={"ops": config},
+            )
 
         assert run([data_assets.problems]).success
         results = {key: run([data_assets.teacher_trace_shards], key) for key in keys}
@@ -322,8 +393,9 @@ def test_a_partition_backfill_fans_out_over_two_endpoints_and_a_failed_shard_rer
         assert even.stats()["requests"] == 0  # nothing asked of the other shards' server
     wh = Warehouse(home / "warehouse.duckdb")
     rows = wh.query("SELECT t.problem_id, t.endpoint FROM teacher_traces t")
-    assert len(rows) == len(before) + sum(1 for p in wh.query("SELECT problem_id FROM problems")
-                                          if shard_of(p["problem_id"], 8) == 1)
+    assert len(rows) == len(before) + sum(
+        1 for p in wh.query("SELECT problem_id FROM problems") if shard_of(p["problem_id"], 8) == 1
+    )
     for r in rows:  # every trace names the server of its shard
         assert r["endpoint"] == (even.base_url if shard_of(r["problem_id"], 8) % 2 == 0 else odd.base_url)
     failed = wh.scalar("SELECT count(DISTINCT problem_id) FROM teacher_failures")

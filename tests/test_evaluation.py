@@ -40,8 +40,11 @@ def test_signal_fidelity_compares_labeller_with_conditioning_signal():
     assert signal_fidelity([faithful]) == 1.0
     assert signal_fidelity([unfaithful]) == 0.0
     assert signal_fidelity([faithful, unfaithful]) == 0.5
-    mixed = gen(("conclusion_summary", "Therefore, Ava has 12 apples."), ("reasoning_analysis", "So 3 + 4 = 7."),
-                ("examples_illustration", "Wait, that is wrong."))
+    mixed = gen(
+        ("conclusion_summary", "Therefore, Ava has 12 apples."),
+        ("reasoning_analysis", "So 3 + 4 = 7."),
+        ("examples_illustration", "Wait, that is wrong."),
+    )
     assert signal_fidelity([mixed]) == pytest.approx(2 / 3)
     # steps, not generations, are the unit: 3 of 4 steps faithful
     assert signal_fidelity([mixed, faithful]) == pytest.approx(3 / 4)
@@ -62,12 +65,17 @@ def test_signal_fidelity_without_steps_is_none():
 
 
 def test_answer_consistency_uses_last_number_of_last_conclusion():
-    consistent = gen(("reasoning_analysis", "So 3 + 4 = 7."), ("conclusion_summary", "Therefore, 7 * 2 = 14 apples."),
-                     answer="14")
+    consistent = gen(
+        ("reasoning_analysis", "So 3 + 4 = 7."), ("conclusion_summary", "Therefore, 7 * 2 = 14 apples."), answer="14"
+    )
     inconsistent = gen(("conclusion_summary", "Thus the count is 14."), answer="15")
     # the last conclusion counts, not an earlier one
-    later = gen(("conclusion_summary", "Thus it is 9."), ("reasoning_analysis", "Wait, 9 + 1 = 10."),
-                ("conclusion_summary", "Therefore, Ava has 1,000 coins."), answer="1000")
+    later = gen(
+        ("conclusion_summary", "Thus it is 9."),
+        ("reasoning_analysis", "Wait, 9 + 1 = 10."),
+        ("conclusion_summary", "Therefore, Ava has 1,000 coins."),
+        answer="1000",
+    )
     assert answer_consistency([consistent]) == 1.0
     assert answer_consistency([inconsistent]) == 0.0
     assert answer_consistency([later]) == 1.0
@@ -130,7 +138,11 @@ def test_eval_config_hash_tracks_what_makes_scores_comparable():
     assert eval_config_hash(base, budget=budget) != h
     run = suite_run(base, "heldout", budget)
     assert (run.decode.max_step_tokens, run.decode.max_answer_tokens, run.decode.max_tokens, run.decode.max_steps) == (
-        50, 25, 375, 12)
+        50,
+        25,
+        375,
+        12,
+    )
     pinned = base.model_copy(update={"decode": DecodeConfig(max_tokens=100)})
     assert suite_run(pinned, "heldout", budget).decode.max_tokens == 100  # a cap set by hand is kept
 
@@ -139,10 +151,12 @@ def test_score_rows_and_table():
     cfg = EvalConfig()
     run = suite_run(cfg, "heldout")
     items = [EvalItem(f"d{i}", f"q{i}", str(i)) for i in range(4)]
-    gens = [gen(("conclusion_summary", "Therefore, it is 0."), answer="0", answer_text="The answer is 0."),
-            gen(("reasoning_analysis", "So it is 1."), answer="1"),
-            gen(answer="5"),
-            gen(answer=None)]
+    gens = [
+        gen(("conclusion_summary", "Therefore, it is 0."), answer="0", answer_text="The answer is 0."),
+        gen(("reasoning_analysis", "So it is 1."), answer="1"),
+        gen(answer="5"),
+        gen(answer=None),
+    ]
     row, records = score(run, "predicted", items, gens, next_acc=0.8)
     assert (row.n, row.accuracy) == (4, 0.5)
     assert (row.ci_low, row.ci_high) == pytest.approx(wilson_interval(2, 4))
@@ -159,22 +173,34 @@ def test_score_rows_and_table():
     lines = table.splitlines()
     assert lines[0].startswith("| model | suite | variant | n | Pass@1")
     assert len(lines) == 4
-    assert lines[2] == ("| scaffold-student/3 | heldout (test) | predicted | 4 | 50.0 % (15–85) | 80.0 % | 100.0 % | "
-                        "100.0 % | 0.5 |")
+    assert lines[2] == (
+        "| scaffold-student/3 | heldout (test) | predicted | 4 | 50.0 % (15–85) | 80.0 % | 100.0 % | 100.0 % | 0.5 |"
+    )
     assert lines[3] == "|  | heldout (test) | cot_sft | 4 | 50.0 % (15–85) | – | – | – | 0.5 |"
     assert isinstance(row, ScoreRow)
 
 
 def _score_row(benchmark: str, variant: str, k: int, n: int, config_hash: str = "h1") -> dict:
     lo, hi = wilson_interval(k, n)
-    return {"benchmark": benchmark, "variant": variant, "n": n, "accuracy": k / n, "ci_low": lo, "ci_high": hi,
-            "eval_config_hash": config_hash}
+    return {
+        "benchmark": benchmark,
+        "variant": variant,
+        "n": n,
+        "accuracy": k / n,
+        "ci_low": lo,
+        "ci_high": hi,
+        "eval_config_hash": config_hash,
+    }
 
 
 def test_comparison_table_has_a_row_per_variant_and_a_column_per_suite():
-    rows = [_score_row("gsm8k", "predicted", 30, 100), _score_row("gsm8k", "cot_sft", 25, 100),
-            _score_row("gsm8k", "base", 2, 100), _score_row("csqa", "predicted", 40, 50, "h2"),
-            _score_row("csqa", "golden", 10, 20, "h2")]
+    rows = [
+        _score_row("gsm8k", "predicted", 30, 100),
+        _score_row("gsm8k", "cot_sft", 25, 100),
+        _score_row("gsm8k", "base", 2, 100),
+        _score_row("csqa", "predicted", 40, 50, "h2"),
+        _score_row("csqa", "golden", 10, 20, "h2"),
+    ]
     lines = comparison_table_markdown(rows).splitlines()
     assert lines[0] == "| variant | csqa | gsm8k |"
     # rows in the paper's order; a variant missing for a suite is a dash (golden needs traces of the eval set)

@@ -21,10 +21,19 @@ def test_a_llama_checkpoint_trains_as_scaffold_student(tmp_path_factory, tmp_pat
     llama_dir = tmp_path / "tiny-llama"
     tokenizer = load_tokenizer(world.base)  # any tokenizer: the step separator need not be one token here
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-                     ).save_pretrained(llama_dir)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=512,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    ).save_pretrained(llama_dir)
     tokenizer.save_pretrained(llama_dir)
 
     store = Store.at(tmp_path)
@@ -38,11 +47,18 @@ def test_a_llama_checkpoint_trains_as_scaffold_student(tmp_path_factory, tmp_pat
     # prepared beside the artifacts (tokenizer with the signal tags), the given checkpoint left as it was
     assert report.base_model.startswith(str(store.artifacts)) and not (llama_dir / "scaffold.json").exists()
 
-    trained = fit_student(wh, store.artifacts, report.base_model, report.manifests["scaffold"],
-                          TrainConfig(max_steps=4, batch_size=2, learning_rate=3e-3, warmup_steps=1), progress=False)
+    trained = fit_student(
+        wh,
+        store.artifacts,
+        report.base_model,
+        report.manifests["scaffold"],
+        TrainConfig(max_steps=4, batch_size=2, learning_rate=3e-3, warmup_steps=1),
+        progress=False,
+    )
     assert trained.result.losses[-1] < trained.result.losses[0]
     student, fmt = load_for_eval(trained.path)
     assert student.backbone.config.model_type == "llama" and student.kind == "scaffold"
-    gen = ScaffoldDecoder(student, fmt.tokenizer, DecodeConfig(tau=0.0, max_steps=2, max_tokens=40), fmt
-                          ).generate("Ava has 3 apples. Ava buys 2 more apples. How many apples does Ava have now?")
+    gen = ScaffoldDecoder(student, fmt.tokenizer, DecodeConfig(tau=0.0, max_steps=2, max_tokens=40), fmt).generate(
+        "Ava has 3 apples. Ava buys 2 more apples. How many apples does Ava have now?"
+    )
     assert len(gen.steps) <= 2 and gen.new_tokens <= 40

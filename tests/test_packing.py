@@ -105,8 +105,11 @@ def test_best_fit_choice_is_exact():
 
 def test_accepts_lists_and_numpy_dtypes():
     a = pack_bfd([3, 6, 4, 5], 10)
-    for arr in (np.array([3, 6, 4, 5], dtype=np.int32), np.array([3, 6, 4, 5], dtype=np.uint16),
-                np.array([3.0, 6.0, 4.0, 5.0])):
+    for arr in (
+        np.array([3, 6, 4, 5], dtype=np.int32),
+        np.array([3, 6, 4, 5], dtype=np.uint16),
+        np.array([3.0, 6.0, 4.0, 5.0]),
+    ):
         b = pack_bfd(arr, np.int64(10))
         assert [x.tolist() for x in a] == [x.tolist() for x in b]
 

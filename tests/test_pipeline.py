@@ -44,19 +44,43 @@ from support.dagster_kit import (
 )
 from support.stages import label_signals
 
+pytestmark = pytest.mark.slow  # the shared end-to-end run
 MODEL = "scaffold-student"
-ASSETS = {"problems", "teacher_traces", "segmented_steps", "signal_labels", "packed_shards", "student_model",
-          "baseline_model", "benchmark_scores", "model_promotion"}
+ASSETS = {
+    "problems",
+    "teacher_traces",
+    "segmented_steps",
+    "signal_labels",
+    "packed_shards",
+    "student_model",
+    "baseline_model",
+    "benchmark_scores",
+    "model_promotion",
+}
 DATA_ASSETS = ("problems", "teacher_traces", "segmented_steps", "signal_labels")
 CHECKS = {
-    ("problems", "problems_without_quarantine"), ("problems", "splits_disjoint_by_group"),
-    ("teacher_traces", "teacher_accuracy_above_floor"), ("segmented_steps", "no_empty_steps"),
-    ("signal_labels", "label_coverage_in_bounds"), ("packed_shards", "shard_fill_on_target"),
-    ("student_model", "student_loss_finite_and_falling"), ("baseline_model", "baseline_loss_finite_and_falling"),
+    ("problems", "problems_without_quarantine"),
+    ("problems", "splits_disjoint_by_group"),
+    ("teacher_traces", "teacher_accuracy_above_floor"),
+    ("segmented_steps", "no_empty_steps"),
+    ("signal_labels", "label_coverage_in_bounds"),
+    ("packed_shards", "shard_fill_on_target"),
+    ("student_model", "student_loss_finite_and_falling"),
+    ("baseline_model", "baseline_loss_finite_and_falling"),
     ("benchmark_scores", "scaffold_beats_baseline"),
 }
-STAGE_TABLES = ("problems", "teacher_traces", "segmented_steps", "signal_labels", "shards", "shard_members",
-                "model_versions", "model_shards", "benchmark_scores", "item_scores")
+STAGE_TABLES = (
+    "problems",
+    "teacher_traces",
+    "segmented_steps",
+    "signal_labels",
+    "shards",
+    "shard_members",
+    "model_versions",
+    "model_shards",
+    "benchmark_scores",
+    "item_scores",
+)
 # a value that must never reach MLflow: an API key in the environment
 SECRET = "sk-test-DO-NOT-LOG-0123456789abcdef"
 SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|passwd|credential|auth|bearer)", re.I)
@@ -84,13 +108,15 @@ def pipeline(tmp_path_factory) -> Iterator[Pipeline]:
     mp.setenv("OPENAI_API_KEY", SECRET)
     instance = new_instance(home)
     try:
-        result = dg.materialize(graph(), resources=resources(home), run_config=run_config(micro()), instance=instance,
-                                raise_on_error=False)
+        result = dg.materialize(
+            graph(), resources=resources(home), run_config=run_config(micro()), instance=instance, raise_on_error=False
+        )
         assert result.success, f"micro pipeline run failed: {failures(result)}"
         store = Store.at(home)
         aliases = {a: registry.alias_version(store.registry, a) for a in (registry.CHAMPION, registry.CHALLENGER)}
-        yield Pipeline(home, instance, result, store, store.warehouse, store.registry, store.warehouse.counts(),
-                       aliases)
+        yield Pipeline(
+            home, instance, result, store, store.warehouse, store.registry, store.warehouse.counts(), aliases
+        )
     finally:
         instance.dispose()
         mp.undo()
@@ -135,10 +161,15 @@ def test_jobs_select_the_right_stages():
 
 def test_dg_check_defs_cli(tmp_path):
     dg_bin = Path(sys.executable).parent / "dg"
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "VIRTUAL_ENV": str(Path(sys.executable).parent.parent),
-           "NO_COLOR": "1"}
-    proc = subprocess.run([str(dg_bin), "check", "defs"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=540)
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(tmp_path),
+        "VIRTUAL_ENV": str(Path(sys.executable).parent.parent),
+        "NO_COLOR": "1",
+    }
+    proc = subprocess.run(
+        [str(dg_bin), "check", "defs"], cwd=REPO, env=env, capture_output=True, text=True, timeout=540
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "All definitions loaded successfully" in proc.stdout + proc.stderr
 
@@ -166,32 +197,47 @@ def test_every_default_comes_from_the_library_and_the_instance_preset(tmp_path, 
         save_instance_settings(home, preset)
     expected = load_preset(preset or "demo").config.model_dump(mode="json")
     env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
-    dagster = subprocess.run([sys.executable, "-c", DUMP_DAGSTER_DEFAULTS], env=env, cwd=REPO, capture_output=True,
-                             text=True, timeout=300)
+    dagster = subprocess.run(
+        [sys.executable, "-c", DUMP_DAGSTER_DEFAULTS], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert dagster.returncode == 0, dagster.stderr[-2000:]
     for asset, defaults in json.loads(dagster.stdout.strip().splitlines()[-1]).items():
         for section in ASSET_SECTIONS[asset]:
             assert defaults[section] == json.loads(json.dumps(expected[section])), (asset, section)
-    cli = subprocess.run([sys.executable, "-m", "scaffold_lib.cli", "--home", str(home), "config"], env=env,
-                         capture_output=True, text=True, timeout=120)
+    cli = subprocess.run(
+        [sys.executable, "-m", "scaffold_lib.cli", "--home", str(home), "config"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout.split("\n", 1)[1]) == expected
     assert cli.stdout.startswith(f"# preset {preset or 'demo'} v1")
 
 
-TABLE_KEYS = {"problems": ["problem_id"], "teacher_traces": ["trace_id"], "segmented_steps": ["step_id"],
-              "signal_labels": ["step_id"], "shards": ["shard_id"], "shard_members": ["shard_id", "trace_id"],
-              "model_versions": ["model_name", "version"], "model_shards": ["model_name", "version", "shard_id"],
-              "benchmark_scores": ["score_id"],
-              "item_scores": ["model_name", "version", "benchmark", "variant", "doc_id"]}
+TABLE_KEYS = {
+    "problems": ["problem_id"],
+    "teacher_traces": ["trace_id"],
+    "segmented_steps": ["step_id"],
+    "signal_labels": ["step_id"],
+    "shards": ["shard_id"],
+    "shard_members": ["shard_id", "trace_id"],
+    "model_versions": ["model_name", "version"],
+    "model_shards": ["model_name", "version", "shard_id"],
+    "benchmark_scores": ["score_id"],
+    "item_scores": ["model_name", "version", "benchmark", "variant", "doc_id"],
+}
 # columns that name where or by whom a row was written, not what it holds
 VOLATILE = {c.split()[0] for c in AUDIT_COLUMNS.split(",")} | {"mlflow_run_id", "path", "evaluation_id"}
 
 
 def table_rows(wh: Warehouse, table: str) -> list[dict]:
     rows = wh.query(f"SELECT * FROM {table}")
-    return sorted(({k: v for k, v in r.items() if k not in VOLATILE} for r in rows),
-                  key=lambda r: tuple(str(r[k]) for k in TABLE_KEYS[table]))
+    return sorted(
+        ({k: v for k, v in r.items() if k not in VOLATILE} for r in rows),
+        key=lambda r: tuple(str(r[k]) for k in TABLE_KEYS[table]),
+    )
 
 
 def test_the_cli_and_dagster_write_the_same_rows(pipeline, tmp_path):
@@ -204,8 +250,13 @@ def test_the_cli_and_dagster_write_the_same_rows(pipeline, tmp_path):
     # the same number of threads as this process's in-process Dagster run: float sums in another order would differ
     # in the last bits
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
-    proc = subprocess.run([sys.executable, "-m", "scaffold_lib.cli", "--home", str(home), "--preset", "micro", "run"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scaffold_lib.cli", "--home", str(home), "--preset", "micro", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     cli = Warehouse(home / "warehouse.duckdb")
     for table in STAGE_TABLES:
@@ -235,21 +286,39 @@ def test_overlapping_runs_each_score_their_own_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(student_assets, "evaluate_models", evaluate_after_b)
     upstream = [*DATA_ASSETS, "packed_shards"]
-    shards_run = [dg.materialize(graph(), selection=upstream, resources=resources(home),
-                                 run_config=run_config(cfg, upstream), instance=instance)]
+    shards_run = [
+        dg.materialize(
+            graph(),
+            selection=upstream,
+            resources=resources(home),
+            run_config=run_config(cfg, upstream),
+            instance=instance,
+        )
+    ]
     results: dict[str, dg.ExecuteInProcessResult] = {}
 
     def run_a() -> None:
         selection = ["student_model", "baseline_model", "benchmark_scores"]
-        results["a"] = dg.materialize(graph(), selection=selection, resources=resources(home),
-                                      run_config=run_config(cfg, selection), instance=instance, raise_on_error=False)
+        results["a"] = dg.materialize(
+            graph(),
+            selection=selection,
+            resources=resources(home),
+            run_config=run_config(cfg, selection),
+            instance=instance,
+            raise_on_error=False,
+        )
 
     a = threading.Thread(target=run_a)
     a.start()
     assert a_waiting.wait(300), "run A never reached its evaluation"
     other_seed = micro(train={"seed": 1})
-    results["b"] = dg.materialize(graph(), selection=["student_model"], resources=resources(home),
-                                  run_config=run_config(other_seed, ["student_model"]), instance=instance)
+    results["b"] = dg.materialize(
+        graph(),
+        selection=["student_model"],
+        resources=resources(home),
+        run_config=run_config(other_seed, ["student_model"]),
+        instance=instance,
+    )
     b_done.set()
     a.join(300)
     assert shards_run[0].success and results["b"].success and results["a"].success, failures(results["a"])
@@ -260,8 +329,10 @@ def test_overlapping_runs_each_score_their_own_model(tmp_path, monkeypatch):
     assert latest.run_id == results["b"].run_id  # B's student is the instance-wide latest ...
     evaluation = load_handle(home, "benchmark_scores", EvaluationHandle, results["a"].run_id)
     assert evaluation.version == version_a  # ... and A scored its own
-    scored = Store.at(home).warehouse.query("SELECT DISTINCT version FROM benchmark_scores WHERE model_name = ? "
-                                            "AND dagster_run_id = ?", [MODEL, results["a"].run_id])
+    scored = Store.at(home).warehouse.query(
+        "SELECT DISTINCT version FROM benchmark_scores WHERE model_name = ? AND dagster_run_id = ?",
+        [MODEL, results["a"].run_id],
+    )
     assert scored == [{"version": version_a}]
     instance.dispose()
 
@@ -285,16 +356,22 @@ def test_rows_in_every_stage_table(pipeline):
     assert counts["problems"] == 60 and counts["teacher_traces"] == 60
     assert counts["signal_labels"] == counts["segmented_steps"]
     assert counts["quarantine"] == 0
-    assert {r["split"] for r in pipeline.wh.query("SELECT DISTINCT split FROM problems")} == {"train", "validation",
-                                                                                              "test"}
+    assert {r["split"] for r in pipeline.wh.query("SELECT DISTINCT split FROM problems")} == {
+        "train",
+        "validation",
+        "test",
+    }
     # two students (scaffold + baseline), each with its own shards
     assert pipeline.wh.query("SELECT kind, count(*) AS n FROM model_versions GROUP BY kind ORDER BY kind") == [
-        {"kind": "baseline", "n": 1}, {"kind": "scaffold", "n": 1}]
+        {"kind": "baseline", "n": 1},
+        {"kind": "scaffold", "n": 1},
+    ]
     # every row records the Dagster run that wrote it
     run_id = pipeline.result.run_id
     for table in STAGE_TABLES:
-        assert pipeline.wh.scalar(f"SELECT count(*) FROM {table} WHERE dagster_run_id IS DISTINCT FROM ?",
-                                  [run_id]) == 0, table
+        assert (
+            pipeline.wh.scalar(f"SELECT count(*) FROM {table} WHERE dagster_run_id IS DISTINCT FROM ?", [run_id]) == 0
+        ), table
 
 
 def test_first_model_is_registered_challenger_and_champion(pipeline):
@@ -328,24 +405,38 @@ def test_the_champion_loads_and_answers_exactly_as_the_trained_student(pipeline,
 def test_row_level_lineage_joins(pipeline):
     wh = pipeline.wh
     members = {r["trace_id"] for r in wh.query("SELECT DISTINCT trace_id FROM shard_members")}
-    correct_train = {r["trace_id"] for r in wh.query(
-        "SELECT t.trace_id FROM teacher_traces t JOIN problems p USING (problem_id) "
-        "WHERE p.split = 'train' AND t.is_correct")}
+    correct_train = {
+        r["trace_id"]
+        for r in wh.query(
+            "SELECT t.trace_id FROM teacher_traces t JOIN problems p USING (problem_id) "
+            "WHERE p.split = 'train' AND t.is_correct"
+        )
+    }
     assert members and members == correct_train
     # no held-out problem leaks into training shards
-    assert wh.scalar("SELECT count(*) FROM shard_members m JOIN teacher_traces t USING (trace_id) "
-                     "JOIN problems p USING (problem_id) WHERE p.split <> 'train'") == 0
+    assert (
+        wh.scalar(
+            "SELECT count(*) FROM shard_members m JOIN teacher_traces t USING (trace_id) "
+            "JOIN problems p USING (problem_id) WHERE p.split <> 'train'"
+        )
+        == 0
+    )
     # each model version lists shards that exist, of its own kind and manifest
     assert wh.scalar("SELECT count(*) FROM model_shards ms ANTI JOIN shards s USING (shard_id)") == 0
     for mv in wh.query("SELECT * FROM model_versions"):
-        shards = wh.query("SELECT s.kind, s.manifest_hash FROM model_shards ms JOIN shards s USING (shard_id) "
-                          "WHERE ms.model_name = ? AND ms.version = ?", [mv["model_name"], mv["version"]])
+        shards = wh.query(
+            "SELECT s.kind, s.manifest_hash FROM model_shards ms JOIN shards s USING (shard_id) "
+            "WHERE ms.model_name = ? AND ms.version = ?",
+            [mv["model_name"], mv["version"]],
+        )
         assert shards and {(s["kind"], s["manifest_hash"]) for s in shards} == {(mv["kind"], mv["manifest_hash"])}
     # every score row names a registered model version and its MLflow run
     c = registry.client(pipeline.reg)
-    scores = wh.query("SELECT DISTINCT s.model_name, s.version, s.mlflow_run_id, v.mlflow_run_id AS mv_run "
-                      "FROM benchmark_scores s LEFT JOIN model_versions v USING (model_name, version) "
-                      "WHERE s.variant != 'base'")
+    scores = wh.query(
+        "SELECT DISTINCT s.model_name, s.version, s.mlflow_run_id, v.mlflow_run_id AS mv_run "
+        "FROM benchmark_scores s LEFT JOIN model_versions v USING (model_name, version) "
+        "WHERE s.variant != 'base'"
+    )
     assert {(r["model_name"], r["version"]) for r in scores} == {(MODEL, "1"), (MODEL + "-baseline", "1")}
     for r in scores:
         assert r["mlflow_run_id"] == r["mv_run"]
@@ -387,14 +478,22 @@ def test_mlflow_runs_are_live_record_lineage_and_no_secrets(pipeline):
 
 
 def data_graph() -> list:
-    return [a for a in graph() if {k.to_user_string() for k in getattr(a, "keys", set())} & set(DATA_ASSETS)
-            or any(k.asset_key.to_user_string() in DATA_ASSETS for k in getattr(a, "check_keys", set()))]
+    return [
+        a
+        for a in graph()
+        if {k.to_user_string() for k in getattr(a, "keys", set())} & set(DATA_ASSETS)
+        or any(k.asset_key.to_user_string() in DATA_ASSETS for k in getattr(a, "check_keys", set()))
+    ]
 
 
 def test_second_data_refresh_makes_no_teacher_calls(pipeline):
     before = pipeline.wh.counts()
-    result = dg.materialize(data_graph(), resources=resources(pipeline.home), instance=pipeline.instance,
-                            run_config=run_config(micro(), DATA_ASSETS))
+    result = dg.materialize(
+        data_graph(),
+        resources=resources(pipeline.home),
+        instance=pipeline.instance,
+        run_config=run_config(micro(), DATA_ASSETS),
+    )
     assert result.success
     teacher = metadata(result, "teacher_traces")
     assert teacher["asked"] == 0 and teacher["skipped_existing"] == 60
@@ -424,12 +523,19 @@ def test_growing_the_problem_set_adds_only_the_new_ones(pipeline, tmp_path):
     after = wh.counts()
     assert after["problems"] == before["problems"] + 10
     assert after["teacher_traces"] == before["teacher_traces"] + 10
-    new_traced = {r["problem_id"] for r in wh.query("SELECT problem_id FROM teacher_traces WHERE dagster_run_id = ?",
-                                                    [result.run_id])}
+    new_traced = {
+        r["problem_id"]
+        for r in wh.query("SELECT problem_id FROM teacher_traces WHERE dagster_run_id = ?", [result.run_id])
+    }
     assert new_traced == grown - old_ids
-    assert wh.scalar("SELECT count(*) FROM segmented_steps s JOIN teacher_traces t USING (trace_id) "
-                     "WHERE s.dagster_run_id = ? AND t.dagster_run_id IS DISTINCT FROM ?",
-                     [result.run_id, result.run_id]) == 0
+    assert (
+        wh.scalar(
+            "SELECT count(*) FROM segmented_steps s JOIN teacher_traces t USING (trace_id) "
+            "WHERE s.dagster_run_id = ? AND t.dagster_run_id IS DISTINCT FROM ?",
+            [result.run_id, result.run_id],
+        )
+        == 0
+    )
     new_steps = after["segmented_steps"] - before["segmented_steps"]
     assert new_steps > 0 and metadata(result, "segmented_steps")["new_rows"] == new_steps
     assert after["signal_labels"] - before["signal_labels"] == new_steps
@@ -443,8 +549,14 @@ def test_promotion_refused_when_margin_not_met(pipeline):
     champion stays on version 1 and the refusal is recorded on the new version."""
     selection = ["student_model", "baseline_model", "benchmark_scores", "model_promotion"]
     cfg = micro(promotion={"margin": 1.0})
-    result = dg.materialize(graph(), selection=selection, resources=resources(pipeline.home),
-                            run_config=run_config(cfg, selection), instance=pipeline.instance, raise_on_error=False)
+    result = dg.materialize(
+        graph(),
+        selection=selection,
+        resources=resources(pipeline.home),
+        run_config=run_config(cfg, selection),
+        instance=pipeline.instance,
+        raise_on_error=False,
+    )
     assert result.success, failures(result)
     assert metadata(result, "student_model")["model_version"] == "2"
     promo = metadata(result, "model_promotion")
@@ -457,26 +569,40 @@ def test_promotion_refused_when_margin_not_met(pipeline):
     v2 = registry.client(pipeline.reg).get_model_version(MODEL, "2")
     assert "does not beat champion" in v2.tags["promotion_refused"]
     assert "promoted_by" not in v2.tags
-    assert pipeline.wh.scalar("SELECT count(*) FROM benchmark_scores WHERE model_name = ? AND version = '2'",
-                              [MODEL]) > 0
+    assert (
+        pipeline.wh.scalar("SELECT count(*) FROM benchmark_scores WHERE model_name = ? AND version = '2'", [MODEL]) > 0
+    )
 
 
 def test_promotion_refused_when_a_blocking_check_failed_in_an_earlier_run(pipeline, tmp_path):
     """With margin 0, v2 (same data and seed as v1, so the same score) would be promoted; a blocking data check that
     failed in a later data refresh must stop it, even though that failure happened in another run."""
     assert registry.alias_version(pipeline.reg, registry.CHALLENGER) == "2", "runs after the margin test"
-    teacher_graph = [a for a in graph() if {k.to_user_string() for k in getattr(a, "keys", set())}
-                     & {"problems", "teacher_traces"}
-                     or any(k.name == "teacher_accuracy_above_floor" for k in getattr(a, "check_keys", set()))]
+    teacher_graph = [
+        a
+        for a in graph()
+        if {k.to_user_string() for k in getattr(a, "keys", set())} & {"problems", "teacher_traces"}
+        or any(k.name == "teacher_accuracy_above_floor" for k in getattr(a, "check_keys", set()))
+    ]
     bad_home = tmp_path / "bad"
     bad_cfg = micro(problems={"synthetic": {"n_problems": 12}}, teacher={"programmatic": {"wrong_fraction": 1.0}})
-    bad = dg.materialize(teacher_graph, resources=resources(bad_home),
-                         run_config=run_config(bad_cfg, ["problems", "teacher_traces"]), instance=pipeline.instance,
-                         raise_on_error=False)
+    bad = dg.materialize(
+        teacher_graph,
+        resources=resources(bad_home),
+        run_config=run_config(bad_cfg, ["problems", "teacher_traces"]),
+        instance=pipeline.instance,
+        raise_on_error=False,
+    )
     assert check_results(bad)["teacher_accuracy_above_floor"] is False
     promote = ["model_promotion"]
-    result = dg.materialize(graph(), selection=promote, resources=resources(pipeline.home),
-                            run_config=run_config(micro(), promote), instance=pipeline.instance, raise_on_error=False)
+    result = dg.materialize(
+        graph(),
+        selection=promote,
+        resources=resources(pipeline.home),
+        run_config=run_config(micro(), promote),
+        instance=pipeline.instance,
+        raise_on_error=False,
+    )
     assert result.success, failures(result)
     promo = metadata(result, "model_promotion")
     assert promo["promoted"] is False and promo["champion_version"] == "1"
@@ -486,15 +612,26 @@ def test_promotion_refused_when_a_blocking_check_failed_in_an_earlier_run(pipeli
     assert "teacher_accuracy_above_floor" in refused
 
     # once the check passes again (a good data refresh), the same challenger is promoted (margin 0, equal score)
-    good = dg.materialize(teacher_graph, selection=dg.AssetSelection.checks_for_assets("teacher_traces"),
-                          resources=resources(pipeline.home), instance=pipeline.instance)
+    good = dg.materialize(
+        teacher_graph,
+        selection=dg.AssetSelection.checks_for_assets("teacher_traces"),
+        resources=resources(pipeline.home),
+        instance=pipeline.instance,
+    )
     assert check_results(good)["teacher_accuracy_above_floor"] is True
-    result = dg.materialize(graph(), selection=promote, resources=resources(pipeline.home),
-                            run_config=run_config(micro(), promote), instance=pipeline.instance)
+    result = dg.materialize(
+        graph(),
+        selection=promote,
+        resources=resources(pipeline.home),
+        run_config=run_config(micro(), promote),
+        instance=pipeline.instance,
+    )
     promo = metadata(result, "model_promotion")
     assert promo["promoted"] is True and promo["champion_version"] == "2", promo["reason"]
-    assert registry.client(pipeline.reg).get_model_version(MODEL, "2").tags["promoted_by"] == \
-        f"dagster run {result.run_id}"
+    assert (
+        registry.client(pipeline.reg).get_model_version(MODEL, "2").tags["promoted_by"]
+        == f"dagster run {result.run_id}"
+    )
 
     # rollback goes through the same call and records who and why; the rolled-back champion loads by alias
     registry.set_champion(pipeline.reg, "1", "rollback: v2 was promoted by mistake", who="on-call")
@@ -549,8 +686,14 @@ def test_sensor_requests_a_run_per_new_or_changed_file(tmp_path, monkeypatch):
 
 def _steps_warehouse(path: Path, texts: list[list[str]]) -> Warehouse:
     wh = Warehouse(path)
-    wh.insert_new("segmented_steps", [{"step_id": f"t{t}-s{i}", "trace_id": f"t{t}", "idx": i, "text": s}
-                                      for t, steps in enumerate(texts) for i, s in enumerate(steps)])
+    wh.insert_new(
+        "segmented_steps",
+        [
+            {"step_id": f"t{t}-s{i}", "trace_id": f"t{t}", "idx": i, "text": s}
+            for t, steps in enumerate(texts)
+            for i, s in enumerate(steps)
+        ],
+    )
     return wh
 
 
@@ -562,7 +705,9 @@ def check(name: str, home: Path) -> dg.AssetCheckResult:
 
 
 def test_label_coverage_check_fails_without_keywords(tmp_path):
-    wh = _steps_warehouse(tmp_path / "warehouse.duckdb", [["Zebra quux flibber.", "Purple wombat dances.", "Blorp 7."]] * 3)
+    wh = _steps_warehouse(
+        tmp_path / "warehouse.duckdb", [["Zebra quux flibber.", "Purple wombat dances.", "Blorp 7."]] * 3
+    )
     label_signals(wh)
     result = check("label_coverage_in_bounds", tmp_path)
     assert result.passed is False
@@ -577,10 +722,14 @@ def test_label_coverage_check_passes_with_keywords(pipeline):
 def test_no_empty_steps_check(tmp_path):
     _steps_warehouse(tmp_path / "warehouse.duckdb", [["First, add 3 and 4.", "So the answer is 7."]])
     assert check("no_empty_steps", tmp_path).passed is True
-    Warehouse(tmp_path / "warehouse.duckdb").insert_new("segmented_steps", [
-        {"step_id": "blank", "trace_id": "t9", "idx": 0, "text": "   "},
-        {"step_id": "newlines", "trace_id": "t9", "idx": 1, "text": "  \n\t "},
-        {"step_id": "nbsp", "trace_id": "t9", "idx": 2, "text": "\u00a0\n"}])
+    Warehouse(tmp_path / "warehouse.duckdb").insert_new(
+        "segmented_steps",
+        [
+            {"step_id": "blank", "trace_id": "t9", "idx": 0, "text": "   "},
+            {"step_id": "newlines", "trace_id": "t9", "idx": 1, "text": "  \n\t "},
+            {"step_id": "nbsp", "trace_id": "t9", "idx": 2, "text": "\u00a0\n"},
+        ],
+    )
     failed = check("no_empty_steps", tmp_path)
     assert failed.passed is False and failed.metadata["empty_steps"].value == 3
 
@@ -588,15 +737,19 @@ def test_no_empty_steps_check(tmp_path):
 def test_teacher_accuracy_check_fails_and_blocks_downstream(tmp_path, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     picked = {"problems", "teacher_traces", "segmented_steps"}
-    selection = [a for a in graph() if {k.to_user_string() for k in getattr(a, "keys", set())} & picked
-                 or any(k.asset_key.to_user_string() == "teacher_traces" for k in getattr(a, "check_keys", set()))]
+    selection = [
+        a
+        for a in graph()
+        if {k.to_user_string() for k in getattr(a, "keys", set())} & picked
+        or any(k.asset_key.to_user_string() == "teacher_traces" for k in getattr(a, "check_keys", set()))
+    ]
     cfg = micro(problems={"synthetic": {"n_problems": 12}}, teacher={"programmatic": {"wrong_fraction": 1.0}})
-    result = dg.materialize(selection, raise_on_error=False, resources=resources(tmp_path),
-                            run_config=run_config(cfg, picked))
+    result = dg.materialize(
+        selection, raise_on_error=False, resources=resources(tmp_path), run_config=run_config(cfg, picked)
+    )
     checks = check_results(result)
     assert checks["teacher_accuracy_above_floor"] is False
-    evaluation = next(e for e in result.get_asset_check_evaluations()
-                      if e.check_name == "teacher_accuracy_above_floor")
+    evaluation = next(e for e in result.get_asset_check_evaluations() if e.check_name == "teacher_accuracy_above_floor")
     assert evaluation.metadata["teacher_accuracy"].value < 0.5
     # the check is blocking: segmented_steps is not materialised on top of a bad teacher
     materialised = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
@@ -608,14 +761,29 @@ def test_a_user_gsm8k_file_is_scored_as_its_own_suite(pipeline, tmp_path, capsys
     `scaffold scores` then prints the comparison table with a column per suite."""
     suites = tmp_path / "benchmarks"
     suites.mkdir()
-    (suites / "gsm8k_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
-        {"question": "Tom has 3 apples and buys 4 more. How many apples does Tom have?", "answer": "3 + 4 = 7\n#### 7"},
-        {"question": "A box holds 12 pens. How many pens are in 2 boxes?", "answer": "#### 24"},
-        {"question": "Sam had 1,000 coins and spent 1. How many are left?", "answer": "#### 999"}]))
+    (suites / "gsm8k_test.jsonl").write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {
+                    "question": "Tom has 3 apples and buys 4 more. How many apples does Tom have?",
+                    "answer": "3 + 4 = 7\n#### 7",
+                },
+                {"question": "A box holds 12 pens. How many pens are in 2 boxes?", "answer": "#### 24"},
+                {"question": "Sam had 1,000 coins and spent 1. How many are left?", "answer": "#### 999"},
+            ]
+        )
+    )
     selection = ["benchmark_scores"]
     cfg = micro(eval={"suites": ["gsm8k"], "suites_dir": str(suites), "limit": 3})
-    result = dg.materialize(graph(), selection=selection, run_config=run_config(cfg, selection),
-                            resources=resources(pipeline.home), instance=pipeline.instance, raise_on_error=False)
+    result = dg.materialize(
+        graph(),
+        selection=selection,
+        run_config=run_config(cfg, selection),
+        resources=resources(pipeline.home),
+        instance=pipeline.instance,
+        raise_on_error=False,
+    )
     assert result.success, failures(result)
     meta = metadata(result, "benchmark_scores")
     assert meta["suites"] == "gsm8k" and "| variant | gsm8k |" in meta["comparison_table"]
@@ -625,9 +793,14 @@ def test_a_user_gsm8k_file_is_scored_as_its_own_suite(pipeline, tmp_path, capsys
     assert {r["variant"] for r in rows} == {"base", "cot_sft", "predicted", "random", "summaries_only"}  # no golden:
     assert {r["n"] for r in rows} == {3}  # the user file has no teacher traces
     # a suite whose file is missing fails with where to put it
-    missing = dg.materialize(graph(), selection=selection, instance=pipeline.instance, raise_on_error=False,
-                             run_config=run_config(micro(eval={"suites": ["math500"], "suites_dir": str(suites)}),
-                                                   selection), resources=resources(pipeline.home))
+    missing = dg.materialize(
+        graph(),
+        selection=selection,
+        instance=pipeline.instance,
+        raise_on_error=False,
+        run_config=run_config(micro(eval={"suites": ["math500"], "suites_dir": str(suites)}), selection),
+        resources=resources(pipeline.home),
+    )
     assert not missing.success and "math500_test.jsonl: no such file" in failures(missing)
     from scaffold_lib.cli import main as scaffold
 

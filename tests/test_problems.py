@@ -59,8 +59,16 @@ def test_problem_fields_and_ids_are_content_hashes():
         assert len(p.problem_id) == 16 and int(p.problem_id, 16) >= 0
         assert p.question.endswith("?")
         assert p.group_id == skeleton_of(p.question) and p.group_id.startswith("skeleton:start")
-        assert set(p.as_row()) == {"problem_id", "source", "split", "question", "answer", "answer_type", "group_id",
-                                   "solution"}
+        assert set(p.as_row()) == {
+            "problem_id",
+            "source",
+            "split",
+            "question",
+            "answer",
+            "answer_type",
+            "group_id",
+            "solution",
+        }
 
 
 def test_skeleton_ignores_names_items_phrasing_and_distractors():
@@ -85,8 +93,10 @@ def test_split_depends_only_on_the_group():
     # the same problems drawn as part of a larger set keep their split; the seed moves groups between splits
     larger = {p.problem_id: p.split for p in generate_problems(GeneratorConfig(n_problems=900, seed=11), split)}
     assert all(larger[p.problem_id] == p.split for p in problems)
-    reseeded = {p.problem_id: p.split for p in generate_problems(GeneratorConfig(n_problems=400, seed=11),
-                                                                  split.model_copy(update={"seed": 4}))}
+    reseeded = {
+        p.problem_id: p.split
+        for p in generate_problems(GeneratorConfig(n_problems=400, seed=11), split.model_copy(update={"seed": 4}))
+    }
     assert any(reseeded[p.problem_id] != p.split for p in problems)
 
 
@@ -98,8 +108,9 @@ def test_split_fractions_roughly_respected_over_groups(validation, test):
     assert abs(counts["test"] / 4000 - test) < 0.03 and abs(counts["validation"] / 4000 - validation) < 0.03
 
 
-@pytest.mark.parametrize("validation, test, expected", [(0.0, 0.0, {"train"}), (0.0, 1.0, {"test"}),
-                                                        (1.0, 0.0, {"validation"})])
+@pytest.mark.parametrize(
+    "validation, test, expected", [(0.0, 0.0, {"train"}), (0.0, 1.0, {"test"}), (1.0, 0.0, {"validation"})]
+)
 def test_split_fraction_extremes(validation, test, expected):
     cfg = SplitConfig(validation_fraction=validation, test_fraction=test)
     assert {p.split for p in generate_problems(GeneratorConfig(n_problems=100, seed=0), cfg)} == expected
@@ -110,11 +121,14 @@ def test_split_fractions_must_leave_room():
         SplitConfig(validation_fraction=0.6, test_fraction=0.5)
 
 
-@pytest.mark.parametrize("cfg", [
-    GeneratorConfig(n_problems=300, seed=0),
-    GeneratorConfig(n_problems=300, seed=9, min_ops=1, max_ops=1, distractor_prob=0.0),
-    GeneratorConfig(n_problems=300, seed=4, min_ops=5, max_ops=8, distractor_prob=1.0, max_factor=5, max_value=500),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        GeneratorConfig(n_problems=300, seed=0),
+        GeneratorConfig(n_problems=300, seed=9, min_ops=1, max_ops=1, distractor_prob=0.0),
+        GeneratorConfig(n_problems=300, seed=4, min_ops=5, max_ops=8, distractor_prob=1.0, max_factor=5, max_value=500),
+    ],
+)
 def test_every_generated_problem_is_solved_to_its_answer(cfg):
     for p in generate_problems(cfg):
         parsed = parse_question(p.question)
@@ -125,8 +139,9 @@ def test_every_generated_problem_is_solved_to_its_answer(cfg):
         # no intermediate value leaves [1, max_value]
         value = parsed.steps[0].n
         for step in ops:
-            value = {"add": value + step.n, "sub": value - step.n, "mul": value * step.n,
-                     "div": value // step.n}[step.kind]
+            value = {"add": value + step.n, "sub": value - step.n, "mul": value * step.n, "div": value // step.n}[
+                step.kind
+            ]
             assert 1 <= value <= cfg.max_value
             if step.kind == "div":
                 assert step.n <= cfg.max_factor
@@ -139,33 +154,41 @@ def test_distractors_are_parsed_as_distractors():
     assert kinds["start"] == 200
 
 
-@pytest.mark.parametrize("question", [
-    "What is the capital of France?",
-    "",
-    "Tara has 3 apples.",  # no question sentence
-    "How many apples does Tara have now?",  # no start sentence
-    "Tara has 3 apples. Tara flies 2 kites. How many apples does Tara have now?",  # unknown sentence
-])
+@pytest.mark.parametrize(
+    "question",
+    [
+        "What is the capital of France?",
+        "",
+        "Tara has 3 apples.",  # no question sentence
+        "How many apples does Tara have now?",  # no start sentence
+        "Tara has 3 apples. Tara flies 2 kites. How many apples does Tara have now?",  # unknown sentence
+    ],
+)
 def test_parse_question_rejects_foreign_text(question):
     assert parse_question(question) is None
 
 
 def test_parse_and_solve_hand_written():
-    q = ("Maya has 12 stickers. Omar is 9 years old. Maya loses 4 stickers. "
-         "Maya ends up with 3 times as many stickers. How many stickers does Maya have in the end?")
+    q = (
+        "Maya has 12 stickers. Omar is 9 years old. Maya loses 4 stickers. "
+        "Maya ends up with 3 times as many stickers. How many stickers does Maya have in the end?"
+    )
     parsed = parse_question(q)
     assert [s.kind for s in parsed.steps] == ["start", "distractor", "sub", "mul"]
     assert (parsed.name, parsed.item) == ("Maya", "stickers")
     assert solve(parsed) == 24
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    ({"min_ops": 5, "max_ops": 3}, "min_ops"),
-    ({"n_problems": 0}, "n_problems"),
-    ({"max_factor": 1}, "max_factor"),
-    ({"max_ops": 9}, "max_ops"),
-    ({"distractor_prob": -0.1}, "distractor_prob"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"min_ops": 5, "max_ops": 3}, "min_ops"),
+        ({"n_problems": 0}, "n_problems"),
+        ({"max_factor": 1}, "max_factor"),
+        ({"max_ops": 9}, "max_ops"),
+        ({"distractor_prob": -0.1}, "distractor_prob"),
+    ],
+)
 def test_config_validation(kwargs, needle):
     with pytest.raises(ValueError) as err:
         GeneratorConfig(**kwargs)
@@ -176,26 +199,35 @@ def test_config_validation(kwargs, needle):
 # loader
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("Natalia sold 48 clips.\n48 + 24 = 72\n#### 72", ("72", "number")),
-    ("Some work <<2*500=1000>>\n#### 1,000", ("1000", "number")),
-    ("#### $18.00", ("18", "number")),
-    ("#### -5", ("-5", "number")),
-    ("#### 2.50", ("2.5", "number")),
-    ("42", ("42", "number")),
-    ("yes", ("yes", "text")),
-    ("Paris ", ("Paris", "text")),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("Natalia sold 48 clips.\n48 + 24 = 72\n#### 72", ("72", "number")),
+        ("Some work <<2*500=1000>>\n#### 1,000", ("1000", "number")),
+        ("#### $18.00", ("18", "number")),
+        ("#### -5", ("-5", "number")),
+        ("#### 2.50", ("2.5", "number")),
+        ("42", ("42", "number")),
+        ("yes", ("yes", "text")),
+        ("Paris ", ("Paris", "text")),
+    ],
+)
 def test_normalise_gold_answer(raw, expected):
     assert normalise_gold_answer(raw) == expected
 
 
 def test_gsm8k_format(write_jsonl):
-    path = write_jsonl([
-        {"question": "Natalia sold clips to 48 friends... How many clips?", "answer": "48/2 = 24\n48+24 = 72\n#### 72"},
-        {"question": "How much in total?", "answer": "It costs 500 * 2 = <<500*2=1000>>1000\n#### 1,000"},
-        {"question": "How many?", "answer": 7},  # a bare number is accepted
-    ], name="gsm8k_test.jsonl")
+    path = write_jsonl(
+        [
+            {
+                "question": "Natalia sold clips to 48 friends... How many clips?",
+                "answer": "48/2 = 24\n48+24 = 72\n#### 72",
+            },
+            {"question": "How much in total?", "answer": "It costs 500 * 2 = <<500*2=1000>>1000\n#### 1,000"},
+            {"question": "How many?", "answer": 7},  # a bare number is accepted
+        ],
+        name="gsm8k_test.jsonl",
+    )
     result = load_problem_file(path)
     assert result.quarantined == []
     assert [p.answer for p in result.problems] == ["72", "1000", "7"]
@@ -233,14 +265,18 @@ def test_a_split_column_is_honoured_and_a_group_column_groups(write_jsonl):
 
 
 def test_custom_field_names(write_jsonl):
-    path = write_jsonl([
-        {"uid": "a-1", "prompt": "Q one?", "target": "#### 3", "part": "test"},
-        {"uid": "a-2", "prompt": "Q two?", "target": "five", "part": None},  # no split -> default
-    ])
+    path = write_jsonl(
+        [
+            {"uid": "a-1", "prompt": "Q one?", "target": "#### 3", "part": "test"},
+            {"uid": "a-2", "prompt": "Q two?", "target": "five", "part": None},  # no split -> default
+        ]
+    )
     fields = FieldMap(question="prompt", answer="target", id="uid", split="part")
     result = load_problem_file(path, fields, source="custom", split=SplitConfig(validation_fraction=0, test_fraction=0))
     assert [(p.question, p.answer, p.answer_type, p.split) for p in result.problems] == [
-        ("Q one?", "3", "number", "test"), ("Q two?", "five", "text", "train")]
+        ("Q one?", "3", "number", "test"),
+        ("Q two?", "five", "text", "train"),
+    ]
     # with an id column the id comes from it, not from the text
     assert result.problems[0].problem_id == content_id("problem-id", "a-1")
 
@@ -254,7 +290,10 @@ def test_parquet_file(tmp_path):
     pq.write_table(pa.table({"question": ["Q1?", "Q2?", "Q3?"], "answer": ["#### 1,234", "#### 5", "no"]}), path)
     result = load_problem_file(path)
     assert [(p.question, p.answer, p.answer_type) for p in result.problems] == [
-        ("Q1?", "1234", "number"), ("Q2?", "5", "number"), ("Q3?", "no", "text")]
+        ("Q1?", "1234", "number"),
+        ("Q2?", "5", "number"),
+        ("Q3?", "no", "text"),
+    ]
     assert {p.source for p in result.problems} == {"probs"}
 
 
@@ -279,21 +318,24 @@ def test_corrupt_parquet_is_a_problem_file_error(tmp_path):
 GOOD = {"question": "What is 1+1?", "answer": "#### 2"}
 
 
-@pytest.mark.parametrize("bad_line, field, needle", [
-    (b'{"question": "Q?", "answer": ', "<row>", "invalid JSON"),
-    (b'[1, 2, 3]', "<row>", "JSON object"),
-    (json.dumps({"question": "Q?"}).encode(), "answer", "missing"),
-    (json.dumps({"answer": "#### 3"}).encode(), "question", "missing"),
-    (json.dumps({"question": "   ", "answer": "3"}).encode(), "question", "non-empty string"),
-    (json.dumps({"question": 12, "answer": "3"}).encode(), "question", "non-empty string"),
-    (json.dumps({"question": "Q?", "answer": ["3"]}).encode(), "answer", "non-empty string or number"),
-    (json.dumps({"question": "Q?", "answer": True}).encode(), "answer", "non-empty string or number"),
-    (json.dumps({"question": "Q?", "answer": ""}).encode(), "answer", "non-empty string or number"),
-    (json.dumps({"question": "Q\u0000?", "answer": "3"}).encode(), "question", "NUL"),
-    (json.dumps({"question": "Q?", "answer": "3\u0000"}).encode(), "answer", "NUL"),
-    (b'{"question": "Q \\ud800?", "answer": "3"}', "question", "surrogate"),
-    (b'{"question": "caf\xe9?", "answer": "3"}', "<row>", "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "bad_line, field, needle",
+    [
+        (b'{"question": "Q?", "answer": ', "<row>", "invalid JSON"),
+        (b"[1, 2, 3]", "<row>", "JSON object"),
+        (json.dumps({"question": "Q?"}).encode(), "answer", "missing"),
+        (json.dumps({"answer": "#### 3"}).encode(), "question", "missing"),
+        (json.dumps({"question": "   ", "answer": "3"}).encode(), "question", "non-empty string"),
+        (json.dumps({"question": 12, "answer": "3"}).encode(), "question", "non-empty string"),
+        (json.dumps({"question": "Q?", "answer": ["3"]}).encode(), "answer", "non-empty string or number"),
+        (json.dumps({"question": "Q?", "answer": True}).encode(), "answer", "non-empty string or number"),
+        (json.dumps({"question": "Q?", "answer": ""}).encode(), "answer", "non-empty string or number"),
+        (json.dumps({"question": "Q\u0000?", "answer": "3"}).encode(), "question", "NUL"),
+        (json.dumps({"question": "Q?", "answer": "3\u0000"}).encode(), "answer", "NUL"),
+        (b'{"question": "Q \\ud800?", "answer": "3"}', "question", "surrogate"),
+        (b'{"question": "caf\xe9?", "answer": "3"}', "<row>", "not UTF-8"),
+    ],
+)
 def test_bad_row_error_names_file_line_and_field(write_jsonl, bad_line, field, needle):
     path = write_jsonl([GOOD, "", bad_line, {**GOOD, "question": "Q4?"}])  # the bad row is on line 3
     with pytest.raises(ProblemFileError) as err:
@@ -321,19 +363,29 @@ def test_missing_file(tmp_path):
 
 
 def test_lenient_quarantines_bad_rows_and_keeps_good_ones(write_jsonl):
-    path = write_jsonl([
-        {"question": "Good one?", "answer": "#### 1"},
-        b"{not json",
-        {"question": "", "answer": "2"},
-        b"\xff\xfe bad bytes",
-        {"question": "Good two?", "answer": "#### 2,000"},
-        {"question": "No answer?"},
-        {"question": "Good three?", "answer": 3},
-    ])
+    path = write_jsonl(
+        [
+            {"question": "Good one?", "answer": "#### 1"},
+            b"{not json",
+            {"question": "", "answer": "2"},
+            b"\xff\xfe bad bytes",
+            {"question": "Good two?", "answer": "#### 2,000"},
+            {"question": "No answer?"},
+            {"question": "Good three?", "answer": 3},
+        ]
+    )
     result = load_problem_file(path, lenient=True)
     assert [(p.question, p.answer) for p in result.problems] == [
-        ("Good one?", "1"), ("Good two?", "2000"), ("Good three?", "3")]
-    assert [(q.line, q.field) for q in result.quarantined] == [(2, "<row>"), (3, "question"), (4, "<row>"), (6, "answer")]
+        ("Good one?", "1"),
+        ("Good two?", "2000"),
+        ("Good three?", "3"),
+    ]
+    assert [(q.line, q.field) for q in result.quarantined] == [
+        (2, "<row>"),
+        (3, "question"),
+        (4, "<row>"),
+        (6, "answer"),
+    ]
     for q in result.quarantined:
         assert q.source_file == str(path)
         assert q.error and q.raw
@@ -344,7 +396,10 @@ def test_lenient_quarantines_bad_rows_and_keeps_good_ones(write_jsonl):
 
 def test_a_utf8_bom_at_the_start_of_a_jsonl_file_is_accepted(tmp_path):
     path = tmp_path / "bom.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + b'{"question": "What is 2 + 2?", "answer": "#### 4"}\n'
-                     + b'{"question": "What is 3 + 3?", "answer": "#### 6"}\n')
+    path.write_bytes(
+        b"\xef\xbb\xbf"
+        + b'{"question": "What is 2 + 2?", "answer": "#### 4"}\n'
+        + b'{"question": "What is 3 + 3?", "answer": "#### 6"}\n'
+    )
     loaded = load_problem_file(path)
     assert [p.answer for p in loaded.problems] == ["4", "6"] and loaded.quarantined == []

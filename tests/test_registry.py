@@ -16,17 +16,20 @@ from scaffold_lib.store.store import Store
 # ---------------------------------------------------------------------------------------------------- pure rule
 
 
-@pytest.mark.parametrize("candidate, champion, margin, failed, promoted, words", [
-    (0.10, None, 0.0, [], True, "no champion yet"),
-    (0.75, 0.50, 0.25, [], True, "beats champion"),          # exactly the margin is enough
-    (0.75, 0.50, 0.0, [], True, "beats champion"),
-    (0.50, 0.50, 0.0, [], True, "beats champion"),           # margin 0: a tie promotes
-    (0.70, 0.50, 0.25, [], False, "does not beat"),
-    (0.40, 0.50, 0.0, [], False, "does not beat"),
-    (0.90, 0.10, 1.0, [], False, "margin 1.000"),
-    (0.90, None, 0.0, ["student_model: loss did not fall"], False, "blocked by failed checks"),
-    (0.90, 0.10, 0.0, ["a", "b"], False, "a; b"),
-])
+@pytest.mark.parametrize(
+    "candidate, champion, margin, failed, promoted, words",
+    [
+        (0.10, None, 0.0, [], True, "no champion yet"),
+        (0.75, 0.50, 0.25, [], True, "beats champion"),  # exactly the margin is enough
+        (0.75, 0.50, 0.0, [], True, "beats champion"),
+        (0.50, 0.50, 0.0, [], True, "beats champion"),  # margin 0: a tie promotes
+        (0.70, 0.50, 0.25, [], False, "does not beat"),
+        (0.40, 0.50, 0.0, [], False, "does not beat"),
+        (0.90, 0.10, 1.0, [], False, "margin 1.000"),
+        (0.90, None, 0.0, ["student_model: loss did not fall"], False, "blocked by failed checks"),
+        (0.90, 0.10, 0.0, ["a", "b"], False, "a; b"),
+    ],
+)
 def test_decide_promotion(candidate, champion, margin, failed, promoted, words):
     ok, reason = registry.decide_promotion(candidate, champion, margin, failed)
     assert ok is promoted
@@ -65,15 +68,33 @@ class Logged:
 
 def _log(cfg, root: Path, marker: str, register_as: str | None = "scaffold-student") -> Logged:
     tags = {"manifest_hash": f"manifest-{marker}", "dagster_run_id": f"run-{marker}", "kind": "scaffold"}
-    run_id = registry.start_run(cfg, f"scaffold-{marker}", tags=tags, params={
-        "train": {"learning_rate": 0.003, "max_steps": 2}, "manifest_hash": f"manifest-{marker}",
-        "dagster_run_id": f"run-{marker}"}, dataset={"name": "scaffold-shards", "digest": f"manifest-{marker}",
-                                                     "source": str(root / "shards"), "rows": 4, "tokens": 2048})
+    run_id = registry.start_run(
+        cfg,
+        f"scaffold-{marker}",
+        tags=tags,
+        params={
+            "train": {"learning_rate": 0.003, "max_steps": 2},
+            "manifest_hash": f"manifest-{marker}",
+            "dagster_run_id": f"run-{marker}",
+        },
+        dataset={
+            "name": "scaffold-shards",
+            "digest": f"manifest-{marker}",
+            "source": str(root / "shards"),
+            "rows": 4,
+            "tokens": 2048,
+        },
+    )
     registry.log_metrics(cfg, run_id, 1, {"loss": 2.0, "tokens_per_s": 10.0})
     registry.log_metrics(cfg, run_id, 2, {"loss": 1.5, "tokens_per_s": None})
     registry.finish_run(cfg, run_id)
-    version = registry.register_model(cfg, run_id, _fake_model(root, marker), name=register_as, tags=tags,
-                                      description=f"model {marker}") if register_as else None
+    version = (
+        registry.register_model(
+            cfg, run_id, _fake_model(root, marker), name=register_as, tags=tags, description=f"model {marker}"
+        )
+        if register_as
+        else None
+    )
     return Logged(run_id, version)
 
 
@@ -99,7 +120,7 @@ def test_log_register_aliases_and_lookup(reg, tmp_path):
     run = c.get_run(first.run_id)
     params = run.data.params
     assert params["manifest_hash"] == "manifest-a" and params["dagster_run_id"] == "run-a"
-    assert params["train.learning_rate"] == "0.003"                     # nested config is flattened
+    assert params["train.learning_rate"] == "0.003"  # nested config is flattened
     assert run.data.tags["kind"] == "scaffold" and "git_commit" in run.data.tags
     assert [m.value for m in c.get_metric_history(first.run_id, "loss")] == [2.0, 1.5]
     assert len(c.get_metric_history(first.run_id, "tokens_per_s")) == 1  # None values are not logged
@@ -127,7 +148,7 @@ def test_promotion_rollback_and_refusal_are_recorded(reg, tmp_path):
     assert v2.tags["promotion_reason"] == "accuracy 0.5 beats champion 0.3"
 
     registry.record_refusal(reg, "3", "accuracy 0.2 does not beat champion 0.5 by the margin 0.000")
-    assert registry.alias_version(reg, registry.CHAMPION) == "2"        # a refusal moves nothing
+    assert registry.alias_version(reg, registry.CHAMPION) == "2"  # a refusal moves nothing
     assert "does not beat" in c.get_model_version("scaffold-student", "3").tags["promotion_refused"]
 
     # rollback = set_champion on an older version, with who and why
@@ -163,8 +184,10 @@ def test_experiment_is_reused(reg):
 
 def test_log_scores_puts_metrics_and_tables_on_the_run(reg, tmp_path):
     logged = _log(reg, tmp_path, "a")
-    rows = [{"benchmark": "heldout", "split": "test", "variant": "predicted", "accuracy": 0.25},
-            {"benchmark": "heldout", "split": "test", "variant": "golden", "accuracy": 0.5}]
+    rows = [
+        {"benchmark": "heldout", "split": "test", "variant": "predicted", "accuracy": 0.25},
+        {"benchmark": "heldout", "split": "test", "variant": "golden", "accuracy": 0.5},
+    ]
     registry.log_scores(reg, logged.run_id, rows, "| table |")
     c = registry.client(reg)
     metrics = c.get_run(logged.run_id).data.metrics

@@ -26,8 +26,10 @@ PROBLEM = PROBLEMS[0]
 
 
 def messages_for(question: str) -> list[dict]:
-    return [{"role": "system", "content": "You are a careful solver."},
-            {"role": "user", "content": DEFAULT_PROMPT.format(question=question)}]
+    return [
+        {"role": "system", "content": "You are a careful solver."},
+        {"role": "user", "content": DEFAULT_PROMPT.format(question=question)},
+    ]
 
 
 MESSAGES = messages_for(PROBLEM.question)
@@ -66,8 +68,11 @@ def test_streaming_deltas_add_up_to_the_same_answer_and_usage_comes_last() -> No
     with ScriptedEndpoint() as server:
         chat = client(server)
         whole = chat.chat.completions.create(model="m", messages=MESSAGES)
-        chunks = list(chat.chat.completions.create(model="m", messages=MESSAGES, stream=True,
-                                                   stream_options={"include_usage": True}))
+        chunks = list(
+            chat.chat.completions.create(
+                model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+            )
+        )
         without_usage = list(chat.chat.completions.create(model="m", messages=MESSAGES, stream=True))
     deltas = [c.choices[0] for c in chunks if c.choices]
     assert deltas[0].delta.role == "assistant" and deltas[-1].finish_reason == "stop"
@@ -91,15 +96,27 @@ def test_think_tags_mode_puts_the_reasoning_in_the_content() -> None:
 
 def test_a_question_it_cannot_parse_gets_a_generic_answer() -> None:
     with ScriptedEndpoint() as server:
-        message = client(server).chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "What is the capital of France?"}]).choices[0].message
+        message = (
+            client(server)
+            .chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "What is the capital of France?"}]
+            )
+            .choices[0]
+            .message
+        )
     assert message.content == "The answer is 0." and len(message.reasoning_content.split("\n\n")) == 2
 
 
-@pytest.mark.parametrize("kind, error", [
-    ("rate_limit", openai.RateLimitError), ("server_error", openai.InternalServerError),
-    ("slow", openai.APITimeoutError), ("drop", openai.APIConnectionError),
-    ("malformed_json", json.JSONDecodeError)])  # the client does not wrap a body it cannot parse
+@pytest.mark.parametrize(
+    "kind, error",
+    [
+        ("rate_limit", openai.RateLimitError),
+        ("server_error", openai.InternalServerError),
+        ("slow", openai.APITimeoutError),
+        ("drop", openai.APIConnectionError),
+        ("malformed_json", json.JSONDecodeError),
+    ],
+)  # the client does not wrap a body it cannot parse
 def test_each_fault_reaches_the_client_as_a_retryable_error(kind: str, error: type) -> None:
     plan = FaultPlan(rate=1.0, kinds=(kind,), slow_s=2.0, max_faults_per_prompt=1, retry_after_s=0.25)
     with ScriptedEndpoint(faults=plan) as server:
@@ -201,7 +218,8 @@ def test_keys_and_bad_bodies_get_openai_errors() -> None:
         no_messages = httpx.post(url, json={"model": "m"}, headers={"Authorization": "Bearer k"})
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=locked.base_url, api_key="wrong", max_retries=0).chat.completions.create(
-                model="m", messages=MESSAGES)
+                model="m", messages=MESSAGES
+            )
         with pytest.raises(openai.BadRequestError):
             client(open_server).chat.completions.create(model="m", messages="not a list")  # type: ignore[arg-type]
         assert open_server.stats()["requests"] == 0  # refused requests never reach the responder
@@ -214,12 +232,16 @@ def test_keys_and_bad_bodies_get_openai_errors() -> None:
 
 
 def test_the_command_line_server_answers_and_stops() -> None:
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "support" / "scripted_endpoint.py"), "--port", "0"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve().parent / "support" / "scripted_endpoint.py"), "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = next(w for w in proc.stdout.readline().split() if w.startswith("http://"))
         response = openai.OpenAI(base_url=url, api_key="k", max_retries=0).chat.completions.create(
-            model="m", messages=MESSAGES)
+            model="m", messages=MESSAGES
+        )
         assert PROBLEM.answer in response.choices[0].message.content
     finally:
         proc.terminate()

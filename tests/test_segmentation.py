@@ -11,20 +11,23 @@ from hypothesis import strategies as st
 from scaffold_lib.data.segmentation import segment
 
 
-@pytest.mark.parametrize("text, steps", [
-    ("", []),
-    ("   \n\n \t \n", []),
-    ("one step", ["one step"]),
-    ("first\nstill first\n\nsecond", ["first\nstill first", "second"]),
-    ("a\r\n\r\nb\r\nb2", ["a", "b\nb2"]),  # CRLF
-    ("a\r\rb", ["a", "b"]),  # old Mac line ends
-    ("a\n\n\n\n\nb\n\n\n", ["a", "b"]),  # runs of blank lines
-    ("a\n   \nb\n\t\n\t \nc", ["a", "b", "c"]),  # whitespace-only lines between paragraphs
-    ("a\n \x0c\x0b \nb", ["a", "b"]),  # form feed / vertical tab on a blank line
-    ("  \n\n  a  \n\n\tb\t\n\n  ", ["a", "b"]),  # leading / trailing whitespace
-    ("So\x00 this\n\n\x00\n\nthat\x00", ["So this", "that"]),  # NUL bytes are dropped
-    ("a\x00\n\x00\nb", ["a", "b"]),  # a line holding only a NUL is blank
-])
+@pytest.mark.parametrize(
+    "text, steps",
+    [
+        ("", []),
+        ("   \n\n \t \n", []),
+        ("one step", ["one step"]),
+        ("first\nstill first\n\nsecond", ["first\nstill first", "second"]),
+        ("a\r\n\r\nb\r\nb2", ["a", "b\nb2"]),  # CRLF
+        ("a\r\rb", ["a", "b"]),  # old Mac line ends
+        ("a\n\n\n\n\nb\n\n\n", ["a", "b"]),  # runs of blank lines
+        ("a\n   \nb\n\t\n\t \nc", ["a", "b", "c"]),  # whitespace-only lines between paragraphs
+        ("a\n \x0c\x0b \nb", ["a", "b"]),  # form feed / vertical tab on a blank line
+        ("  \n\n  a  \n\n\tb\t\n\n  ", ["a", "b"]),  # leading / trailing whitespace
+        ("So\x00 this\n\n\x00\n\nthat\x00", ["So this", "that"]),  # NUL bytes are dropped
+        ("a\x00\n\x00\nb", ["a", "b"]),  # a line holding only a NUL is blank
+    ],
+)
 def test_segment_cases(text, steps):
     assert segment(text) == steps
 
@@ -73,8 +76,32 @@ def test_closing_bracket_without_opening_is_harmless():
 # ----------------------------------------------------------------------------------------------------------
 # properties
 
-_pieces = st.sampled_from(["\n", "\n\n", "\r\n", "\r", " ", "\t", "\x0b", "\x0c", "\x00", "\u2028", "\x85", "\xa0",
-                           "```", "$$", "\\[", "\\]", "So", "Wait,", "x = 1", "é", "😀", "."])
+_pieces = st.sampled_from(
+    [
+        "\n",
+        "\n\n",
+        "\r\n",
+        "\r",
+        " ",
+        "\t",
+        "\x0b",
+        "\x0c",
+        "\x00",
+        "\u2028",
+        "\x85",
+        "\xa0",
+        "```",
+        "$$",
+        "\\[",
+        "\\]",
+        "So",
+        "Wait,",
+        "x = 1",
+        "é",
+        "😀",
+        ".",
+    ]
+)
 messy_text = st.one_of(st.text(), st.lists(st.one_of(_pieces, st.text(max_size=3)), max_size=40).map("".join))
 
 

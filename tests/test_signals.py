@@ -29,8 +29,15 @@ def table() -> KeywordTable:
 
 
 def test_seven_signals():
-    assert SIGNALS == ("addition_elaboration", "examples_illustration", "opinion_recall", "contrast_concession",
-                       "reasoning_analysis", "conclusion_summary", "response_generation")
+    assert SIGNALS == (
+        "addition_elaboration",
+        "examples_illustration",
+        "opinion_recall",
+        "contrast_concession",
+        "reasoning_analysis",
+        "conclusion_summary",
+        "response_generation",
+    )
 
 
 OPENING_CASES = [
@@ -84,52 +91,72 @@ def test_case_insensitive(table, step):
     assert table.match(step) == ("contrast_concession", "however")
 
 
-@pytest.mark.parametrize("step, signal", [
-    ("However, 5.", "contrast_concession"),
-    ("However: 5.", "contrast_concession"),
-    ("However; 5.", "contrast_concession"),
-    ("\"But\" is what he said.", "contrast_concession"),
-    ("'Wait', she said.", "contrast_concession"),
-    ("“Wait”, she said.", "contrast_concession"),
-    ("(Then) add 3.", "addition_elaboration"),
-    ("**Answer:** 5", "response_generation"),
-    ("**Answer**: 5", "response_generation"),
-    ("*Therefore*, 5.", "conclusion_summary"),
-    ("- So, 5.", "reasoning_analysis"),  # a list dash is not a word
-    ("> Hmm, 5.", "opinion_recall"),
-    ("So... 5.", "reasoning_analysis"),
-    ("E.g., 3 rows.", "examples_illustration"),
-    ("Let's see: 6.", "reasoning_analysis"),
-    ("No, that is wrong.", "contrast_concession"),
-    ("Therefore,5", None),  # no space: "therefore,5" is one word, not the keyword
-])
+@pytest.mark.parametrize(
+    "step, signal",
+    [
+        ("However, 5.", "contrast_concession"),
+        ("However: 5.", "contrast_concession"),
+        ("However; 5.", "contrast_concession"),
+        ('"But" is what he said.', "contrast_concession"),
+        ("'Wait', she said.", "contrast_concession"),
+        ("“Wait”, she said.", "contrast_concession"),
+        ("(Then) add 3.", "addition_elaboration"),
+        ("**Answer:** 5", "response_generation"),
+        ("**Answer**: 5", "response_generation"),
+        ("*Therefore*, 5.", "conclusion_summary"),
+        ("- So, 5.", "reasoning_analysis"),  # a list dash is not a word
+        ("> Hmm, 5.", "opinion_recall"),
+        ("So... 5.", "reasoning_analysis"),
+        ("E.g., 3 rows.", "examples_illustration"),
+        ("Let's see: 6.", "reasoning_analysis"),
+        ("No, that is wrong.", "contrast_concession"),
+        ("Therefore,5", None),  # no space: "therefore,5" is one word, not the keyword
+    ],
+)
 def test_punctuation(table, step, signal):
     hit = table.match(step)
     assert (hit[0] if hit else None) == signal
 
 
-@pytest.mark.parametrize("step, signal, keyword", [
-    ("So overall, 7.", "conclusion_summary", "so overall"),
-    ("So, overall 7.", "conclusion_summary", "so overall"),  # punctuation between the words is stripped
-    ("So 7.", "reasoning_analysis", "so"),
-    ("So the answer is 7.", "response_generation", "so the answer is"),
-    ("So the total is 7.", "reasoning_analysis", "so"),
-    ("So in the end, 7.", "conclusion_summary", "so in the end"),
-    ("Let me compute 7.", "reasoning_analysis", "let me compute"),
-    ("Let me think.", "reasoning_analysis", "let me"),
-    ("The final answer is 3.", "response_generation", "the final answer is"),
-    ("Final answer: 3.", "response_generation", "final answer"),
-    ("And then 3.", "addition_elaboration", "and then"),
-    ("In the end it is 3.", "conclusion_summary", "in the end"),
-])
+@pytest.mark.parametrize(
+    "step, signal, keyword",
+    [
+        ("So overall, 7.", "conclusion_summary", "so overall"),
+        ("So, overall 7.", "conclusion_summary", "so overall"),  # punctuation between the words is stripped
+        ("So 7.", "reasoning_analysis", "so"),
+        ("So the answer is 7.", "response_generation", "so the answer is"),
+        ("So the total is 7.", "reasoning_analysis", "so"),
+        ("So in the end, 7.", "conclusion_summary", "so in the end"),
+        ("Let me compute 7.", "reasoning_analysis", "let me compute"),
+        ("Let me think.", "reasoning_analysis", "let me"),
+        ("The final answer is 3.", "response_generation", "the final answer is"),
+        ("Final answer: 3.", "response_generation", "final answer"),
+        ("And then 3.", "addition_elaboration", "and then"),
+        ("In the end it is 3.", "conclusion_summary", "in the end"),
+    ],
+)
 def test_longest_keyword_first(table, step, signal, keyword):
     assert table.match(step) == (signal, keyword)
 
 
-@pytest.mark.parametrize("step", [
-    "Sometimes it rains.", "Sonia has 3 apples.", "Thenceforth we count.", "Butter costs 3.", "Nowhere to go.",
-    "Alsoran", "Thusly.", "Hmmm.", "Answering is hard.", "Firstly, 3.", "Sot", "Since-when", "So-called 3.",
-])
+@pytest.mark.parametrize(
+    "step",
+    [
+        "Sometimes it rains.",
+        "Sonia has 3 apples.",
+        "Thenceforth we count.",
+        "Butter costs 3.",
+        "Nowhere to go.",
+        "Alsoran",
+        "Thusly.",
+        "Hmmm.",
+        "Answering is hard.",
+        "Firstly, 3.",
+        "Sot",
+        "Since-when",
+        "So-called 3.",
+    ],
+)
 def test_word_boundary(table, step):
     assert table.match(step) is None
 
@@ -146,7 +173,8 @@ def test_fallback_label(table):
     assert label == Label("reasoning_analysis", FALLBACK, None, 0.0)
     assert label_step("", False, table).labeller == FALLBACK
     assert label_step("12 + 3 = 15.", False, table, fallback_signal="addition_elaboration") == Label(
-        "addition_elaboration", FALLBACK, None, 0.0)
+        "addition_elaboration", FALLBACK, None, 0.0
+    )
 
 
 def test_final_step_is_response_generation(table):
@@ -162,8 +190,11 @@ def test_label_steps_marks_only_the_last_step_final():
     steps = ["First, 3 apples.", "Ava buys 2 more.", "The answer is 5.", "Therefore 5."]
     labels = label_steps(steps)
     assert [(label.signal, label.labeller) for label in labels] == [
-        ("reasoning_analysis", KEYWORD), ("reasoning_analysis", FALLBACK),
-        ("response_generation", KEYWORD), ("response_generation", FINAL_STEP)]
+        ("reasoning_analysis", KEYWORD),
+        ("reasoning_analysis", FALLBACK),
+        ("response_generation", KEYWORD),
+        ("response_generation", FINAL_STEP),
+    ]
     assert label_steps([]) == []
     assert label_steps(["Hmm."]) == [Label(ANSWER_SIGNAL, FINAL_STEP, None, 1.0)]
     labels = label_steps(["Ava buys 2.", "5"], LabellerConfig(fallback_signal="opinion_recall"))
@@ -189,8 +220,11 @@ def test_default_table_source_and_prefixes(table):
 
 def test_custom_keyword_file_replaces_default(tmp_path):
     path = tmp_path / "kw.toml"
-    path.write_text('[opinion_recall]\nprefix = "op"\nkeywords = ["Zorp", "blue moon"]\n\n'
-                    '[response_generation]\nkeywords = ["result"]\n', encoding="utf-8")
+    path.write_text(
+        '[opinion_recall]\nprefix = "op"\nkeywords = ["Zorp", "blue moon"]\n\n'
+        '[response_generation]\nkeywords = ["result"]\n',
+        encoding="utf-8",
+    )
     config = LabellerConfig(keywords_path=str(path))
     labels = label_steps(["Zorp, it is 3.", "Blue moon rising.", "So 3 + 4 = 7.", "Result: 7"], config)
     assert labels == [
@@ -207,14 +241,17 @@ def test_custom_keyword_file_replaces_default(tmp_path):
     assert keyword_table().match("So 3") == ("reasoning_analysis", "so")
 
 
-@pytest.mark.parametrize("content, needle", [
-    ('[opinion_recall\nkeywords = ["x"]', "not valid TOML"),
-    ('[feelings]\nkeywords = ["x"]', "unknown signal"),
-    ('[opinion_recall]\nkeywords = ["maybe"]\n[contrast_concession]\nkeywords = ["Maybe,"]', "both"),
-    ('[opinion_recall]\nkeywords = "maybe"', "list of strings"),
-    ('[opinion_recall]\nkeywords = ["ok", 3]', "list of strings"),
-    ('[opinion_recall]\nkeywords = ["..."]', "empty"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ('[opinion_recall\nkeywords = ["x"]', "not valid TOML"),
+        ('[feelings]\nkeywords = ["x"]', "unknown signal"),
+        ('[opinion_recall]\nkeywords = ["maybe"]\n[contrast_concession]\nkeywords = ["Maybe,"]', "both"),
+        ('[opinion_recall]\nkeywords = "maybe"', "list of strings"),
+        ('[opinion_recall]\nkeywords = ["ok", 3]', "list of strings"),
+        ('[opinion_recall]\nkeywords = ["..."]', "empty"),
+    ],
+)
 def test_malformed_keyword_files(tmp_path, content, needle):
     path = tmp_path / f"bad_{abs(hash(content))}.toml"
     path.write_text(content, encoding="utf-8")
@@ -245,9 +282,13 @@ def test_same_keyword_twice_under_one_signal_is_fine():
 
 
 def test_label_stats_on_a_hand_made_set():
-    labels = ([Label("reasoning_analysis", KEYWORD, "so", 1.0)] * 4 + [Label("contrast_concession", KEYWORD, "but", 1.0)]
-              + [Label("response_generation", KEYWORD, "the answer is", 1.0)]
-              + [Label("reasoning_analysis", FALLBACK, None, 0.0)] * 3 + [Label("response_generation", FINAL_STEP, None, 1.0)])
+    labels = (
+        [Label("reasoning_analysis", KEYWORD, "so", 1.0)] * 4
+        + [Label("contrast_concession", KEYWORD, "but", 1.0)]
+        + [Label("response_generation", KEYWORD, "the answer is", 1.0)]
+        + [Label("reasoning_analysis", FALLBACK, None, 0.0)] * 3
+        + [Label("response_generation", FINAL_STEP, None, 1.0)]
+    )
     stats = LabelStats()
     for label in labels:
         stats.add(label)
@@ -301,7 +342,7 @@ def test_match_is_the_longest_matching_keyword(words, sep):
     best = None
     for key, hit in table.by_words.items():
         key_words = key.split(" ")
-        if opening[:len(key_words)] == key_words and (best is None or len(key_words) > len(best[0].split(" "))):
+        if opening[: len(key_words)] == key_words and (best is None or len(key_words) > len(best[0].split(" "))):
             best = (key, hit)
     assert table.match(step) == (best[1] if best else None)
 

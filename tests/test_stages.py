@@ -21,10 +21,15 @@ def problems(n: int) -> list[Problem]:
 
 def run_all(wh: Warehouse, ps: list[Problem], teacher=None, run_id: str | None = None) -> dict:
     teacher = teacher or ProgrammaticTeacher()
-    return {r.stage: r for r in (store_problems(wh, ps, run_id=run_id),
-                                 generate_teacher_traces(wh, teacher, run_id=run_id),
-                                 segment_traces(wh, run_id=run_id),
-                                 label_signals(wh, run_id=run_id))}
+    return {
+        r.stage: r
+        for r in (
+            store_problems(wh, ps, run_id=run_id),
+            generate_teacher_traces(wh, teacher, run_id=run_id),
+            segment_traces(wh, run_id=run_id),
+            label_signals(wh, run_id=run_id),
+        )
+    }
 
 
 def test_rows_in_every_data_table(warehouse_path):
@@ -61,8 +66,11 @@ def test_parent_ids_join(warehouse_path):
     assert {k: wh.scalar(sql) for k, sql in orphans.items()} == {k: 0 for k in orphans}
     # steps of each trace are numbered 0..n-1, are exactly segment(text), and the last one is the answer
     for t in wh.query("SELECT trace_id, text FROM teacher_traces"):
-        rows = wh.query("SELECT s.idx, s.text, l.signal FROM segmented_steps s JOIN signal_labels l USING (step_id) "
-                        "WHERE trace_id = ? ORDER BY idx", [t["trace_id"]])
+        rows = wh.query(
+            "SELECT s.idx, s.text, l.signal FROM segmented_steps s JOIN signal_labels l USING (step_id) "
+            "WHERE trace_id = ? ORDER BY idx",
+            [t["trace_id"]],
+        )
         assert [r["idx"] for r in rows] == list(range(len(rows)))
         assert [r["text"] for r in rows] == segment(t["text"])
         assert rows[-1]["signal"] == "response_generation"
@@ -98,9 +106,15 @@ def test_growing_the_problem_set_only_does_the_new_work(warehouse_path):
     new_traces = {r["trace_id"] for r in wh.query("SELECT trace_id FROM teacher_traces")} - old_traces
     assert len(new_traces) == 8
     new_problem_ids = {p.problem_id for p in grown[12:]}
-    assert {r["problem_id"] for r in wh.query("SELECT problem_id FROM teacher_traces WHERE list_contains(?, trace_id)",
-                                              [sorted(new_traces)])} == new_problem_ids
-    steps_of_new = wh.scalar("SELECT count(*) FROM segmented_steps WHERE list_contains(?, trace_id)", [sorted(new_traces)])
+    assert {
+        r["problem_id"]
+        for r in wh.query(
+            "SELECT problem_id FROM teacher_traces WHERE list_contains(?, trace_id)", [sorted(new_traces)]
+        )
+    } == new_problem_ids
+    steps_of_new = wh.scalar(
+        "SELECT count(*) FROM segmented_steps WHERE list_contains(?, trace_id)", [sorted(new_traces)]
+    )
     assert reports["segmented_steps"].new_rows == steps_of_new
     assert reports["signal_labels"].new_rows == steps_of_new
     # old rows are untouched (not rewritten)
@@ -131,8 +145,16 @@ def test_whitespace_only_trace_is_quarantined_not_dropped(warehouse_path):
     wh = Warehouse(warehouse_path)
     run_all(wh, problems(5))
     pid = wh.scalar("SELECT min(problem_id) FROM problems")
-    blank = {"trace_id": "blank-trace-0001", "problem_id": pid, "teacher": "imported", "text": " \n\n\t \r\n \n",
-             "final_answer": None, "is_correct": False, "prompt_tokens": 0, "completion_tokens": 0}
+    blank = {
+        "trace_id": "blank-trace-0001",
+        "problem_id": pid,
+        "teacher": "imported",
+        "text": " \n\n\t \r\n \n",
+        "final_answer": None,
+        "is_correct": False,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+    }
     assert wh.insert_new("teacher_traces", [blank]) == 1
     steps_before = wh.counts()["segmented_steps"]
 
@@ -140,8 +162,14 @@ def test_whitespace_only_trace_is_quarantined_not_dropped(warehouse_path):
     with pytest.raises(StageFailed, match="every one of the 1 new traces was empty"):
         segment_traces(wh)
     rows = wh.query("SELECT stage, source_file, field, error FROM quarantine")
-    assert rows == [{"stage": "segmented_steps", "source_file": "blank-trace-0001", "field": "text",
-                     "error": "trace has no non-empty step"}]
+    assert rows == [
+        {
+            "stage": "segmented_steps",
+            "source_file": "blank-trace-0001",
+            "field": "text",
+            "error": "trace has no non-empty step",
+        }
+    ]
     assert wh.counts()["segmented_steps"] == steps_before
     # the next run neither re-quarantines it nor tries it again
     again = segment_traces(wh)
@@ -150,15 +178,24 @@ def test_whitespace_only_trace_is_quarantined_not_dropped(warehouse_path):
 
 
 def test_lenient_loader_quarantine_lands_in_the_table(warehouse_path, write_jsonl):
-    path = write_jsonl([{"question": "What is 2+2?", "answer": "#### 4"}, b"{oops", {"question": "", "answer": "1"},
-                        {"question": "What is 3+3?", "answer": "#### 6"}], name="user.jsonl")
+    path = write_jsonl(
+        [
+            {"question": "What is 2+2?", "answer": "#### 4"},
+            b"{oops",
+            {"question": "", "answer": "1"},
+            {"question": "What is 3+3?", "answer": "#### 6"},
+        ],
+        name="user.jsonl",
+    )
     loaded = load_problem_file(path, lenient=True)
     wh = Warehouse(warehouse_path)
     report = store_problems(wh, loaded.problems, loaded.quarantined)
     assert report.new_rows == 2 and report.details["quarantined"] == 2
     rows = wh.query("SELECT stage, source_file, line, field FROM quarantine ORDER BY line")
-    assert rows == [{"stage": "problems", "source_file": str(path), "line": 2, "field": "<row>"},
-                    {"stage": "problems", "source_file": str(path), "line": 3, "field": "question"}]
+    assert rows == [
+        {"stage": "problems", "source_file": str(path), "line": 2, "field": "<row>"},
+        {"stage": "problems", "source_file": str(path), "line": 3, "field": "question"},
+    ]
     assert "{oops" in wh.scalar("SELECT raw FROM quarantine WHERE line = 2")
     # storing the same load again adds nothing
     store_problems(wh, loaded.problems, loaded.quarantined)
@@ -167,8 +204,14 @@ def test_lenient_loader_quarantine_lands_in_the_table(warehouse_path, write_json
 
 def test_teacher_failures_are_recorded_and_retried(warehouse_path):
     wh = Warehouse(warehouse_path)
-    foreign = Problem(make_problem_id("What is the capital of France?", "Paris"), "gsm8k", "train",
-                      "What is the capital of France?", "Paris", "text")
+    foreign = Problem(
+        make_problem_id("What is the capital of France?", "Paris"),
+        "gsm8k",
+        "train",
+        "What is the capital of France?",
+        "Paris",
+        "text",
+    )
     store_problems(wh, [foreign, *problems(3)])
     report = generate_teacher_traces(wh, ProgrammaticTeacher())
     assert report.details["asked"] == 4 and report.details["failed"] == 1 and report.new_rows == 3

@@ -14,8 +14,14 @@ from scaffold_lib.student.stages import ShardsConfig, fit_student, pack_shards
 from scaffold_lib.student.training import TrainConfig
 from support.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
 
-TINY = StudentConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     num_key_value_heads=1, vocab_size=300)
+TINY = StudentConfig(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    vocab_size=300,
+)
 
 
 def test_shards_at_an_fsspec_url_are_written_whole_read_in_place_and_trained_on(tmp_path):
@@ -32,13 +38,20 @@ def test_shards_at_an_fsspec_url_are_written_whole_read_in_place_and_trained_on(
     assert not list(store.artifacts.rglob("*.parquet"))  # nothing went to the local artifacts folder
     memory = fsspec.filesystem("memory")
     assert sorted(memory.ls("/bucket/run1/scaffold", detail=False)) == sorted(
-        p.removeprefix("memory://") for p in paths if "/scaffold/" in p)
+        p.removeprefix("memory://") for p in paths if "/scaffold/" in p
+    )
     # DuckDB reads the shards where they are, and finds every row the manifest promises
     assert wh.parquet_rows(paths) == wh.scalar("SELECT sum(n_rows) FROM shards")
     data = load_rows([p for p in paths if "/scaffold/" in p])
     assert data["input_ids"].shape == (report.stats["scaffold"]["rows"], 512)
-    trained = fit_student(wh, store.artifacts, report.base_model, report.manifests["scaffold"],
-                          TrainConfig(max_steps=3, batch_size=2).resolved(pretrained=False), progress=False)
+    trained = fit_student(
+        wh,
+        store.artifacts,
+        report.base_model,
+        report.manifests["scaffold"],
+        TrainConfig(max_steps=3, batch_size=2).resolved(pretrained=False),
+        progress=False,
+    )
     assert trained.result.losses[-1] < trained.result.losses[0]
     # a second build finds the shards already there (content-addressed) and writes nothing new
     again = pack_shards(store, cfg, TINY)

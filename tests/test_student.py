@@ -30,15 +30,26 @@ def tensors(ex_or_row, position_ids=None) -> dict[str, torch.Tensor]:
     get = (lambda k: getattr(ex_or_row, k)) if isinstance(ex_or_row, Example) else ex_or_row.__getitem__
     pos = np.arange(len(get("input_ids"))) if position_ids is None else position_ids
     t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))[None]  # noqa: E731
-    return {"input_ids": t(get("input_ids")), "labels": t(get("labels")), "position_ids": t(pos),
-            "signal_ids": t(get("signal_ids")), "signal_positions": t(get("signal_positions")),
-            "signal_targets": t(get("signal_targets"))}
+    return {
+        "input_ids": t(get("input_ids")),
+        "labels": t(get("labels")),
+        "position_ids": t(pos),
+        "signal_ids": t(get("signal_ids")),
+        "signal_positions": t(get("signal_positions")),
+        "signal_targets": t(get("signal_targets")),
+    }
 
 
 def run(model: ScaffoldStudent, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     with torch.no_grad():
-        out = model(batch["input_ids"], batch["labels"], batch["position_ids"], batch["signal_ids"],
-                    batch["signal_positions"], batch["signal_targets"])
+        out = model(
+            batch["input_ids"],
+            batch["labels"],
+            batch["position_ids"],
+            batch["signal_ids"],
+            batch["signal_positions"],
+            batch["signal_targets"],
+        )
     return {k: float(v) for k, v in out.items()}
 
 
@@ -88,7 +99,7 @@ def test_pack_rows_keeps_every_token_once(world):
         assert len(spans) == len(r["trace_ids"])
         for a, b in spans:
             packed[(tuple(r["input_ids"][a:b]), tuple(r["labels"][a:b]), tuple(r["signal_ids"][a:b]))] += 1
-        assert np.all(r["labels"][r["n_tokens"]:] == -100)  # padding is never a target
+        assert np.all(r["labels"][r["n_tokens"] :] == -100)  # padding is never a target
         # signal positions point inside the row's real tokens, at the right targets
         assert np.all(r["signal_positions"] < r["n_tokens"])
     assert packed == expected
@@ -97,8 +108,9 @@ def test_pack_rows_keeps_every_token_once(world):
     assert 0 < stats.fill_ratio <= 1 and stats.capacity == 1024 * len(rows)
     n_positions = sum(len(e.signal_positions) for e in examples)
     assert sum(len(r["signal_positions"]) for r in rows) == n_positions
-    assert Counter(t for r in rows for t in r["signal_targets"].tolist()) == \
-        Counter(t for e in examples for t in e.signal_targets.tolist())
+    assert Counter(t for r in rows for t in r["signal_targets"].tolist()) == Counter(
+        t for e in examples for t in e.signal_targets.tolist()
+    )
 
 
 @pytest.mark.parametrize("mode", ["split", "drop"])
@@ -226,13 +238,14 @@ def test_grad_accum_equals_one_big_batch(world, monkeypatch):
     with torch.no_grad():
         sums = {"token_loss_sum": 0.0, "token_count": 0, "signal_loss_sum": 0.0, "signal_count": 0}
         for i in rows4.tolist():
-            out = run(model, {k: v[i:i + 1] for k, v in data.items()})
+            out = run(model, {k: v[i : i + 1] for k, v in data.items()})
             for k in sums:
                 sums[k] += out[k]
-    expected = (1 - beta) * sums["token_loss_sum"] / sums["token_count"] + \
-        beta * sums["signal_loss_sum"] / sums["signal_count"]
+    expected = (1 - beta) * sums["token_loss_sum"] / sums["token_count"] + beta * sums["signal_loss_sum"] / sums[
+        "signal_count"
+    ]
     # the rows really differ in size, so a mean of per-micro-batch means would not match
-    counts = [int((data["labels"][rows4[j:j + 2]] != -100).sum()) for j in (0, 2)]
+    counts = [int((data["labels"][rows4[j : j + 2]] != -100).sum()) for j in (0, 2)]
     assert counts[0] != counts[1]
 
     # plain SGD instead of AdamW for this test, so the update is the (clipped) gradient itself: Adam's first step
@@ -285,8 +298,13 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(world, tmp_path):
 
 
 def test_keep_checkpoints_prunes_old_ones(world, tmp_path):
-    train(world.student(), world.data_copy(), cfg(max_steps=6, checkpoint_every=2, keep_checkpoints=2),
-          checkpoint_dir=tmp_path, progress=False)
+    train(
+        world.student(),
+        world.data_copy(),
+        cfg(max_steps=6, checkpoint_every=2, keep_checkpoints=2),
+        checkpoint_dir=tmp_path,
+        progress=False,
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000004", "step-0000006"]
 
 
@@ -299,8 +317,11 @@ def test_save_and_load_round_trip(world, tmp_path):
     out = model.save_pretrained(tmp_path / "student", world.tokenizer)
     assert (out / "model.safetensors").exists() and (out / HEADS_FILE).exists()
     assert json.loads((out / SCAFFOLD_CONFIG).read_text()) == {
-        "kind": "scaffold", "signals": list(SIGNALS), "hidden_size": TINY.hidden_size,
-        "tokenizer_hash": tokenizer_hash(world.tokenizer)}
+        "kind": "scaffold",
+        "signals": list(SIGNALS),
+        "hidden_size": TINY.hidden_size,
+        "tokenizer_hash": tokenizer_hash(world.tokenizer),
+    }
     assert not list(out.glob("*.bin"))
     torch.manual_seed(999)
     loaded = ScaffoldStudent.from_pretrained(out).eval()
@@ -398,8 +419,10 @@ def test_student_stages_on_a_tiny_warehouse(tmp_path):
     sc = ShardsConfig(pack=PackConfig(row_len=512, rows_per_shard=4))
 
     report = pack_shards(store, sc, TINY, run_id="run-1")
-    n_train = wh.scalar("SELECT count(*) FROM teacher_traces t JOIN problems p USING (problem_id) "
-                        "WHERE p.split = 'train' AND t.is_correct")
+    n_train = wh.scalar(
+        "SELECT count(*) FROM teacher_traces t JOIN problems p USING (problem_id) "
+        "WHERE p.split = 'train' AND t.is_correct"
+    )
     assert report.traces == n_train > 0 and report.skipped_incomplete == 0
     assert set(report.manifests) == {"scaffold", "baseline"}
     n_shards = wh.scalar("SELECT count(*) FROM shards")
@@ -408,8 +431,10 @@ def test_student_stages_on_a_tiny_warehouse(tmp_path):
         paths = [r["path"] for r in wh.query("SELECT path FROM shards WHERE kind = ?", [kind])]
         assert paths and all(Path(p).exists() for p in paths)
         assert wh.scalar("SELECT count(DISTINCT manifest_hash) FROM shards WHERE kind = ?", [kind]) == 1
-        members = wh.scalar("SELECT count(DISTINCT m.trace_id) FROM shard_members m JOIN shards s USING (shard_id) "
-                            "WHERE s.kind = ?", [kind])
+        members = wh.scalar(
+            "SELECT count(DISTINCT m.trace_id) FROM shard_members m JOIN shards s USING (shard_id) WHERE s.kind = ?",
+            [kind],
+        )
         assert members == n_train
         assert report.stats[kind]["examples"] == n_train
     assert wh.scalar("SELECT count(*) FROM shards WHERE dagster_run_id = 'run-1'") == n_shards
@@ -488,6 +513,7 @@ def test_lora_trains_adapters_and_heads_only_then_folds_into_a_plain_checkpoint(
 def test_compiled_forward_trains_like_eager(world):
     eager = train(world.student(), world.data_copy(), cfg(max_steps=3), progress=False)
     # aot_eager runs torch.compile's graph capture without a C++ toolchain; GPUs use the default inductor
-    compiled = train(world.student(), world.data_copy(), cfg(max_steps=3, compile=True, compile_backend="aot_eager"),
-                     progress=False)
+    compiled = train(
+        world.student(), world.data_copy(), cfg(max_steps=3, compile=True, compile_backend="aot_eager"), progress=False
+    )
     np.testing.assert_allclose(compiled.losses, eager.losses, atol=1e-5, rtol=0)

@@ -100,8 +100,9 @@ def test_corrected_mistakes_still_end_correct(problems):
 
 def test_no_mistakes_when_disabled(problems):
     traces = teach(problems[:100], wrong_fraction=0.0, mistake_prob=0.0).traces
-    assert not any(step.startswith(CORRECTIONS[2]) or step.startswith("Actually")
-                   for t in traces for step in segment(t.text))
+    assert not any(
+        step.startswith(CORRECTIONS[2]) or step.startswith("Actually") for t in traces for step in segment(t.text)
+    )
 
 
 def test_trace_ids(problems):
@@ -120,8 +121,14 @@ def test_trace_ids(problems):
 
 
 def test_non_synthetic_problem_is_a_failure_record(problems):
-    foreign = Problem(make_problem_id("What is the capital of France?", "Paris"), "gsm8k", "train",
-                      "What is the capital of France?", "Paris", "text")
+    foreign = Problem(
+        make_problem_id("What is the capital of France?", "Paris"),
+        "gsm8k",
+        "train",
+        "What is the capital of France?",
+        "Paris",
+        "text",
+    )
     teacher = ProgrammaticTeacher()
     result = teacher.generate([problems[0], foreign, problems[1]])
     assert [t.problem_id for t in result.traces] == [problems[0].problem_id, problems[1].problem_id]

@@ -51,34 +51,40 @@ def test_journal_survives_a_very_long_record(tmp_path: Path) -> None:
     assert Journal(tmp_path / "j.jsonl", key="id").get("big")["text"] == text
 
 
-@pytest.mark.parametrize("content, reasoning, expected", [
-    ("The answer is 4.", "2 + 2 = 4.", ("2 + 2 = 4.", "The answer is 4.")),
-    ("<think>\nSo 2 + 2 = 4.\n</think>\n\nThe answer is 4.", None, ("So 2 + 2 = 4.", "The answer is 4.")),
-    ("  <think>a\n\nb</think>done", "", ("a\n\nb", "done")),
-    ("<think>cut off by max_tokens", None, ("cut off by max_tokens", "")),
-    ("Plain answer with no thinking.", None, ("", "Plain answer with no thinking.")),
-    ("The <think> tag in the middle is content", None, ("", "The <think> tag in the middle is content")),
-    ("answer", "   ", ("", "answer")),
-])
+@pytest.mark.parametrize(
+    "content, reasoning, expected",
+    [
+        ("The answer is 4.", "2 + 2 = 4.", ("2 + 2 = 4.", "The answer is 4.")),
+        ("<think>\nSo 2 + 2 = 4.\n</think>\n\nThe answer is 4.", None, ("So 2 + 2 = 4.", "The answer is 4.")),
+        ("  <think>a\n\nb</think>done", "", ("a\n\nb", "done")),
+        ("<think>cut off by max_tokens", None, ("cut off by max_tokens", "")),
+        ("Plain answer with no thinking.", None, ("", "Plain answer with no thinking.")),
+        ("The <think> tag in the middle is content", None, ("", "The <think> tag in the middle is content")),
+        ("answer", "   ", ("", "answer")),
+    ],
+)
 def test_split_reasoning(content: str, reasoning: str | None, expected: tuple[str, str]) -> None:
     assert split_reasoning(content, reasoning) == expected
 
 
-@pytest.mark.parametrize("reply, signal", [
-    ("conclusion_summary", "conclusion_summary"),
-    ("  Contrast_Concession.\n", "contrast_concession"),
-    ("`reasoning_analysis`", "reasoning_analysis"),
-    ('"examples_illustration"', "examples_illustration"),
-    ("opinion recall", "opinion_recall"),
-    ("addition-elaboration", "addition_elaboration"),
-    ('{"signal": "response_generation"}', "response_generation"),
-    ('{"signal": "nonsense"}', None),
-    ('{"label": "conclusion_summary"}', None),
-    ("{broken json", None),
-    ("conclusion", None),
-    ("The signal is conclusion_summary because it concludes.", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "reply, signal",
+    [
+        ("conclusion_summary", "conclusion_summary"),
+        ("  Contrast_Concession.\n", "contrast_concession"),
+        ("`reasoning_analysis`", "reasoning_analysis"),
+        ('"examples_illustration"', "examples_illustration"),
+        ("opinion recall", "opinion_recall"),
+        ("addition-elaboration", "addition_elaboration"),
+        ('{"signal": "response_generation"}', "response_generation"),
+        ('{"signal": "nonsense"}', None),
+        ('{"label": "conclusion_summary"}', None),
+        ("{broken json", None),
+        ("conclusion", None),
+        ("The signal is conclusion_summary because it concludes.", None),
+        ("", None),
+    ],
+)
 def test_parse_signal_is_strict(reply: str, signal: str | None) -> None:
     assert parse_signal(reply) == signal
 
@@ -107,10 +113,19 @@ def test_trace_import_joins_by_question_and_by_id_and_verifies(tmp_path: Path, w
     for i, p in enumerate(problems[:6]):
         gold = solve(parse_question(p.question))
         answer = gold if i != 0 else gold + 1  # one wrong trace: verification must catch it
-        rows.append({"problem": "  " + p.question.upper() + " ", "generation":
-                     f"<think>\nSo I add things up.\n\nTherefore it is {answer}.\n</think>\n\nThe answer is {answer}."})
-    rows.append({"problem_id": problems[6].problem_id, "problem": "different wording", "generation":
-                 f"Since it is easy, it is {problems[6].answer}.\n\nThe answer is {problems[6].answer}."})
+        rows.append(
+            {
+                "problem": "  " + p.question.upper() + " ",
+                "generation": f"<think>\nSo I add things up.\n\nTherefore it is {answer}.\n</think>\n\nThe answer is {answer}.",
+            }
+        )
+    rows.append(
+        {
+            "problem_id": problems[6].problem_id,
+            "problem": "different wording",
+            "generation": f"Since it is easy, it is {problems[6].answer}.\n\nThe answer is {problems[6].answer}.",
+        }
+    )
     rows.append({"problem": "A question nobody asked?", "generation": "The answer is 1."})
     rows.append({"problem": problems[7].question, "generation": ""})  # empty: quarantined, not a trace
     rows.append({"problem": problems[8].question})  # missing field
@@ -133,7 +148,9 @@ def test_trace_import_joins_by_question_and_by_id_and_verifies(tmp_path: Path, w
     steps = wh.query("SELECT text FROM segmented_steps WHERE trace_id = ? ORDER BY idx", [first["trace_id"]])
     assert [s["text"].split()[0] for s in steps] == ["So", "Therefore", "The"]
     # a second import asks nothing and adds nothing
-    again = generate_teacher_traces(wh, ImportedTeacher(str(path), TraceFieldMap(problem_id="problem_id"), name="r1-dump"))
+    again = generate_teacher_traces(
+        wh, ImportedTeacher(str(path), TraceFieldMap(problem_id="problem_id"), name="r1-dump")
+    )
     assert again.new_rows == 0 and again.details["asked"] == len(problems) - 7
 
 
@@ -151,8 +168,12 @@ def test_trace_import_separate_answer_column_and_samples(write_jsonl, warehouse_
     wh = Warehouse(warehouse_path)
     store_problems(wh, problems)
     p = problems[0]
-    path = write_jsonl([{"q": p.question, "think": "Since x, so y.", "final": f"The answer is {p.answer}."},
-                        {"q": p.question, "think": "Another try.", "final": "The answer is -1."}])
+    path = write_jsonl(
+        [
+            {"q": p.question, "think": "Since x, so y.", "final": f"The answer is {p.answer}."},
+            {"q": p.question, "think": "Another try.", "final": "The answer is -1."},
+        ]
+    )
     teacher = ImportedTeacher(str(path), TraceFieldMap(question="q", thinking="think", answer="final"))
     assert teacher.samples == 2
     report = generate_teacher_traces(wh, teacher)
@@ -163,27 +184,54 @@ def test_trace_import_separate_answer_column_and_samples(write_jsonl, warehouse_
 def test_an_older_warehouse_file_gains_the_new_columns(tmp_path: Path) -> None:
     path = tmp_path / "old.duckdb"
     con = duckdb.connect(str(path))
-    con.execute("CREATE TABLE signal_labels (step_id VARCHAR PRIMARY KEY, signal VARCHAR NOT NULL, labeller VARCHAR "
-                "NOT NULL, keyword VARCHAR, confidence DOUBLE NOT NULL, dagster_run_id VARCHAR, created_at TIMESTAMP)")
+    con.execute(
+        "CREATE TABLE signal_labels (step_id VARCHAR PRIMARY KEY, signal VARCHAR NOT NULL, labeller VARCHAR "
+        "NOT NULL, keyword VARCHAR, confidence DOUBLE NOT NULL, dagster_run_id VARCHAR, created_at TIMESTAMP)"
+    )
     con.execute("INSERT INTO signal_labels VALUES ('s1', 'conclusion_summary', 'keyword', 'thus', 1.0, 'r', now())")
     con.close()
     wh = Warehouse(path)
     assert wh.query("SELECT step_id, keyword_signal FROM signal_labels") == [{"step_id": "s1", "keyword_signal": None}]
-    assert wh.upsert("signal_labels", [{"step_id": "s1", "signal": "contrast_concession", "labeller": LLM_OVERRIDE,
-                                        "keyword": "thus", "keyword_signal": "conclusion_summary", "confidence": 1.0}]) == 1
+    assert (
+        wh.upsert(
+            "signal_labels",
+            [
+                {
+                    "step_id": "s1",
+                    "signal": "contrast_concession",
+                    "labeller": LLM_OVERRIDE,
+                    "keyword": "thus",
+                    "keyword_signal": "conclusion_summary",
+                    "confidence": 1.0,
+                }
+            ],
+        )
+        == 1
+    )
     assert wh.query("SELECT signal, labeller FROM signal_labels") == [
-        {"signal": "contrast_concession", "labeller": LLM_OVERRIDE}]
+        {"signal": "contrast_concession", "labeller": LLM_OVERRIDE}
+    ]
 
 
-def test_hf_teacher_generates_from_a_saved_checkpoint_and_resumes_from_its_journal(tmp_path: Path,
-                                                                                   warehouse_path: Path) -> None:
+def test_hf_teacher_generates_from_a_saved_checkpoint_and_resumes_from_its_journal(
+    tmp_path: Path, warehouse_path: Path
+) -> None:
     from scaffold_lib.data.llm_teachers import HFTeacher, HFTeacherConfig
     from scaffold_lib.student.model import StudentConfig, build_embedded_base
 
     problems = _synthetic(5)
-    checkpoint = build_embedded_base(StudentConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                   num_attention_heads=2, num_key_value_heads=1, vocab_size=300),
-                                     [p.question for p in problems] * 4, tmp_path / "tiny-teacher")
+    checkpoint = build_embedded_base(
+        StudentConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=300,
+        ),
+        [p.question for p in problems] * 4,
+        tmp_path / "tiny-teacher",
+    )
     config = HFTeacherConfig(model=str(checkpoint), batch_size=2, max_new_tokens=12)
     result = HFTeacher(config, journal_dir=tmp_path / "j", progress=False).generate(problems)
     assert {t.teacher for t in result.traces} | {f.teacher for f in result.failures} <= {"hf:tiny-teacher"}

@@ -10,29 +10,50 @@ from scaffold_lib.data.problems import problem_files
 # every problem in one step through `teacher_traces`
 SHARDED_TEACHER = dg.AssetSelection.groups(FLEET_GROUP)
 # the whole pipeline, in one run: what `make demo` launches
-full_pipeline_job = dg.define_asset_job("full_pipeline", selection=dg.AssetSelection.all() - SHARDED_TEACHER,
-                                        description="every stage, from problems to promotion")
+full_pipeline_job = dg.define_asset_job(
+    "full_pipeline",
+    selection=dg.AssetSelection.all() - SHARDED_TEACHER,
+    description="every stage, from problems to promotion",
+)
 # new problems -> traces -> steps -> labels (incremental: only new problems reach the teacher)
-data_refresh_job = dg.define_asset_job("data_refresh", selection=dg.AssetSelection.groups(DATA_GROUP),
-                                       description="refresh problems, teacher traces, steps and labels")
+data_refresh_job = dg.define_asset_job(
+    "data_refresh",
+    selection=dg.AssetSelection.groups(DATA_GROUP),
+    description="refresh problems, teacher traces, steps and labels",
+)
 # one run per problem shard (launch a backfill of it), each shard on its own endpoint when several are configured
-trace_backfill_job = dg.define_asset_job("trace_backfill", selection=SHARDED_TEACHER,
-                                         description="teacher traces by problem shard, fanned out over endpoints")
+trace_backfill_job = dg.define_asset_job(
+    "trace_backfill",
+    selection=SHARDED_TEACHER,
+    description="teacher traces by problem shard, fanned out over endpoints",
+)
 # shards -> students -> scores -> promotion
-retrain_job = dg.define_asset_job("retrain_and_evaluate",
-                                  selection=dg.AssetSelection.assets("packed_shards").downstream(),
-                                  description="repack, retrain both students, evaluate and promote")
+retrain_job = dg.define_asset_job(
+    "retrain_and_evaluate",
+    selection=dg.AssetSelection.assets("packed_shards").downstream(),
+    description="repack, retrain both students, evaluate and promote",
+)
 
-daily_data_refresh = dg.ScheduleDefinition(job=data_refresh_job, cron_schedule="0 3 * * *",
-                                           default_status=dg.DefaultScheduleStatus.RUNNING,
-                                           description="daily: new problems reach the teacher and the stages below")
-weekly_retrain = dg.ScheduleDefinition(job=retrain_job, cron_schedule="0 5 * * 0",
-                                       default_status=dg.DefaultScheduleStatus.RUNNING,
-                                       description="weekly: retrain, evaluate and maybe promote")
+daily_data_refresh = dg.ScheduleDefinition(
+    job=data_refresh_job,
+    cron_schedule="0 3 * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="daily: new problems reach the teacher and the stages below",
+)
+weekly_retrain = dg.ScheduleDefinition(
+    job=retrain_job,
+    cron_schedule="0 5 * * 0",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="weekly: retrain, evaluate and maybe promote",
+)
 
 
-@dg.sensor(job=data_refresh_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
-           description="starts a data refresh when a problem file appears or changes in $DAGSTER_HOME/incoming")
+@dg.sensor(
+    job=data_refresh_job,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="starts a data refresh when a problem file appears or changes in $DAGSTER_HOME/incoming",
+)
 def new_problem_file_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     folder = paths.dagster_home() / "incoming"
     if not folder.exists():
@@ -41,6 +62,7 @@ def new_problem_file_sensor(context: dg.SensorEvaluationContext) -> dg.SensorRes
     for path in problem_files(folder):
         stat = path.stat()
         # one run per (file, size, mtime): a file that changes is picked up again, an unchanged one never twice
-        requests.append(dg.RunRequest(run_key=f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}",
-                                      tags={"problem_file": path.name}))
+        requests.append(
+            dg.RunRequest(run_key=f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}", tags={"problem_file": path.name})
+        )
     return dg.SensorResult(run_requests=requests)

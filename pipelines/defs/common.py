@@ -7,7 +7,6 @@ launchpad shows the values schedules and sensors will run with, and changing the
 them after a code-location reload.
 """
 
-
 import typing
 
 import dagster as dg
@@ -79,8 +78,12 @@ def stage_failure(exc: Exception) -> dg.Failure:
 
 
 def check_result(check: Check) -> dg.AssetCheckResult:
-    return dg.AssetCheckResult(passed=check.passed, description=check.description, metadata=check.metadata,
-                               severity=dg.AssetCheckSeverity.ERROR if check.blocking else dg.AssetCheckSeverity.WARN)
+    return dg.AssetCheckResult(
+        passed=check.passed,
+        description=check.description,
+        metadata=check.metadata,
+        severity=dg.AssetCheckSeverity.ERROR if check.blocking else dg.AssetCheckSeverity.WARN,
+    )
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

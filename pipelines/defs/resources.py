@@ -1,7 +1,6 @@
 """Resources: where the pipeline's state lives (the store), the secrets (from the environment only), and the IO
 manager that hands each asset the handle its upstream wrote in the same run."""
 
-
 import dagster as dg
 from pydantic import BaseModel, Field, SecretStr
 
@@ -24,8 +23,13 @@ class StoreResource(dg.ConfigurableResource):
     model_name: str = MODEL_NAME
 
     def open(self) -> Store:
-        return Store.at(self.home, warehouse=self.warehouse, tracking_uri=self.tracking_uri,
-                        artifact_location=self.artifact_location, model_name=self.model_name)
+        return Store.at(
+            self.home,
+            warehouse=self.warehouse,
+            tracking_uri=self.tracking_uri,
+            artifact_location=self.artifact_location,
+            model_name=self.model_name,
+        )
 
 
 class SecretsResource(dg.ConfigurableResource):
@@ -67,5 +71,6 @@ class HandleIOManager(dg.ConfigurableIOManager):
 
 @dg.definitions
 def resources() -> dg.Definitions:
-    return dg.Definitions(resources={"store": StoreResource(), "secrets": SecretsResource(),
-                                     "io_manager": HandleIOManager()})
+    return dg.Definitions(
+        resources={"store": StoreResource(), "secrets": SecretsResource(), "io_manager": HandleIOManager()}
+    )

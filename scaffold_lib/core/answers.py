@@ -127,6 +127,7 @@ def math_equal(predicted: str | None, gold: str) -> bool:
 
     # math-verify's timeouts use SIGALRM, which only the main thread may set
     timeout = 5 if _in_main_thread() else None
+
     def wrap(s: str) -> str:
         return s if "$" in s or "\\(" in s else f"${s}$"
 

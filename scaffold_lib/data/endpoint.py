@@ -41,8 +41,9 @@ class EndpointConfig(BaseModel):
     `api_key_env` (or is handed in at run time as `api_key`, e.g. from a Dagster `EnvVar`), is excluded from every
     dump of this config, and never enters ids, params or logs."""
 
-    base_urls: list[str] = Field(default_factory=list, description="one or more /v1 base URLs; requests are spread "
-                                                                   "over them")
+    base_urls: list[str] = Field(
+        default_factory=list, description="one or more /v1 base URLs; requests are spread over them"
+    )
     model: str = Field("", description="the model name the endpoint serves")
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
     api_key: SecretStr | None = Field(None, exclude=True, repr=False)
@@ -60,8 +61,10 @@ class EndpointConfig(BaseModel):
     def require(self, what: str) -> EndpointConfig:
         """This config, or a clear error when it cannot reach anything."""
         if not self.base_urls or not self.model:
-            raise EndpointConfigError(f"{what}: set endpoint.base_urls and endpoint.model (e.g. "
-                                      "base_urls=['http://127.0.0.1:8000/v1'], model='deepseek-ai/DeepSeek-R1-Distill-Qwen-7B')")
+            raise EndpointConfigError(
+                f"{what}: set endpoint.base_urls and endpoint.model (e.g. "
+                "base_urls=['http://127.0.0.1:8000/v1'], model='deepseek-ai/DeepSeek-R1-Distill-Qwen-7B')"
+            )
         return self
 
     def secret(self) -> str:
@@ -72,8 +75,13 @@ class EndpointConfig(BaseModel):
 
     def sampling(self) -> dict[str, Any]:
         """What decides the output, for content ids: never the URL (any replica serves the same model) nor the key."""
-        return {"model": self.model, "temperature": self.temperature, "top_p": self.top_p,
-                "max_tokens": self.max_tokens, "seed": self.seed}
+        return {
+            "model": self.model,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+            "seed": self.seed,
+        }
 
 
 class EndpointConfigError(UserError):
@@ -131,8 +139,16 @@ def _retry_after_s(exc: BaseException) -> float | None:
 def is_retryable(exc: BaseException) -> bool:
     # transport failures reach us as APIConnectionError / APITimeoutError (openai 3 wraps its own httpx2 errors);
     # a body it cannot parse comes through as a bare JSONDecodeError
-    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, EmptyCompletion,
-                        openai.APIResponseValidationError, json.JSONDecodeError)):
+    if isinstance(
+        exc,
+        (
+            openai.APITimeoutError,
+            openai.APIConnectionError,
+            EmptyCompletion,
+            openai.APIResponseValidationError,
+            json.JSONDecodeError,
+        ),
+    ):
         return True
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code in (408, 409, 429) or exc.status_code >= 500
@@ -140,8 +156,14 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 # how error_summary names the errors that say "the endpoint is down or overloaded", not "this prompt is bad"
-TRANSPORT_ERRORS = ("APIConnectionError", "APITimeoutError", "InternalServerError", "RateLimitError",
-                    "APIStatusError 5", "ServiceUnavailableError")
+TRANSPORT_ERRORS = (
+    "APIConnectionError",
+    "APITimeoutError",
+    "InternalServerError",
+    "RateLimitError",
+    "APIStatusError 5",
+    "ServiceUnavailableError",
+)
 
 
 def error_summary(exc: BaseException) -> str:
@@ -157,8 +179,12 @@ class EndpointClient:
     def __init__(self, config: EndpointConfig) -> None:
         self.config = config
         # retries are ours (see module docstring); one client (and connection pool) per base URL
-        self._clients = [openai.AsyncOpenAI(base_url=url, api_key=config.require('endpoint').secret(),
-                                            timeout=config.timeout_s, max_retries=0) for url in config.base_urls]
+        self._clients = [
+            openai.AsyncOpenAI(
+                base_url=url, api_key=config.require("endpoint").secret(), timeout=config.timeout_s, max_retries=0
+            )
+            for url in config.base_urls
+        ]
         self._next = itertools.cycle(range(len(self._clients)))
         self._wait_backoff = wait_exponential_jitter(initial=config.backoff_initial_s, max=config.backoff_max_s)
 
@@ -171,27 +197,46 @@ class EndpointClient:
         """One chat completion, retried per the policy; raises the last error when every attempt failed."""
         attempts = 0
         started = time.perf_counter()
-        async for attempt in AsyncRetrying(retry=retry_if_exception(is_retryable),
-                                           stop=stop_after_attempt(self.config.max_attempts),
-                                           wait=self._wait, reraise=True):
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(is_retryable),
+            stop=stop_after_attempt(self.config.max_attempts),
+            wait=self._wait,
+            reraise=True,
+        ):
             with attempt:
                 attempts += 1
                 index = next(self._next)
                 try:
                     thinking, answer, finish, usage = await self._request(self._clients[index], messages, overrides)
                 except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as exc:
-                    raise EndpointConfigError(f"{self.config.base_urls[index]} refused model {self.config.model!r}: "
-                                              f"{error_summary(exc)}") from exc
+                    raise EndpointConfigError(
+                        f"{self.config.base_urls[index]} refused model {self.config.model!r}: {error_summary(exc)}"
+                    ) from exc
         prompt_tokens = usage.get("prompt_tokens") or sum(len(m["content"].split()) for m in messages)
         completion_tokens = usage.get("completion_tokens") or len((thinking + " " + answer).split())
-        return Completion(thinking, answer, finish, prompt_tokens, completion_tokens,
-                          time.perf_counter() - started, attempts, self.config.base_urls[index])
+        return Completion(
+            thinking,
+            answer,
+            finish,
+            prompt_tokens,
+            completion_tokens,
+            time.perf_counter() - started,
+            attempts,
+            self.config.base_urls[index],
+        )
 
-    async def _request(self, client: openai.AsyncOpenAI, messages: list[dict[str, str]],
-                       overrides: dict[str, Any]) -> tuple[str, str, str | None, dict]:
+    async def _request(
+        self, client: openai.AsyncOpenAI, messages: list[dict[str, str]], overrides: dict[str, Any]
+    ) -> tuple[str, str, str | None, dict]:
         cfg = self.config
-        params: dict[str, Any] = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature,
-                                  "top_p": cfg.top_p, "max_tokens": cfg.max_tokens, **overrides}
+        params: dict[str, Any] = {
+            "model": cfg.model,
+            "messages": messages,
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "max_tokens": cfg.max_tokens,
+            **overrides,
+        }
         if cfg.seed is not None:
             params.setdefault("seed", cfg.seed)
         if cfg.stream:
@@ -218,8 +263,9 @@ class EndpointClient:
         thinking, answer = split_reasoning(raw_content, raw_reasoning)
         return thinking, answer, finish, usage
 
-    async def map(self, items: Sequence[T], work: Callable[[T], Awaitable[bool]], desc: str,
-                  show_progress: bool = True) -> Progress:
+    async def map(
+        self, items: Sequence[T], work: Callable[[T], Awaitable[bool]], desc: str, show_progress: bool = True
+    ) -> Progress:
         """Run `work` on every item with at most `concurrency` in flight (a pool of workers, so a million items
         do not become a million pending tasks), with a progress bar of done / failed / in flight / req/s.
         `work` returns whether the item succeeded; it records its own failures."""
@@ -270,5 +316,9 @@ class Progress:
 
     def postfix(self) -> dict[str, Any]:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        return {"ok": self.done, "failed": self.failed, "in_flight": self.in_flight,
-                "req/s": f"{(self.done + self.failed) / elapsed:.1f}"}
+        return {
+            "ok": self.done,
+            "failed": self.failed,
+            "in_flight": self.in_flight,
+            "req/s": f"{(self.done + self.failed) / elapsed:.1f}",
+        }

@@ -41,8 +41,9 @@ class Journal:
                 record = json.loads(line)
                 self._records[record[self.key]] = record
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{self.path}:{number}: unreadable journal line ({exc}); "
-                                 "move the file away to start over") from exc
+                raise ValueError(
+                    f"{self.path}:{number}: unreadable journal line ({exc}); move the file away to start over"
+                ) from exc
         if end < len(data):
             with self.path.open("r+b") as fh:
                 fh.truncate(end)
@@ -64,7 +65,7 @@ class Journal:
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         view = memoryview(line)
         while view:  # a raw write may take only part of a very long line
-            view = view[self._fh.write(view):]
+            view = view[self._fh.write(view) :]
         self._records[record[self.key]] = record
         if time.monotonic() - self._last_sync >= self.fsync_every_s:
             os.fsync(self._fh.fileno())

@@ -35,17 +35,22 @@ SIGNAL_GUIDE = {
 }
 SYSTEM_PROMPT = (
     "You label one step of a step-by-step reasoning trace with the semantic signal it carries. "
-    "The seven signals are:\n" + "\n".join(f"- {name}: {what}" for name, what in SIGNAL_GUIDE.items())
-    + "\nReply with exactly one signal name from this list and nothing else.")
-REASK = "\"{reply}\" is not one of the seven signal names. Reply with exactly one of: " + ", ".join(SIGNALS) + "."
+    "The seven signals are:\n"
+    + "\n".join(f"- {name}: {what}" for name, what in SIGNAL_GUIDE.items())
+    + "\nReply with exactly one signal name from this list and nothing else."
+)
+REASK = '"{reply}" is not one of the seven signal names. Reply with exactly one of: ' + ", ".join(SIGNALS) + "."
 _CLEAN = re.compile(r"[`*\"'.\s]+")
 
 
 class ValidatorConfig(BaseModel):
     endpoint: EndpointConfig
     max_reasks: int = Field(2, ge=0, description="corrections sent after an invalid reply")
-    structured_output: bool = Field(False, description="send a JSON schema with the seven names as an enum "
-                                                       "(vLLM guided decoding, OpenAI structured outputs)")
+    structured_output: bool = Field(
+        False,
+        description="send a JSON schema with the seven names as an enum "
+        "(vLLM guided decoding, OpenAI structured outputs)",
+    )
 
 
 @dataclass(frozen=True)
@@ -70,10 +75,15 @@ def parse_signal(reply: str) -> str | None:
 
 
 def validation_messages(step: str, proposed: str | None) -> list[dict[str, str]]:
-    hint = (f"The keyword labeller proposes: {proposed}. Confirm it or give the right signal."
-            if proposed else "No keyword matched this step; give its signal.")
-    return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": f"{hint}\n\nStep:\n<<<\n{step}\n>>>"}]
+    hint = (
+        f"The keyword labeller proposes: {proposed}. Confirm it or give the right signal."
+        if proposed
+        else "No keyword matched this step; give its signal."
+    )
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": f"{hint}\n\nStep:\n<<<\n{step}\n>>>"},
+    ]
 
 
 def decide(labeller: str, keyword_signal: str | None, verdict: Verdict | None) -> tuple[str, str] | None:
@@ -102,10 +112,18 @@ class LabelValidator:
     def _extra(self) -> dict:
         if not self.config.structured_output:
             return {}
-        schema = {"type": "object", "properties": {"signal": {"type": "string", "enum": list(SIGNALS)}},
-                  "required": ["signal"], "additionalProperties": False}
-        return {"response_format": {"type": "json_schema",
-                                    "json_schema": {"name": "signal", "schema": schema, "strict": True}}}
+        schema = {
+            "type": "object",
+            "properties": {"signal": {"type": "string", "enum": list(SIGNALS)}},
+            "required": ["signal"],
+            "additionalProperties": False,
+        }
+        return {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "signal", "schema": schema, "strict": True},
+            }
+        }
 
     async def _ask(self, client: EndpointClient, step: str, proposed: str | None) -> Verdict:
         messages = validation_messages(step, proposed)
@@ -116,15 +134,18 @@ class LabelValidator:
             signal = parse_signal(reply)
             if signal is not None:
                 return Verdict(signal, reply, attempt)
-            messages = messages + [{"role": "assistant", "content": reply},
-                                   {"role": "user", "content": REASK.format(reply=reply[:200])}]
+            messages = messages + [
+                {"role": "assistant", "content": reply},
+                {"role": "user", "content": REASK.format(reply=reply[:200])},
+            ]
         return Verdict(None, reply, self.config.max_reasks + 1)
 
     def validate(self, items: Sequence[tuple[str, str, str | None]]) -> tuple[dict[str, Verdict], dict[str, str]]:
         return asyncio.run(self.avalidate(items))
 
-    async def avalidate(self, items: Sequence[tuple[str, str, str | None]]
-                        ) -> tuple[dict[str, Verdict], dict[str, str]]:
+    async def avalidate(
+        self, items: Sequence[tuple[str, str, str | None]]
+    ) -> tuple[dict[str, Verdict], dict[str, str]]:
         """Verdicts for (cache key, step text, proposed signal) items, and the errors of those that failed
         (transport errors: not cached, retried on the next run)."""
         verdicts: dict[str, Verdict] = {}
@@ -149,8 +170,15 @@ class LabelValidator:
                 except Exception as exc:  # recorded and retried next run, never dropped
                     errors[key] = error_summary(exc)
                     return False
-                journal.append({"cache_key": key, "signal": verdict.signal, "reply": verdict.reply,
-                                "attempts": verdict.attempts, "proposed_signal": proposed})
+                journal.append(
+                    {
+                        "cache_key": key,
+                        "signal": verdict.signal,
+                        "reply": verdict.reply,
+                        "attempts": verdict.attempts,
+                        "proposed_signal": proposed,
+                    }
+                )
                 verdicts[key] = verdict
                 return True
 

@@ -58,18 +58,35 @@ def trace_from_record(record: dict, problem: Problem, teacher: str) -> Trace:
     thinking, answer = record["thinking"], record["answer"]
     text, answer_text = (thinking, answer or None) if thinking else (answer, None)
     final_answer, correct = verify(text, problem, answer_text)
-    return Trace(record["trace_id"], problem.problem_id, teacher, text, final_answer, correct,
-                 record["prompt_tokens"], record["completion_tokens"], record["sample"], answer_text,
-                 record.get("latency_s"), record.get("attempts"), record.get("endpoint"), record.get("finish_reason"))
+    return Trace(
+        record["trace_id"],
+        problem.problem_id,
+        teacher,
+        text,
+        final_answer,
+        correct,
+        record["prompt_tokens"],
+        record["completion_tokens"],
+        record["sample"],
+        answer_text,
+        record.get("latency_s"),
+        record.get("attempts"),
+        record.get("endpoint"),
+        record.get("finish_reason"),
+    )
 
 
-def run_stats(traces: Sequence[Trace], failures: Sequence[TeacherFailure], sent: int, from_journal: int,
-              wall_s: float) -> dict:
+def run_stats(
+    traces: Sequence[Trace], failures: Sequence[TeacherFailure], sent: int, from_journal: int, wall_s: float
+) -> dict:
     latencies = sorted(t.latency_s for t in traces if t.latency_s is not None)
     errors = Counter(f.error.split(":", 1)[0] for f in failures)
     return {
-        "requests_answered": sent, "answers_from_journal": from_journal, "failed": len(failures),
-        "errors": dict(errors), "wall_s": round(wall_s, 2),
+        "requests_answered": sent,
+        "answers_from_journal": from_journal,
+        "failed": len(failures),
+        "errors": dict(errors),
+        "wall_s": round(wall_s, 2),
         "answered_per_s": round(sent / wall_s, 2) if wall_s > 0 else 0.0,
         "prompt_tokens": sum(t.prompt_tokens for t in traces),
         "completion_tokens": sum(t.completion_tokens for t in traces),
@@ -93,10 +110,13 @@ class _JournalledTeacher:
         self.journal_path = Path(journal_dir) / f"{_slug(identity)}.jsonl"
 
     def trace_id_for(self, problem: Problem, sample: int = 0) -> str:
-        return make_trace_id(problem.problem_id, self.identity, repr(self.prompt.messages(problem)),
-                             {**self._sampling, "sample": sample})
+        return make_trace_id(
+            problem.problem_id, self.identity, repr(self.prompt.messages(problem)), {**self._sampling, "sample": sample}
+        )
 
-    def _pending(self, problems: Sequence[Problem], journal: Journal) -> tuple[list[tuple[Problem, int, str]], list[Trace]]:
+    def _pending(
+        self, problems: Sequence[Problem], journal: Journal
+    ) -> tuple[list[tuple[Problem, int, str]], list[Trace]]:
         todo, kept = [], []
         for problem in problems:
             for sample in range(self.samples):
@@ -110,17 +130,32 @@ class _JournalledTeacher:
 
     @staticmethod
     def _record(trace_id: str, problem: Problem, sample: int, c: Completion) -> dict:
-        return {"trace_id": trace_id, "problem_id": problem.problem_id, "sample": sample, "thinking": c.thinking,
-                "answer": c.answer, "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
-                "completion_tokens": c.completion_tokens, "latency_s": round(c.latency_s, 4),
-                "attempts": c.attempts, "endpoint": c.endpoint}
+        return {
+            "trace_id": trace_id,
+            "problem_id": problem.problem_id,
+            "sample": sample,
+            "thinking": c.thinking,
+            "answer": c.answer,
+            "finish_reason": c.finish_reason,
+            "prompt_tokens": c.prompt_tokens,
+            "completion_tokens": c.completion_tokens,
+            "latency_s": round(c.latency_s, 4),
+            "attempts": c.attempts,
+            "endpoint": c.endpoint,
+        }
 
 
 class EndpointTeacher(_JournalledTeacher):
     """Traces from an OpenAI-compatible chat endpoint at bounded concurrency, with retries and journalled resume."""
 
-    def __init__(self, endpoint: EndpointConfig, prompt: PromptConfig = PromptConfig(),
-                 journal_dir: str | Path = "journals", name: str | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        endpoint: EndpointConfig,
+        prompt: PromptConfig = PromptConfig(),
+        journal_dir: str | Path = "journals",
+        name: str | None = None,
+        progress: bool = True,
+    ) -> None:
         super().__init__(name or f"openai:{endpoint.model}", prompt, endpoint.sampling(), journal_dir)
         self.endpoint = endpoint
         self.progress = progress
@@ -143,7 +178,9 @@ class EndpointTeacher(_JournalledTeacher):
                 except EndpointConfigError:
                     raise
                 except Exception as exc:  # any per-request error is recorded with the problem, never dropped
-                    result.failures.append(TeacherFailure(trace_id, problem.problem_id, self.identity, error_summary(exc)))
+                    result.failures.append(
+                        TeacherFailure(trace_id, problem.problem_id, self.identity, error_summary(exc))
+                    )
                     return False
                 record = self._record(trace_id, problem, sample, completion)
                 journal.append(record)
@@ -154,7 +191,9 @@ class EndpointTeacher(_JournalledTeacher):
                 progress = await client.map(todo, ask, f"teacher {self.identity}", self.progress)
             finally:
                 await client.aclose()
-        result.stats = run_stats(result.traces, result.failures, progress.done, len(kept), time.perf_counter() - started)
+        result.stats = run_stats(
+            result.traces, result.failures, progress.done, len(kept), time.perf_counter() - started
+        )
         return result
 
 
@@ -172,8 +211,13 @@ class HFTeacher(_JournalledTeacher):
     """Traces from a local causal LM through transformers `generate`, in left-padded batches (for a GPU box with no
     inference server). Uses the tokenizer's chat template when it has one."""
 
-    def __init__(self, config: HFTeacherConfig, prompt: PromptConfig = PromptConfig(),
-                 journal_dir: str | Path = "journals", progress: bool = True) -> None:
+    def __init__(
+        self,
+        config: HFTeacherConfig,
+        prompt: PromptConfig = PromptConfig(),
+        journal_dir: str | Path = "journals",
+        progress: bool = True,
+    ) -> None:
         sampling = config.model_dump(exclude={"device", "batch_size"})
         super().__init__(f"hf:{Path(config.model).name or config.model}", prompt, sampling, journal_dir)
         self.config = config
@@ -209,18 +253,27 @@ class HFTeacher(_JournalledTeacher):
             if todo:
                 torch, tokenizer, model, device = self._load()
                 cfg = self.config
-                for start in tqdm(range(0, len(todo), cfg.batch_size), desc=f"teacher {self.identity}",
-                                  unit="batch", disable=not self.progress):
-                    batch = todo[start:start + cfg.batch_size]
+                for start in tqdm(
+                    range(0, len(todo), cfg.batch_size),
+                    desc=f"teacher {self.identity}",
+                    unit="batch",
+                    disable=not self.progress,
+                ):
+                    batch = todo[start : start + cfg.batch_size]
                     texts = [self._prompt_text(tokenizer, p) for p, _, _ in batch]
                     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                     # each batch's seed depends on its first trace id, so a resumed run draws the same samples
                     torch.manual_seed(int(batch[0][2][:8], 16) ^ cfg.seed)
                     t0 = time.perf_counter()
                     with torch.no_grad():
-                        out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
-                                             temperature=cfg.temperature or None, top_p=cfg.top_p if cfg.temperature else None,
-                                             pad_token_id=tokenizer.pad_token_id)
+                        out = model.generate(
+                            **enc,
+                            max_new_tokens=cfg.max_new_tokens,
+                            do_sample=cfg.temperature > 0,
+                            temperature=cfg.temperature or None,
+                            top_p=cfg.top_p if cfg.temperature else None,
+                            pad_token_id=tokenizer.pad_token_id,
+                        )
                     latency = (time.perf_counter() - t0) / len(batch)
                     prompt_len = enc["input_ids"].shape[1]
                     for row, (problem, sample, trace_id) in enumerate(batch):
@@ -229,12 +282,30 @@ class HFTeacher(_JournalledTeacher):
                         n_new = int(eos[0]) if len(eos) else len(new)
                         thinking, answer = split_reasoning(tokenizer.decode(new[:n_new], skip_special_tokens=True))
                         if not (thinking or answer):
-                            result.failures.append(TeacherFailure(trace_id, problem.problem_id, self.identity,
-                                                                  "EmptyCompletion: the model generated no text"))
+                            result.failures.append(
+                                TeacherFailure(
+                                    trace_id,
+                                    problem.problem_id,
+                                    self.identity,
+                                    "EmptyCompletion: the model generated no text",
+                                )
+                            )
                             continue
-                        record = self._record(trace_id, problem, sample, Completion(
-                            thinking, answer, "stop" if len(eos) else "length", int(enc["attention_mask"][row].sum()),
-                            n_new, latency, 1, f"local:{device.type}"))
+                        record = self._record(
+                            trace_id,
+                            problem,
+                            sample,
+                            Completion(
+                                thinking,
+                                answer,
+                                "stop" if len(eos) else "length",
+                                int(enc["attention_mask"][row].sum()),
+                                n_new,
+                                latency,
+                                1,
+                                f"local:{device.type}",
+                            ),
+                        )
                         journal.append(record)
                         result.traces.append(trace_from_record(record, problem, self.identity))
         sent = len(result.traces) - len(kept)

@@ -24,24 +24,53 @@ from scaffold_lib.core.ids import content_id
 
 SYNTHETIC_SOURCE = "synthetic-arith"
 
-NAMES = ("Ava", "Ben", "Chloe", "Diego", "Emma", "Farah", "Hugo", "Iris", "Jonas", "Keiko", "Liam", "Maya",
-         "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sam", "Tara", "Omar")
+NAMES = (
+    "Ava",
+    "Ben",
+    "Chloe",
+    "Diego",
+    "Emma",
+    "Farah",
+    "Hugo",
+    "Iris",
+    "Jonas",
+    "Keiko",
+    "Liam",
+    "Maya",
+    "Noah",
+    "Olga",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Omar",
+)
 ITEMS = ("apples", "marbles", "stickers", "pencils", "cookies", "coins", "stamps", "shells", "books", "cards")
 
 # Each operation has several phrasings; `{n}` is the operand. The programmatic teacher parses questions
 # with the same table (see `parse_question`), so generator and solver cannot drift apart.
 START_TEMPLATES = ("{name} has {n} {item}.", "{name} starts with {n} {item}.", "{name} owns {n} {item}.")
 OP_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "add": ("{name} buys {n} more {item}.", "{name} finds {n} more {item}.", "A friend gives {name} {n} more {item}.",
-            "{name} wins {n} more {item}."),
-    "sub": ("{name} gives away {n} {item}.", "{name} loses {n} {item}.", "{name} uses up {n} {item}.",
-            "{name} sells {n} {item}."),
+    "add": (
+        "{name} buys {n} more {item}.",
+        "{name} finds {n} more {item}.",
+        "A friend gives {name} {n} more {item}.",
+        "{name} wins {n} more {item}.",
+    ),
+    "sub": (
+        "{name} gives away {n} {item}.",
+        "{name} loses {n} {item}.",
+        "{name} uses up {n} {item}.",
+        "{name} sells {n} {item}.",
+    ),
     "mul": ("{name} ends up with {n} times as many {item}.", "The number of {item} {name} has grows {n} times."),
-    "div": ("{name} splits the {item} into {n} equal groups and keeps one group.",
-            "{name} shares the {item} equally with friends so that {n} people get the same amount, and keeps one share."),
+    "div": (
+        "{name} splits the {item} into {n} equal groups and keeps one group.",
+        "{name} shares the {item} equally with friends so that {n} people get the same amount, and keeps one share.",
+    ),
 }
-DISTRACTOR_TEMPLATES = ("{other} has {n} {item2}.", "A box of {item2} costs {n} dollars.",
-                        "{other} is {n} years old.")
+DISTRACTOR_TEMPLATES = ("{other} has {n} {item2}.", "A box of {item2} costs {n} dollars.", "{other} is {n} years old.")
 QUESTION_TEMPLATES = ("How many {item} does {name} have now?", "How many {item} does {name} have in the end?")
 
 
@@ -65,8 +94,16 @@ class GeneratorConfig(BaseModel):
 
 
 SPLITS = ("train", "validation", "test")
-SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
-                 "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+    "testing": "test",
+}
 
 
 class SplitConfig(BaseModel):
@@ -111,7 +148,13 @@ def split_of(group_id: str, cfg: SplitConfig) -> str:
     """Split from the group alone (seeded): stable under growth, reordering and regeneration, and every problem of a
     group lands in the same split."""
     u = int(content_id("split", cfg.seed, group_id)[:8], 16) / 0x100000000
-    return "test" if u < cfg.test_fraction else "validation" if u < cfg.test_fraction + cfg.validation_fraction else "train"
+    return (
+        "test"
+        if u < cfg.test_fraction
+        else "validation"
+        if u < cfg.test_fraction + cfg.validation_fraction
+        else "train"
+    )
 
 
 def shard_of(problem_id: str, n_shards: int) -> int:
@@ -175,8 +218,9 @@ def _one_problem(rng: random.Random, cfg: GeneratorConfig, split: SplitConfig) -
     sentences.append(rng.choice(QUESTION_TEMPLATES).format(name=name, item=item))
     question, answer = " ".join(sentences), str(value)
     group = skeleton_of(question)
-    return Problem(make_problem_id(question, answer), SYNTHETIC_SOURCE, split_of(group, split), question, answer,
-                   "number", group)
+    return Problem(
+        make_problem_id(question, answer), SYNTHETIC_SOURCE, split_of(group, split), question, answer, "number", group
+    )
 
 
 def _distractor(rng: random.Random, name: str, item: str) -> str:
@@ -198,8 +242,13 @@ class ParsedStep:
 
 def _template_regex(template: str) -> re.Pattern:
     pattern = re.escape(template)
-    for key, group in (("name", r"(?P<name>[A-Z][a-z]+)"), ("other", r"[A-Z][a-z]+"), ("n", r"(?P<n>\d+)"),
-                       ("item2", r"[a-z]+"), ("item", r"(?P<item>[a-z]+)")):
+    for key, group in (
+        ("name", r"(?P<name>[A-Z][a-z]+)"),
+        ("other", r"[A-Z][a-z]+"),
+        ("n", r"(?P<n>\d+)"),
+        ("item2", r"[a-z]+"),
+        ("item", r"(?P<item>[a-z]+)"),
+    ):
         pattern = pattern.replace(re.escape("{" + key + "}"), group)
     return re.compile(pattern + r"$")
 
@@ -302,8 +351,14 @@ class LoadResult:
     quarantined: list[Quarantined]
 
 
-def load_problem_file(path: str | Path, fields: FieldMap = FieldMap(), *, source: str | None = None,
-                      split: SplitConfig = SplitConfig(), lenient: bool = False) -> LoadResult:
+def load_problem_file(
+    path: str | Path,
+    fields: FieldMap = FieldMap(),
+    *,
+    source: str | None = None,
+    split: SplitConfig = SplitConfig(),
+    lenient: bool = False,
+) -> LoadResult:
     """Problems from a JSONL/Parquet file. A bad row raises `ProblemFileError` naming file, line and field,
     or, with `lenient=True`, is quarantined and returned in `LoadResult.quarantined`. A `split` column is honoured;
     without one, the seeded group split decides (group column, else the question)."""
@@ -326,15 +381,31 @@ def load_problem_file(path: str | Path, fields: FieldMap = FieldMap(), *, source
             continue
         question, answer = row.get(fields.question), row.get(fields.answer)
         if not isinstance(question, str) or not question.strip():
-            bad(line, fields.question, "missing" if question is None else f"must be a non-empty string, got {question!r:.60}", raw)
+            bad(
+                line,
+                fields.question,
+                "missing" if question is None else f"must be a non-empty string, got {question!r:.60}",
+                raw,
+            )
             continue
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):
             answer = str(answer)
         if not isinstance(answer, str) or not answer.strip():
-            bad(line, fields.answer, "missing" if answer is None else f"must be a non-empty string or number, got {answer!r:.60}", raw)
+            bad(
+                line,
+                fields.answer,
+                "missing" if answer is None else f"must be a non-empty string or number, got {answer!r:.60}",
+                raw,
+            )
             continue
-        unusable = next(((name, err) for name, value in ((fields.question, question), (fields.answer, answer))
-                         if (err := text_error(value))), None)
+        unusable = next(
+            (
+                (name, err)
+                for name, value in ((fields.question, question), (fields.answer, answer))
+                if (err := text_error(value))
+            ),
+            None,
+        )
         if unusable is not None:
             bad(line, *unusable, raw)
             continue
@@ -351,7 +422,9 @@ def load_problem_file(path: str | Path, fields: FieldMap = FieldMap(), *, source
         if pid in seen:  # the same problem twice in one file is one problem
             continue
         seen.add(pid)
-        chosen = SPLIT_ALIASES[str(given_split).strip().lower()] if given_split is not None else split_of(group_id, split)
+        chosen = (
+            SPLIT_ALIASES[str(given_split).strip().lower()] if given_split is not None else split_of(group_id, split)
+        )
         worked = answer.strip() if "####" in answer else None  # GSM8K's answer field is a worked solution
         problems.append(Problem(pid, source, chosen, question.strip(), gold, answer_type, group_id, worked))
     return LoadResult(problems, quarantined)
@@ -374,8 +447,9 @@ def load_reasoning_gym(cfg: ReasoningGymConfig, split: SplitConfig = SplitConfig
     try:
         import reasoning_gym
     except ImportError as exc:
-        raise DataFileError("problems source 'reasoning_gym' needs the reasoning-gym package: "
-                            "pip install 'reasoning-scaffold[real]'") from exc
+        raise DataFileError(
+            "problems source 'reasoning_gym' needs the reasoning-gym package: pip install 'reasoning-scaffold[real]'"
+        ) from exc
     dataset = reasoning_gym.create_dataset(cfg.dataset, size=cfg.size, seed=cfg.seed)
     templates = getattr(dataset, "task_indices", None)
     problems, seen = [], set()
@@ -383,14 +457,27 @@ def load_reasoning_gym(cfg: ReasoningGymConfig, split: SplitConfig = SplitConfig
         item = dataset[i]
         gold, answer_type = gold_answer(str(item["answer"]))
         solution = (item.get("metadata") or {}).get("answer_cot")
-        group_id = f"{cfg.dataset}:template-{templates[i]}" if templates is not None else \
-            content_id("question", normalise_question(item["question"]))
+        group_id = (
+            f"{cfg.dataset}:template-{templates[i]}"
+            if templates is not None
+            else content_id("question", normalise_question(item["question"]))
+        )
         pid = make_problem_id(item["question"], gold)
         if pid in seen:
             continue
         seen.add(pid)
-        problems.append(Problem(pid, f"reasoning-gym/{cfg.dataset}", split_of(group_id, split), item["question"].strip(),
-                                gold, answer_type, group_id, solution))
+        problems.append(
+            Problem(
+                pid,
+                f"reasoning-gym/{cfg.dataset}",
+                split_of(group_id, split),
+                item["question"].strip(),
+                gold,
+                answer_type,
+                group_id,
+                solution,
+            )
+        )
     return problems
 
 
@@ -404,14 +491,19 @@ class ProblemsConfig(BaseModel):
     """Where the problems come from and how they are split."""
 
     source: Literal["synthetic", "reasoning_gym", "files"] = Field(
-        "synthetic", description="synthetic: the built-in generator; reasoning_gym: a reasoning-gym dataset; "
-                                 "files: only the problem files")
+        "synthetic",
+        description="synthetic: the built-in generator; reasoning_gym: a reasoning-gym dataset; "
+        "files: only the problem files",
+    )
     synthetic: GeneratorConfig = Field(default_factory=GeneratorConfig)
     reasoning_gym: ReasoningGymConfig = Field(default_factory=ReasoningGymConfig)
     files: list[str] = Field(default_factory=list, description="problem files (JSONL/Parquet), loaded with `fields`")
     fields: FieldMap = Field(default_factory=FieldMap)
-    watch_dir: str | None = Field(None, description="every problem file here is loaded too (default: "
-                                                    "$DAGSTER_HOME/incoming, which the file sensor watches)")
+    watch_dir: str | None = Field(
+        None,
+        description="every problem file here is loaded too (default: "
+        "$DAGSTER_HOME/incoming, which the file sensor watches)",
+    )
     split: SplitConfig = Field(default_factory=SplitConfig)
     lenient: bool = Field(True, description="quarantine bad rows of problem files instead of failing")
 

@@ -67,8 +67,10 @@ class StageReport:
 
 
 def quarantine_rows(stage: str, items: Sequence[Quarantined]) -> list[dict]:
-    return [{"quarantine_id": content_id("quarantine", stage, q.source_file, q.line, q.raw), "stage": stage,
-             **q.as_row()} for q in items]
+    return [
+        {"quarantine_id": content_id("quarantine", stage, q.source_file, q.line, q.raw), "stage": stage, **q.as_row()}
+        for q in items
+    ]
 
 
 # --- problems --------------------------------------------------------------------------------------------------
@@ -86,8 +88,9 @@ def gather_problems(cfg: ProblemsConfig, incoming: Path | None = None) -> tuple[
     files = [Path(f) for f in cfg.files] + (problem_files(watched) if watched and watched.exists() else [])
     loaded = {str(f): load_problem_file(f, cfg.fields, split=cfg.split, lenient=cfg.lenient) for f in files}
     if cfg.source == "files" and not files:
-        raise StageFailed("problems source 'files' but no problem file: set problems.files or drop files into "
-                          f"{watched}")
+        raise StageFailed(
+            f"problems source 'files' but no problem file: set problems.files or drop files into {watched}"
+        )
     return problems, loaded
 
 
@@ -99,8 +102,10 @@ def build_problems(store: Store, cfg: ProblemsConfig, run_id: str | None = None)
     for path, result in loaded.items():
         if not result.problems and result.quarantined:
             first = result.quarantined[0]
-            raise StageFailed(f"{path}: every row was quarantined ({len(result.quarantined)}), e.g. line "
-                              f"{first.line}, field {first.field!r}: {first.error}")
+            raise StageFailed(
+                f"{path}: every row was quarantined ({len(result.quarantined)}), e.g. line "
+                f"{first.line}, field {first.field!r}: {first.error}"
+            )
     if not offered:
         raise StageFailed(f"no problems: source {cfg.source!r} produced none and no problem file had any")
     report = store_problems(store, offered, quarantined, run_id)
@@ -108,16 +113,26 @@ def build_problems(store: Store, cfg: ProblemsConfig, run_id: str | None = None)
     return report
 
 
-def store_problems(store: Store, problems: Sequence[Problem], quarantined: Sequence[Quarantined] = (),
-                   run_id: str | None = None) -> StageReport:
+def store_problems(
+    store: Store, problems: Sequence[Problem], quarantined: Sequence[Quarantined] = (), run_id: str | None = None
+) -> StageReport:
     """Write problems (new ids only) and quarantined rows; report the split sizes and any group shared by splits."""
     wh = store.warehouse
     new = wh.insert_new("problems", [p.as_row() for p in problems], run_id)
     wh.insert_new("quarantine", quarantine_rows("problems", quarantined), run_id)
     splits = {r["split"]: r["n"] for r in wh.query("SELECT split, count(*) AS n FROM problems GROUP BY split")}
-    return StageReport("problems", new, wh.scalar("SELECT count(*) FROM problems"), {
-        "offered": len(problems), "files_loaded": 0, "quarantined": len(quarantined),
-        "splits": {s: splits.get(s, 0) for s in SPLITS}, "split_overlap": split_overlap(store)})
+    return StageReport(
+        "problems",
+        new,
+        wh.scalar("SELECT count(*) FROM problems"),
+        {
+            "offered": len(problems),
+            "files_loaded": 0,
+            "quarantined": len(quarantined),
+            "splits": {s: splits.get(s, 0) for s in SPLITS},
+            "split_overlap": split_overlap(store),
+        },
+    )
 
 
 def split_overlap(store: Store) -> dict[str, int]:
@@ -137,17 +152,21 @@ class TeacherConfig(BaseModel):
     """Which teacher writes the traces, and how."""
 
     backend: TeacherBackend = Field(
-        "programmatic", description="programmatic: the built-in teacher of the synthetic problems; reference: the "
+        "programmatic",
+        description="programmatic: the built-in teacher of the synthetic problems; reference: the "
         "worked solutions shipped with the problems; openai: any OpenAI-compatible endpoint; hf: a local causal LM; "
-        "import: an existing trace file or HF dataset")
+        "import: an existing trace file or HF dataset",
+    )
     programmatic: ProgrammaticTeacherConfig = Field(default_factory=ProgrammaticTeacherConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
     hf: HFTeacherConfig = Field(default_factory=HFTeacherConfig)
     import_source: str = Field("", description="a .jsonl/.parquet path or HF dataset name, for backend 'import'")
     import_fields: TraceFieldMap = Field(default_factory=TraceFieldMap)
-    splits: list[str] = Field(default_factory=lambda: list(SPLITS),
-                              description="problems of these splits are traced (held-out traces give golden signals)")
+    splits: list[str] = Field(
+        default_factory=lambda: list(SPLITS),
+        description="problems of these splits are traced (held-out traces give golden signals)",
+    )
     journal_dir: str | None = Field(None, description="completions are journalled here; default <home>/journals")
     progress: bool = True
 
@@ -163,27 +182,37 @@ def build_teacher(cfg: TeacherConfig, journal_dir: str | Path, shard: tuple[int,
     if cfg.backend == "openai":
         endpoint = cfg.endpoint.require("teacher")
         if shard is not None:
-            endpoint = endpoint.model_copy(update={"base_urls": [endpoint.base_urls[shard[0] % len(endpoint.base_urls)]]})
+            endpoint = endpoint.model_copy(
+                update={"base_urls": [endpoint.base_urls[shard[0] % len(endpoint.base_urls)]]}
+            )
         return EndpointTeacher(endpoint, cfg.prompt, journals, progress=cfg.progress)
     if cfg.backend == "hf":
         if not cfg.hf.model:
             raise StageFailed("teacher backend 'hf' needs teacher.hf.model (a hub id or a local model directory)")
         return HFTeacher(cfg.hf, cfg.prompt, journals, progress=cfg.progress)
     if not cfg.import_source:
-        raise StageFailed("teacher backend 'import' needs teacher.import_source (a .jsonl/.parquet path or an HF "
-                          "dataset name)")
+        raise StageFailed(
+            "teacher backend 'import' needs teacher.import_source (a .jsonl/.parquet path or an HF dataset name)"
+        )
     return ImportedTeacher(cfg.import_source, cfg.import_fields)
 
 
 def _problem_rows(store: Store, splits: Sequence[str]) -> list[Problem]:
     rows = store.warehouse.query(
         "SELECT problem_id, source, split, question, answer, answer_type, group_id, solution FROM problems "
-        "WHERE list_contains(?, split) ORDER BY problem_id", [list(splits)])
+        "WHERE list_contains(?, split) ORDER BY problem_id",
+        [list(splits)],
+    )
     return [Problem(**r) for r in rows]
 
 
-def write_traces(store: Store, cfg: TeacherConfig, run_id: str | None = None, shard: tuple[int, int] | None = None,
-                 teacher: Teacher | None = None) -> StageReport:
+def write_traces(
+    store: Store,
+    cfg: TeacherConfig,
+    run_id: str | None = None,
+    shard: tuple[int, int] | None = None,
+    teacher: Teacher | None = None,
+) -> StageReport:
     """Trace every problem (of shard `(index, count)` when given) that has no trace from this teacher yet. Raises
     `StageFailed` when problems were asked and not one trace came back."""
     wh = store.warehouse
@@ -191,21 +220,31 @@ def write_traces(store: Store, cfg: TeacherConfig, run_id: str | None = None, sh
     problems = _problem_rows(store, cfg.splits)
     if shard is not None:
         problems = [p for p in problems if shard_of(p.problem_id, shard[1]) == shard[0]]
-    existing = {r["trace_id"] for r in wh.query("SELECT trace_id FROM teacher_traces WHERE teacher = ?",
-                                                [teacher.identity])}
-    todo = [p for p in problems
-            if any(teacher.trace_id_for(p, sample) not in existing for sample in range(teacher.samples))]
+    existing = {
+        r["trace_id"] for r in wh.query("SELECT trace_id FROM teacher_traces WHERE teacher = ?", [teacher.identity])
+    }
+    todo = [
+        p for p in problems if any(teacher.trace_id_for(p, sample) not in existing for sample in range(teacher.samples))
+    ]
     result = teacher.generate(todo) if todo else TeacherResult()
     new = wh.insert_new("teacher_traces", [t.as_row() for t in result.traces], run_id)
-    wh.insert_new("teacher_failures", [{"failure_id": content_id("failure", f.trace_id, run_id), **f.as_row()}
-                                       for f in result.failures], run_id)
+    wh.insert_new(
+        "teacher_failures",
+        [{"failure_id": content_id("failure", f.trace_id, run_id), **f.as_row()} for f in result.failures],
+        run_id,
+    )
     wh.insert_new("quarantine", quarantine_rows("teacher_traces", result.quarantined), run_id)
     errors = Counter(f.error for f in result.failures)
     details = {
-        "teacher": teacher.identity, "asked": len(todo), "failed": len(result.failures),
+        "teacher": teacher.identity,
+        "asked": len(todo),
+        "failed": len(result.failures),
         "failed_unreachable": sum(f.error.startswith(TRANSPORT_ERRORS) for f in result.failures),
-        "not_covered": result.not_covered, "quarantined": len(result.quarantined),
-        "skipped_existing": len(problems) - len(todo), "run": result.stats}
+        "not_covered": result.not_covered,
+        "quarantined": len(result.quarantined),
+        "skipped_existing": len(problems) - len(todo),
+        "run": result.stats,
+    }
     total = wh.scalar("SELECT count(*) FROM teacher_traces WHERE teacher = ?", [teacher.identity])
     # nothing useful: problems were asked and every one failed, or the teacher covers none of them at all (problems a
     # trace file leaves out, beside ones it covered, are its normal steady state)
@@ -215,26 +254,36 @@ def write_traces(store: Store, cfg: TeacherConfig, run_id: str | None = None, sh
             reasons.append(f"{result.not_covered} not covered by {teacher.identity}")
         if result.quarantined:
             first = result.quarantined[0]
-            reasons.append(f"{len(result.quarantined)} input rows quarantined (e.g. {first.source_file}:{first.line} "
-                           f"field {first.field!r}: {first.error})")
+            reasons.append(
+                f"{len(result.quarantined)} input rows quarantined (e.g. {first.source_file}:{first.line} "
+                f"field {first.field!r}: {first.error})"
+            )
         raise StageFailed(f"teacher {teacher.identity} answered none of {len(todo)} problems: " + "; ".join(reasons))
-    stats = wh.query("SELECT count(*) AS n, avg(is_correct::INT) AS acc, avg(completion_tokens) AS toks "
-                     "FROM teacher_traces WHERE teacher = ?", [teacher.identity])[0]
-    details.update(teacher_accuracy=round(stats["acc"] or 0.0, 4),
-                   mean_completion_tokens=round(stats["toks"] or 0.0, 1))
+    stats = wh.query(
+        "SELECT count(*) AS n, avg(is_correct::INT) AS acc, avg(completion_tokens) AS toks "
+        "FROM teacher_traces WHERE teacher = ?",
+        [teacher.identity],
+    )[0]
+    details.update(
+        teacher_accuracy=round(stats["acc"] or 0.0, 4), mean_completion_tokens=round(stats["toks"] or 0.0, 1)
+    )
     return StageReport("teacher_traces", new, stats["n"], details)
 
 
 # --- segmented steps -----------------------------------------------------------------------------------------------
 
 
-def segment_traces(store: Store, cfg: SegmentationConfig = SegmentationConfig(), run_id: str | None = None) -> StageReport:
+def segment_traces(
+    store: Store, cfg: SegmentationConfig = SegmentationConfig(), run_id: str | None = None
+) -> StageReport:
     """Cut every not-yet-segmented trace into steps with its teacher's segmenter (recorded on each step); a trace with
     no step is quarantined, not dropped."""
     wh = store.warehouse
-    traces = wh.query("SELECT t.trace_id, t.teacher, t.text, t.answer_text FROM teacher_traces t "
-                      "ANTI JOIN segmented_steps s USING (trace_id) "
-                      "ANTI JOIN quarantine q ON q.stage = 'segmented_steps' AND q.source_file = t.trace_id")
+    traces = wh.query(
+        "SELECT t.trace_id, t.teacher, t.text, t.answer_text FROM teacher_traces t "
+        "ANTI JOIN segmented_steps s USING (trace_id) "
+        "ANTI JOIN quarantine q ON q.stage = 'segmented_steps' AND q.source_file = t.trace_id"
+    )
     rows, empty, used = [], [], Counter()
     for t in traces:
         segmenter = resolve(t["text"], cfg.for_teacher(t["teacher"]))
@@ -245,18 +294,36 @@ def segment_traces(store: Store, cfg: SegmentationConfig = SegmentationConfig(),
         if not steps:
             empty.append(Quarantined(t["trace_id"], 0, "text", "trace has no non-empty step", t["text"][:500]))
         used[segmenter] += bool(steps)
-        rows.extend({"step_id": content_id("step", t["trace_id"], i, s), "trace_id": t["trace_id"], "idx": i,
-                     "text": s, "segmenter": segmenter} for i, s in enumerate(steps))
+        rows.extend(
+            {
+                "step_id": content_id("step", t["trace_id"], i, s),
+                "trace_id": t["trace_id"],
+                "idx": i,
+                "text": s,
+                "segmenter": segmenter,
+            }
+            for i, s in enumerate(steps)
+        )
     new = wh.insert_new("segmented_steps", rows, run_id)
     wh.insert_new("quarantine", quarantine_rows("segmented_steps", empty), run_id)
     if traces and len(empty) == len(traces):
-        raise StageFailed(f"every one of the {len(traces)} new traces was empty after segmentation (quarantined: see "
-                          "the quarantine table, stage 'segmented_steps')")
+        raise StageFailed(
+            f"every one of the {len(traces)} new traces was empty after segmentation (quarantined: see "
+            "the quarantine table, stage 'segmented_steps')"
+        )
     total = wh.scalar("SELECT count(*) FROM segmented_steps")
     per_trace = wh.scalar("SELECT avg(n) FROM (SELECT count(*) AS n FROM segmented_steps GROUP BY trace_id)")
-    return StageReport("segmented_steps", new, total, {
-        "traces_segmented": len(traces) - len(empty), "empty_traces_quarantined": len(empty),
-        "mean_steps_per_trace": round(per_trace or 0.0, 2), "segmenters": dict(used)})
+    return StageReport(
+        "segmented_steps",
+        new,
+        total,
+        {
+            "traces_segmented": len(traces) - len(empty),
+            "empty_traces_quarantined": len(empty),
+            "mean_steps_per_trace": round(per_trace or 0.0, 2),
+            "segmenters": dict(used),
+        },
+    )
 
 
 # --- signal labels -------------------------------------------------------------------------------------------------
@@ -285,15 +352,28 @@ def label_signals(store: Store, cfg: LabellingConfig = LabellingConfig(), run_id
     rows = []
     for s in steps:
         label = label_step(s["text"], s["is_final"], table, cfg.fallback_signal)
-        rows.append({"step_id": s["step_id"], "signal": label.signal, "labeller": label.labeller,
-                     "keyword": label.keyword, "confidence": label.confidence,
-                     "keyword_signal": label.signal if label.labeller == KEYWORD else None})
+        rows.append(
+            {
+                "step_id": s["step_id"],
+                "signal": label.signal,
+                "labeller": label.labeller,
+                "keyword": label.keyword,
+                "confidence": label.confidence,
+                "keyword_signal": label.signal if label.labeller == KEYWORD else None,
+            }
+        )
     new = wh.insert_new("signal_labels", rows, run_id)
     details: dict = {"keywords_file": table.source}
     if cfg.validate_with_llm:
-        validator = LabelValidator(ValidatorConfig(endpoint=cfg.endpoint.require("label validation"),
-                                                   max_reasks=cfg.max_reasks, structured_output=cfg.structured_output),
-                                   store.journals, progress=cfg.progress)
+        validator = LabelValidator(
+            ValidatorConfig(
+                endpoint=cfg.endpoint.require("label validation"),
+                max_reasks=cfg.max_reasks,
+                structured_output=cfg.structured_output,
+            ),
+            store.journals,
+            progress=cfg.progress,
+        )
         details["validation"] = validate_signal_labels(store, validator, run_id)
     details.update(label_statistics(store), coverage_by_source=coverage_by_source(store))
     return StageReport("signal_labels", new, wh.scalar("SELECT count(*) FROM signal_labels"), details)
@@ -303,36 +383,73 @@ def validate_signal_labels(store: Store, validator: LabelValidator, run_id: str 
     """The LLM stage: confirm or correct every keyword label and label the fallback steps. Verdicts come from the
     warehouse cache first, so only steps never asked before reach the endpoint."""
     wh = store.warehouse
-    steps = wh.query("""
+    steps = wh.query(
+        """
         SELECT l.step_id, s.text, l.labeller, l.keyword, l.keyword_signal, l.signal
         FROM signal_labels l JOIN segmented_steps s USING (step_id)
-        WHERE list_contains(?, l.labeller) ORDER BY l.step_id""", [[KEYWORD, FALLBACK]])
+        WHERE list_contains(?, l.labeller) ORDER BY l.step_id""",
+        [[KEYWORD, FALLBACK]],
+    )
     items = [(validator.cache_key(s["text"], s["keyword_signal"]), s["text"], s["keyword_signal"]) for s in steps]
     keys = sorted({key for key, _, _ in items})
-    cached = {r["cache_key"]: Verdict(r["signal"], r["reply"], r["attempts"])
-              for r in wh.query("SELECT cache_key, signal, reply, attempts FROM llm_label_cache "
-                                "WHERE list_contains(?, cache_key)", [keys])}
-    asked, errors = validator.validate([i for i in items if i[0] not in cached]) if len(cached) < len(keys) else ({}, {})
-    wh.insert_new("llm_label_cache", [
-        {"cache_key": key, "validator": validator.identity, "proposed_signal": proposed, "signal": v.signal,
-         "reply": v.reply, "attempts": v.attempts}
-        for key, _, proposed in {i[0]: i for i in items}.values() if (v := asked.get(key)) is not None], run_id)
+    cached = {
+        r["cache_key"]: Verdict(r["signal"], r["reply"], r["attempts"])
+        for r in wh.query(
+            "SELECT cache_key, signal, reply, attempts FROM llm_label_cache WHERE list_contains(?, cache_key)", [keys]
+        )
+    }
+    asked, errors = (
+        validator.validate([i for i in items if i[0] not in cached]) if len(cached) < len(keys) else ({}, {})
+    )
+    wh.insert_new(
+        "llm_label_cache",
+        [
+            {
+                "cache_key": key,
+                "validator": validator.identity,
+                "proposed_signal": proposed,
+                "signal": v.signal,
+                "reply": v.reply,
+                "attempts": v.attempts,
+            }
+            for key, _, proposed in {i[0]: i for i in items}.values()
+            if (v := asked.get(key)) is not None
+        ],
+        run_id,
+    )
     verdicts = {**cached, **asked}
     rows, unparseable = [], 0
     for step, (key, _, _) in zip(steps, items):
         decision = decide(step["labeller"], step["keyword_signal"], verdicts.get(key))
         unparseable += key in verdicts and verdicts[key].signal is None
         if decision is not None:
-            rows.append({"step_id": step["step_id"], "signal": decision[0], "labeller": decision[1],
-                         "keyword": step["keyword"], "keyword_signal": step["keyword_signal"], "confidence": 1.0})
+            rows.append(
+                {
+                    "step_id": step["step_id"],
+                    "signal": decision[0],
+                    "labeller": decision[1],
+                    "keyword": step["keyword"],
+                    "keyword_signal": step["keyword_signal"],
+                    "confidence": 1.0,
+                }
+            )
     wh.upsert("signal_labels", rows, run_id)
     if keys and not verdicts:
-        raise StageFailed(f"label validation got no verdict for any of {len(keys)} steps: "
-                          f"{dict(Counter(e.split(':', 1)[0] for e in errors.values()))}")
-    return {"validator": validator.identity, "relabelled": len(rows), "steps_to_validate": len(steps),
-            "distinct_steps": len(keys), "verdicts_from_cache": len(cached), "asked": len(asked) + len(errors),
-            "failed": len(errors), "unparseable_after_reasks": unparseable,
-            "errors": dict(Counter(e.split(":", 1)[0] for e in errors.values()))}
+        raise StageFailed(
+            f"label validation got no verdict for any of {len(keys)} steps: "
+            f"{dict(Counter(e.split(':', 1)[0] for e in errors.values()))}"
+        )
+    return {
+        "validator": validator.identity,
+        "relabelled": len(rows),
+        "steps_to_validate": len(steps),
+        "distinct_steps": len(keys),
+        "verdicts_from_cache": len(cached),
+        "asked": len(asked) + len(errors),
+        "failed": len(errors),
+        "unparseable_after_reasks": unparseable,
+        "errors": dict(Counter(e.split(":", 1)[0] for e in errors.values())),
+    }
 
 
 def label_statistics(store: Store) -> dict:

@@ -111,8 +111,18 @@ class ReferenceTeacher:
                 continue
             text = _CALCULATOR.sub("", problem.solution).strip()
             answer, correct = verify(text, problem)
-            result.traces.append(Trace(self.trace_id_for(problem), problem.problem_id, self.identity, text, answer,
-                                       correct, len(problem.question.split()), len(text.split())))
+            result.traces.append(
+                Trace(
+                    self.trace_id_for(problem),
+                    problem.problem_id,
+                    self.identity,
+                    text,
+                    answer,
+                    correct,
+                    len(problem.question.split()),
+                    len(text.split()),
+                )
+            )
         return result
 
 
@@ -132,9 +142,21 @@ OPENINGS = {
 }
 OP_PHRASES = {
     "add": ("{name} gets {n} more, so {a} + {n} = {r}", "adding {n} gives {a} + {n} = {r}", "{a} + {n} = {r} {item}"),
-    "sub": ("{name} has {n} fewer, so {a} - {n} = {r}", "taking away {n} leaves {a} - {n} = {r}", "{a} - {n} = {r} {item}"),
-    "mul": ("the {item} grow {n} times, so {a} * {n} = {r}", "multiplying by {n} gives {a} * {n} = {r}", "{a} * {n} = {r} {item}"),
-    "div": ("the {item} are split into {n} groups, so {a} / {n} = {r}", "dividing by {n} gives {a} / {n} = {r}", "{a} / {n} = {r} {item}"),
+    "sub": (
+        "{name} has {n} fewer, so {a} - {n} = {r}",
+        "taking away {n} leaves {a} - {n} = {r}",
+        "{a} - {n} = {r} {item}",
+    ),
+    "mul": (
+        "the {item} grow {n} times, so {a} * {n} = {r}",
+        "multiplying by {n} gives {a} * {n} = {r}",
+        "{a} * {n} = {r} {item}",
+    ),
+    "div": (
+        "the {item} are split into {n} groups, so {a} / {n} = {r}",
+        "dividing by {n} gives {a} / {n} = {r}",
+        "{a} / {n} = {r} {item}",
+    ),
 }
 SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 
@@ -159,16 +181,32 @@ class ProgrammaticTeacher:
             trace_id = self.trace_id_for(problem)
             parsed = parse_question(problem.question)
             if parsed is None:
-                result.failures.append(TeacherFailure(trace_id, problem.problem_id, self.identity,
-                    "the programmatic teacher only solves the built-in synthetic problems; "
-                    "configure an endpoint teacher for this source"))
+                result.failures.append(
+                    TeacherFailure(
+                        trace_id,
+                        problem.problem_id,
+                        self.identity,
+                        "the programmatic teacher only solves the built-in synthetic problems; "
+                        "configure an endpoint teacher for this source",
+                    )
+                )
                 continue
             rng = random.Random(f"{self.config.seed}:{problem.problem_id}")
             text = write_trace(parsed, rng, self.config)
             answer, correct = verify(text, problem)
             prompt = DEFAULT_PROMPT.format(question=problem.question)
-            result.traces.append(Trace(trace_id, problem.problem_id, self.identity, text, answer, correct,
-                                       len(prompt.split()), len(text.split())))
+            result.traces.append(
+                Trace(
+                    trace_id,
+                    problem.problem_id,
+                    self.identity,
+                    text,
+                    answer,
+                    correct,
+                    len(prompt.split()),
+                    len(text.split()),
+                )
+            )
         return result
 
 
@@ -178,24 +216,32 @@ def write_trace(parsed: ParsedQuestion, rng: random.Random, cfg: ProgrammaticTea
     wrong_at = rng.randrange(len(ops)) if ops and rng.random() < cfg.wrong_fraction else -1
     mistake_at = rng.randrange(len(ops)) if ops and wrong_at < 0 and rng.random() < cfg.mistake_prob else -1
     start = parsed.steps[0].n
-    steps: list[str] = [rng.choice((
-        f"Okay, {name} starts with {start} {item}, and I need the number at the end.",
-        f"Let me start with what we know: {name} has {start} {item}.",
-        f"First, {name} has {start} {item}.",
-        f"So the question is about {name}'s {item}, starting from {start}.",
-        f"Alright, {name} begins with {start} {item}.",
-    ))]
+    steps: list[str] = [
+        rng.choice(
+            (
+                f"Okay, {name} starts with {start} {item}, and I need the number at the end.",
+                f"Let me start with what we know: {name} has {start} {item}.",
+                f"First, {name} has {start} {item}.",
+                f"So the question is about {name}'s {item}, starting from {start}.",
+                f"Alright, {name} begins with {start} {item}.",
+            )
+        )
+    ]
     value, chain, op_i = start, str(start), 0
     for step in parsed.steps[1:]:
         if step.kind == "distractor":
             fact = step.sentence.rstrip(".")
             fact = "a" + fact[1:] if fact.startswith("A ") else fact
-            steps.append(rng.choice((
-                f"I think the fact that {fact} does not matter here.",
-                f"But {fact} is about something else, so I ignore it.",
-                f"Hmm, {fact}; that is a distraction.",
-                f"However, {fact} does not change {name}'s {item}.",
-            )))
+            steps.append(
+                rng.choice(
+                    (
+                        f"I think the fact that {fact} does not matter here.",
+                        f"But {fact} is about something else, so I ignore it.",
+                        f"Hmm, {fact}; that is a distraction.",
+                        f"However, {fact} does not change {name}'s {item}.",
+                    )
+                )
+            )
             continue
         a, n, op = value, step.n, step.kind
         right = {"add": a + n, "sub": a - n, "mul": a * n, "div": a // n}[op]
@@ -213,32 +259,49 @@ def write_trace(parsed: ParsedQuestion, rng: random.Random, cfg: ProgrammaticTea
                 signal = "reasoning_analysis" if signal == "addition_elaboration" else "addition_elaboration"
             steps.append(f"{rng.choice(OPENINGS[signal])} {phrase}.")
         if op_i == mistake_at:
-            steps.append(rng.choice((
-                f"Wait, {a} {SYMBOL[op]} {n} is {right}, not {shown}. Let me fix that.",
-                f"But that is not right: {a} {SYMBOL[op]} {n} = {right}.",
-                f"Actually, I made a slip: {a} {SYMBOL[op]} {n} = {right}.",
-            )))
+            steps.append(
+                rng.choice(
+                    (
+                        f"Wait, {a} {SYMBOL[op]} {n} is {right}, not {shown}. Let me fix that.",
+                        f"But that is not right: {a} {SYMBOL[op]} {n} = {right}.",
+                        f"Actually, I made a slip: {a} {SYMBOL[op]} {n} = {right}.",
+                    )
+                )
+            )
             shown = right
         value = shown
         chain = f"({chain} {SYMBOL[op]} {n})" if op in ("mul", "div") and " " in chain else f"{chain} {SYMBOL[op]} {n}"
         if op in ("mul", "div") and rng.random() < cfg.elaboration_prob:
-            steps.append(rng.choice((
-                f"For example, {n} groups of {value if op == 'div' else a} make {a if op == 'div' else value}, which checks out."
-                if op == "div" else f"For example, {n} piles of {a} {item} make {value} {item} in all.",
-                f"For instance, I can picture it as {n} rows of {value if op == 'div' else a}.",
-            )))
+            steps.append(
+                rng.choice(
+                    (
+                        f"For example, {n} groups of {value if op == 'div' else a} make {a if op == 'div' else value}, which checks out."
+                        if op == "div"
+                        else f"For example, {n} piles of {a} {item} make {value} {item} in all.",
+                        f"For instance, I can picture it as {n} rows of {value if op == 'div' else a}.",
+                    )
+                )
+            )
         elif rng.random() < cfg.elaboration_prob / 3:
-            steps.append(rng.choice((
-                f"I recall that checking each step helps, and {value} looks right so far.",
-                f"Hmm, so far {name} has {value} {item}.",
-            )))
+            steps.append(
+                rng.choice(
+                    (
+                        f"I recall that checking each step helps, and {value} looks right so far.",
+                        f"Hmm, so far {name} has {value} {item}.",
+                    )
+                )
+            )
         op_i += 1
-    steps.append(rng.choice((
-        f"Therefore, {name} has {value} {item} in the end.",
-        f"So overall, {chain} = {value}.",
-        f"Putting it together, {name} ends with {value} {item}.",
-        f"Thus the count is {value}.",
-        f"In summary, {name} has {value} {item}.",
-    )))
+    steps.append(
+        rng.choice(
+            (
+                f"Therefore, {name} has {value} {item} in the end.",
+                f"So overall, {chain} = {value}.",
+                f"Putting it together, {name} ends with {value} {item}.",
+                f"Thus the count is {value}.",
+                f"In summary, {name} has {value} {item}.",
+            )
+        )
+    )
     steps.append(rng.choice((f"The answer is {value}.", f"**Answer:** {value}", f"The final answer is {value}.")))
     return "\n\n".join(steps)

@@ -60,8 +60,9 @@ def _rows_of(source: str, split: str) -> Iterator[tuple[int, dict | None, str, s
         yield i, row, str(row)[:500], None
 
 
-def load_trace_rows(source: str, fields: TraceFieldMap = TraceFieldMap(), *, split: str = "train",
-                    lenient: bool = True) -> tuple[list[ImportedRow], list[Quarantined]]:
+def load_trace_rows(
+    source: str, fields: TraceFieldMap = TraceFieldMap(), *, split: str = "train", lenient: bool = True
+) -> tuple[list[ImportedRow], list[Quarantined]]:
     rows: list[ImportedRow] = []
     quarantined: list[Quarantined] = []
 
@@ -82,9 +83,15 @@ def load_trace_rows(source: str, fields: TraceFieldMap = TraceFieldMap(), *, spl
             required = name in (fields.question, fields.thinking)
             if value is None and not required:
                 continue
-            problem = ("missing" if value is None else f"must be a string, got {type(value).__name__}"
-                       if not isinstance(value, str) else "is empty" if required and not value.strip()
-                       else text_error(value))
+            problem = (
+                "missing"
+                if value is None
+                else f"must be a string, got {type(value).__name__}"
+                if not isinstance(value, str)
+                else "is empty"
+                if required and not value.strip()
+                else text_error(value)
+            )
             if problem:
                 bad(line, name, problem, raw)
                 break
@@ -93,8 +100,15 @@ def load_trace_rows(source: str, fields: TraceFieldMap = TraceFieldMap(), *, spl
             thinking, answer = split_reasoning(values[fields.thinking])
             if fields.answer and values.get(fields.answer, "").strip():
                 answer = values[fields.answer].strip()
-            rows.append(ImportedRow(line, values.get(fields.problem_id) if fields.problem_id else None,
-                                    values[fields.question], thinking, answer))
+            rows.append(
+                ImportedRow(
+                    line,
+                    values.get(fields.problem_id) if fields.problem_id else None,
+                    values[fields.question],
+                    thinking,
+                    answer,
+                )
+            )
     return rows, quarantined
 
 
@@ -102,8 +116,15 @@ class ImportedTeacher:
     """A `Teacher` whose answers come from a file: `generate` looks each problem up instead of asking a model.
     Several rows for one problem become samples 0, 1, …"""
 
-    def __init__(self, source: str, fields: TraceFieldMap = TraceFieldMap(), *, name: str | None = None,
-                 split: str = "train", lenient: bool = True) -> None:
+    def __init__(
+        self,
+        source: str,
+        fields: TraceFieldMap = TraceFieldMap(),
+        *,
+        name: str | None = None,
+        split: str = "train",
+        lenient: bool = True,
+    ) -> None:
         self.identity = f"import:{name or Path(source).stem}"
         self.rows, self.quarantined = load_trace_rows(source, fields, split=split, lenient=lenient)
         self._by_id: dict[str, list[ImportedRow]] = defaultdict(list)
@@ -130,10 +151,19 @@ class ImportedTeacher:
             rows = self.matches(problem)
             result.not_covered += not rows
             for sample, row in enumerate(rows):
-                record = {"trace_id": self.trace_id_for(problem, sample), "sample": sample, "thinking": row.thinking,
-                          "answer": row.answer, "prompt_tokens": len(row.question.split()),
-                          "completion_tokens": len((row.thinking + " " + row.answer).split())}
+                record = {
+                    "trace_id": self.trace_id_for(problem, sample),
+                    "sample": sample,
+                    "thinking": row.thinking,
+                    "answer": row.answer,
+                    "prompt_tokens": len(row.question.split()),
+                    "completion_tokens": len((row.thinking + " " + row.answer).split()),
+                }
                 result.traces.append(trace_from_record(record, problem, self.identity))
-        result.stats = {"file_rows": len(self.rows), "quarantined_rows": len(self.quarantined),
-                        "traces_matched": len(result.traces), "not_covered": result.not_covered}
+        result.stats = {
+            "file_rows": len(self.rows),
+            "quarantined_rows": len(self.quarantined),
+            "traces_matched": len(result.traces),
+            "not_covered": result.not_covered,
+        }
         return result

@@ -39,8 +39,9 @@ class DecodeConfig(BaseModel):
     max_steps: int | None = Field(None, ge=0, description="steps before the answer is forced; default: from the data")
     max_step_tokens: int | None = Field(None, ge=1, description="default: from the training data")
     max_answer_tokens: int | None = Field(None, ge=1, description="default: from the training data")
-    max_tokens: int | None = Field(None, ge=1, description="new tokens over the whole generation, both arms; "
-                                                           "default: from the training data")
+    max_tokens: int | None = Field(
+        None, ge=1, description="new tokens over the whole generation, both arms; default: from the training data"
+    )
     seed: int = 0
 
     def resolved(self, budget: dict[str, int] | None) -> DecodeConfig:
@@ -52,11 +53,14 @@ class DecodeConfig(BaseModel):
                 return value
             return max(1, int(budget[key] * BUDGET_SLACK + 0.999)) if budget.get(key) else fallback
 
-        return self.model_copy(update={
-            "max_steps": cap(self.max_steps, "steps_p99", 16), "max_step_tokens": cap(self.max_step_tokens,
-                                                                                       "step_tokens_p99", 64),
-            "max_answer_tokens": cap(self.max_answer_tokens, "answer_tokens_p99", 64),
-            "max_tokens": cap(self.max_tokens, "reply_tokens_p99", 512)})
+        return self.model_copy(
+            update={
+                "max_steps": cap(self.max_steps, "steps_p99", 16),
+                "max_step_tokens": cap(self.max_step_tokens, "step_tokens_p99", 64),
+                "max_answer_tokens": cap(self.max_answer_tokens, "answer_tokens_p99", 64),
+                "max_tokens": cap(self.max_tokens, "reply_tokens_p99", 512),
+            }
+        )
 
 
 @dataclass
@@ -85,8 +89,8 @@ def left_padded(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
     return ids, mask
 
 
@@ -111,8 +115,13 @@ class ScaffoldDecoder:
     feeding a forced signal prefix or writing its step, so one KV cache serves the whole batch. Summaries-only
     drops pruned steps from the context by masking their cache columns."""
 
-    def __init__(self, model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase, cfg: DecodeConfig = DecodeConfig(),
-                 fmt: Formatter | None = None) -> None:
+    def __init__(
+        self,
+        model: ScaffoldStudent,
+        tokenizer: PreTrainedTokenizerBase,
+        cfg: DecodeConfig = DecodeConfig(),
+        fmt: Formatter | None = None,
+    ) -> None:
         self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, cfg.resolved(None)
         self.fmt = fmt or Formatter(tokenizer, signal_tags())
         self.device = next(model.parameters()).device
@@ -124,11 +133,18 @@ class ScaffoldDecoder:
         """A step ends at a blank line, however the model spelled it in tokens ("\n\n" as one token or two)."""
         return self.tokenizer.decode(written[-4:]).endswith(STEP_SEPARATOR)
 
-    def generate(self, question: str, variant: Variant = "predicted", golden: Sequence[str] | None = None,
-                 rng: random.Random | None = None) -> Generation:
+    def generate(
+        self,
+        question: str,
+        variant: Variant = "predicted",
+        golden: Sequence[str] | None = None,
+        rng: random.Random | None = None,
+    ) -> Generation:
         return self.generate_batch([question], variant, [golden] if golden is not None else None, rng)[0]
 
-    def _begin_step(self, seq: _Sequence, probs: torch.Tensor, variant: Variant, rng: random.Random, column: int) -> None:
+    def _begin_step(
+        self, seq: _Sequence, probs: torch.Tensor, variant: Variant, rng: random.Random, column: int
+    ) -> None:
         """Choose the next signal (predicted with τ, golden, or random) under the guards, and queue its prefix."""
         cfg, gen = self.cfg, seq.gen
         k = len(gen.steps)
@@ -153,8 +169,13 @@ class ScaffoldDecoder:
         seq.conf = conf
 
     @torch.no_grad()
-    def generate_batch(self, questions: Sequence[str], variant: Variant = "predicted",
-                       goldens: Sequence[Sequence[str]] | None = None, rng: random.Random | None = None) -> list[Generation]:
+    def generate_batch(
+        self,
+        questions: Sequence[str],
+        variant: Variant = "predicted",
+        goldens: Sequence[Sequence[str]] | None = None,
+        rng: random.Random | None = None,
+    ) -> list[Generation]:
         if variant == "golden" and (goldens is None or any(g is None for g in goldens)):
             raise ValueError("the golden variant needs the teacher's signal sequence for every question")
         rng = rng or random.Random(self.cfg.seed)
@@ -169,8 +190,13 @@ class ScaffoldDecoder:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.backbone.config)
-        out = model.decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-                            cache=cache, use_cache=True)
+        out = model.decoder(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            position_ids=positions.to(dev),
+            cache=cache,
+            use_cache=True,
+        )
         cache, hidden = out.cache, out.last_hidden_state[:, -1]
         next_pos = torch.tensor([len(p) for p in prompts])
         seqs = [_Sequence(Generation(), goldens[i] if goldens else None) for i in range(len(prompts))]
@@ -193,8 +219,13 @@ class ScaffoldDecoder:
                     feed.append(greedy[i])
             column = mask.size(1)
             mask = torch.cat([mask, torch.tensor(active, dtype=torch.long)[:, None]], dim=1)
-            out = model.decoder(input_ids=torch.tensor(feed, device=dev)[:, None], attention_mask=mask.to(dev),
-                                position_ids=next_pos[:, None].to(dev), cache=cache, use_cache=True)
+            out = model.decoder(
+                input_ids=torch.tensor(feed, device=dev)[:, None],
+                attention_mask=mask.to(dev),
+                position_ids=next_pos[:, None].to(dev),
+                cache=cache,
+                use_cache=True,
+            )
             cache, hidden = out.cache, out.last_hidden_state[:, -1]
             next_pos += torch.tensor(active, dtype=torch.long)
             probs = None
@@ -220,16 +251,27 @@ class ScaffoldDecoder:
         return [s.gen for s in seqs]
 
 
-def plain_generate_batch(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str],
-                         max_new_tokens: int = 512, fmt: Formatter | None = None) -> list[Generation]:
+def plain_generate_batch(
+    model: ScaffoldStudent,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    max_new_tokens: int = 512,
+    fmt: Formatter | None = None,
+) -> list[Generation]:
     """The CoT-SFT baseline's decoding: HF `generate`, greedy, left-padded batch, until EOS."""
     fmt = fmt or Formatter(tokenizer, signal_tags())
     device = next(model.parameters()).device
     ids, mask = left_padded([fmt.question_ids(q) for q in questions], fmt.eos_id)
     width = ids.size(1)
     with torch.no_grad():
-        out = model.backbone.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                      do_sample=False, eos_token_id=fmt.eos_id, pad_token_id=fmt.eos_id)
+        out = model.backbone.generate(
+            ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=fmt.eos_id,
+            pad_token_id=fmt.eos_id,
+        )
     gens = []
     for row in out[:, width:].tolist():
         new = row[: row.index(fmt.eos_id) + 1] if fmt.eos_id in row else row
@@ -242,6 +284,11 @@ def plain_generate_batch(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerB
     return gens
 
 
-def plain_generate(model: ScaffoldStudent, tokenizer: PreTrainedTokenizerBase, question: str,
-                   max_new_tokens: int = 512, fmt: Formatter | None = None) -> Generation:
+def plain_generate(
+    model: ScaffoldStudent,
+    tokenizer: PreTrainedTokenizerBase,
+    question: str,
+    max_new_tokens: int = 512,
+    fmt: Formatter | None = None,
+) -> Generation:
     return plain_generate_batch(model, tokenizer, [question], max_new_tokens, fmt)[0]

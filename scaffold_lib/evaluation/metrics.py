@@ -39,10 +39,14 @@ TABLE_ROWS = (BASE_VARIANT, BASELINE_VARIANT, "golden", "predicted", "random", "
 class EvalConfig(BaseModel):
     """What is evaluated and how: suites, which split of the warehouse's held-out problems, variants, decoding."""
 
-    suites: list[str] = Field(default_factory=lambda: [HELDOUT], description="heldout (the warehouse's held-out "
-                              "problems) and/or gsm8k, math500, strategyqa, csqa, truthfulqa_mc1 (files)")
-    split: Literal["validation", "test"] = Field("test", description="the held-out split scored as `heldout`: tune "
-                                                                     "on validation, report test once")
+    suites: list[str] = Field(
+        default_factory=lambda: [HELDOUT],
+        description="heldout (the warehouse's held-out "
+        "problems) and/or gsm8k, math500, strategyqa, csqa, truthfulqa_mc1 (files)",
+    )
+    split: Literal["validation", "test"] = Field(
+        "test", description="the held-out split scored as `heldout`: tune on validation, report test once"
+    )
     variants: list[str] = Field(default_factory=lambda: list(SCAFFOLD_VARIANTS))
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     limit: int | None = Field(None, ge=1, description="evaluate on the first N items of each suite only")
@@ -71,8 +75,9 @@ def suite_run(cfg: EvalConfig, suite_name: str, budget: dict[str, int] | None = 
     suite = get_suite(suite_name)
     split = cfg.split if suite.name == HELDOUT else "test"
     decode = cfg.decode.resolved(budget)
-    config_hash = content_id("eval", suite.name, suite.version, split, suite.prompt_format, decode.model_dump(),
-                             cfg.limit)
+    config_hash = content_id(
+        "eval", suite.name, suite.version, split, suite.prompt_format, decode.model_dump(), cfg.limit
+    )
     return SuiteRun(suite, split, decode, tuple(cfg.variants), cfg.batch_size, config_hash)
 
 
@@ -138,7 +143,9 @@ def answer_consistency(generations: Iterable[Generation]) -> float | None:
 
 
 @torch.no_grad()
-def signal_predictions(model: ScaffoldStudent, fmt: Formatter, items: Sequence[EvalItem]) -> tuple[torch.Tensor, torch.Tensor]:
+def signal_predictions(
+    model: ScaffoldStudent, fmt: Formatter, items: Sequence[EvalItem]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities [boundaries, 7], targets [boundaries]) of the signal head at every step boundary of the items'
     teacher traces (teacher forced): what next-signal accuracy and calibration are computed from."""
     device = next(model.parameters()).device
@@ -163,38 +170,66 @@ def next_signal_accuracy(model: ScaffoldStudent, fmt: Formatter, items: Sequence
         return {"next_signal_acc": None, "next_signal_acc_at_tau": None, "coverage_at_tau": None, "boundaries": 0}
     conf, pred = probs.max(-1)
     hit, sure = pred == targets, conf >= tau
-    return {"next_signal_acc": float(hit.float().mean()),
-            "next_signal_acc_at_tau": float(hit[sure].float().mean()) if sure.any() else None,
-            "coverage_at_tau": float(sure.float().mean()), "boundaries": total}
+    return {
+        "next_signal_acc": float(hit.float().mean()),
+        "next_signal_acc_at_tau": float(hit[sure].float().mean()) if sure.any() else None,
+        "coverage_at_tau": float(sure.float().mean()),
+        "boundaries": total,
+    }
 
 
-def score(run: SuiteRun, variant: str, items: Sequence[EvalItem], gens: Sequence[Generation],
-          next_acc: float | None) -> tuple[ScoreRow, list[SampleRecord]]:
+def score(
+    run: SuiteRun, variant: str, items: Sequence[EvalItem], gens: Sequence[Generation], next_acc: float | None
+) -> tuple[ScoreRow, list[SampleRecord]]:
     records = []
     for item, g in zip(items, gens):
         response = "\n\n".join([s.text for s in g.steps] + [g.answer_text])
         # the answer step first (what the model committed to), else anything in the response
-        extracted = (answers.extract(g.answer_text, item.answer_type, item.choices)
-                     or answers.extract(response, item.answer_type, item.choices))
-        records.append(SampleRecord(item.doc_id, variant, item.question, response, extracted, item.answer,
-                                    answers.is_correct(extracted, item.answer, item.answer_type), [s.signal for s in g.steps],
-                                    g.stopped_by, g.new_tokens))
+        extracted = answers.extract(g.answer_text, item.answer_type, item.choices) or answers.extract(
+            response, item.answer_type, item.choices
+        )
+        records.append(
+            SampleRecord(
+                item.doc_id,
+                variant,
+                item.question,
+                response,
+                extracted,
+                item.answer,
+                answers.is_correct(extracted, item.answer, item.answer_type),
+                [s.signal for s in g.steps],
+                g.stopped_by,
+                g.new_tokens,
+            )
+        )
     k, n = sum(r.correct for r in records), len(records)
     lo, hi = wilson_interval(k, n)
     scaffolded = variant not in (BASELINE_VARIANT, BASE_VARIANT)
-    row = ScoreRow(run.suite.name, run.split, variant, n, k / n if n else 0.0, lo, hi, next_acc,
-                   signal_fidelity(gens) if scaffolded else None, answer_consistency(gens) if scaffolded else None,
-                   sum(len(g.steps) for g in gens) / n if n else 0.0, run.config_hash)
+    row = ScoreRow(
+        run.suite.name,
+        run.split,
+        variant,
+        n,
+        k / n if n else 0.0,
+        lo,
+        hi,
+        next_acc,
+        signal_fidelity(gens) if scaffolded else None,
+        answer_consistency(gens) if scaffolded else None,
+        sum(len(g.steps) for g in gens) / n if n else 0.0,
+        run.config_hash,
+    )
     return row, records
 
 
 def _batches(items: Sequence, size: int):
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
-def evaluate_scaffold(model: ScaffoldStudent, fmt: Formatter, items: Sequence[EvalItem], run: SuiteRun,
-                      progress: bool = True) -> tuple[list[ScoreRow], list[SampleRecord]]:
+def evaluate_scaffold(
+    model: ScaffoldStudent, fmt: Formatter, items: Sequence[EvalItem], run: SuiteRun, progress: bool = True
+) -> tuple[list[ScoreRow], list[SampleRecord]]:
     """Every scaffold variant on the same items. The golden variant needs the teacher's signals: items without them
     are left out of it (and the stage scores only items every variant can answer, so comparisons stay paired)."""
     decoder = ScaffoldDecoder(model, fmt.tokenizer, run.decode, fmt)
@@ -209,16 +244,26 @@ def evaluate_scaffold(model: ScaffoldStudent, fmt: Formatter, items: Sequence[Ev
         rng = random.Random(run.decode.seed)
         gens = []
         for batch in tqdm(list(_batches(usable, run.batch_size)), desc=f"eval {variant}", disable=not progress):
-            gens += decoder.generate_batch([i.question for i in batch], variant,
-                                           [i.golden_signals for i in batch] if variant == "golden" else None, rng)
+            gens += decoder.generate_batch(
+                [i.question for i in batch],
+                variant,
+                [i.golden_signals for i in batch] if variant == "golden" else None,
+                rng,
+            )
         row, recs = score(run, variant, usable, gens, next_acc)
         rows.append(row)
         records.extend(recs)
     return rows, records
 
 
-def evaluate_plain(model: ScaffoldStudent, fmt: Formatter, items: Sequence[EvalItem], run: SuiteRun,
-                   variant: str = BASELINE_VARIANT, progress: bool = True) -> tuple[list[ScoreRow], list[SampleRecord]]:
+def evaluate_plain(
+    model: ScaffoldStudent,
+    fmt: Formatter,
+    items: Sequence[EvalItem],
+    run: SuiteRun,
+    variant: str = BASELINE_VARIANT,
+    progress: bool = True,
+) -> tuple[list[ScoreRow], list[SampleRecord]]:
     """Plain greedy generation with the same total token budget: the CoT-SFT baseline, or (`base`) the untuned
     backbone."""
     gens = []
@@ -236,9 +281,22 @@ def export_samples(records: Sequence[SampleRecord], path: str | Path) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
         for r in records:
-            fh.write(json.dumps({"doc_id": r.doc_id, "variant": r.variant, "prompt": r.prompt, "response": r.response,
-                                 "extracted": r.extracted, "gold": r.gold, "correct": r.correct,
-                                 "stopped_by": r.stopped_by}, ensure_ascii=False) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "doc_id": r.doc_id,
+                        "variant": r.variant,
+                        "prompt": r.prompt,
+                        "response": r.response,
+                        "extracted": r.extracted,
+                        "gold": r.gold,
+                        "correct": r.correct,
+                        "stopped_by": r.stopped_by,
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
     tmp.replace(path)
     return path
 
@@ -261,8 +319,10 @@ def comparison_table_markdown(rows: Sequence[dict]) -> str:
         column = by_suite.setdefault(_column(r), {})
         hashes = {c["eval_config_hash"] for c in column.values()} | {r["eval_config_hash"]}
         if len(hashes) > 1:
-            raise IncomparableScores(f"{_column(r)}: scores with different eval configs {sorted(hashes)} cannot "
-                                     "share a column; pick one eval_config_hash")
+            raise IncomparableScores(
+                f"{_column(r)}: scores with different eval configs {sorted(hashes)} cannot "
+                "share a column; pick one eval_config_hash"
+            )
         column[r["variant"]] = r
     suites = sorted(by_suite)
     lines = ["| variant | " + " | ".join(suites) + " |", "|---|" + "---|" * len(suites)]
@@ -270,8 +330,11 @@ def comparison_table_markdown(rows: Sequence[dict]) -> str:
         cells = []
         for suite in suites:
             r = by_suite[suite].get(variant)
-            cells.append("–" if r is None else f"{100 * r['accuracy']:.1f} % (n={r['n']}, "
-                                               f"{100 * r['ci_low']:.0f}–{100 * r['ci_high']:.0f})")
+            cells.append(
+                "–"
+                if r is None
+                else f"{100 * r['accuracy']:.1f} % (n={r['n']}, {100 * r['ci_low']:.0f}–{100 * r['ci_high']:.0f})"
+            )
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     hashes = ", ".join(f"{s}: {next(iter(by_suite[s].values()))['eval_config_hash']}" for s in suites)
     return "\n".join(lines + ["", f"Pass@1 (n, 95 % Wilson interval); eval config {hashes}"])
@@ -279,12 +342,19 @@ def comparison_table_markdown(rows: Sequence[dict]) -> str:
 
 def score_table_markdown(rows: Sequence[dict]) -> str:
     """Markdown table of score rows (dicts with the ScoreRow fields and optionally `model`)."""
+
     def pct(v):
         return "–" if v is None else f"{100 * v:.1f} %"
-    lines = ["| model | suite | variant | n | Pass@1 (95 % CI) | next-signal acc | signal fidelity | answer consistency "
-             "| mean steps |", "|---|---|---|---:|---|---:|---:|---:|---:|"]
+
+    lines = [
+        "| model | suite | variant | n | Pass@1 (95 % CI) | next-signal acc | signal fidelity | answer consistency "
+        "| mean steps |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r.get('model', '')} | {_column(r)} | {r['variant']} | {r['n']} | {pct(r['accuracy'])} "
-                     f"({100 * r['ci_low']:.0f}–{100 * r['ci_high']:.0f}) | {pct(r['next_signal_acc'])} | "
-                     f"{pct(r['signal_fidelity'])} | {pct(r['answer_consistency'])} | {r.get('mean_steps', 0):.1f} |")
+        lines.append(
+            f"| {r.get('model', '')} | {_column(r)} | {r['variant']} | {r['n']} | {pct(r['accuracy'])} "
+            f"({100 * r['ci_low']:.0f}–{100 * r['ci_high']:.0f}) | {pct(r['next_signal_acc'])} | "
+            f"{pct(r['signal_fidelity'])} | {pct(r['answer_consistency'])} | {r.get('mean_steps', 0):.1f} |"
+        )
     return "\n".join(lines)

@@ -24,8 +24,14 @@ def _match(row: dict, by_id: dict[str, EvalItem], by_text: dict[str, EvalItem]) 
     return by_text.get(normalise_question(question)) if isinstance(question, str) else None
 
 
-def score_predictions(suite_name: str, predictions: str | Path, *, suite_file: str | Path | None = None,
-                      out: str | Path | None = None, data_dir: str | Path | None = None) -> str:
+def score_predictions(
+    suite_name: str,
+    predictions: str | Path,
+    *,
+    suite_file: str | Path | None = None,
+    out: str | Path | None = None,
+    data_dir: str | Path | None = None,
+) -> str:
     """Pass@1 of the predictions (a summary line); per-item rows (question, doc_id, extracted, gold, correct) to `out`.
     A prediction without `output`, or matching no item, is an error naming its line: nothing is silently skipped."""
     if suite_name == HELDOUT:
@@ -50,8 +56,15 @@ def score_predictions(suite_name: str, predictions: str | Path, *, suite_file: s
             raise DataFileError(f"{path}:{line}: a second prediction for item {item.doc_id}")
         seen.add(item.doc_id)
         extracted = answers.extract(output, item.answer_type, item.choices)
-        results.append({"question": item.raw_question or item.question, "doc_id": item.doc_id, "extracted": extracted,
-                        "gold": item.answer, "correct": answers.is_correct(extracted, item.answer, item.answer_type)})
+        results.append(
+            {
+                "question": item.raw_question or item.question,
+                "doc_id": item.doc_id,
+                "extracted": extracted,
+                "gold": item.answer,
+                "correct": answers.is_correct(extracted, item.answer, item.answer_type),
+            }
+        )
     if not results:
         raise DataFileError(f"{path}: no predictions")
     if out is not None:
@@ -61,6 +74,8 @@ def score_predictions(suite_name: str, predictions: str | Path, *, suite_file: s
     k, n = sum(r["correct"] for r in results), len(results)
     lo, hi = wilson_interval(k, n)
     missing = len(items) - n
-    return (f"{suite_name}: Pass@1 {100 * k / n:.1f} % ({k}/{n}, 95 % CI {100 * lo:.1f}–{100 * hi:.1f})"
-            + (f"; {missing} suite items had no prediction" if missing else "")
-            + (f"; per-item rows: {out}" if out else ""))
+    return (
+        f"{suite_name}: Pass@1 {100 * k / n:.1f} % ({k}/{n}, 95 % CI {100 * lo:.1f}–{100 * hi:.1f})"
+        + (f"; {missing} suite items had no prediction" if missing else "")
+        + (f"; per-item rows: {out}" if out else "")
+    )

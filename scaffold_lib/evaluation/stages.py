@@ -57,16 +57,24 @@ class EvaluationHandle(BaseModel):
 def heldout_items(wh: Warehouse, split: str = "test", limit: int | None = None) -> list[EvalItem]:
     """Held-out problems of `split`, with the teacher's steps and signals as golden where the teacher traced the
     problem (its correct trace when it has one)."""
-    problems = wh.query("SELECT problem_id, question, answer, answer_type FROM problems WHERE split = ? "
-                        "ORDER BY problem_id", [split])[:limit]
+    problems = wh.query(
+        "SELECT problem_id, question, answer, answer_type FROM problems WHERE split = ? ORDER BY problem_id", [split]
+    )[:limit]
     golden: dict[str, dict] = {}
-    traces, _ = training_traces(wh, (split,), include_incorrect=True,
-                                only_problems=[p["problem_id"] for p in problems])
+    traces, _ = training_traces(wh, (split,), include_incorrect=True, only_problems=[p["problem_id"] for p in problems])
     for t in sorted(traces, key=lambda t: (not t["is_correct"], t["trace_id"])):
         golden.setdefault(t["problem_id"], t)
-    return [EvalItem(p["problem_id"], p["question"], p["answer"], p["answer_type"],
-                     golden[p["problem_id"]]["signals"] if p["problem_id"] in golden else None,
-                     golden[p["problem_id"]]["steps"] if p["problem_id"] in golden else None) for p in problems]
+    return [
+        EvalItem(
+            p["problem_id"],
+            p["question"],
+            p["answer"],
+            p["answer_type"],
+            golden[p["problem_id"]]["signals"] if p["problem_id"] in golden else None,
+            golden[p["problem_id"]]["steps"] if p["problem_id"] in golden else None,
+        )
+        for p in problems
+    ]
 
 
 def suite_items(store: Store, suite: str, cfg: EvalConfig) -> list[EvalItem]:
@@ -104,8 +112,15 @@ def _local_or_registered(store: Store, handle: ModelHandle) -> Path:
     return registry.download_model(store.registry, handle.version, model_name=handle.model_name)
 
 
-def evaluate_models(store: Store, student: ModelHandle, baseline: ModelHandle | None, shards: ShardsHandle,
-                    cfg: EvalConfig, run_id: str | None = None, progress: bool = False) -> EvaluationHandle:
+def evaluate_models(
+    store: Store,
+    student: ModelHandle,
+    baseline: ModelHandle | None,
+    shards: ShardsHandle,
+    cfg: EvalConfig,
+    run_id: str | None = None,
+    progress: bool = False,
+) -> EvaluationHandle:
     """Pass@1 per suite for the student (every scaffold variant), the CoT-SFT baseline and the untuned backbone, with
     next-signal accuracy, signal fidelity and answer consistency; decoding caps from the training data's budget, the
     same for both arms. Rows (and per-item results) go to the warehouse and to the students' MLflow runs."""
@@ -113,33 +128,59 @@ def evaluate_models(store: Store, student: ModelHandle, baseline: ModelHandle | 
 
     wh = store.warehouse
     runs = {suite: suite_run(cfg, suite, shards.budget) for suite in cfg.suites}
-    evaluation_id = content_id("evaluation", student.model_name, student.version,
-                               baseline and (baseline.model_name, baseline.version), sorted(
-                                   (s, r.config_hash) for s, r in runs.items()), cfg.include_base)
+    evaluation_id = content_id(
+        "evaluation",
+        student.model_name,
+        student.version,
+        baseline and (baseline.model_name, baseline.version),
+        sorted((s, r.config_hash) for s, r in runs.items()),
+        cfg.include_base,
+    )
     models: list[tuple[str, str, str | None, Path, str]] = [
-        (student.model_name, student.version, student.mlflow_run_id, _local_or_registered(store, student), "scaffold")]
+        (student.model_name, student.version, student.mlflow_run_id, _local_or_registered(store, student), "scaffold")
+    ]
     if baseline is not None:
-        models.append((baseline.model_name, baseline.version, baseline.mlflow_run_id,
-                       _local_or_registered(store, baseline), "baseline"))
+        models.append(
+            (
+                baseline.model_name,
+                baseline.version,
+                baseline.mlflow_run_id,
+                _local_or_registered(store, baseline),
+                "baseline",
+            )
+        )
     if cfg.include_base:  # the backbone is no registered version: named by what the config named, never an MLflow run
-        models.append((f"base:{Path(shards.source_model).name or shards.source_model}", UNTUNED, None,
-                       Path(shards.base_model), BASE_VARIANT))
+        models.append(
+            (
+                f"base:{Path(shards.source_model).name or shards.source_model}",
+                UNTUNED,
+                None,
+                Path(shards.base_model),
+                BASE_VARIANT,
+            )
+        )
     all_rows: list[dict] = []
     counts, dropped, samples = {}, {}, {}
     for suite, run in runs.items():
         items, left_out = paired_items(suite_items(store, suite, cfg), run.variants)
         if not items:
-            raise ValueError(f"suite {suite!r} has no items to score" + (
-                f" in the {cfg.split} split: run the data stages (problems with a {cfg.split} split)"
-                if suite == HELDOUT else ""))
+            raise ValueError(
+                f"suite {suite!r} has no items to score"
+                + (
+                    f" in the {cfg.split} split: run the data stages (problems with a {cfg.split} split)"
+                    if suite == HELDOUT
+                    else ""
+                )
+            )
         counts[suite], dropped[suite] = len(items), left_out
         for name, version, mlflow_run, path, role in models:
             model, fmt = load_for_eval(path, kind="baseline" if role == BASE_VARIANT else None)
             if role == "scaffold":
                 rows, records = evaluate_scaffold(model, fmt, items, run, progress)
             else:
-                rows, records = evaluate_plain(model, fmt, items, run, "cot_sft" if role == "baseline" else BASE_VARIANT,
-                                               progress)
+                rows, records = evaluate_plain(
+                    model, fmt, items, run, "cot_sft" if role == "baseline" else BASE_VARIANT, progress
+                )
             all_rows += _store_scores(wh, evaluation_id, name, version, mlflow_run, rows, records, run_id)
             if cfg.export_samples and records:
                 out = paths.inside(store.artifacts / "samples", suite, f"{name.replace('/', '_')}-v{version}.jsonl")
@@ -149,30 +190,75 @@ def evaluate_models(store: Store, student: ModelHandle, baseline: ModelHandle | 
     for mlflow_run in {r["mlflow_run_id"] for r in all_rows if r["mlflow_run_id"]}:
         own = [r for r in all_rows if r["mlflow_run_id"] == mlflow_run]
         whole = mlflow_run == student.mlflow_run_id  # the student's run gets the whole comparison
-        registry.log_scores(reg, mlflow_run, all_rows if whole else own,
-                            table + "\n\n" + detail if whole else score_table_markdown(own),
-                            "scores-" + "-".join(runs))
-    return EvaluationHandle(evaluation_id=evaluation_id, model_name=student.model_name, version=student.version,
-                            baseline=baseline and f"{baseline.model_name} v{baseline.version}", suites=list(runs),
-                            split=cfg.split, eval_config_hashes={s: r.config_hash for s, r in runs.items()},
-                            rows=all_rows, items=counts, dropped_without_golden=dropped, samples=samples,
-                            comparison_table=table, score_table=detail)
+        registry.log_scores(
+            reg,
+            mlflow_run,
+            all_rows if whole else own,
+            table + "\n\n" + detail if whole else score_table_markdown(own),
+            "scores-" + "-".join(runs),
+        )
+    return EvaluationHandle(
+        evaluation_id=evaluation_id,
+        model_name=student.model_name,
+        version=student.version,
+        baseline=baseline and f"{baseline.model_name} v{baseline.version}",
+        suites=list(runs),
+        split=cfg.split,
+        eval_config_hashes={s: r.config_hash for s, r in runs.items()},
+        rows=all_rows,
+        items=counts,
+        dropped_without_golden=dropped,
+        samples=samples,
+        comparison_table=table,
+        score_table=detail,
+    )
 
 
-def _store_scores(wh: Warehouse, evaluation_id: str, name: str, version: str, mlflow_run: str | None,
-                  rows: list[ScoreRow], records: list[SampleRecord], run_id: str | None) -> list[dict]:
-    dict_rows = [{**r.as_row(), "model_name": name, "version": version, "mlflow_run_id": mlflow_run,
-                  "evaluation_id": evaluation_id,
-                  "score_id": content_id("score", name, version, r.benchmark, r.split, r.variant, r.eval_config_hash)}
-                 for r in rows]
+def _store_scores(
+    wh: Warehouse,
+    evaluation_id: str,
+    name: str,
+    version: str,
+    mlflow_run: str | None,
+    rows: list[ScoreRow],
+    records: list[SampleRecord],
+    run_id: str | None,
+) -> list[dict]:
+    dict_rows = [
+        {
+            **r.as_row(),
+            "model_name": name,
+            "version": version,
+            "mlflow_run_id": mlflow_run,
+            "evaluation_id": evaluation_id,
+            "score_id": content_id("score", name, version, r.benchmark, r.split, r.variant, r.eval_config_hash),
+        }
+        for r in rows
+    ]
     wh.insert_new("benchmark_scores", dict_rows, run_id)
     by_variant = {r.variant: r for r in rows}
-    wh.insert_new("item_scores", [
-        {"evaluation_id": evaluation_id, "model_name": name, "version": version,
-         "benchmark": by_variant[rec.variant].benchmark, "split": by_variant[rec.variant].split, "variant": rec.variant,
-         "doc_id": rec.doc_id, "correct": rec.correct, "extracted": rec.extracted, "gold": rec.gold,
-         "n_steps": len(rec.signals), "new_tokens": rec.new_tokens, "stopped_by": rec.stopped_by}
-        for rec in records], run_id)
+    wh.insert_new(
+        "item_scores",
+        [
+            {
+                "evaluation_id": evaluation_id,
+                "model_name": name,
+                "version": version,
+                "benchmark": by_variant[rec.variant].benchmark,
+                "split": by_variant[rec.variant].split,
+                "variant": rec.variant,
+                "doc_id": rec.doc_id,
+                "correct": rec.correct,
+                "extracted": rec.extracted,
+                "gold": rec.gold,
+                "n_steps": len(rec.signals),
+                "new_tokens": rec.new_tokens,
+                "stopped_by": rec.stopped_by,
+            }
+            for rec in records
+        ],
+        run_id,
+    )
     label = f"{name} (untuned)" if version == UNTUNED else f"{name} v{version}"
     return [{**r, "model": label} for r in dict_rows]
 
@@ -188,8 +274,13 @@ class PromotionConfig(BaseModel):
     variant: str = Field("predicted", description="the variant whose score decides")
 
 
-def promote_challenger(store: Store, evaluation: EvaluationHandle, cfg: PromotionConfig, failed_gates: Sequence[str] = (),
-                       who: str = "scaffold"):
+def promote_challenger(
+    store: Store,
+    evaluation: EvaluationHandle,
+    cfg: PromotionConfig,
+    failed_gates: Sequence[str] = (),
+    who: str = "scaffold",
+):
     """Move `champion` to the evaluated student when every gate passed and its score on the promotion suite beats the
     current champion's (same eval config) by the margin; otherwise record why on the version."""
     from scaffold_lib.store import registry
@@ -201,7 +292,10 @@ def promote_challenger(store: Store, evaluation: EvaluationHandle, cfg: Promotio
         failed.append(f"the evaluation did not score the promotion suite {cfg.suite!r}")
 
     def accuracy(version: str) -> float | None:
-        return wh.scalar("SELECT max(accuracy) FROM benchmark_scores WHERE model_name = ? AND version = ? "
-                         "AND variant = ? AND eval_config_hash = ?", [reg.model_name, version, cfg.variant, config_hash])
+        return wh.scalar(
+            "SELECT max(accuracy) FROM benchmark_scores WHERE model_name = ? AND version = ? "
+            "AND variant = ? AND eval_config_hash = ?",
+            [reg.model_name, version, cfg.variant, config_hash],
+        )
 
     return registry.promote_if_better(reg, evaluation.version, accuracy, cfg.margin, failed, who=who)

@@ -76,8 +76,9 @@ def _field(row: Row, name: str, where: str, kind: type | tuple = str):
     if value is None:
         raise SuiteDataError(f"{where}: missing field {name!r}")
     if not isinstance(value, kind) or (isinstance(value, str) and not value.strip()):
-        raise SuiteDataError(f"{where}: field {name!r} must be a non-empty {getattr(kind, '__name__', kind)}, "
-                             f"got {value!r:.60}")
+        raise SuiteDataError(
+            f"{where}: field {name!r} must be a non-empty {getattr(kind, '__name__', kind)}, got {value!r:.60}"
+        )
     return value
 
 
@@ -90,8 +91,13 @@ def _gsm8k(row: Row, where: str) -> EvalItem:
     gold, kind = gold_answer(answer)
     if kind != "number":
         raise SuiteDataError(f"{where}: field 'answer' has no '#### N' number: {answer[-60:]!r}")
-    return EvalItem(_doc_id("gsm8k", row, None, question), format_question(question, "number"), gold, "number",
-                    raw_question=question)
+    return EvalItem(
+        _doc_id("gsm8k", row, None, question),
+        format_question(question, "number"),
+        gold,
+        "number",
+        raw_question=question,
+    )
 
 
 def _math500(row: Row, where: str) -> EvalItem:
@@ -102,8 +108,13 @@ def _math500(row: Row, where: str) -> EvalItem:
         if not boxed:
             raise SuiteDataError(f"{where}: field 'answer' missing and no \\boxed{{}} in 'solution'")
         gold = boxed[-1]
-    return EvalItem(_doc_id("math500", row, "unique_id", problem), format_question(problem, "math"), gold.strip(), "math",
-                    raw_question=problem)
+    return EvalItem(
+        _doc_id("math500", row, "unique_id", problem),
+        format_question(problem, "math"),
+        gold.strip(),
+        "math",
+        raw_question=problem,
+    )
 
 
 def _strategyqa(row: Row, where: str) -> EvalItem:
@@ -112,8 +123,13 @@ def _strategyqa(row: Row, where: str) -> EvalItem:
         answer = answers.extract_yes_no(answer) == "yes"
     if not isinstance(answer, bool):
         raise SuiteDataError(f"{where}: field 'answer' must be true/false, got {answer!r:.60}")
-    return EvalItem(_doc_id("strategyqa", row, "qid", question), format_question(question, "yes_no"),
-                    "yes" if answer else "no", "yes_no", raw_question=question)
+    return EvalItem(
+        _doc_id("strategyqa", row, "qid", question),
+        format_question(question, "yes_no"),
+        "yes" if answer else "no",
+        "yes_no",
+        raw_question=question,
+    )
 
 
 def _csqa(row: Row, where: str) -> EvalItem:
@@ -131,8 +147,14 @@ def _csqa(row: Row, where: str) -> EvalItem:
     if key not in labels:
         raise SuiteDataError(f"{where}: field 'answerKey' {key!r} is not one of the labels {labels}")
     texts = [t for _, t in pairs]
-    return EvalItem(_doc_id("csqa", row, "id", question), format_question(question, "choice", texts),
-                    LETTERS[labels.index(key)], "choice", choices=texts, raw_question=question)
+    return EvalItem(
+        _doc_id("csqa", row, "id", question),
+        format_question(question, "choice", texts),
+        LETTERS[labels.index(key)],
+        "choice",
+        choices=texts,
+        raw_question=question,
+    )
 
 
 def _truthfulqa_mc1(row: Row, where: str) -> EvalItem:
@@ -149,8 +171,14 @@ def _truthfulqa_mc1(row: Row, where: str) -> EvalItem:
     random.Random(content_id("truthfulqa-order", question)).shuffle(options)
     texts = [str(text) for text, _ in options]
     gold = LETTERS[[label for _, label in options].index(1)]
-    return EvalItem(_doc_id("truthfulqa_mc1", row, None, question), format_question(question, "choice", texts), gold,
-                    "choice", choices=texts, raw_question=question)
+    return EvalItem(
+        _doc_id("truthfulqa_mc1", row, None, question),
+        format_question(question, "choice", texts),
+        gold,
+        "choice",
+        choices=texts,
+        raw_question=question,
+    )
 
 
 @dataclass(frozen=True)
@@ -163,11 +191,14 @@ class Suite:
     hf_dataset: tuple[str, str | None, str] | None  # (name, config, split)
     row_to_item: RowToItem | None  # None: items come from the warehouse (the synthetic suite)
 
-    def load(self, path: str | Path | None = None, *, data_dir: str | Path | None = None,
-             limit: int | None = None) -> list[EvalItem]:
+    def load(
+        self, path: str | Path | None = None, *, data_dir: str | Path | None = None, limit: int | None = None
+    ) -> list[EvalItem]:
         if self.row_to_item is None:
-            raise SuiteDataError(f"suite {self.name!r} is built from the warehouse's held-out problems "
-                                 "(scaffold_lib.evaluation.stages.heldout_items), not from a file")
+            raise SuiteDataError(
+                f"suite {self.name!r} is built from the warehouse's held-out problems "
+                "(scaffold_lib.evaluation.stages.heldout_items), not from a file"
+            )
         file = Path(path) if path else Path(data_dir) / self.default_file if data_dir else None
         if file is not None and file.exists():
             rows = _file_rows(file)
@@ -187,9 +218,11 @@ class Suite:
     def _where_to_put(self, file: Path | None) -> str:
         name, config, split = self.hf_dataset or ("?", None, "?")
         where = f"{file}: no such file" if file else f"no data file for suite {self.name!r}"
-        return (f"{where}. Put the {self.name} file there ({self.default_file}, JSONL/JSON/Parquet in the public "
-                f"format), e.g. from HF datasets {name!r}{f' config {config!r}' if config else ''} split {split!r}; "
-                "see the docstring of scaffold_lib/evaluation/suites.py")
+        return (
+            f"{where}. Put the {self.name} file there ({self.default_file}, JSONL/JSON/Parquet in the public "
+            f"format), e.g. from HF datasets {name!r}{f' config {config!r}' if config else ''} split {split!r}; "
+            "see the docstring of scaffold_lib/evaluation/suites.py"
+        )
 
     def _hub_rows(self, file: Path | None) -> Iterator[tuple[str, Row]]:
         name, config, split = self.hf_dataset
@@ -198,8 +231,9 @@ class Suite:
 
             dataset = datasets.load_dataset(name, config, split=split)
         except Exception as exc:  # offline, unknown name, gated: all mean "no data here"
-            raise SuiteDataError(f"{self._where_to_put(file)} (loading {name!r} from the hub failed: "
-                                 f"{type(exc).__name__})") from exc
+            raise SuiteDataError(
+                f"{self._where_to_put(file)} (loading {name!r} from the hub failed: {type(exc).__name__})"
+            ) from exc
         return ((f"{name}[{split}] row {i}", row) for i, row in enumerate(dataset, start=1))
 
 
@@ -224,16 +258,49 @@ def _file_rows(path: Path) -> Iterator[tuple[str, Row]]:
 
 
 HELDOUT = "heldout"  # the warehouse's held-out problems (validation or test split), whatever their source
-SUITES: dict[str, Suite] = {s.name: s for s in (
-    Suite(HELDOUT, "3", "per-item", "question-v1", "", None, None),
-    Suite("gsm8k", "1", "number", "question-v1", "gsm8k_test.jsonl", ("openai/gsm8k", "main", "test"), _gsm8k),
-    Suite("math500", "1", "math", "question-v1", "math500_test.jsonl", ("HuggingFaceH4/MATH-500", None, "test"), _math500),
-    Suite("strategyqa", "1", "yes_no", "yes-no-v1", "strategyqa.json", ("ChilleD/StrategyQA", None, "test"), _strategyqa),
-    Suite("csqa", "1", "choice", "mc-letters-v1", "csqa_validation.jsonl",
-          ("tau/commonsense_qa", None, "validation"), _csqa),
-    Suite("truthfulqa_mc1", "1", "choice", "mc-letters-v1", "truthfulqa_mc.json",
-          ("truthfulqa/truthful_qa", "multiple_choice", "validation"), _truthfulqa_mc1),
-)}
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in (
+        Suite(HELDOUT, "3", "per-item", "question-v1", "", None, None),
+        Suite("gsm8k", "1", "number", "question-v1", "gsm8k_test.jsonl", ("openai/gsm8k", "main", "test"), _gsm8k),
+        Suite(
+            "math500",
+            "1",
+            "math",
+            "question-v1",
+            "math500_test.jsonl",
+            ("HuggingFaceH4/MATH-500", None, "test"),
+            _math500,
+        ),
+        Suite(
+            "strategyqa",
+            "1",
+            "yes_no",
+            "yes-no-v1",
+            "strategyqa.json",
+            ("ChilleD/StrategyQA", None, "test"),
+            _strategyqa,
+        ),
+        Suite(
+            "csqa",
+            "1",
+            "choice",
+            "mc-letters-v1",
+            "csqa_validation.jsonl",
+            ("tau/commonsense_qa", None, "validation"),
+            _csqa,
+        ),
+        Suite(
+            "truthfulqa_mc1",
+            "1",
+            "choice",
+            "mc-letters-v1",
+            "truthfulqa_mc.json",
+            ("truthfulqa/truthful_qa", "multiple_choice", "validation"),
+            _truthfulqa_mc1,
+        ),
+    )
+}
 
 
 def get_suite(name: str) -> Suite:

@@ -33,8 +33,11 @@ def save_handle(home: str | Path, stage: str, run_id: str, handle: BaseModel) ->
     path = handle_dir(home, stage) / f"{_safe(run_id)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"type": type(handle).__name__, "run_id": run_id,
-                               "handle": handle.model_dump(mode="json")}, indent=1))
+    tmp.write_text(
+        json.dumps(
+            {"type": type(handle).__name__, "run_id": run_id, "handle": handle.model_dump(mode="json")}, indent=1
+        )
+    )
     tmp.replace(path)
     return path
 

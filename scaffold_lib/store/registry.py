@@ -58,8 +58,12 @@ def experiment_id(cfg: RegistryConfig) -> str:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -73,8 +77,9 @@ def _flatten(prefix: str, value, out: dict) -> dict:
     return out
 
 
-def start_run(cfg: RegistryConfig, run_name: str, *, params: dict, tags: dict[str, str],
-              dataset: dict | None = None) -> str:
+def start_run(
+    cfg: RegistryConfig, run_name: str, *, params: dict, tags: dict[str, str], dataset: dict | None = None
+) -> str:
     """An MLflow run opened before the work starts (so its duration is the real one and metrics appear live), with
     the params in one batch (never secrets: callers pass configs whose secrets are excluded from dumps) and the
     training data as an input dataset (`dataset`: name, digest, source, rows)."""
@@ -84,11 +89,12 @@ def start_run(cfg: RegistryConfig, run_name: str, *, params: dict, tags: dict[st
     run = c.create_run(experiment_id(cfg), run_name=run_name, tags={**tags, "git_commit": git_commit()})
     flat = [Param(k, str(v)[:6000]) for k, v in _flatten("", params, {}).items()]
     for start in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
-        c.log_batch(run.info.run_id, params=flat[start:start + 100])
+        c.log_batch(run.info.run_id, params=flat[start : start + 100])
     if dataset is not None:
         _log_dataset(cfg, run.info.run_id, dataset)
-    c.log_batch(run.info.run_id, tags=[RunTag("mlflow.source.name", "scaffold_lib"),
-                                       RunTag("mlflow.source.type", "JOB")])
+    c.log_batch(
+        run.info.run_id, tags=[RunTag("mlflow.source.name", "scaffold_lib"), RunTag("mlflow.source.type", "JOB")]
+    )
     return run.info.run_id
 
 
@@ -96,10 +102,20 @@ def _log_dataset(cfg: RegistryConfig, run_id: str, dataset: dict) -> None:
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     source = _dataset_source(dataset["source"])
-    entity = Dataset(name=dataset["name"], digest=dataset["digest"][:36], source_type=source._get_source_type(),
-                     source=source.to_json(), schema=json.dumps({"mlflow_colspec": [
-                         {"name": n, "type": "long"} for n in ("input_ids", "labels", "signal_ids", "position_ids")]}),
-                     profile=json.dumps({k: dataset.get(k) for k in ("rows", "tokens", "traces")}))
+    entity = Dataset(
+        name=dataset["name"],
+        digest=dataset["digest"][:36],
+        source_type=source._get_source_type(),
+        source=source.to_json(),
+        schema=json.dumps(
+            {
+                "mlflow_colspec": [
+                    {"name": n, "type": "long"} for n in ("input_ids", "labels", "signal_ids", "position_ids")
+                ]
+            }
+        ),
+        profile=json.dumps({k: dataset.get(k) for k in ("rows", "tokens", "traces")}),
+    )
     client(cfg).log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", "training")])])
 
 
@@ -131,8 +147,9 @@ def finish_run(cfg: RegistryConfig, run_id: str, failed: bool = False) -> None:
     client(cfg).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
-def register_model(cfg: RegistryConfig, run_id: str, model_dir: str | Path, *, name: str, tags: dict[str, str],
-                   description: str = "") -> str:
+def register_model(
+    cfg: RegistryConfig, run_id: str, model_dir: str | Path, *, name: str, tags: dict[str, str], description: str = ""
+) -> str:
     """Log the model directory (safetensors weights, tokenizer, heads, config) to the run and register it as a new
     version of `name` with alias `challenger`; returns the version."""
     c = client(cfg)
@@ -142,8 +159,13 @@ def register_model(cfg: RegistryConfig, run_id: str, model_dir: str | Path, *, n
     except MlflowException:
         pass  # already registered
     run = c.get_run(run_id)
-    mv = c.create_model_version(name, source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run_id=run_id,
-                                tags={**tags, "git_commit": git_commit()}, description=description or None)
+    mv = c.create_model_version(
+        name,
+        source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT}",
+        run_id=run_id,
+        tags={**tags, "git_commit": git_commit()},
+        description=description or None,
+    )
     version = str(mv.version)
     c.set_registered_model_alias(name, CHALLENGER, version)
     return version
@@ -160,8 +182,9 @@ def resolve_version(cfg: RegistryConfig, ref: str, model_name: str | None = None
         raise LookupError(f"model {name!r} has no version or alias {ref!r} in {cfg.tracking_uri}") from exc
 
 
-def download_model(cfg: RegistryConfig, ref: str = CHAMPION, model_name: str | None = None,
-                   dst: str | Path | None = None) -> Path:
+def download_model(
+    cfg: RegistryConfig, ref: str = CHAMPION, model_name: str | None = None, dst: str | Path | None = None
+) -> Path:
     """Local directory of `models:/NAME@alias` (or a version number), ready for `ScaffoldStudent.from_pretrained`."""
     client(cfg)
     name = model_name or cfg.model_name
@@ -176,8 +199,9 @@ def alias_version(cfg: RegistryConfig, alias: str, model_name: str | None = None
         return None
 
 
-def decide_promotion(candidate_accuracy: float, champion_accuracy: float | None, margin: float,
-                     failed_gates: Sequence[str]) -> tuple[bool, str]:
+def decide_promotion(
+    candidate_accuracy: float, champion_accuracy: float | None, margin: float, failed_gates: Sequence[str]
+) -> tuple[bool, str]:
     """Pure rule: every gate passed, and no champion or the candidate beats it by `margin`."""
     if failed_gates:
         return False, "blocked by failed checks: " + "; ".join(failed_gates)
@@ -185,8 +209,9 @@ def decide_promotion(candidate_accuracy: float, champion_accuracy: float | None,
         return True, f"no champion yet; candidate accuracy {candidate_accuracy:.3f}"
     if candidate_accuracy >= champion_accuracy + margin:
         return True, f"accuracy {candidate_accuracy:.3f} beats champion {champion_accuracy:.3f} by >= {margin:.3f}"
-    return False, (f"accuracy {candidate_accuracy:.3f} does not beat champion {champion_accuracy:.3f} "
-                   f"by the margin {margin:.3f}")
+    return False, (
+        f"accuracy {candidate_accuracy:.3f} does not beat champion {champion_accuracy:.3f} by the margin {margin:.3f}"
+    )
 
 
 def set_champion(cfg: RegistryConfig, version: str, reason: str, who: str | None = None) -> None:
@@ -209,7 +234,10 @@ def promotion_lock(cfg: RegistryConfig) -> Iterator[None]:
     if cfg.tracking_uri.startswith("sqlite:///"):
         path = Path(cfg.tracking_uri.removeprefix("sqlite:///")).with_suffix(".promotion.lock")
     else:
-        path = Path(tempfile.gettempdir()) / f"scaffold-promotion-{hashlib.sha256(cfg.tracking_uri.encode()).hexdigest()[:16]}.lock"
+        path = (
+            Path(tempfile.gettempdir())
+            / f"scaffold-promotion-{hashlib.sha256(cfg.tracking_uri.encode()).hexdigest()[:16]}.lock"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -227,8 +255,14 @@ class PromotionOutcome:
     champion: str | None
 
 
-def promote_if_better(cfg: RegistryConfig, version: str, accuracy_of: Callable[[str], float | None], margin: float,
-                      failed_gates: Sequence[str], who: str) -> PromotionOutcome:
+def promote_if_better(
+    cfg: RegistryConfig,
+    version: str,
+    accuracy_of: Callable[[str], float | None],
+    margin: float,
+    failed_gates: Sequence[str],
+    who: str,
+) -> PromotionOutcome:
     """The promotion rule applied atomically: under the lock, compare `version` with whoever is champion *now*,
     then move the alias (with who and why) or record the refusal on the version."""
     with promotion_lock(cfg):
@@ -248,8 +282,9 @@ def promote_if_better(cfg: RegistryConfig, version: str, accuracy_of: Callable[[
         return PromotionOutcome(promoted, reason, champion, alias_version(cfg, CHAMPION))
 
 
-def log_scores(cfg: RegistryConfig, run_id: str, rows: Sequence[dict], table_markdown: str,
-               name: str = "scores") -> None:
+def log_scores(
+    cfg: RegistryConfig, run_id: str, rows: Sequence[dict], table_markdown: str, name: str = "scores"
+) -> None:
     """Scores onto the model's own run: one metric per benchmark/variant and the table as an artifact."""
     c = client(cfg)
     for r in rows:

@@ -23,15 +23,27 @@ class Store:
     lock_timeout_s: float = field(default=600.0, compare=False)
 
     @classmethod
-    def at(cls, home: str | Path | None = None, *, warehouse: str | Path | None = None,
-           tracking_uri: str | None = None, artifact_location: str | None = None, model_name: str = MODEL_NAME,
-           lock_timeout_s: float = 600.0) -> Store:
+    def at(
+        cls,
+        home: str | Path | None = None,
+        *,
+        warehouse: str | Path | None = None,
+        tracking_uri: str | None = None,
+        artifact_location: str | None = None,
+        model_name: str = MODEL_NAME,
+        lock_timeout_s: float = 600.0,
+    ) -> Store:
         """The store below `home` (default: $DAGSTER_HOME, else ./dagster_home): `warehouse.duckdb`, MLflow on
         `mlflow.db` with artifacts in `mlartifacts/`, `artifacts/`, `journals/`. Each part can be placed elsewhere."""
         home = Path(home).resolve() if home else paths.dagster_home()
-        return cls(home, Path(warehouse).resolve() if warehouse else home / "warehouse.duckdb",
-                   tracking_uri or f"sqlite:///{home / 'mlflow.db'}",
-                   artifact_location or (home / "mlartifacts").as_uri(), model_name, lock_timeout_s)
+        return cls(
+            home,
+            Path(warehouse).resolve() if warehouse else home / "warehouse.duckdb",
+            tracking_uri or f"sqlite:///{home / 'mlflow.db'}",
+            artifact_location or (home / "mlartifacts").as_uri(),
+            model_name,
+            lock_timeout_s,
+        )
 
     @cached_property
     def warehouse(self) -> Warehouse:
@@ -41,8 +53,9 @@ class Store:
     def registry(self):
         from scaffold_lib.store.registry import RegistryConfig  # MLflow is imported only by stages that use it
 
-        return RegistryConfig(tracking_uri=self.tracking_uri, artifact_location=self.artifact_location,
-                              model_name=self.model_name)
+        return RegistryConfig(
+            tracking_uri=self.tracking_uri, artifact_location=self.artifact_location, model_name=self.model_name
+        )
 
     @property
     def artifacts(self) -> Path:

@@ -106,8 +106,9 @@ class Warehouse:
             except duckdb.IOException as exc:
                 if "lock" not in str(exc).lower() or time.monotonic() > deadline:
                     if "lock" in str(exc).lower():
-                        raise WarehouseBusyError(f"{self.path} stayed locked by another process for "
-                                                 f"{self.lock_timeout_s:.0f}s: {exc}") from exc
+                        raise WarehouseBusyError(
+                            f"{self.path} stayed locked by another process for {self.lock_timeout_s:.0f}s: {exc}"
+                        ) from exc
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -153,7 +154,9 @@ class Warehouse:
             for url in urls:
                 if "://" in url and not url.startswith("file://"):
                     fs = fsspec.filesystem(url.split("://", 1)[0])
-                    if not con.filesystem_is_registered(fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]):
+                    if not con.filesystem_is_registered(
+                        fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+                    ):
                         con.register_filesystem(fs)
             return con.execute("SELECT count(*) FROM read_parquet(?)", [list(urls)]).fetchone()[0]
 

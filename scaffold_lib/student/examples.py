@@ -81,8 +81,9 @@ class Formatter:
 
     def question_ids(self, question: str) -> list[int]:
         if self.chat_template:
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=True,
-                                                     add_generation_prompt=True)
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], tokenize=True, add_generation_prompt=True
+            )
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         return self._encode([QUESTION_TEMPLATE.format(question=question)])[0] + self.sep_ids
 
@@ -92,8 +93,9 @@ class Formatter:
     def baseline(self, trace_id: str, question: str, steps: list[str]) -> Example:
         return self._build(trace_id, question, steps, None, with_signals=False)
 
-    def _build(self, trace_id: str, question: str, steps: list[str], signals: list[str] | None,
-               with_signals: bool) -> Example:
+    def _build(
+        self, trace_id: str, question: str, steps: list[str], signals: list[str] | None, with_signals: bool
+    ) -> Example:
         if with_signals and (signals is None or len(signals) != len(steps)):
             raise ValueError(f"trace {trace_id}: {len(steps)} steps but {len(signals or [])} signals")
         q_ids = self.question_ids(question)
@@ -113,15 +115,20 @@ class Formatter:
             owner.extend([sig] * len(ids))
         input_ids = np.asarray(tokens, dtype=np.int32)
         labels = np.full(len(tokens), -100, dtype=np.int32)
-        labels[len(q_ids) - 1: -1] = input_ids[len(q_ids):]
+        labels[len(q_ids) - 1 : -1] = input_ids[len(q_ids) :]
         signal_ids = np.full(len(tokens), NO_SIGNAL, dtype=np.int8)
         signal_ids[:-1] = np.asarray(owner[1:], dtype=np.int8)
-        return Example(trace_id, input_ids, labels, signal_ids,
-                       np.asarray(positions, dtype=np.int32), np.asarray(targets, dtype=np.int8))
+        return Example(
+            trace_id,
+            input_ids,
+            labels,
+            signal_ids,
+            np.asarray(positions, dtype=np.int32),
+            np.asarray(targets, dtype=np.int8),
+        )
 
 
 def training_corpus(question: str, steps: list[str], signals: list[str], tags: dict[str, str]) -> str:
     """The text the embedded tokenizer is trained on (tags included, so they become cheap tokens)."""
     tagged = STEP_SEPARATOR.join(tags[s] + t for s, t in zip(signals, steps))
     return QUESTION_TEMPLATE.format(question=question) + STEP_SEPARATOR + tagged
-

@@ -45,16 +45,31 @@ def run(job: LaunchJob) -> dict:
 
         def on_log(step: int, metrics: dict) -> None:
             if pipes is not None:
-                pipes.log.info(f"{job.train.kind} step {step}/{job.train.max_steps}: loss {metrics['loss']:.4f}, "
-                               f"{metrics['tokens_per_s']:,.0f} tokens/s (world {dist.world})")
+                pipes.log.info(
+                    f"{job.train.kind} step {step}/{job.train.max_steps}: loss {metrics['loss']:.4f}, "
+                    f"{metrics['tokens_per_s']:,.0f} tokens/s (world {dist.world})"
+                )
 
-        trained = fit_student(Warehouse(job.warehouse), job.artifacts, job.base_model, job.manifest_hash, job.train,
-                                on_log=on_log, progress=False)
-        summary = {"student_path": trained.path, "world_size": dist.world, "final_loss": trained.result.final_loss,
-                   "resumed_from_step": trained.result.resumed_from, "shard_ids": trained.shard_ids}
+        trained = fit_student(
+            Warehouse(job.warehouse),
+            job.artifacts,
+            job.base_model,
+            job.manifest_hash,
+            job.train,
+            on_log=on_log,
+            progress=False,
+        )
+        summary = {
+            "student_path": trained.path,
+            "world_size": dist.world,
+            "final_loss": trained.result.final_loss,
+            "resumed_from_step": trained.result.resumed_from,
+            "shard_ids": trained.shard_ids,
+        }
         if pipes is not None:
-            pipes.log.info(f"rank 0 wrote {trained.path} (world {dist.world}, final loss "
-                           f"{trained.result.final_loss:.4f})")
+            pipes.log.info(
+                f"rank 0 wrote {trained.path} (world {dist.world}, final loss {trained.result.final_loss:.4f})"
+            )
     if dist.world > 1:
         import torch.distributed
 

@@ -47,8 +47,11 @@ class StudentConfig(BaseModel):
     num_key_value_heads: int = 2
     max_position_embeddings: int = 1024
     seed: int = 0
-    chat_template: bool | None = Field(None, description="wrap the question in the tokenizer's chat template; "
-                                                         "default: when the backbone is a pretrained model that has one")
+    chat_template: bool | None = Field(
+        None,
+        description="wrap the question in the tokenizer's chat template; "
+        "default: when the backbone is a pretrained model that has one",
+    )
 
 
 class StudentLoadError(UserError):
@@ -62,13 +65,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, atomic: Iterable[str]
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     tok.add_tokens([AddedToken(a, normalized=False, special=False) for a in atomic])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
@@ -80,8 +89,9 @@ def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
-def build_embedded_base(cfg: StudentConfig, texts: Iterable[str], out_dir: str | Path,
-                        atomic: Iterable[str] = ()) -> Path:
+def build_embedded_base(
+    cfg: StudentConfig, texts: Iterable[str], out_dir: str | Path, atomic: Iterable[str] = ()
+) -> Path:
     """Train the tokenizer, initialise a tiny Qwen2 from a config, and save both as a normal HF checkpoint."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -89,10 +99,16 @@ def build_embedded_base(cfg: StudentConfig, texts: Iterable[str], out_dir: str |
     tokenizer = train_tokenizer(texts, cfg.vocab_size, atomic)
     torch.manual_seed(cfg.seed)
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.eos_token_id,
     )
     model = Qwen2ForCausalLM(config)
@@ -120,7 +136,9 @@ def prepare_pretrained_base(base_model: str, out_dir: str | Path, atomic: Iterab
         old_rows = model.get_input_embeddings().weight.shape[0]
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         with torch.no_grad():
-            for table in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
+            for table in {
+                id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+            }.values():
                 for a in new:
                     row = tokenizer.convert_tokens_to_ids(a)
                     if row >= old_rows or row < 0:
@@ -178,7 +196,9 @@ class ScaffoldStudent(nn.Module):
     def signal_vectors(self, signal_ids: torch.Tensor) -> torch.Tensor:
         return self.signal_embedding(torch.where(signal_ids < 0, NUM_SIGNALS, signal_ids))
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
         # use_cache=False matters for packed rows: with a cache (HF's default, config.use_cache=True) the backbone
         # skips its packed-sequence detection from position_ids and every token attends across example borders
         kwargs.setdefault("use_cache", False)
@@ -189,9 +209,17 @@ class ScaffoldStudent(nn.Module):
             hidden = hidden + self.signal_vectors(signal_ids).to(hidden.dtype)
         return self.lm_head(hidden)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
-                signal_ids: torch.Tensor | None = None, signal_positions: torch.Tensor | None = None,
-                signal_targets: torch.Tensor | None = None, token_loss: bool = True, signal_loss: bool = True) -> dict:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        signal_ids: torch.Tensor | None = None,
+        signal_positions: torch.Tensor | None = None,
+        signal_targets: torch.Tensor | None = None,
+        token_loss: bool = True,
+        signal_loss: bool = True,
+    ) -> dict:
         """Summed (not averaged) losses and their counts, so the trainer can normalise each term by its own count
         over the whole accumulated batch. `labels[t]` is the target of position t (already shifted).
         `signal_positions` are flat indices into batch*seq; -1 entries are padding."""
@@ -200,7 +228,8 @@ class ScaffoldStudent(nn.Module):
         if token_loss:
             logits = _at_least_fp32(self.token_logits(hidden, signal_ids))
             out["token_loss_sum"] = nn.functional.cross_entropy(
-                logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100, reduction="sum")
+                logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100, reduction="sum"
+            )
             out["token_count"] = (labels != -100).sum()
         if signal_loss and self.kind == "scaffold" and signal_positions is not None:
             valid = signal_positions >= 0
@@ -213,27 +242,37 @@ class ScaffoldStudent(nn.Module):
 
     # --- persistence: backbone as a normal HF checkpoint (safetensors), heads in their own safetensors file
 
-    def save_pretrained(self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
-                        text_format: dict | None = None) -> Path:
+    def save_pretrained(
+        self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None, text_format: dict | None = None
+    ) -> Path:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(out_dir, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
         if self.kind == "scaffold":
-            save_file({"signal_embedding.weight": self.signal_embedding.weight.detach().contiguous().cpu(),
-                       "signal_head.weight": self.signal_head.weight.detach().contiguous().cpu(),
-                       "signal_head.bias": self.signal_head.bias.detach().contiguous().cpu()},
-                      str(out_dir / HEADS_FILE))
-        meta = {"kind": self.kind, "signals": list(SIGNALS), "hidden_size": self.backbone.config.hidden_size,
-                **({"format": text_format} if text_format else {}),
-                **({"tokenizer_hash": tokenizer_hash(tokenizer)} if tokenizer is not None else {})}
+            save_file(
+                {
+                    "signal_embedding.weight": self.signal_embedding.weight.detach().contiguous().cpu(),
+                    "signal_head.weight": self.signal_head.weight.detach().contiguous().cpu(),
+                    "signal_head.bias": self.signal_head.bias.detach().contiguous().cpu(),
+                },
+                str(out_dir / HEADS_FILE),
+            )
+        meta = {
+            "kind": self.kind,
+            "signals": list(SIGNALS),
+            "hidden_size": self.backbone.config.hidden_size,
+            **({"format": text_format} if text_format else {}),
+            **({"tokenizer_hash": tokenizer_hash(tokenizer)} if tokenizer is not None else {}),
+        }
         (out_dir / SCAFFOLD_CONFIG).write_text(json.dumps(meta, indent=2))
         return out_dir
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, kind: str | None = None, *, fresh_heads: bool = False,
-                        **model_kwargs) -> ScaffoldStudent:
+    def from_pretrained(
+        cls, path: str | Path, kind: str | None = None, *, fresh_heads: bool = False, **model_kwargs
+    ) -> ScaffoldStudent:
         """Any HF causal LM path/id; a saved scaffold student also gets its heads back. Weights load from
         safetensors only (`use_safetensors=True`): a pickled checkpoint is refused.
 
@@ -244,7 +283,9 @@ class ScaffoldStudent(nn.Module):
         meta_path = path_obj / SCAFFOLD_CONFIG
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         if meta.get("signals", list(SIGNALS)) != list(SIGNALS):
-            raise StudentLoadError(f"{meta_path}: trained with signals {meta['signals']}, this build has {list(SIGNALS)}")
+            raise StudentLoadError(
+                f"{meta_path}: trained with signals {meta['signals']}, this build has {list(SIGNALS)}"
+            )
         backbone = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, **model_kwargs)
         student = cls(backbone, kind=kind or meta.get("kind", "scaffold"))
         heads = path_obj / HEADS_FILE
@@ -255,17 +296,26 @@ class ScaffoldStudent(nn.Module):
             if (saved_scaffold or meta.get("kind") == "baseline") and not fresh_heads:
                 raise StudentLoadError(
                     f"{heads} is missing: {path_obj} is a saved {meta.get('kind')} student, and loading it as a scaffold "
-                    "student would give it untrained signal heads (pass fresh_heads=True to start new heads on purpose)")
+                    "student would give it untrained signal heads (pass fresh_heads=True to start new heads on purpose)"
+                )
             return student
         state = load_file(str(heads))
-        expected = {"signal_embedding.weight": student.signal_embedding.weight.shape,
-                    "signal_head.weight": student.signal_head.weight.shape, "signal_head.bias": student.signal_head.bias.shape}
-        wrong = {k: tuple(state[k].shape) if k in state else None for k, shape in expected.items()
-                 if k not in state or tuple(state[k].shape) != tuple(shape)}
+        expected = {
+            "signal_embedding.weight": student.signal_embedding.weight.shape,
+            "signal_head.weight": student.signal_head.weight.shape,
+            "signal_head.bias": student.signal_head.bias.shape,
+        }
+        wrong = {
+            k: tuple(state[k].shape) if k in state else None
+            for k, shape in expected.items()
+            if k not in state or tuple(state[k].shape) != tuple(shape)
+        }
         if wrong:
-            raise StudentLoadError(f"{heads}: heads do not fit this backbone (hidden {backbone.config.hidden_size}, "
-                                   f"{NUM_SIGNALS} signals): {wrong} vs expected "
-                                   f"{ {k: tuple(v) for k, v in expected.items()} }")
+            raise StudentLoadError(
+                f"{heads}: heads do not fit this backbone (hidden {backbone.config.hidden_size}, "
+                f"{NUM_SIGNALS} signals): {wrong} vs expected "
+                f"{ {k: tuple(v) for k, v in expected.items()} }"
+            )
         student.signal_embedding.weight.data.copy_(state["signal_embedding.weight"])
         student.signal_head.weight.data.copy_(state["signal_head.weight"])
         student.signal_head.bias.data.copy_(state["signal_head.bias"])
@@ -279,13 +329,20 @@ def check_tokenizer(path: str | Path, tokenizer: PreTrainedTokenizerBase, tags: 
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     recorded = meta.get("tokenizer_hash")
     if recorded and recorded != tokenizer_hash(tokenizer):
-        raise StudentLoadError(f"{path}: its tokenizer (hash {tokenizer_hash(tokenizer)}) is not the one the student "
-                               f"was trained with ({recorded}, {meta_path})")
-    split = {tag: len(ids) for tag, ids in zip(tags.values(), tokenizer(list(tags.values()), add_special_tokens=False)
-                                               ["input_ids"]) if len(ids) != 1}
+        raise StudentLoadError(
+            f"{path}: its tokenizer (hash {tokenizer_hash(tokenizer)}) is not the one the student "
+            f"was trained with ({recorded}, {meta_path})"
+        )
+    split = {
+        tag: len(ids)
+        for tag, ids in zip(tags.values(), tokenizer(list(tags.values()), add_special_tokens=False)["input_ids"])
+        if len(ids) != 1
+    }
     if split:
-        raise StudentLoadError(f"{path}: the tokenizer lacks the signal tokens {sorted(split)} (each must be one token; "
-                               "prepare the backbone with the pipeline's pack stage, which adds them)")
+        raise StudentLoadError(
+            f"{path}: the tokenizer lacks the signal tokens {sorted(split)} (each must be one token; "
+            "prepare the backbone with the pipeline's pack stage, which adds them)"
+        )
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -16,9 +16,7 @@ def _as_lengths(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
         raise ValueError(f"lengths must be one-dimensional, got shape {arr.shape}")
     if arr.size == 0:
         return arr.astype(np.int64)
-    if arr.dtype == np.bool_ or not (
-        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
-    ):
+    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise ValueError(f"lengths must be integers, got dtype {arr.dtype}")
     if np.issubdtype(arr.dtype, np.floating):
         if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):

@@ -71,9 +71,16 @@ def _chunks(example: Example, row_len: int) -> list[Example]:
     for start in range(0, len(example), row_len):
         stop = min(start + row_len, len(example))
         keep = (example.signal_positions >= start) & (example.signal_positions < stop)
-        out.append(Example(example.trace_id, example.input_ids[start:stop], example.labels[start:stop],
-                           example.signal_ids[start:stop], example.signal_positions[keep] - start,
-                           example.signal_targets[keep]))
+        out.append(
+            Example(
+                example.trace_id,
+                example.input_ids[start:stop],
+                example.labels[start:stop],
+                example.signal_ids[start:stop],
+                example.signal_positions[keep] - start,
+                example.signal_targets[keep],
+            )
+        )
     return out
 
 
@@ -103,7 +110,9 @@ def pack_rows(examples: Sequence[Example], cfg: PackConfig) -> tuple[list[dict],
 def _row(members: list[Example], row_len: int) -> dict:
     n = sum(len(m) for m in members)
     pad = row_len - n
-    position_ids = np.concatenate([np.arange(len(m), dtype=np.int32) for m in members] + [np.arange(pad, dtype=np.int32)])
+    position_ids = np.concatenate(
+        [np.arange(len(m), dtype=np.int32) for m in members] + [np.arange(pad, dtype=np.int32)]
+    )
     offsets = np.cumsum([0] + [len(m) for m in members[:-1]])
     return {
         "input_ids": np.concatenate([m.input_ids for m in members] + [np.zeros(pad, np.int32)]),
@@ -124,21 +133,23 @@ def storage(url: str | Path) -> tuple[fsspec.AbstractFileSystem, str, bool]:
     return fs, path, "file" in protocols or "local" in protocols
 
 
-def write_shards(rows: list[dict], out_dir: str | Path, kind: str, tokenizer_hash: str,
-                 cfg: PackConfig) -> tuple[list[ShardInfo], str]:
+def write_shards(
+    rows: list[dict], out_dir: str | Path, kind: str, tokenizer_hash: str, cfg: PackConfig
+) -> tuple[list[ShardInfo], str]:
     """Parquet shards and the manifest hash over them, in a local folder or at an fsspec URL. Never half-written:
     locally a temp name, then a rename; an object store publishes an object whole when its upload completes."""
     fs, root, local = storage(out_dir)
     fs.makedirs(root, exist_ok=True)
     infos: list[ShardInfo] = []
     for start in range(0, len(rows), cfg.rows_per_shard):
-        chunk = rows[start:start + cfg.rows_per_shard]
+        chunk = rows[start : start + cfg.rows_per_shard]
         trace_ids = sorted({t for r in chunk for t in r["trace_ids"]})
         shard_id = content_id("shard", kind, tokenizer_hash, cfg.model_dump(), start, trace_ids)
         path = f"{root.rstrip('/')}/{kind}-{shard_id}.parquet"
         if not fs.exists(path):
-            table = pa.table({k: [r[k].tolist() if isinstance(r[k], np.ndarray) else r[k] for r in chunk]
-                              for k in chunk[0]})
+            table = pa.table(
+                {k: [r[k].tolist() if isinstance(r[k], np.ndarray) else r[k] for r in chunk] for k in chunk[0]}
+            )
             if local:
                 tmp = f"{path}.tmp{os.getpid()}"
                 pq.write_table(table, tmp)
@@ -147,9 +158,19 @@ def write_shards(rows: list[dict], out_dir: str | Path, kind: str, tokenizer_has
                 with fs.open(path, "wb") as fh:
                     pq.write_table(table, fh)
         tokens = sum(r["n_tokens"] for r in chunk)
-        infos.append(ShardInfo(shard_id, kind, path if local else fs.unstrip_protocol(path), len(chunk),
-                               sum(len(r["trace_ids"]) for r in chunk), tokens, tokens / (len(chunk) * cfg.row_len),
-                               tokenizer_hash, trace_ids))
+        infos.append(
+            ShardInfo(
+                shard_id,
+                kind,
+                path if local else fs.unstrip_protocol(path),
+                len(chunk),
+                sum(len(r["trace_ids"]) for r in chunk),
+                tokens,
+                tokens / (len(chunk) * cfg.row_len),
+                tokenizer_hash,
+                trace_ids,
+            )
+        )
     return infos, content_id("manifest", [i.shard_id for i in infos])
 
 
@@ -163,14 +184,16 @@ def load_rows(paths: Sequence[str | Path]) -> dict[str, torch.Tensor]:
     if not tables:
         raise ValueError("no shards given")
     table = pa.concat_tables(tables)
-    data = {k: torch.tensor(table.column(k).to_pylist(), dtype=torch.long)
-            for k in ("input_ids", "labels", "signal_ids", "position_ids")}
+    data = {
+        k: torch.tensor(table.column(k).to_pylist(), dtype=torch.long)
+        for k in ("input_ids", "labels", "signal_ids", "position_ids")
+    }
     positions = table.column("signal_positions").to_pylist()
     targets = table.column("signal_targets").to_pylist()
     width = max((len(p) for p in positions), default=0) or 1
     data["signal_positions"] = torch.full((len(positions), width), -1, dtype=torch.long)
     data["signal_targets"] = torch.zeros((len(positions), width), dtype=torch.long)
     for i, (p, t) in enumerate(zip(positions, targets)):
-        data["signal_positions"][i, :len(p)] = torch.tensor(p, dtype=torch.long)
-        data["signal_targets"][i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        data["signal_positions"][i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        data["signal_targets"][i, : len(t)] = torch.tensor(t, dtype=torch.long)
     return data

@@ -56,8 +56,11 @@ class ShardsConfig(BaseModel):
 
     pack: PackConfig = Field(default_factory=PackConfig)
     include_incorrect: bool = Field(False, description="train on traces whose answer is wrong too")
-    storage_url: str | None = Field(None, description="where shards go: a folder or an fsspec URL (s3://bucket/"
-                                                      "shards, with s3fs installed); default <artifacts>/shards")
+    storage_url: str | None = Field(
+        None,
+        description="where shards go: a folder or an fsspec URL (s3://bucket/"
+        "shards, with s3fs installed); default <artifacts>/shards",
+    )
     min_fill: float = Field(0.99, ge=0, le=1, description="the blocking fill check's threshold")
 
 
@@ -110,10 +113,15 @@ class ModelHandle(BaseModel):
 # --- shards -------------------------------------------------------------------------------------------------------
 
 
-def training_traces(wh: Warehouse, splits: Sequence[str] = ("train",), include_incorrect: bool = False,
-                    only_problems: Sequence[str] | None = None) -> tuple[list[dict], int]:
+def training_traces(
+    wh: Warehouse,
+    splits: Sequence[str] = ("train",),
+    include_incorrect: bool = False,
+    only_problems: Sequence[str] | None = None,
+) -> tuple[list[dict], int]:
     """(traces with question, ordered steps and signals; count of traces skipped because a step has no label)."""
-    rows = wh.query("""
+    rows = wh.query(
+        """
         SELECT t.trace_id, p.problem_id, p.question, p.answer, p.answer_type, t.is_correct,
                list(s.text ORDER BY s.idx) AS steps, list(l.signal ORDER BY s.idx) AS signals,
                count(*) AS n_steps, count(l.step_id) AS n_labelled
@@ -123,12 +131,16 @@ def training_traces(wh: Warehouse, splits: Sequence[str] = ("train",), include_i
         LEFT JOIN signal_labels l USING (step_id)
         WHERE list_contains(?, p.split) AND (t.is_correct OR ?)
           AND (?::VARCHAR[] IS NULL OR list_contains(?::VARCHAR[], p.problem_id))
-        GROUP BY ALL ORDER BY t.trace_id""", [list(splits), include_incorrect, only_problems, only_problems])
+        GROUP BY ALL ORDER BY t.trace_id""",
+        [list(splits), include_incorrect, only_problems, only_problems],
+    )
     complete = [r for r in rows if r["n_steps"] == r["n_labelled"]]
     return complete, len(rows) - len(complete)
 
 
-def prepare_base_model(cfg: StudentConfig, corpus: list[str], artifacts: Path, tags: dict[str, str]) -> tuple[Path, dict]:
+def prepare_base_model(
+    cfg: StudentConfig, corpus: list[str], artifacts: Path, tags: dict[str, str]
+) -> tuple[Path, dict]:
     """(local directory of the backbone, its text format). The embedded default is built once per (config, corpus,
     tags); a pretrained backbone gets the step separator and the signal tags as added tokens, once per (model,
     tags). Every stage after this one reads the format from the directory, so pack, train and decode agree."""
@@ -140,8 +152,11 @@ def prepare_base_model(cfg: StudentConfig, corpus: list[str], artifacts: Path, t
             build_embedded_base(cfg, corpus, out, atomic)
         chat = False
     else:
-        out = artifacts / "base_models" / content_id("base", cfg.base_model, atomic,
-                                                     _stamp(cfg.base_model), cfg.chat_template)
+        out = (
+            artifacts
+            / "base_models"
+            / content_id("base", cfg.base_model, atomic, _stamp(cfg.base_model), cfg.chat_template)
+        )
         if not (out / "config.json").exists():
             prepare_pretrained_base(cfg.base_model, out, atomic)
         has_template = bool(getattr(load_tokenizer(out), "chat_template", None))
@@ -169,8 +184,10 @@ def pack_shards(store: Store, cfg: ShardsConfig, student: StudentConfig, run_id:
     wh = store.warehouse
     traces, skipped = training_traces(wh, ("train",), cfg.include_incorrect)
     if not traces:
-        raise ValueError("no labelled training traces in the warehouse: run the data stages first (problems, "
-                         "teacher_traces, segmented_steps, signal_labels)")
+        raise ValueError(
+            "no labelled training traces in the warehouse: run the data stages first (problems, "
+            "teacher_traces, segmented_steps, signal_labels)"
+        )
     tags = signal_tags()
     corpus = [training_corpus(t["question"], t["steps"], t["signals"], tags) for t in traces]
     base, fmt = prepare_base_model(student, corpus, store.artifacts, tags)
@@ -178,26 +195,46 @@ def pack_shards(store: Store, cfg: ShardsConfig, student: StudentConfig, run_id:
     tok_hash = tokenizer_hash(tokenizer)
     formatter = Formatter(tokenizer, tags, fmt["chat_template"])
     storage = cfg.storage_url.rstrip("/") if cfg.storage_url else str(store.artifacts / "shards")
-    handle = ShardsHandle(base_model=str(base), source_model=student.base_model,
-                          pretrained=student.base_model != EMBEDDED, tokenizer_hash=tok_hash, text_format=fmt,
-                          manifests={}, storage=storage, traces=len(traces), skipped_incomplete=skipped, stats={},
-                          budget={}, fill_target=cfg.min_fill)
+    handle = ShardsHandle(
+        base_model=str(base),
+        source_model=student.base_model,
+        pretrained=student.base_model != EMBEDDED,
+        tokenizer_hash=tok_hash,
+        text_format=fmt,
+        manifests={},
+        storage=storage,
+        traces=len(traces),
+        skipped_incomplete=skipped,
+        stats={},
+        budget={},
+        fill_target=cfg.min_fill,
+    )
     scaffold_examples = []
     for kind in KINDS:
-        examples = [formatter.scaffold(t["trace_id"], t["question"], t["steps"], t["signals"]) if kind == "scaffold"
-                    else formatter.baseline(t["trace_id"], t["question"], t["steps"]) for t in traces]
+        examples = [
+            formatter.scaffold(t["trace_id"], t["question"], t["steps"], t["signals"])
+            if kind == "scaffold"
+            else formatter.baseline(t["trace_id"], t["question"], t["steps"])
+            for t in traces
+        ]
         if kind == "scaffold":
             scaffold_examples = examples
         rows, stats = pack_rows(examples, cfg.pack)
         infos, manifest = write_shards(rows, f"{storage}/{kind}", kind, tok_hash, cfg.pack)
         wh.insert_new("shards", [i.as_row(manifest) for i in infos], run_id)
-        wh.insert_new("shard_members", [{"shard_id": i.shard_id, "trace_id": t} for i in infos for t in i.trace_ids],
-                      run_id)
+        wh.insert_new(
+            "shard_members", [{"shard_id": i.shard_id, "trace_id": t} for i in infos for t in i.trace_ids], run_id
+        )
         handle.manifests[kind] = manifest
         handle.shard_ids[kind] = [i.shard_id for i in infos]
-        handle.stats[kind] = {"examples": stats.examples, "rows": stats.rows, "tokens": stats.tokens,
-                              "fill_ratio": round(stats.fill_ratio, 5), "split_examples": stats.split_examples,
-                              "dropped_examples": stats.dropped_examples}
+        handle.stats[kind] = {
+            "examples": stats.examples,
+            "rows": stats.rows,
+            "tokens": stats.tokens,
+            "fill_ratio": round(stats.fill_ratio, 5),
+            "split_examples": stats.split_examples,
+            "dropped_examples": stats.dropped_examples,
+        }
     handle.budget = token_budget(formatter, traces, scaffold_examples)
     return handle
 
@@ -212,8 +249,12 @@ def token_budget(formatter: Formatter, traces: list[dict], examples: list) -> di
         step_lengths += [len(i) + 2 for i in ids[:-1]]
         answer_lengths.append(len(ids[-1]) + 2)
     replies = [len(e.input_ids) - int((e.labels == -100).sum()) + 1 for e in examples]
-    return {"step_tokens_p99": _p99(step_lengths), "answer_tokens_p99": _p99(answer_lengths),
-            "reply_tokens_p99": _p99(replies), "steps_p99": _p99([len(t["steps"]) for t in traces])}
+    return {
+        "step_tokens_p99": _p99(step_lengths),
+        "answer_tokens_p99": _p99(answer_lengths),
+        "reply_tokens_p99": _p99(replies),
+        "steps_p99": _p99([len(t["steps"]) for t in traces]),
+    }
 
 
 def shards_of_manifest(wh: Warehouse, manifest_hash: str) -> list[dict]:
@@ -249,12 +290,20 @@ def check_shards_fit(wh: Warehouse, manifest_hash: str, base_model: str) -> list
         raise ShardTokenizerMismatch(
             f"shards of manifest {manifest_hash} were tokenised with tokenizer {sorted(shard_hashes)} but the backbone "
             f"{base_model} has tokenizer {model_hash}: repack the shards for this backbone (the pack stage with "
-            "student.base_model set to it)")
+            "student.base_model set to it)"
+        )
     return shards
 
 
-def fit_student(wh: Warehouse, artifacts: str | Path, base_model: str, manifest_hash: str, cfg: TrainConfig,
-                on_log: Callable[[int, dict], None] | None = None, progress: bool = True) -> TrainedStudent:
+def fit_student(
+    wh: Warehouse,
+    artifacts: str | Path,
+    base_model: str,
+    manifest_hash: str,
+    cfg: TrainConfig,
+    on_log: Callable[[int, dict], None] | None = None,
+    progress: bool = True,
+) -> TrainedStudent:
     """Train on the shards of one manifest (this process, or one rank under torchrun); checkpoints are keyed by (base,
     manifest, config), so a retried run resumes where the killed one stopped. Writes the student directory; no
     registry or warehouse writes (the stage does those, in one process)."""
@@ -263,8 +312,11 @@ def fit_student(wh: Warehouse, artifacts: str | Path, base_model: str, manifest_
     key = content_id("student", cfg.kind, base_model, manifest_hash, cfg.model_dump())
     data = load_rows([s["path"] for s in shards])
     torch.manual_seed(cfg.seed)  # the new signal head and embedding: the same seed gives the same student
-    model = ScaffoldStudent.from_pretrained(base_model, kind=cfg.kind, **(
-        {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}))
+    model = ScaffoldStudent.from_pretrained(
+        base_model,
+        kind=cfg.kind,
+        **({"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}),
+    )
     result = train(model, data, cfg, checkpoint_dir=artifacts / "checkpoints" / key, on_log=on_log, progress=progress)
     out = artifacts / "students" / key
     dist = init_distributed(pick_device(cfg.device))
@@ -277,19 +329,39 @@ def fit_student(wh: Warehouse, artifacts: str | Path, base_model: str, manifest_
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, load_tokenizer(base_model), text_format(base_model))
-        (tmp / "training.json").write_text(json.dumps({
-            "train_config": cfg.model_dump(), "manifest_hash": manifest_hash, "base_model": base_model,
-            "final_loss": result.final_loss, "world_size": dist.world, "result": asdict(result)}, indent=2))
+        (tmp / "training.json").write_text(
+            json.dumps(
+                {
+                    "train_config": cfg.model_dump(),
+                    "manifest_hash": manifest_hash,
+                    "base_model": base_model,
+                    "final_loss": result.final_loss,
+                    "world_size": dist.world,
+                    "result": asdict(result),
+                },
+                indent=2,
+            )
+        )
         shutil.rmtree(out, ignore_errors=True)
         tmp.replace(out)
     dist.barrier()
-    return TrainedStudent(str(out), cfg.kind, manifest_hash, [s["shard_id"] for s in shards], result, cfg.model_dump(),
-                          dist.world)
+    return TrainedStudent(
+        str(out), cfg.kind, manifest_hash, [s["shard_id"] for s in shards], result, cfg.model_dump(), dist.world
+    )
 
 
 def torchrun_command(job_file: Path, nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            "-m", "scaffold_lib.student.launch", str(job_file)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "scaffold_lib.student.launch",
+        str(job_file),
+    ]
 
 
 RunCommand = Callable[[list[str], dict[str, str]], None]
@@ -301,14 +373,20 @@ def _run_subprocess(command: list[str], env: dict[str, str]) -> None:
     subprocess.run(command, env={**os.environ, **env}, check=True)
 
 
-def fit_under_torchrun(store: Store, base_model: str, manifest_hash: str, cfg: TrainConfig,
-                       run_command: RunCommand | None = None) -> TrainedStudent:
+def fit_under_torchrun(
+    store: Store, base_model: str, manifest_hash: str, cfg: TrainConfig, run_command: RunCommand | None = None
+) -> TrainedStudent:
     """Train under `torchrun` (DDP, or FSDP with `cfg.fsdp`): writes the job file, runs the command (`run_command`:
     Dagster passes one that streams the ranks' logs through Pipes), then reads what rank 0 wrote."""
     from scaffold_lib.student.launch import LaunchJob
 
-    job = LaunchJob(warehouse=str(store.warehouse_path), artifacts=str(store.artifacts), base_model=base_model,
-                    manifest_hash=manifest_hash, train=cfg)
+    job = LaunchJob(
+        warehouse=str(store.warehouse_path),
+        artifacts=str(store.artifacts),
+        base_model=base_model,
+        manifest_hash=manifest_hash,
+        train=cfg,
+    )
     job_file = store.artifacts / "launch" / f"{content_id('launch', job.model_dump())}.json"
     job_file.parent.mkdir(parents=True, exist_ok=True)
     job_file.write_text(job.model_dump_json())
@@ -318,13 +396,29 @@ def fit_under_torchrun(store: Store, base_model: str, manifest_hash: str, cfg: T
     student = store.artifacts / "students" / key
     record = json.loads((student / "training.json").read_text())
     shards = shards_of_manifest(store.warehouse, manifest_hash)
-    return TrainedStudent(str(student), cfg.kind, manifest_hash, [s["shard_id"] for s in shards],
-                          TrainResult(**record["result"]), cfg.model_dump(), record["world_size"])
+    return TrainedStudent(
+        str(student),
+        cfg.kind,
+        manifest_hash,
+        [s["shard_id"] for s in shards],
+        TrainResult(**record["result"]),
+        cfg.model_dump(),
+        record["world_size"],
+    )
 
 
-def train_model(store: Store, shards: ShardsHandle, cfg: TrainConfig, kind: str, run_id: str | None = None, *,
-                on_log: Callable[[int, dict], None] | None = None, run_command: RunCommand | None = None,
-                tags: dict[str, str] | None = None, progress: bool = True) -> ModelHandle:
+def train_model(
+    store: Store,
+    shards: ShardsHandle,
+    cfg: TrainConfig,
+    kind: str,
+    run_id: str | None = None,
+    *,
+    on_log: Callable[[int, dict], None] | None = None,
+    run_command: RunCommand | None = None,
+    tags: dict[str, str] | None = None,
+    progress: bool = True,
+) -> ModelHandle:
     """The whole training stage for one arm: an MLflow run opened before training (metrics logged as the steps
     happen), the fit (in process or under torchrun), the student registered as a new version with alias
     `challenger`, and its lineage (version -> shards) in the warehouse."""
@@ -340,12 +434,25 @@ def train_model(store: Store, shards: ShardsHandle, cfg: TrainConfig, kind: str,
     name = reg.model_name if kind == "scaffold" else reg.model_name + BASELINE_SUFFIX
     tags = {"manifest_hash": manifest, "kind": kind, **(tags or {})}
     mlflow_run = registry.start_run(
-        reg, f"{kind}-{manifest[:8]}", tags=tags,
-        params={"train": cfg.model_dump(), "base_model": shards.source_model, "manifest_hash": manifest,
-                "tokenizer_hash": shards.tokenizer_hash, **({"dagster_run_id": run_id} if run_id else {})},
-        dataset={"name": f"{kind}-shards", "digest": manifest, "source": f"{shards.storage}/{kind}",
-                 "rows": shards.stats[kind]["rows"], "tokens": shards.stats[kind]["tokens"],
-                 "traces": shards.traces})
+        reg,
+        f"{kind}-{manifest[:8]}",
+        tags=tags,
+        params={
+            "train": cfg.model_dump(),
+            "base_model": shards.source_model,
+            "manifest_hash": manifest,
+            "tokenizer_hash": shards.tokenizer_hash,
+            **({"dagster_run_id": run_id} if run_id else {}),
+        },
+        dataset={
+            "name": f"{kind}-shards",
+            "digest": manifest,
+            "source": f"{shards.storage}/{kind}",
+            "rows": shards.stats[kind]["rows"],
+            "tokens": shards.stats[kind]["tokens"],
+            "traces": shards.traces,
+        },
+    )
 
     def log(step: int, metrics: dict) -> None:
         registry.log_metrics(reg, mlflow_run, step, metrics)
@@ -362,25 +469,64 @@ def train_model(store: Store, shards: ShardsHandle, cfg: TrainConfig, kind: str,
         result = trained.result
         if not result.losses or not all(math.isfinite(x) for x in result.losses):
             raise FloatingPointError(f"training {kind} produced no finite loss")
-        description = (f"{kind} student trained {cfg.max_steps} steps on {shards.traces} traces (manifest {manifest}); "
-                       f"loss {result.losses[0]:.3f} -> {result.final_loss:.3f}")
-        version = registry.register_model(reg, mlflow_run, trained.path, name=name,
-                                          tags={**tags, **({"dagster_run_id": run_id} if run_id else {})},
-                                          description=description)
+        description = (
+            f"{kind} student trained {cfg.max_steps} steps on {shards.traces} traces (manifest {manifest}); "
+            f"loss {result.losses[0]:.3f} -> {result.final_loss:.3f}"
+        )
+        version = registry.register_model(
+            reg,
+            mlflow_run,
+            trained.path,
+            name=name,
+            tags={**tags, **({"dagster_run_id": run_id} if run_id else {})},
+            description=description,
+        )
     except BaseException:
         registry.finish_run(reg, mlflow_run, failed=True)
         raise
     registry.finish_run(reg, mlflow_run)
     wh = store.warehouse
-    wh.insert_new("model_versions", [{"model_name": name, "version": version, "kind": kind, "mlflow_run_id": mlflow_run,
-                                      "manifest_hash": manifest, "config_json": json.dumps(cfg.model_dump()),
-                                      "final_loss": result.final_loss}], run_id)
-    wh.insert_new("model_shards", [{"model_name": name, "version": version, "shard_id": s["shard_id"]}
-                                   for s in shard_rows], run_id)
-    return ModelHandle(model_name=name, version=version, kind=kind, mlflow_run_id=mlflow_run,
-                       model_uri=f"models:/{name}/{version}", path=trained.path, manifest_hash=manifest,
-                       base_model=shards.base_model, tokenizer_hash=shards.tokenizer_hash, train_config=cfg.model_dump(),
-                       device=device, world_size=trained.world_size, steps=cfg.max_steps,
-                       resumed_from=result.resumed_from, first_loss=result.losses[0], final_loss=result.final_loss,
-                       losses=result.losses, token_losses=result.token_losses, signal_losses=result.signal_losses,
-                       tokens_per_s=result.tokens_per_s, train_tokens=result.train_tokens, traces=shards.traces)
+    wh.insert_new(
+        "model_versions",
+        [
+            {
+                "model_name": name,
+                "version": version,
+                "kind": kind,
+                "mlflow_run_id": mlflow_run,
+                "manifest_hash": manifest,
+                "config_json": json.dumps(cfg.model_dump()),
+                "final_loss": result.final_loss,
+            }
+        ],
+        run_id,
+    )
+    wh.insert_new(
+        "model_shards",
+        [{"model_name": name, "version": version, "shard_id": s["shard_id"]} for s in shard_rows],
+        run_id,
+    )
+    return ModelHandle(
+        model_name=name,
+        version=version,
+        kind=kind,
+        mlflow_run_id=mlflow_run,
+        model_uri=f"models:/{name}/{version}",
+        path=trained.path,
+        manifest_hash=manifest,
+        base_model=shards.base_model,
+        tokenizer_hash=shards.tokenizer_hash,
+        train_config=cfg.model_dump(),
+        device=device,
+        world_size=trained.world_size,
+        steps=cfg.max_steps,
+        resumed_from=result.resumed_from,
+        first_loss=result.losses[0],
+        final_loss=result.final_loss,
+        losses=result.losses,
+        token_losses=result.token_losses,
+        signal_losses=result.signal_losses,
+        tokens_per_s=result.tokens_per_s,
+        train_tokens=result.train_tokens,
+        traces=shards.traces,
+    )

@@ -35,11 +35,16 @@ class TrainConfig(BaseModel):
 
     kind: Literal["scaffold", "baseline"] = "scaffold"
     beta: float = Field(0.3, ge=0.0, le=1.0, description="weight of the signal loss")
-    learning_rate: float | None = Field(None, gt=0, description=f"default: {EMBEDDED_LR} for the embedded student "
-                                                                f"trained from scratch, {PRETRAINED_LR} for a pretrained one")
+    learning_rate: float | None = Field(
+        None,
+        gt=0,
+        description=f"default: {EMBEDDED_LR} for the embedded student "
+        f"trained from scratch, {PRETRAINED_LR} for a pretrained one",
+    )
     weight_decay: float = 0.01
-    warmup_steps: int | None = Field(None, ge=0, description="default: a tenth of the steps, at most 20 (from "
-                                                             "scratch) or 50 (pretrained)")
+    warmup_steps: int | None = Field(
+        None, ge=0, description="default: a tenth of the steps, at most 20 (from scratch) or 50 (pretrained)"
+    )
     max_steps: int = Field(200, ge=1)
     batch_size: int = Field(8, ge=1, description="rows per micro-batch")
     grad_accum: int = Field(1, ge=1)
@@ -47,30 +52,43 @@ class TrainConfig(BaseModel):
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = Field(0, ge=0, description="0 = no checkpoints")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory for "
-                                                            "large students, ~30 % more compute")
-    attn_implementation: str | None = Field(None, description="sdpa (default), eager, or flash_attention_2 on GPUs "
-                                                              "with flash-attn installed")
-    fsdp: bool = Field(False, description="under torchrun: shard parameters, gradients and optimizer state over the "
-                                          "ranks (FSDP2) instead of replicating them (DDP), for large students")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory for large students, ~30 % more compute"
+    )
+    attn_implementation: str | None = Field(
+        None, description="sdpa (default), eager, or flash_attention_2 on GPUs with flash-attn installed"
+    )
+    fsdp: bool = Field(
+        False,
+        description="under torchrun: shard parameters, gradients and optimizer state over the "
+        "ranks (FSDP2) instead of replicating them (DDP), for large students",
+    )
     compile: bool = Field(False, description="torch.compile the forward pass (GPUs; first steps pay the compile)")
     compile_backend: str = "inductor"
-    lora_r: int = Field(0, ge=0, description="0 = full fine-tune (the paper); > 0 = LoRA adapters of this rank "
-                                             "(peft) on the backbone, signal head and embedding fully trained")
+    lora_r: int = Field(
+        0,
+        ge=0,
+        description="0 = full fine-tune (the paper); > 0 = LoRA adapters of this rank "
+        "(peft) on the backbone, signal head and embedding fully trained",
+    )
     lora_alpha: int = 16
     lora_dropout: float = Field(0.0, ge=0, le=1)
     lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     keep_checkpoints: int = 2
     log_every: int = 10
-    launcher: Literal["inprocess", "torchrun"] = Field("inprocess", description="torchrun: a DDP (or FSDP) job of "
-                                                                               "`nproc` processes")
+    launcher: Literal["inprocess", "torchrun"] = Field(
+        "inprocess", description="torchrun: a DDP (or FSDP) job of `nproc` processes"
+    )
     nproc: int = Field(1, ge=1, description="processes per node under torchrun (GPUs, or CPU processes on gloo)")
 
     def resolved(self, pretrained: bool) -> TrainConfig:
         """The config with the backbone-dependent defaults filled in (what is recorded and trained with)."""
         lr = self.learning_rate or (PRETRAINED_LR if pretrained else EMBEDDED_LR)
-        warmup = self.warmup_steps if self.warmup_steps is not None else \
-            min(50 if pretrained else 20, max(1, self.max_steps // 10))
+        warmup = (
+            self.warmup_steps
+            if self.warmup_steps is not None
+            else min(50 if pretrained else 20, max(1, self.max_steps // 10))
+        )
         return self.model_copy(update={"learning_rate": lr, "warmup_steps": warmup})
 
 
@@ -97,7 +115,7 @@ def micro_batch_indices(n_rows: int, batch_size: int, seed: int, micro_step: int
     while len(idx) < batch_size:
         epoch, offset = divmod(start + len(idx), n_rows)
         perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        idx.extend(perm[offset:offset + batch_size - len(idx)].tolist())
+        idx.extend(perm[offset : offset + batch_size - len(idx)].tolist())
     return torch.tensor(idx)
 
 
@@ -143,9 +161,14 @@ def _batch(data: dict[str, torch.Tensor], idx: torch.Tensor, device: torch.devic
     return b
 
 
-def train(model: ScaffoldStudent, data: dict[str, torch.Tensor], cfg: TrainConfig,
-          checkpoint_dir: str | Path | None = None, on_log: Callable[[int, dict], None] | None = None,
-          progress: bool = True) -> TrainResult:
+def train(
+    model: ScaffoldStudent,
+    data: dict[str, torch.Tensor],
+    cfg: TrainConfig,
+    checkpoint_dir: str | Path | None = None,
+    on_log: Callable[[int, dict], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
     if cfg.learning_rate is None or cfg.warmup_steps is None:
         raise ValueError("the learning rate and warm-up depend on the backbone: pass cfg.resolved(pretrained=...)")
     device = pick_device(cfg.device)
@@ -159,14 +182,23 @@ def train(model: ScaffoldStudent, data: dict[str, torch.Tensor], cfg: TrainConfi
         from peft import LoraConfig, get_peft_model
 
         # freezes the backbone but its adapters; the heads live outside the backbone and stay trainable
-        model.backbone = get_peft_model(model.backbone, LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM"))
+        model.backbone = get_peft_model(
+            model.backbone,
+            LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=cfg.lora_target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
     use_token, use_signal = cfg.kind == "baseline" or cfg.beta < 1.0, cfg.kind == "scaffold" and cfg.beta > 0.0
     sharded = cfg.fsdp and dist.world > 1
     if sharded and (cfg.lora_r or not (use_token and use_signal)):
-        raise ValueError("fsdp trains the scaffold student with both loss terms (0 < beta < 1) and no LoRA; "
-                         "use DDP (fsdp=false) for the baseline, beta 0/1 or LoRA")
+        raise ValueError(
+            "fsdp trains the scaffold student with both loss terms (0 < beta < 1) and no LoRA; "
+            "use DDP (fsdp=false) for the baseline, beta 0/1 or LoRA"
+        )
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else None
     last = latest_checkpoint(ckpt_root) if ckpt_root is not None else None
     if sharded:
@@ -185,36 +217,65 @@ def train(model: ScaffoldStudent, data: dict[str, torch.Tensor], cfg: TrainConfi
     if last is not None:
         start_step = load_checkpoint(last, model, optimizer, scheduler, result, sharded)
         result.resumed_from = start_step
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     # DDP (and FSDP) average gradients over ranks; the losses below are scaled by the world size so that the average
     # is the gradient of the one-process loss over the global batch. Unused parameters (a switched-off term) are
     # allowed under DDP.
-    forward = (torch.nn.parallel.DistributedDataParallel(
-        model, find_unused_parameters=cfg.kind == "baseline" or not (use_token and use_signal))
-        if dist.world > 1 and not sharded else model)
+    forward = (
+        torch.nn.parallel.DistributedDataParallel(
+            model, find_unused_parameters=cfg.kind == "baseline" or not (use_token and use_signal)
+        )
+        if dist.world > 1 and not sharded
+        else model
+    )
     if cfg.compile:
         forward = torch.compile(forward, backend=cfg.compile_backend)
     n_rows = data["input_ids"].size(0)
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not progress or not dist.is_main,
-               desc=f"train {cfg.kind}", unit="step")
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=start_step,
+        disable=not progress or not dist.is_main,
+        desc=f"train {cfg.kind}",
+        unit="step",
+    )
     t0, tokens_seen = time.perf_counter(), 0
     for step in range(start_step, cfg.max_steps):
         # the global micro-batch comes from the same pure (seed, step) mapping whatever the world size, and each
         # rank takes its slice: 2 ranks x B rows see exactly the rows 1 rank x 2B sees, and a checkpoint resumes
         # under any world size (a DistributedSampler's order would depend on the world size)
-        batches = [_batch(data, micro_batch_indices(n_rows, cfg.batch_size * dist.world, cfg.seed,
-                                                    step * cfg.grad_accum + m)
-                          [dist.rank * cfg.batch_size:(dist.rank + 1) * cfg.batch_size], device)
-                   for m in range(cfg.grad_accum)]
+        batches = [
+            _batch(
+                data,
+                micro_batch_indices(n_rows, cfg.batch_size * dist.world, cfg.seed, step * cfg.grad_accum + m)[
+                    dist.rank * cfg.batch_size : (dist.rank + 1) * cfg.batch_size
+                ],
+                device,
+            )
+            for m in range(cfg.grad_accum)
+        ]
         # each term is normalised by its own count over the whole accumulated (global) batch
-        n_tok, n_sig = (max(1.0, n) for n in dist.sum(
-            sum(int((b["labels"] != -100).sum()) for b in batches),
-            sum(int((b["signal_positions"] >= 0).sum()) for b in batches)))
+        n_tok, n_sig = (
+            max(1.0, n)
+            for n in dist.sum(
+                sum(int((b["labels"] != -100).sum()) for b in batches),
+                sum(int((b["signal_positions"] >= 0).sum()) for b in batches),
+            )
+        )
         tok_total = sig_total = 0.0
         for b in batches:
             with autocast:
-                out = forward(b["input_ids"], b["labels"], b["position_ids"], b["signal_ids"], b["signal_positions"],
-                              b["signal_targets"], token_loss=use_token, signal_loss=use_signal)
+                out = forward(
+                    b["input_ids"],
+                    b["labels"],
+                    b["position_ids"],
+                    b["signal_ids"],
+                    b["signal_positions"],
+                    b["signal_targets"],
+                    token_loss=use_token,
+                    signal_loss=use_signal,
+                )
             loss = 0.0
             if use_token:
                 weight = 1.0 if cfg.kind == "baseline" else 1.0 - cfg.beta
@@ -230,8 +291,9 @@ def train(model: ScaffoldStudent, data: dict[str, torch.Tensor], cfg: TrainConfi
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        total = ((1.0 if cfg.kind == "baseline" else 1.0 - cfg.beta) * tok_total if use_token else 0.0) + \
-            (cfg.beta * sig_total if use_signal else 0.0)
+        total = ((1.0 if cfg.kind == "baseline" else 1.0 - cfg.beta) * tok_total if use_token else 0.0) + (
+            cfg.beta * sig_total if use_signal else 0.0
+        )
         if not math.isfinite(total):
             raise FloatingPointError(f"loss became {total} at step {step + 1}; lower the learning rate")
         result.losses.append(total)
@@ -242,13 +304,22 @@ def train(model: ScaffoldStudent, data: dict[str, torch.Tensor], cfg: TrainConfi
         bar.update(1)
         bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{result.tokens_per_s:,.0f}")
         if on_log is not None and dist.is_main and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps):
-            on_log(step + 1, {"loss": total, "token_loss": tok_total, "signal_loss": sig_total,
-                              "tokens_per_s": result.tokens_per_s, "lr": scheduler.get_last_lr()[0]})
+            on_log(
+                step + 1,
+                {
+                    "loss": total,
+                    "token_loss": tok_total,
+                    "signal_loss": sig_total,
+                    "tokens_per_s": result.tokens_per_s,
+                    "lr": scheduler.get_last_lr()[0],
+                },
+            )
         if ckpt_root is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             model_state, optim_state = full_state(model, optimizer, sharded)  # a collective under FSDP
             if dist.is_main:  # one writer; the others wait so no rank runs ahead of a checkpoint being written
-                save_checkpoint(ckpt_root, step + 1, model_state, optim_state, scheduler, result,
-                                cfg.keep_checkpoints, sharded)
+                save_checkpoint(
+                    ckpt_root, step + 1, model_state, optim_state, scheduler, result, cfg.keep_checkpoints, sharded
+                )
             dist.barrier()
     bar.close()
     result.train_tokens = int(global_tokens) if cfg.max_steps > start_step else 0
@@ -260,11 +331,13 @@ def train(model: ScaffoldStudent, data: dict[str, torch.Tensor], cfg: TrainConfi
 
 # --- checkpoints ---------------------------------------------------------------------------------------
 
+
 def latest_checkpoint(root: Path) -> Path | None:
     if not root.exists():
         return None
-    done = sorted((p for p in root.glob("step-*") if (p / "trainer_state.json").exists()),
-                  key=lambda p: int(p.name.split("-")[1]))
+    done = sorted(
+        (p for p in root.glob("step-*") if (p / "trainer_state.json").exists()), key=lambda p: int(p.name.split("-")[1])
+    )
     return done[-1] if done else None
 
 
@@ -303,8 +376,16 @@ def full_state(model: ScaffoldStudent, optimizer, sharded: bool) -> tuple[dict, 
     return full_model_state(model, sharded), get_optimizer_state_dict(model, optimizer, options=_full_options())
 
 
-def save_checkpoint(root: Path, step: int, model_state: dict, optim_state: dict, scheduler, result: TrainResult,
-                    keep: int, sharded: bool = False) -> Path:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model_state: dict,
+    optim_state: dict,
+    scheduler,
+    result: TrainResult,
+    keep: int,
+    sharded: bool = False,
+) -> Path:
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -318,12 +399,22 @@ def save_checkpoint(root: Path, step: int, model_state: dict, optim_state: dict,
             seen[key] = k
             unique[k] = v
     save_file(unique, str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({
-        "step": step, "optimizer_format": "full" if sharded else "local",
-        "losses": result.losses, "token_losses": result.token_losses,
-        "signal_losses": result.signal_losses, "tied": {k: seen[(v.data_ptr(), v.shape)] for k, v in state.items()}}))
+    torch.save(
+        {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
+        tmp / "optim.pt",
+    )
+    (tmp / "trainer_state.json").write_text(
+        json.dumps(
+            {
+                "step": step,
+                "optimizer_format": "full" if sharded else "local",
+                "losses": result.losses,
+                "token_losses": result.token_losses,
+                "signal_losses": result.signal_losses,
+                "tied": {k: seen[(v.data_ptr(), v.shape)] for k, v in state.items()},
+            }
+        )
+    )
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(root.glob("step-*"))[:-keep]:
@@ -337,13 +428,16 @@ def load_weights(path: Path, model: ScaffoldStudent) -> None:
     model.load_state_dict({k: tensors[src] for k, src in meta["tied"].items()})
 
 
-def load_checkpoint(path: Path, model: ScaffoldStudent, optimizer, scheduler, result: TrainResult,
-                    sharded: bool = False) -> int:
+def load_checkpoint(
+    path: Path, model: ScaffoldStudent, optimizer, scheduler, result: TrainResult, sharded: bool = False
+) -> int:
     meta = json.loads((path / "trainer_state.json").read_text())
     written = meta.get("optimizer_format", "local")
     if written != ("full" if sharded else "local"):
-        raise ValueError(f"{path} was written {'with' if written == 'full' else 'without'} fsdp; resume it with the "
-                         "same fsdp setting (any number of processes)")
+        raise ValueError(
+            f"{path} was written {'with' if written == 'full' else 'without'} fsdp; resume it with the "
+            "same fsdp setting (any number of processes)"
+        )
     if not sharded:  # under FSDP the weights went in before sharding (load_weights)
         load_weights(path, model)
     # weights_only: the optimizer file holds tensors and plain containers; nothing is unpickled as code
@@ -357,5 +451,9 @@ def load_checkpoint(path: Path, model: ScaffoldStudent, optimizer, scheduler, re
         optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["torch_rng"])
-    result.losses, result.token_losses, result.signal_losses = meta["losses"], meta["token_losses"], meta["signal_losses"]
+    result.losses, result.token_losses, result.signal_losses = (
+        meta["losses"],
+        meta["token_losses"],
+        meta["signal_losses"],
+    )
     return int(meta["step"])

@@ -21,12 +21,16 @@ from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap
 from scaffold_lib.store.warehouse import Warehouse
 from support.stages import generate_teacher_traces, segment_traces, store_problems
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                                       max_size=3), max_leaves=6)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
 raw_lines = st.one_of(
     st.fixed_dictionaries({"question": json_values, "answer": json_values}).map(json.dumps),  # wrong types
-    st.fixed_dictionaries({"question": st.text(min_size=1, max_size=40), "answer": st.integers(-99, 99)}).map(json.dumps),
+    st.fixed_dictionaries({"question": st.text(min_size=1, max_size=40), "answer": st.integers(-99, 99)}).map(
+        json.dumps
+    ),
     st.dictionaries(st.sampled_from(["question", "answer", "other"]), json_values, max_size=3).map(json.dumps),
     st.text(max_size=40).filter(lambda s: "\n" not in s and "\r" not in s),  # not JSON at all, or blank
     st.binary(max_size=20).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b"")),  # non-UTF-8, NUL bytes
@@ -38,8 +42,9 @@ CASES = {"problem files": 0, "problem rows": 0, "traces": 0}
 @given(st.lists(raw_lines, min_size=1, max_size=12))
 def test_every_row_of_any_problem_file_is_a_problem_a_quarantine_row_or_a_duplicate(tmp_path_factory, lines) -> None:
     path = tmp_path_factory.mktemp("files") / "problems.jsonl"
-    path.write_bytes(b"\n".join(line if isinstance(line, bytes) else line.encode("utf-8", "surrogatepass")
-                                for line in lines) + b"\n")
+    path.write_bytes(
+        b"\n".join(line if isinstance(line, bytes) else line.encode("utf-8", "surrogatepass") for line in lines) + b"\n"
+    )
     result = load_problem_file(path, FieldMap(), lenient=True)
     non_blank = [line for line in path.read_bytes().split(b"\n") if line.strip()]
     # every quarantined row names its line and field; nothing vanished except exact duplicates and blank lines
@@ -81,8 +86,11 @@ def test_huge_nul_and_whitespace_traces_are_segmented_or_quarantined_not_crashed
     report = generate_teacher_traces(wh, ImportedTeacher(str(path), TraceFieldMap()))
     # NUL bytes and blank traces are quarantined with line and field; the 10 MB trace goes through
     quarantined = {(q["line"], q["field"], q["error"]) for q in wh.query("SELECT line, field, error FROM quarantine")}
-    assert quarantined == {(2, "generation", "contains NUL bytes"), (3, "generation", "is empty"),
-                           (4, "generation", "is empty")}
+    assert quarantined == {
+        (2, "generation", "contains NUL bytes"),
+        (3, "generation", "is empty"),
+        (4, "generation", "is empty"),
+    }
     assert report.new_rows == 1
     segmented = segment_traces(wh)
     assert segmented.new_rows == 400_000 and wh.scalar("SELECT max(length(text)) FROM segmented_steps") < 40
@@ -91,8 +99,12 @@ def test_huge_nul_and_whitespace_traces_are_segmented_or_quarantined_not_crashed
 def test_the_label_command_names_file_and_line_for_non_utf8_and_nul(tmp_path: Path) -> None:
     path = tmp_path / "traces.jsonl"
     path.write_bytes(b'{"id": "a", "trace": "So 1.\\n\\nThe answer is 1."}\n{"id": "b", "trace": "bad \xff byte"}\n')
-    out = subprocess.run([sys.executable, "-m", "scaffold_lib.cli", "label", str(path)], capture_output=True, text=True,
-                         env={**os.environ, "TQDM_DISABLE": "1"})
+    out = subprocess.run(
+        [sys.executable, "-m", "scaffold_lib.cli", "label", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"{path}:2: not UTF-8 text" in out.stderr
     assert out.stdout.count("\n") == 2  # the first trace's steps were written before the error
@@ -110,7 +122,8 @@ def test_unknown_signal_names_in_a_keyword_file_are_named(tmp_path: Path) -> Non
 
 
 def test_a_problem_file_changing_under_the_sensor_is_picked_up_again_and_half_lines_are_quarantined(
-        tmp_path: Path, monkeypatch) -> None:
+    tmp_path: Path, monkeypatch
+) -> None:
     from pipelines.defs.automation import new_problem_file_sensor
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
@@ -130,6 +143,8 @@ def test_a_problem_file_changing_under_the_sensor_is_picked_up_again_and_half_li
 
 def test_zz_report_how_many_cases_were_tried() -> None:
     # named to run last in this module: the figures docs/reliability.md quotes
-    print(f"\n[reliability] bad input: {CASES['problem files']} generated problem files with {CASES['problem rows']} "
-          f"rows, {CASES['traces']} generated traces; no crash, every row accounted for")
+    print(
+        f"\n[reliability] bad input: {CASES['problem files']} generated problem files with {CASES['problem rows']} "
+        f"rows, {CASES['traces']} generated traces; no crash, every row accounted for"
+    )
     assert CASES["problem files"] >= 100 and CASES["traces"] >= 100

@@ -23,14 +23,19 @@ pytestmark = pytest.mark.timeout(600)
 CONCURRENT_RUNS = 3
 
 
+@pytest.mark.slow
 def test_concurrent_data_runs_all_finish_with_the_rows_of_one_run(tmp_path: Path) -> None:
     from test_crashes import DATA_TABLES, data_cmd, env_for, run_ok, table_fingerprint
 
     data = ("--n-problems", "800", "--seed", "5")
     run_ok(data_cmd(tmp_path / "reference", *data), env_for(tmp_path))
     shared = tmp_path / "shared"
-    procs = [subprocess.Popen(data_cmd(shared, *data), env=env_for(tmp_path),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(CONCURRENT_RUNS)]
+    procs = [
+        subprocess.Popen(
+            data_cmd(shared, *data), env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(CONCURRENT_RUNS)
+    ]
     outputs = [p.communicate(timeout=300) for p in procs]
     for proc, (_, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-2000:]
@@ -39,15 +44,24 @@ def test_concurrent_data_runs_all_finish_with_the_rows_of_one_run(tmp_path: Path
     result = Warehouse(shared / "warehouse.duckdb")
     for table in DATA_TABLES:
         assert table_fingerprint(result, table) == table_fingerprint(reference, table), table
-    print(f"\n[reliability] {CONCURRENT_RUNS} concurrent data runs on one warehouse: all finished, tables identical "
-          "to one run's")
+    print(
+        f"\n[reliability] {CONCURRENT_RUNS} concurrent data runs on one warehouse: all finished, tables identical "
+        "to one run's"
+    )
 
 
 def test_a_lock_held_too_long_is_a_clear_error_naming_the_file(tmp_path: Path) -> None:
     path = tmp_path / "wh.duckdb"
     Warehouse(path)
-    holder = subprocess.Popen([sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(path)!r}); "
-                               "print('holding', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import duckdb, time; c = duckdb.connect({str(path)!r}); print('holding', flush=True); time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "holding"
         started = time.monotonic()
@@ -73,8 +87,9 @@ print(out.promoted)
 
 
 def test_racing_promotions_leave_exactly_one_champion_the_better_one(tmp_path: Path) -> None:
-    cfg = registry.RegistryConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
-                                  artifact_location=(tmp_path / "art").as_uri())
+    cfg = registry.RegistryConfig(
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_location=(tmp_path / "art").as_uri()
+    )
     c = registry.client(cfg)
     races = 4
     for race in range(races):
@@ -87,8 +102,15 @@ def test_racing_promotions_leave_exactly_one_champion_the_better_one(tmp_path: P
         script = RACE.replace("tracking_uri=sys.argv[1]", f"tracking_uri=sys.argv[1], model_name={name!r}")
         # the worse candidate starts first half the time
         order = ("2", "3") if race % 2 == 0 else ("3", "2")
-        procs = [subprocess.Popen([sys.executable, "-c", script, cfg.tracking_uri, cfg.artifact_location, v],
-                                  stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT) for v in order]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", script, cfg.tracking_uri, cfg.artifact_location, v],
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=REPO_ROOT,
+            )
+            for v in order
+        ]
         results = [p.communicate(timeout=120)[0].strip() for p in procs]
         assert all(p.returncode == 0 for p in procs), results
         assert registry.alias_version(race_cfg, registry.CHAMPION) == "3"
@@ -98,21 +120,43 @@ def test_racing_promotions_leave_exactly_one_champion_the_better_one(tmp_path: P
 
 
 def test_a_blocked_model_never_becomes_champion_and_a_rollback_records_who_and_why(tmp_path: Path) -> None:
-    cfg = registry.RegistryConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
-                                  artifact_location=(tmp_path / "art").as_uri())
+    cfg = registry.RegistryConfig(
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_location=(tmp_path / "art").as_uri()
+    )
     c = registry.client(cfg)
     c.create_registered_model(cfg.model_name)
     for _ in range(2):
         c.create_model_version(cfg.model_name, source=(tmp_path / "art" / "m").as_uri())
     registry.set_champion(cfg, "1", "initial", who="test")
-    outcome = registry.promote_if_better(cfg, "2", {"1": 0.1, "2": 0.9}.get, 0.0,
-                                         ["signal_labels.label_coverage_in_bounds failed in run r1"], who="dagster")
+    outcome = registry.promote_if_better(
+        cfg,
+        "2",
+        {"1": 0.1, "2": 0.9}.get,
+        0.0,
+        ["signal_labels.label_coverage_in_bounds failed in run r1"],
+        who="dagster",
+    )
     assert not outcome.promoted and outcome.champion == "1"
     assert "blocked by failed checks" in c.get_model_version(cfg.model_name, "2").tags["promotion_refused"]
     # the CLI rollback path
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "scaffold_lib.cli", "promote", "--version", "2", "--reason",
-                          "manual override after review", "--who", "alice"], capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scaffold_lib.cli",
+            "promote",
+            "--version",
+            "2",
+            "--reason",
+            "manual override after review",
+            "--who",
+            "alice",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     tags = c.get_model_version(cfg.model_name, "2").tags
     assert registry.alias_version(cfg, registry.CHAMPION) == "2"
@@ -133,8 +177,14 @@ def test_model_loading_refuses_pickled_weights_without_running_them(tmp_path: Pa
     monkeypatch.setenv("PICKLE_MARKER", str(marker))
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    Qwen2Config(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1).save_pretrained(model_dir)
+    Qwen2Config(
+        vocab_size=300,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    ).save_pretrained(model_dir)
     (model_dir / "pytorch_model.bin").write_bytes(pickle.dumps({"weights": _Marker()}))
     with pytest.raises(Exception) as caught:
         ScaffoldStudent.from_pretrained(model_dir)
@@ -152,8 +202,17 @@ def test_the_uis_the_readme_starts_bind_to_localhost() -> None:
 
 SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|ALTER|CREATE|DROP|PRAGMA)\b")
 # names interpolated into SQL text: tables and columns from our own schema constants, never user values
-ALLOWED_INTERPOLATIONS = {"table", "columns", "AUDIT_COLUMNS", "name", "type_", "KEYWORD", "FALLBACK",
-                          "', '.join(columns)", "t"}
+ALLOWED_INTERPOLATIONS = {
+    "table",
+    "columns",
+    "AUDIT_COLUMNS",
+    "name",
+    "type_",
+    "KEYWORD",
+    "FALLBACK",
+    "', '.join(columns)",
+    "t",
+}
 
 
 def test_every_sql_statement_takes_user_values_as_parameters() -> None:

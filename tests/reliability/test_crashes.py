@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from scaffold_lib.store.warehouse import AUDIT_COLUMNS, Warehouse
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 DATA_TABLES = ("problems", "teacher_traces", "teacher_failures", "segmented_steps", "signal_labels", "quarantine")
 AUDIT = {c.split()[0] for c in AUDIT_COLUMNS.split(",")}
 
@@ -36,9 +36,13 @@ def env_for(home: Path) -> dict:
 
 def table_fingerprint(wh: Warehouse, table: str) -> tuple[int, str]:
     """(rows, hash of every row's content without the audit columns): equal iff the tables hold the same rows."""
-    columns = [r["column_name"] for r in wh.query("SELECT column_name FROM information_schema.columns "
-                                                  "WHERE table_name = ? ORDER BY ordinal_position", [table])
-               if r["column_name"] not in AUDIT]
+    columns = [
+        r["column_name"]
+        for r in wh.query(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position", [table]
+        )
+        if r["column_name"] not in AUDIT
+    ]
     rows = wh.query(f"SELECT {', '.join(columns)} FROM {table}")
     digest = hashlib.sha256("\n".join(sorted(json.dumps(r, sort_keys=True, default=str) for r in rows)).encode())
     return len(rows), digest.hexdigest()
@@ -126,8 +130,23 @@ def test_kill_9_during_packing_leaves_no_half_written_shard(packed, tmp_path: Pa
 
 
 def _train(home: Path, steps: int) -> list[str]:
-    return scaffold_cmd("--home", str(home), "--preset", "demo", "train", "--kind", "scaffold", "--steps", str(steps),
-                        "--batch-size", "2", "--checkpoint-every", "5", "--learning-rate", "3e-3")
+    return scaffold_cmd(
+        "--home",
+        str(home),
+        "--preset",
+        "demo",
+        "train",
+        "--kind",
+        "scaffold",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "2",
+        "--checkpoint-every",
+        "5",
+        "--learning-rate",
+        "3e-3",
+    )
 
 
 def _final_loss(stdout: str) -> float:
@@ -138,8 +157,9 @@ def test_kill_9_during_training_resumes_from_the_last_checkpoint_to_the_same_los
     steps = 30
     reference = run_ok(_train(copy_of(packed, tmp_path / "ref"), steps), env_for(tmp_path))
     home = copy_of(packed, tmp_path / "crash")
-    proc = subprocess.Popen(_train(home, steps), env=env_for(home), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train(home, steps), env=env_for(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 240
     checkpoints = home / "artifacts" / "checkpoints"
     while time.monotonic() < deadline and proc.poll() is None:
@@ -161,5 +181,7 @@ def test_kill_9_during_training_resumes_from_the_last_checkpoint_to_the_same_los
     # batches are a pure function of (seed, step) and the RNG is restored: the same final loss
     difference = abs(_final_loss(resumed.stdout) - _final_loss(reference.stdout))
     assert difference < 1e-3, (resumed.stdout, reference.stdout)
-    print(f"\n[reliability] training: killed after step {last}, resumed from it; final loss difference "
-          f"{difference:.2e} (tolerance 1e-3)")
+    print(
+        f"\n[reliability] training: killed after step {last}, resumed from it; final loss difference "
+        f"{difference:.2e} (tolerance 1e-3)"
+    )

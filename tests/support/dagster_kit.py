@@ -15,10 +15,18 @@ from scaffold_lib.config import PipelineConfig, load_preset
 REPO = Path(__file__).resolve().parent.parent.parent
 
 # the sections of PipelineConfig each asset's run config holds (see pipelines/defs/*_assets.py)
-ASSET_SECTIONS = {"problems": ("problems",), "teacher_traces": ("teacher",), "teacher_trace_shards": ("teacher",),
-                  "segmented_steps": ("segmentation",), "signal_labels": ("labeller",),
-                  "packed_shards": ("shards", "student"), "student_model": ("train",), "baseline_model": ("train",),
-                  "benchmark_scores": ("eval",), "model_promotion": ("promotion",)}
+ASSET_SECTIONS = {
+    "problems": ("problems",),
+    "teacher_traces": ("teacher",),
+    "teacher_trace_shards": ("teacher",),
+    "segmented_steps": ("segmentation",),
+    "signal_labels": ("labeller",),
+    "packed_shards": ("shards", "student"),
+    "student_model": ("train",),
+    "baseline_model": ("train",),
+    "benchmark_scores": ("eval",),
+    "model_promotion": ("promotion",),
+}
 
 
 def definitions() -> dg.Definitions:
@@ -32,16 +40,24 @@ def graph() -> list:
 
 
 def resources(home: Path, **secrets) -> dict:
-    return {"store": StoreResource(home=str(home)), "io_manager": HandleIOManager(home=str(home)),
-            "secrets": SecretsResource(**secrets)}
+    return {
+        "store": StoreResource(home=str(home)),
+        "io_manager": HandleIOManager(home=str(home)),
+        "secrets": SecretsResource(**secrets),
+    }
 
 
 def run_config(config: PipelineConfig, assets=None) -> dict:
     """Run config that sets every section of every selected asset (default: the graph's) to `config`'s values."""
     dump = config.model_dump(mode="json")
     assets = set(assets) if assets is not None else set(ASSET_SECTIONS) - {"teacher_trace_shards"}
-    return {"ops": {asset: {"config": {section: dump[section] for section in sections}}
-                    for asset, sections in ASSET_SECTIONS.items() if asset in assets}}
+    return {
+        "ops": {
+            asset: {"config": {section: dump[section] for section in sections}}
+            for asset, sections in ASSET_SECTIONS.items()
+            if asset in assets
+        }
+    }
 
 
 def micro(**overrides) -> PipelineConfig:
@@ -65,5 +81,8 @@ def check_results(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
 
 
 def failures(result: dg.ExecuteInProcessResult) -> str:
-    return "; ".join(f"{e.step_key}: {e.event_specific_data.error.message if e.event_specific_data.error else ''}"
-                     for e in result.all_events if e.is_step_failure)
+    return "; ".join(
+        f"{e.step_key}: {e.event_specific_data.error.message if e.event_specific_data.error else ''}"
+        for e in result.all_events
+        if e.is_step_failure
+    )

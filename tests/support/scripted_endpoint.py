@@ -125,8 +125,13 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.rstrip("/") == "/stats":
             self._send_json(200, endpoint.stats())
         elif self.path.rstrip("/") == "/v1/models":
-            self._send_json(200, {"object": "list", "data": [{"id": endpoint.model, "object": "model",
-                                                              "created": 0, "owned_by": "scripted"}]})
+            self._send_json(
+                200,
+                {
+                    "object": "list",
+                    "data": [{"id": endpoint.model, "object": "model", "created": 0, "owned_by": "scripted"}],
+                },
+            )
         else:
             self._error(404, f"no route {self.path}", "not_found_error")
 
@@ -163,9 +168,17 @@ class _Server(ThreadingHTTPServer):
 class ScriptedEndpoint:
     """The server; a context manager (`with ScriptedEndpoint() as server: server.base_url`)."""
 
-    def __init__(self, responder: Responder | None = None, faults: FaultPlan = FaultPlan(), latency_s: float = 0.0,
-                 host: str = "127.0.0.1", port: int = 0, model: str = "scripted-r1",
-                 reasoning_mode: str = "field", api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        responder: Responder | None = None,
+        faults: FaultPlan = FaultPlan(),
+        latency_s: float = 0.0,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        model: str = "scripted-r1",
+        reasoning_mode: str = "field",
+        api_key: str | None = None,
+    ) -> None:
         self.api_key = api_key  # None: any non-empty key is accepted, like a local vLLM
         self.responder = responder or (lambda request: scripted_reasoning(request, reasoning_mode))
         self.faults = faults  # read per request: a test may end an "outage" by assigning a new plan
@@ -185,8 +198,9 @@ class ScriptedEndpoint:
         host, port = self._server.server_address[:2]
         self.base_url = f"http://{host}:{port}/v1"
         # a short poll interval: stop() waits up to one interval, and tests start and stop many servers
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="scripted-endpoint",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="scripted-endpoint", daemon=True
+        ).start()
         return self
 
     def stop(self) -> None:
@@ -213,9 +227,13 @@ class ScriptedEndpoint:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"requests": self._requests, "answered": self._answered, "faults": dict(self._faults),
-                    "per_prompt": {k: dict(v) for k, v in self._per_prompt.items()},
-                    "in_flight_max": self._in_flight_max}
+            return {
+                "requests": self._requests,
+                "answered": self._answered,
+                "faults": dict(self._faults),
+                "per_prompt": {k: dict(v) for k, v in self._per_prompt.items()},
+                "in_flight_max": self._in_flight_max,
+            }
 
     # --- one request -----------------------------------------------------------------------------------------
     def _prompt(self, key: str) -> dict[str, int]:
@@ -314,27 +332,36 @@ class ScriptedEndpoint:
         message = {"role": "assistant", "content": reply.content}
         if reply.reasoning_content is not None:
             message["reasoning_content"] = reply.reasoning_content
-        return {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
-                "model": body.get("model", self.model),
-                "choices": [{"index": i, "message": message, "finish_reason": reply.finish_reason} for i in range(n)],
-                "usage": self._usage(body, reply, n)}
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", self.model),
+            "choices": [{"index": i, "message": message, "finish_reason": reply.finish_reason} for i in range(n)],
+            "usage": self._usage(body, reply, n),
+        }
 
-    def _stream(self, handler: _Handler, body: dict, reply: Reply, n: int,
-                before_last_write: Callable[[], None]) -> None:
+    def _stream(
+        self, handler: _Handler, body: dict, reply: Reply, n: int, before_last_write: Callable[[], None]
+    ) -> None:
         handler.send_response(200)
         handler.send_header("Content-Type", "text/event-stream")
         handler.send_header("Connection", "close")  # the end of the stream is the end of the connection
         handler.end_headers()
         handler.close_connection = True
-        base = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion.chunk",
-                "created": int(time.time()), "model": body.get("model", self.model)}
+        base = {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body.get("model", self.model),
+        }
 
         def send(choices: list[dict], **extra: object) -> None:
             handler.wfile.write(b"data: " + json.dumps({**base, "choices": choices, **extra}).encode() + b"\n\n")
 
         def pieces(text: str) -> list[str]:
             size = max(1, len(text) // 3)
-            return [text[i:i + size] for i in range(0, len(text), size)]
+            return [text[i : i + size] for i in range(0, len(text), size)]
 
         for i in range(n):
             send([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
@@ -358,8 +385,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fault-rate", type=float, default=0.0)
     parser.add_argument("--reasoning-mode", choices=["field", "think_tags"], default="field")
     args = parser.parse_args(argv)
-    server = ScriptedEndpoint(faults=FaultPlan(rate=args.fault_rate), latency_s=args.latency, host=args.host,
-                              port=args.port, reasoning_mode=args.reasoning_mode).start()
+    server = ScriptedEndpoint(
+        faults=FaultPlan(rate=args.fault_rate),
+        latency_s=args.latency,
+        host=args.host,
+        port=args.port,
+        reasoning_mode=args.reasoning_mode,
+    ).start()
     print(f"scripted OpenAI-compatible endpoint at {server.base_url} (Ctrl-C to stop)", flush=True)
     try:
         threading.Event().wait()

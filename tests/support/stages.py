@@ -16,13 +16,19 @@ def store_of(wh: Warehouse) -> Store:
     return Store.at(wh.path.parent, warehouse=wh.path)
 
 
-def store_problems(wh: Warehouse, problems: Sequence[Problem], quarantined: Sequence[Quarantined] = (),
-                   run_id: str | None = None) -> stages.StageReport:
+def store_problems(
+    wh: Warehouse, problems: Sequence[Problem], quarantined: Sequence[Quarantined] = (), run_id: str | None = None
+) -> stages.StageReport:
     return stages.store_problems(store_of(wh), problems, quarantined, run_id)
 
 
-def generate_teacher_traces(wh: Warehouse, teacher, splits: Sequence[str] = ALL_SPLITS, run_id: str | None = None,
-                            shard: tuple[int, int] | None = None) -> stages.StageReport:
+def generate_teacher_traces(
+    wh: Warehouse,
+    teacher,
+    splits: Sequence[str] = ALL_SPLITS,
+    run_id: str | None = None,
+    shard: tuple[int, int] | None = None,
+) -> stages.StageReport:
     return stages.write_traces(store_of(wh), stages.TeacherConfig(splits=list(splits)), run_id, shard, teacher=teacher)
 
 
