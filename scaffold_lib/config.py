@@ -24,6 +24,7 @@ from scaffold_lib.core.ids import content_id
 from scaffold_lib.data.problems import ProblemsConfig
 from scaffold_lib.data.segmentation import SegmentationConfig
 from scaffold_lib.data.stages import LabellingConfig, TeacherConfig
+from scaffold_lib.evaluation.decontamination import DecontaminationConfig
 from scaffold_lib.evaluation.metrics import EvalConfig
 from scaffold_lib.evaluation.stages import PromotionConfig
 from scaffold_lib.student.model import StudentConfig
@@ -34,6 +35,22 @@ INSTANCE_FILE = "scaffold.toml"
 DEFAULT_PRESET = "demo"  # what an instance that never chose one runs
 
 
+class ExperimentConfig(BaseModel):
+    """Seeds, the τ grid and the optional β grid, both searched on validation; test is scored once."""
+
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="training seeds per arm")
+    taus: list[float] = Field(
+        default_factory=lambda: [0.0, 0.5, 0.8, 0.9, 0.96],
+        description="τ values tried on validation; the best mean Pass@1 is used on test",
+    )
+    betas: list[float] = Field(
+        default_factory=list, description="β values tried on validation (first seed); empty: the train section's β"
+    )
+    validation_limit: int | None = Field(None, ge=1, description="validation items (default: all)")
+    test_limit: int | None = Field(None, ge=1, description="test items (default: all)")
+    bootstrap: int = Field(10_000, ge=100, description="paired bootstrap resamples")
+
+
 class PipelineConfig(BaseModel):
     """Every setting of the pipeline, one section per stage."""
 
@@ -41,11 +58,13 @@ class PipelineConfig(BaseModel):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig)
     labeller: LabellingConfig = Field(default_factory=LabellingConfig)
+    decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
     shards: ShardsConfig = Field(default_factory=ShardsConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
 
 
 SECTIONS: tuple[str, ...] = tuple(PipelineConfig.model_fields)

@@ -12,6 +12,7 @@ from scaffold_lib import checks
 from scaffold_lib.config import PipelineConfig
 from scaffold_lib.core.errors import RunFailed
 from scaffold_lib.data import stages as data_stages
+from scaffold_lib.evaluation.decontamination import decontaminate
 from scaffold_lib.evaluation.stages import EvaluationHandle, evaluate_models, promote_challenger
 from scaffold_lib.store.handles import save_handle
 from scaffold_lib.store.registry import PromotionOutcome
@@ -44,12 +45,14 @@ def run_data_stages(
 ) -> None:
     steps = (
         ("problems", lambda: data_stages.build_problems(store, cfg.problems, run_id)),
+        ("decontamination", lambda: decontaminate(store, cfg.decontamination, run_id)),
         ("teacher_traces", lambda: data_stages.write_traces(store, cfg.teacher, run_id)),
         ("segmented_steps", lambda: data_stages.segment_traces(store, cfg.segmentation, run_id)),
         ("signal_labels", lambda: data_stages.label_signals(store, cfg.labeller, run_id)),
     )
     gates = {
         "problems": [checks.problems_without_quarantine, checks.splits_disjoint_by_group],
+        "decontamination": [],
         "teacher_traces": [checks.teacher_accuracy_above_floor],
         "segmented_steps": [checks.no_empty_steps],
         "signal_labels": [checks.label_coverage_in_bounds],

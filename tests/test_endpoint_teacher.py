@@ -19,7 +19,7 @@ from scaffold_lib.data.endpoint import EndpointConfig, EndpointConfigError
 from scaffold_lib.data.label_validation import LabelValidator, ValidatorConfig
 from scaffold_lib.data.llm_teachers import EndpointTeacher, PromptConfig
 from scaffold_lib.data.problems import GeneratorConfig, generate_problems
-from scaffold_lib.data.signals import FALLBACK, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE
+from scaffold_lib.data.signals import FALLBACK, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE, PATTERN
 from scaffold_lib.data.stages import StageFailed, label_statistics, validate_signal_labels
 from scaffold_lib.store.warehouse import Warehouse
 from support.scripted_endpoint import FaultPlan, Reply, ScriptedEndpoint, prompt_key
@@ -223,7 +223,7 @@ def test_llm_label_validation_confirms_corrects_reasks_and_caches(tmp_path: Path
         r["step_id"]: r
         for r in wh.query("SELECT l.*, s.text FROM signal_labels l JOIN segmented_steps s USING (step_id)")
     }
-    to_check = [r for r in before.values() if r["labeller"] in (KEYWORD, FALLBACK)]
+    to_check = [r for r in before.values() if r["labeller"] in (KEYWORD, PATTERN, FALLBACK)]
     with ScriptedEndpoint(responder=validator_responder) as server:
         validator = LabelValidator(
             ValidatorConfig(endpoint=endpoint_config(server, max_tokens=16)), tmp_path / "j", progress=False
@@ -240,16 +240,16 @@ def test_llm_label_validation_confirms_corrects_reasks_and_caches(tmp_path: Path
     after = {r["step_id"]: r for r in wh.query("SELECT * FROM signal_labels")}
     for step_id, old in before.items():
         new = after[step_id]
-        if old["labeller"] not in (KEYWORD, FALLBACK) or "ignore" in old["text"]:
+        if old["labeller"] not in (KEYWORD, PATTERN, FALLBACK) or "ignore" in old["text"]:
             assert (new["signal"], new["labeller"]) == (old["signal"], old["labeller"])
         elif old["text"].startswith("Hmm"):
             expected = (
                 LLM_AGREE
-                if old["signal"] == "contrast_concession" and old["labeller"] == KEYWORD
-                else (LLM_OVERRIDE if old["labeller"] == KEYWORD else LLM)
+                if old["signal"] == "contrast_concession" and old["labeller"] in (KEYWORD, PATTERN)
+                else (LLM_OVERRIDE if old["labeller"] in (KEYWORD, PATTERN) else LLM)
             )
             assert (new["signal"], new["labeller"]) == ("contrast_concession", expected)
-        elif old["labeller"] == KEYWORD:
+        elif old["labeller"] in (KEYWORD, PATTERN):
             assert (new["signal"], new["labeller"]) == (old["signal"], LLM_AGREE)
         else:
             assert (new["signal"], new["labeller"]) == ("reasoning_analysis", LLM)

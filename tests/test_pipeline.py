@@ -48,6 +48,7 @@ pytestmark = pytest.mark.slow  # the shared end-to-end run
 MODEL = "scaffold-student"
 ASSETS = {
     "problems",
+    "decontamination",
     "teacher_traces",
     "segmented_steps",
     "signal_labels",
@@ -57,7 +58,7 @@ ASSETS = {
     "benchmark_scores",
     "model_promotion",
 }
-DATA_ASSETS = ("problems", "teacher_traces", "segmented_steps", "signal_labels")
+DATA_ASSETS = ("problems", "decontamination", "teacher_traces", "segmented_steps", "signal_labels")
 CHECKS = {
     ("problems", "problems_without_quarantine"),
     ("problems", "splits_disjoint_by_group"),

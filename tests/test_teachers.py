@@ -30,8 +30,8 @@ def final_number(text: str) -> str:
     return re.findall(r"-?\d+", last)[-1]
 
 
-def test_traces_vary(problems):
-    result = teach(problems)
+def test_v1_traces_vary(problems):
+    result = teach(problems, style="v1", signal_noise=0.15)
     assert len(result.traces) == len(problems) and not result.failures
     texts = [t.text for t in result.traces]
     assert len(set(texts)) == len(texts)
@@ -65,8 +65,9 @@ def test_trace_of_a_problem_does_not_depend_on_its_batch(problems):
 
 
 @pytest.mark.parametrize("wrong_fraction", [0.2, 0.5])
-def test_roughly_wrong_fraction_of_traces_are_incorrect(problems, wrong_fraction):
-    traces = teach(problems, wrong_fraction=wrong_fraction, mistake_prob=0.0).traces
+@pytest.mark.parametrize("style", ["flow", "v1"])
+def test_roughly_wrong_fraction_of_traces_are_incorrect(problems, wrong_fraction, style):
+    traces = teach(problems, style=style, wrong_fraction=wrong_fraction, mistake_prob=0.0, slip_prob=0.0).traces
     gold = {p.problem_id: p.answer for p in problems}
     wrong = [t for t in traces if not t.is_correct]
     share = len(wrong) / len(traces)
@@ -87,8 +88,8 @@ def test_wrong_fraction_zero_gives_all_correct(problems):
     assert all(t.final_answer == gold[t.problem_id] == final_number(t.text) for t in traces)
 
 
-def test_corrected_mistakes_still_end_correct(problems):
-    traces = teach(problems[:150], wrong_fraction=0.0, mistake_prob=1.0).traces
+def test_v1_corrected_mistakes_still_end_correct(problems):
+    traces = teach(problems[:150], style="v1", wrong_fraction=0.0, mistake_prob=1.0).traces
     gold = {p.problem_id: p.answer for p in problems}
     corrected = [t for t in traces if any(step.startswith(CORRECTIONS) for step in segment(t.text))]
     assert len(corrected) == len(traces)  # every trace has one corrected slip
@@ -99,7 +100,8 @@ def test_corrected_mistakes_still_end_correct(problems):
 
 
 def test_no_mistakes_when_disabled(problems):
-    traces = teach(problems[:100], wrong_fraction=0.0, mistake_prob=0.0).traces
+    traces = teach(problems[:100], style="v1", wrong_fraction=0.0, mistake_prob=0.0).traces
+    traces += teach(problems[:100], wrong_fraction=0.0, slip_prob=0.0).traces
     assert not any(
         step.startswith(CORRECTIONS[2]) or step.startswith("Actually") for t in traces for step in segment(t.text)
     )
@@ -138,3 +140,59 @@ def test_non_synthetic_problem_is_a_failure_record(problems):
     assert failure.trace_id == teacher.trace_id_for(foreign)
     assert "synthetic" in failure.error
     assert set(failure.as_row()) == {"trace_id", "problem_id", "teacher", "error"}
+
+
+# --- the flow style: the next step depends on the state of the solution -------------------------------------
+
+EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (-?\d+)")
+APPLY = {"+": lambda a, n: a + n, "-": lambda a, n: a - n, "*": lambda a, n: a * n, "/": lambda a, n: a // n}
+
+
+def test_flow_a_wait_step_follows_exactly_the_wrong_steps(problems):
+    traces = teach(problems, wrong_fraction=0.0, slip_prob=0.3).traces
+    waits = slips = 0
+    for t in traces:
+        steps = segment(t.text)
+        for before, after in zip(steps, steps[1:]):
+            eq = EQUATION.search(before)
+            wrong = (
+                eq is not None
+                and not before.startswith(("Wait", "Hmm"))
+                and APPLY[eq[2]](int(eq[1]), int(eq[3])) != int(eq[4])
+            )
+            assert wrong == after.startswith("Wait"), (before, after)
+            waits += after.startswith("Wait")
+            slips += wrong
+        assert t.is_correct
+    assert waits == slips > 50
+
+
+def test_flow_checks_products_and_quotients_and_summarises_long_problems():
+    long = generate_problems(GeneratorConfig(n_problems=200, seed=3, min_ops=4, max_ops=4))
+    for t in teach(long, wrong_fraction=0.0, slip_prob=0.0).traces:
+        steps = segment(t.text)
+        for before, after in zip(steps, steps[1:]):
+            if EQUATION.search(before) and EQUATION.search(before)[2] in "*/" and not before.startswith("Hmm"):
+                assert after.startswith("Hmm, let me check"), (before, after)
+        ops = sum(1 for s in steps if EQUATION.search(s) and not s.startswith(("Hmm", "Wait")))
+        assert ops == 4 and sum(s.startswith("So far") for s in steps) == 1  # after operation 2 of 4
+
+
+def test_flow_signals_follow_the_problem_not_chance(problems):
+    """With no random flips, the signal of every step is decided by the solution: an addition step elaborates, the
+    other operations are analysis, a distractor is a contrast, a check is an opinion, a summary a conclusion."""
+    from scaffold_lib.data.signals import label_steps
+
+    for t in teach(problems, wrong_fraction=0.0, slip_prob=0.0).traces:
+        steps = segment(t.text)
+        for step, label in zip(steps[1:-2], label_steps(steps)[1:-2]):
+            eq = EQUATION.search(step)
+            if step.startswith(("But", "However")):
+                expected = "contrast_concession"
+            elif step.startswith("Hmm"):
+                expected = "opinion_recall"
+            elif step.startswith("So far"):
+                expected = "conclusion_summary"
+            else:
+                expected = "addition_elaboration" if eq and eq[2] == "+" else "reasoning_analysis"
+            assert label.signal == expected, (step, label)

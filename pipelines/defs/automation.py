@@ -2,17 +2,18 @@
 
 import dagster as dg
 
-from pipelines.defs.common import DATA_GROUP, FLEET_GROUP
+from pipelines.defs.common import DATA_GROUP, EXPERIMENT_GROUP, FLEET_GROUP
 from scaffold_lib.core import paths
 from scaffold_lib.data.problems import problem_files
 
 # the sharded teacher is for partition backfills over a fleet of endpoints (its own job): the other jobs trace
 # every problem in one step through `teacher_traces`
 SHARDED_TEACHER = dg.AssetSelection.groups(FLEET_GROUP)
+EXPERIMENT = dg.AssetSelection.groups(EXPERIMENT_GROUP)
 # the whole pipeline, in one run: what `make demo` launches
 full_pipeline_job = dg.define_asset_job(
     "full_pipeline",
-    selection=dg.AssetSelection.all() - SHARDED_TEACHER,
+    selection=dg.AssetSelection.all() - SHARDED_TEACHER - EXPERIMENT,
     description="every stage, from problems to promotion",
 )
 # new problems -> traces -> steps -> labels (incremental: only new problems reach the teacher)
@@ -26,6 +27,12 @@ trace_backfill_job = dg.define_asset_job(
     "trace_backfill",
     selection=SHARDED_TEACHER,
     description="teacher traces by problem shard, fanned out over endpoints",
+)
+# the experiment on the data the pipeline holds: both arms over seeds, tuned on validation, tested once
+experiment_job = dg.define_asset_job(
+    "experiment",
+    selection=EXPERIMENT.upstream() - SHARDED_TEACHER,
+    description="does scaffolding beat CoT-SFT? seeds x arms, τ on validation, paired tests on test",
 )
 # shards -> students -> scores -> promotion
 retrain_job = dg.define_asset_job(

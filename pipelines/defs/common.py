@@ -21,7 +21,7 @@ WAREHOUSE_POOL = "duckdb_writer"
 # one trainer at a time (the GPU op); its own pool so training never blocks the data stages' writes
 GPU_POOL = "gpu"
 
-DATA_GROUP, STUDENT_GROUP, FLEET_GROUP = "data", "student", "teacher_fleet"
+DATA_GROUP, STUDENT_GROUP, FLEET_GROUP, EXPERIMENT_GROUP = "data", "student", "teacher_fleet", "experiment"
 
 
 def instance_config() -> Resolved:

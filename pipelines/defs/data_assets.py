@@ -19,6 +19,7 @@ from scaffold_lib import checks
 from scaffold_lib.core.files import DataFileError
 from scaffold_lib.data import stages
 from scaffold_lib.data.endpoint import EndpointConfigError
+from scaffold_lib.evaluation.decontamination import decontaminate
 
 ProblemsRunConfig = section_config("problems")
 TeacherRunConfig = section_config("teacher")
@@ -71,6 +72,34 @@ def problems_without_quarantine(store: StoreResource) -> dg.AssetCheckResult:
 )
 def splits_disjoint_by_group(store: StoreResource) -> dg.AssetCheckResult:
     return check_result(checks.splits_disjoint_by_group(store.open()))
+
+
+DecontaminationRunConfig = section_config("decontamination")
+
+
+@dg.asset(group_name=DATA_GROUP, kinds={"python", "duckdb"}, deps=[problems], pool=WAREHOUSE_POOL)
+def decontamination(
+    context: dg.AssetExecutionContext, config: DecontaminationRunConfig, store: StoreResource
+) -> dg.MaterializeResult:
+    """Training problems sharing a word n-gram with a benchmark question (every suite whose file is present),
+    recorded and, by default, left out of training; suites without a file are listed as not checked."""
+    try:
+        report = decontaminate(store.open(), library_config(config, "decontamination"), run_id(context))
+    except DataFileError as exc:
+        raise stage_failure(exc) from exc
+    d = report.details
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": report.total_rows,
+            "new_rows": report.new_rows,
+            "overlapping_problems": d["overlapping_problems"],
+            "problems_checked": d["problems_checked"],
+            "action": d["action"],
+            "ngram": d["ngram"],
+            "overlap_by_suite": dg.MetadataValue.json(d["checked"]),
+            "suites_not_checked": dg.MetadataValue.json(d["not_checked"]),
+        }
+    )
 
 
 def trace(
@@ -198,6 +227,7 @@ def signal_labels(
             "dagster/row_count": report.total_rows,
             "new_rows": report.new_rows,
             "keyword_coverage": d["keyword_coverage"],
+            "rule_coverage": d["rule_coverage"],
             "fallback_share": d["fallback_share"],
             **({"llm_agreement": d["llm_agreement"]} if d["llm_agreement"] is not None else {}),
             "keywords_file": d["keywords_file"],

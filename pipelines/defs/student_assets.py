@@ -35,7 +35,12 @@ def mlflow_ui() -> str:
     return os.environ.get("SCAFFOLD_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
 
 
-@dg.asset(group_name=STUDENT_GROUP, kinds={"python", "parquet", "duckdb"}, deps=["signal_labels"], pool=WAREHOUSE_POOL)
+@dg.asset(
+    group_name=STUDENT_GROUP,
+    kinds={"python", "parquet", "duckdb"},
+    deps=["signal_labels", "decontamination"],
+    pool=WAREHOUSE_POOL,
+)
 def packed_shards(context: dg.AssetExecutionContext, config: ShardsRunConfig, store: StoreResource) -> ShardsHandle:
     """Correct training traces in the scaffold format (and plain CoT for the baseline), best-fit-decreasing packed
     into fixed-length rows with per-example position ids, written as Parquet shards with a manifest per arm. The

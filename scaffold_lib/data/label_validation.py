@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from scaffold_lib.core.ids import content_id
 from scaffold_lib.data.endpoint import EndpointClient, EndpointConfig, EndpointConfigError, error_summary
 from scaffold_lib.data.journal import Journal
-from scaffold_lib.data.signals import FALLBACK, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE, SIGNALS
+from scaffold_lib.data.signals import FALLBACK, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE, PATTERN, SIGNALS
 
 PROMPT_VERSION = "signal-validation-v1"
 SIGNAL_GUIDE = {
@@ -90,7 +90,7 @@ def decide(labeller: str, keyword_signal: str | None, verdict: Verdict | None) -
     """(signal, labeller) after validation, or None to keep the keyword stage's label (no valid verdict)."""
     if verdict is None or verdict.signal is None:
         return None
-    if labeller == KEYWORD:
+    if labeller in (KEYWORD, PATTERN):
         return (keyword_signal, LLM_AGREE) if verdict.signal == keyword_signal else (verdict.signal, LLM_OVERRIDE)
     if labeller == FALLBACK:
         return verdict.signal, LLM

@@ -34,7 +34,16 @@ from scaffold_lib.data.problems import (
     shard_of,
 )
 from scaffold_lib.data.segmentation import SegmentationConfig, resolve, segment
-from scaffold_lib.data.signals import FALLBACK, KEYWORD, SIGNALS, LabellerConfig, LabelStats, keyword_table, label_step
+from scaffold_lib.data.signals import (
+    FALLBACK,
+    KEYWORD,
+    PATTERN,
+    SIGNALS,
+    LabellerConfig,
+    LabelStats,
+    keyword_table,
+    label_step,
+)
 from scaffold_lib.data.teachers import (
     ProgrammaticTeacher,
     ProgrammaticTeacherConfig,
@@ -359,7 +368,7 @@ def label_signals(store: Store, cfg: LabellingConfig = LabellingConfig(), run_id
                 "labeller": label.labeller,
                 "keyword": label.keyword,
                 "confidence": label.confidence,
-                "keyword_signal": label.signal if label.labeller == KEYWORD else None,
+                "keyword_signal": label.signal if label.labeller in (KEYWORD, PATTERN) else None,
             }
         )
     new = wh.insert_new("signal_labels", rows, run_id)
@@ -388,7 +397,7 @@ def validate_signal_labels(store: Store, validator: LabelValidator, run_id: str 
         SELECT l.step_id, s.text, l.labeller, l.keyword, l.keyword_signal, l.signal
         FROM signal_labels l JOIN segmented_steps s USING (step_id)
         WHERE list_contains(?, l.labeller) ORDER BY l.step_id""",
-        [[KEYWORD, FALLBACK]],
+        [[KEYWORD, PATTERN, FALLBACK]],
     )
     items = [(validator.cache_key(s["text"], s["keyword_signal"]), s["text"], s["keyword_signal"]) for s in steps]
     keys = sorted({key for key, _, _ in items})
@@ -461,14 +470,25 @@ def label_statistics(store: Store) -> dict:
     return stats.as_dict()
 
 
-def coverage_by_source(store: Store) -> dict[str, float]:
-    """Keyword coverage per problem source (GSM8K-style worked solutions open differently from R1 traces)."""
-    rows = store.warehouse.query("""
-        SELECT p.source, avg(CASE WHEN l.labeller IN ('keyword', 'keyword+llm-agree', 'llm-override') THEN 1 ELSE 0
-                                  END) AS coverage
+def coverage_by_source(store: Store) -> dict[str, dict[str, float]]:
+    """Keyword, keyword+pattern and fallback shares per problem source (GSM8K-style worked solutions open
+    differently from R1 traces)."""
+    rows = store.warehouse.query(
+        """
+        SELECT p.source, avg((l.labeller IN ('keyword', 'keyword+llm-agree', 'llm-override'))::INT) AS keyword,
+               avg((l.labeller IN ('keyword', 'keyword+llm-agree', 'llm-override', 'pattern'))::INT) AS rules,
+               avg((l.labeller = 'fallback')::INT) AS fallback
         FROM signal_labels l JOIN segmented_steps s USING (step_id) JOIN teacher_traces t USING (trace_id)
-        JOIN problems p USING (problem_id) GROUP BY p.source ORDER BY p.source""")
-    return {r["source"]: round(r["coverage"], 4) for r in rows}
+        JOIN problems p USING (problem_id) GROUP BY p.source ORDER BY p.source"""
+    )
+    return {
+        r["source"]: {
+            "keyword_coverage": round(r["keyword"], 4),
+            "rule_coverage": round(r["rules"], 4),
+            "fallback_share": round(r["fallback"], 4),
+        }
+        for r in rows
+    }
 
 
 def signal_distribution_markdown(by_signal: dict[str, int]) -> str:

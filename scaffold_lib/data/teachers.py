@@ -10,7 +10,7 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -127,12 +127,22 @@ class ReferenceTeacher:
 
 
 class ProgrammaticTeacherConfig(BaseModel):
+    """The built-in teacher. `flow` (default): the next step depends on the state of the solution (checks after
+    products and quotients, a "Wait" right after each slip, running summaries in long problems). `v1`: the first
+    teacher, whose flow was partly random (kept to compare the two)."""
+
+    style: Literal["flow", "v1"] = "flow"
     seed: int = 0
     wrong_fraction: float = Field(0.1, ge=0, le=1, description="share of traces made wrong on purpose")
-    mistake_prob: float = Field(0.2, ge=0, le=1, description="chance of a corrected mistake in a trace")
-    elaboration_prob: float = Field(0.5, ge=0, le=1)
-    bare_step_prob: float = Field(0.12, ge=0, le=1, description="steps with no opening keyword (fallback)")
-    signal_noise: float = Field(0.15, ge=0, le=1, description="chance an operation step uses the other opening kind")
+    slip_prob: float = Field(0.15, ge=0, le=1, description="flow: chance an operation is miscomputed, then caught")
+    verify_prob: float = Field(1.0, ge=0, le=1, description="flow: chance a product or quotient is checked")
+    summary_every: int = Field(
+        2, ge=0, description="flow: a running summary after every N operations of a long problem (0: none)"
+    )
+    signal_noise: float = Field(0.0, ge=0, le=1, description="chance an operation step uses the other opening kind")
+    mistake_prob: float = Field(0.2, ge=0, le=1, description="v1: chance of a corrected mistake at a random step")
+    elaboration_prob: float = Field(0.5, ge=0, le=1, description="v1: chance of an example or remark step")
+    bare_step_prob: float = Field(0.12, ge=0, le=1, description="v1: steps with no opening keyword (fallback)")
 
 
 # Openings by signal: varied with the seed so no two traces share one template.
@@ -166,7 +176,7 @@ class ProgrammaticTeacher:
 
     def __init__(self, config: ProgrammaticTeacherConfig = ProgrammaticTeacherConfig()) -> None:
         self.config = config
-        self.identity = "programmatic-v1"
+        self.identity = f"programmatic-{config.style}"
         self.samples = 1
 
     def _sampling(self) -> dict:
@@ -192,7 +202,7 @@ class ProgrammaticTeacher:
                 )
                 continue
             rng = random.Random(f"{self.config.seed}:{problem.problem_id}")
-            text = write_trace(parsed, rng, self.config)
+            text = (write_flow_trace if self.config.style == "flow" else write_trace)(parsed, rng, self.config)
             answer, correct = verify(text, problem)
             prompt = DEFAULT_PROMPT.format(question=problem.question)
             result.traces.append(
@@ -304,4 +314,77 @@ def write_trace(parsed: ParsedQuestion, rng: random.Random, cfg: ProgrammaticTea
         )
     )
     steps.append(rng.choice((f"The answer is {value}.", f"**Answer:** {value}", f"The final answer is {value}.")))
+    return "\n\n".join(steps)
+
+
+# The flow style (default): the next step depends on the state of the solution, as in R1 traces.
+FLOW_OPENINGS = {
+    "addition_elaboration": ("Then", "Next,", "After that,", "Then,"),
+    "reasoning_analysis": ("So", "Since", "Because", "That means", "Let me compute:"),
+}
+
+
+def write_flow_trace(parsed: ParsedQuestion, rng: random.Random, cfg: ProgrammaticTeacherConfig) -> str:
+    """An R1-style trace whose flow follows the solution: an operation step (an addition step elaborates, the other
+    operations are analysis); after a product or a quotient a check ("Hmm, let me check: …"); a slip is always followed
+    by the check that catches it ("Wait, …"), so a contrast step means the step before it was wrong; a fact about
+    something else is set aside ("But … does not matter"); in long problems a running summary every few operations
+    ("So far, …"), so summaries-only decoding keeps what the rest needs; then a conclusion and the answer."""
+    name, item = parsed.name, parsed.item
+    ops = [s for s in parsed.steps if s.kind not in ("start", "distractor")]
+    # a trace wrong on purpose: one slip that no check catches (the teacher's own accuracy is then below 1)
+    uncaught = rng.randrange(len(ops)) if ops and rng.random() < cfg.wrong_fraction else -1
+    start = parsed.steps[0].n
+    steps = [
+        rng.choice(
+            (
+                f"First, {name} has {start} {item}.",
+                f"Okay, {name} starts with {start} {item}.",
+                f"Let me start with what we know: {name} has {start} {item}.",
+            )
+        )
+    ]
+    value, op_i = start, 0
+    for step in parsed.steps[1:]:
+        if step.kind == "distractor":
+            fact = step.sentence.rstrip(".")
+            fact = "a" + fact[1:] if fact.startswith("A ") else fact
+            steps.append(
+                rng.choice(
+                    (
+                        f"But {fact} is about something else, so I ignore it.",
+                        f"However, {fact} does not change {name}'s {item}.",
+                    )
+                )
+            )
+            continue
+        a, n, op = value, step.n, step.kind
+        right = {"add": a + n, "sub": a - n, "mul": a * n, "div": a // n}[op]
+        slip = op_i == uncaught or (op_i != uncaught and rng.random() < cfg.slip_prob)
+        shown = right + rng.choice((-2, -1, 1, 2)) if slip else right
+        phrase = rng.choice(OP_PHRASES[op]).format(name=name, n=n, a=a, r=shown, item=item)
+        signal = "addition_elaboration" if op == "add" else "reasoning_analysis"
+        if rng.random() < cfg.signal_noise:
+            signal = "reasoning_analysis" if signal == "addition_elaboration" else "addition_elaboration"
+        steps.append(f"{rng.choice(FLOW_OPENINGS[signal])} {phrase}.")
+        if slip and op_i != uncaught:
+            steps.append(f"Wait, {a} {SYMBOL[op]} {n} is {right}, not {shown}. Let me fix that.")
+            shown = right
+        elif op in ("mul", "div") and not slip and rng.random() < cfg.verify_prob:
+            inverse = f"{shown} / {n} = {a}" if op == "mul" else f"{shown} * {n} = {a}"
+            steps.append(f"Hmm, let me check: {inverse}, so {shown} is right.")
+        value = shown
+        op_i += 1
+        if cfg.summary_every and len(ops) > cfg.summary_every and op_i % cfg.summary_every == 0 and op_i < len(ops):
+            steps.append(f"So far, {name} has {value} {item}.")
+    steps.append(
+        rng.choice(
+            (
+                f"Therefore, {name} has {value} {item} in the end.",
+                f"In summary, {name} has {value} {item}.",
+                f"Thus the count is {value}.",
+            )
+        )
+    )
+    steps.append(f"The answer is {value}.")
     return "\n\n".join(steps)

@@ -99,6 +99,10 @@ def load_trace_rows(
         else:
             thinking, answer = split_reasoning(values[fields.thinking])
             if fields.answer and values.get(fields.answer, "").strip():
+                # with its own answer column, the thinking column is all reasoning even without <think> tags
+                # (split_reasoning would have taken untagged text for the answer, which the column then replaced)
+                if not thinking:
+                    thinking = values[fields.thinking].strip()
                 answer = values[fields.answer].strip()
             rows.append(
                 ImportedRow(

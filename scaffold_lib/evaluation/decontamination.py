@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from scaffold_lib.core.ids import content_id
+from scaffold_lib.data.stages import StageReport
 from scaffold_lib.evaluation.suites import HELDOUT, SUITES, SuiteDataError, get_suite
 from scaffold_lib.store.store import Store
 
@@ -27,20 +28,27 @@ class DecontaminationConfig(BaseModel):
 
     suites: list[str] | None = Field(None, description="default: every benchmark suite whose file is present")
     ngram: int = Field(8, ge=3, description="words in a shared n-gram (lm-eval: 13, open-r1: 8)")
-    action: Literal["exclude", "report"] = Field("exclude", description="exclude: overlapping problems are not "
-                                                                        "trained on; report: trained on, and promotion "
-                                                                        "on that suite is blocked")
-    splits: list[str] = Field(default_factory=lambda: ["train", "validation"],
-                              description="problems of these splits are checked (what trains or tunes the model)")
+    action: Literal["exclude", "report"] = Field(
+        "exclude",
+        description="exclude: overlapping problems are not "
+        "trained on; report: trained on, and promotion "
+        "on that suite is blocked",
+    )
+    splits: list[str] = Field(
+        default_factory=lambda: ["train", "validation"],
+        description="problems of these splits are checked (what trains or tunes the model)",
+    )
     suites_dir: str | None = Field(None, description="default <home>/benchmarks")
 
 
 def ngrams(text: str, n: int) -> set[str]:
     words = _WORD.findall(text.casefold())
-    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
-def find_overlaps(problems: list[tuple[str, str]], questions: list[tuple[str, str]], n: int) -> dict[str, tuple[str, str]]:
+def find_overlaps(
+    problems: list[tuple[str, str]], questions: list[tuple[str, str]], n: int
+) -> dict[str, tuple[str, str]]:
     """problem_id -> (benchmark doc_id, the shared n-gram) for every problem sharing an n-gram with a question."""
     index: dict[str, str] = {}
     for doc_id, question in questions:
@@ -55,14 +63,19 @@ def find_overlaps(problems: list[tuple[str, str]], questions: list[tuple[str, st
     return hits
 
 
-def decontaminate(store: Store, cfg: DecontaminationConfig, run_id: str | None = None) -> dict:
-    """Check the configured splits' problems against each suite; write one `contamination` row per (problem, suite)."""
+def decontaminate(store: Store, cfg: DecontaminationConfig, run_id: str | None = None) -> StageReport:
+    """Check the configured splits' problems against each suite; write one `contamination` row per (problem, suite).
+    An explicitly named suite whose file is missing is an error; a default one is listed as not checked."""
     folder = Path(cfg.suites_dir) if cfg.suites_dir else store.benchmarks
     names = cfg.suites if cfg.suites is not None else [s for s in SUITES if s != HELDOUT]
     wh = store.warehouse
-    problems = [(r["problem_id"], r["question"]) for r in wh.query(
-        "SELECT problem_id, question FROM problems WHERE list_contains(?, split) ORDER BY problem_id",
-        [list(cfg.splits)])]
+    problems = [
+        (r["problem_id"], r["question"])
+        for r in wh.query(
+            "SELECT problem_id, question FROM problems WHERE list_contains(?, split) ORDER BY problem_id",
+            [list(cfg.splits)],
+        )
+    ]
     checked, not_checked, rows = {}, {}, []
     for name in names:
         suite = get_suite(name)
@@ -80,24 +93,47 @@ def decontaminate(store: Store, cfg: DecontaminationConfig, run_id: str | None =
             continue
         hits = find_overlaps(problems, [(i.doc_id, i.raw_question or i.question) for i in items], cfg.ngram)
         checked[name] = len(hits)
-        rows += [{"contamination_id": content_id("contamination", pid, name, cfg.ngram), "problem_id": pid,
-                  "suite": name, "doc_id": doc_id, "ngram": gram, "n": cfg.ngram, "action": cfg.action}
-                 for pid, (doc_id, gram) in hits.items()]
-    new = wh.insert_new("contamination", rows, run_id)
-    return {"checked": checked, "not_checked": not_checked, "problems_checked": len(problems), "new_rows": new,
-            "overlapping_problems": len({r["problem_id"] for r in rows}), "action": cfg.action, "ngram": cfg.ngram}
+        rows += [
+            {
+                "contamination_id": content_id("contamination", pid, name, cfg.ngram),
+                "problem_id": pid,
+                "suite": name,
+                "doc_id": doc_id,
+                "ngram": gram,
+                "n": cfg.ngram,
+                "action": cfg.action,
+            }
+            for pid, (doc_id, gram) in hits.items()
+        ]
+    wh.upsert("contamination", rows, run_id)  # the action may have changed since an earlier check
+    return StageReport(
+        "decontamination",
+        len(rows),
+        wh.scalar("SELECT count(*) FROM contamination"),
+        {
+            "checked": checked,
+            "not_checked": not_checked,
+            "problems_checked": len(problems),
+            "overlapping_problems": len({r["problem_id"] for r in rows}),
+            "action": cfg.action,
+            "ngram": cfg.ngram,
+        },
+    )
 
 
 def suite_contamination(store: Store, suites: list[str], model_name: str, version: str) -> dict[str, dict]:
     """Per suite: problems recorded as overlapping it, and how many of those trained this model version."""
     out = {}
     for name in suites:
-        out[name] = store.warehouse.query("""
+        out[name] = store.warehouse.query(
+            """
             SELECT count(DISTINCT c.problem_id) AS overlapping,
                    count(DISTINCT CASE WHEN ms.shard_id IS NOT NULL THEN c.problem_id END) AS trained_on
             FROM contamination c
             LEFT JOIN teacher_traces t USING (problem_id)
             LEFT JOIN shard_members m USING (trace_id)
             LEFT JOIN model_shards ms ON ms.shard_id = m.shard_id AND ms.model_name = ? AND ms.version = ?
-            WHERE c.suite = ?""", [model_name, version, name])[0]
+            WHERE c.suite = ?""",
+            [model_name, version, name],
+        )[0]
     return out

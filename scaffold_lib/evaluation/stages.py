@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from scaffold_lib.core import paths
 from scaffold_lib.core.ids import content_id
+from scaffold_lib.evaluation.decontamination import suite_contamination
 from scaffold_lib.evaluation.metrics import (
     BASE_VARIANT,
     EvalConfig,
@@ -49,6 +50,8 @@ class EvaluationHandle(BaseModel):
     rows: list[dict]
     items: dict[str, int]  # suite -> items scored (paired: every variant answered these)
     dropped_without_golden: dict[str, int] = Field(default_factory=dict)
+    # suite -> {"overlapping": training problems sharing an n-gram with it, "trained_on": of those, in the student's shards}
+    contamination: dict[str, dict] = Field(default_factory=dict)
     samples: dict[str, str] = Field(default_factory=dict)
     comparison_table: str
     score_table: str
@@ -208,6 +211,9 @@ def evaluate_models(
         rows=all_rows,
         items=counts,
         dropped_without_golden=dropped,
+        contamination=suite_contamination(
+            store, [s for s in runs if s != HELDOUT], student.model_name, student.version
+        ),
         samples=samples,
         comparison_table=table,
         score_table=detail,
@@ -254,6 +260,7 @@ def _store_scores(
                 "n_steps": len(rec.signals),
                 "new_tokens": rec.new_tokens,
                 "stopped_by": rec.stopped_by,
+                "response": rec.response,
             }
             for rec in records
         ],
@@ -290,6 +297,12 @@ def promote_challenger(
     failed = list(failed_gates)
     if config_hash is None:
         failed.append(f"the evaluation did not score the promotion suite {cfg.suite!r}")
+    contaminated = evaluation.contamination.get(cfg.suite, {}).get("trained_on", 0)
+    if contaminated:
+        failed.append(
+            f"{contaminated} training problems of v{evaluation.version} overlap the promotion suite "
+            f"{cfg.suite!r} (decontamination.action = 'exclude' leaves them out)"
+        )
 
     def accuracy(version: str) -> float | None:
         return wh.scalar(

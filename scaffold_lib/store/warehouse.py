@@ -57,10 +57,19 @@ SCHEMA: dict[str, str] = {
         variant VARCHAR NOT NULL, n INTEGER NOT NULL, accuracy DOUBLE NOT NULL, ci_low DOUBLE, ci_high DOUBLE,
         next_signal_acc DOUBLE, signal_fidelity DOUBLE, answer_consistency DOUBLE, mean_steps DOUBLE,
         eval_config_hash VARCHAR NOT NULL, mlflow_run_id VARCHAR, evaluation_id VARCHAR, split VARCHAR""",
+    "contamination": """
+        contamination_id VARCHAR PRIMARY KEY, problem_id VARCHAR NOT NULL, suite VARCHAR NOT NULL,
+        doc_id VARCHAR NOT NULL, ngram VARCHAR NOT NULL, n INTEGER NOT NULL, action VARCHAR NOT NULL""",
+    "experiment_scores": """
+        row_id VARCHAR PRIMARY KEY, experiment_id VARCHAR NOT NULL, seed INTEGER NOT NULL, model_name VARCHAR NOT NULL,
+        version VARCHAR NOT NULL, variant VARCHAR NOT NULL, split VARCHAR NOT NULL, tau DOUBLE NOT NULL,
+        purpose VARCHAR NOT NULL, n INTEGER NOT NULL, accuracy DOUBLE NOT NULL, mean_steps DOUBLE,
+        evaluation_id VARCHAR NOT NULL""",
     "item_scores": """
         evaluation_id VARCHAR NOT NULL, model_name VARCHAR NOT NULL, version VARCHAR NOT NULL, benchmark VARCHAR NOT NULL,
         split VARCHAR NOT NULL, variant VARCHAR NOT NULL, doc_id VARCHAR NOT NULL, correct BOOLEAN NOT NULL,
         extracted VARCHAR, gold VARCHAR NOT NULL, n_steps INTEGER, new_tokens INTEGER, stopped_by VARCHAR,
+        response VARCHAR,
         PRIMARY KEY (evaluation_id, model_name, version, benchmark, variant, doc_id)""",
 }
 # every table also records who wrote each row and when

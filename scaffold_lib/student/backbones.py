@@ -67,7 +67,10 @@ def import_model(source: str, out_dir: str | Path) -> Path:
         loaded = AutoModelForCausalLM.from_pretrained(str(location), dtype=torch.float32, **kwargs)
     except OSError as exc:
         raise ModelImportError(f"{source}: cannot load ({exc})") from exc
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    if getattr(config, "quantization_config", None) is not None:  # the weights are float32 now, not GGUF blocks
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -141,7 +141,7 @@ def prepare_pretrained_base(base_model: str, out_dir: str | Path, atomic: Iterab
             }.values():
                 for a in new:
                     row = tokenizer.convert_tokens_to_ids(a)
-                    if row >= old_rows or row < 0:
+                    if row < old_rows:
                         raise ValueError(f"token {a!r} got id {row}, expected a new row past {old_rows}")
                     table.weight[row] = table.weight[before[a]].mean(0)
     tmp = out_dir.with_name(out_dir.name + ".tmp")

@@ -27,6 +27,7 @@ from scaffold_lib.core.errors import UserError
 from scaffold_lib.core.ids import content_id
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.warehouse import Warehouse
+from scaffold_lib.student.backbones import local_backbone
 from scaffold_lib.student.examples import (
     FORMAT_FILE,
     STEP_SEPARATOR,
@@ -80,6 +81,7 @@ class ShardsHandle(BaseModel):
     stats: dict[str, dict]
     budget: dict[str, int]
     fill_target: float = 0.0
+    excluded_contaminated: int = 0  # training problems left out because they overlap a benchmark
     shard_ids: dict[str, list[str]] = Field(default_factory=dict)
 
 
@@ -118,8 +120,10 @@ def training_traces(
     splits: Sequence[str] = ("train",),
     include_incorrect: bool = False,
     only_problems: Sequence[str] | None = None,
+    drop_contaminated: bool = False,
 ) -> tuple[list[dict], int]:
-    """(traces with question, ordered steps and signals; count of traces skipped because a step has no label)."""
+    """(traces with question, ordered steps and signals; count of traces skipped because a step has no label). With
+    `drop_contaminated`, problems decontamination marked for exclusion are left out."""
     rows = wh.query(
         """
         SELECT t.trace_id, p.problem_id, p.question, p.answer, p.answer_type, t.is_correct,
@@ -131,8 +135,10 @@ def training_traces(
         LEFT JOIN signal_labels l USING (step_id)
         WHERE list_contains(?, p.split) AND (t.is_correct OR ?)
           AND (?::VARCHAR[] IS NULL OR list_contains(?::VARCHAR[], p.problem_id))
+          AND NOT (? AND EXISTS (SELECT 1 FROM contamination c WHERE c.problem_id = p.problem_id
+                                 AND c.action = 'exclude'))
         GROUP BY ALL ORDER BY t.trace_id""",
-        [list(splits), include_incorrect, only_problems, only_problems],
+        [list(splits), include_incorrect, only_problems, only_problems, drop_contaminated],
     )
     complete = [r for r in rows if r["n_steps"] == r["n_labelled"]]
     return complete, len(rows) - len(complete)
@@ -152,13 +158,10 @@ def prepare_base_model(
             build_embedded_base(cfg, corpus, out, atomic)
         chat = False
     else:
-        out = (
-            artifacts
-            / "base_models"
-            / content_id("base", cfg.base_model, atomic, _stamp(cfg.base_model), cfg.chat_template)
-        )
+        source = local_backbone(cfg.base_model, artifacts / "imported")  # a GGUF or `package:` becomes a directory
+        out = artifacts / "base_models" / content_id("base", cfg.base_model, atomic, _stamp(source), cfg.chat_template)
         if not (out / "config.json").exists():
-            prepare_pretrained_base(cfg.base_model, out, atomic)
+            prepare_pretrained_base(source, out, atomic)
         has_template = bool(getattr(load_tokenizer(out), "chat_template", None))
         chat = has_template if cfg.chat_template is None else cfg.chat_template
     fmt = {"tags": tags, "chat_template": chat}
@@ -182,7 +185,11 @@ def pack_shards(store: Store, cfg: ShardsConfig, student: StudentConfig, run_id:
     """Correct training traces in the scaffold format (and plain CoT for the baseline), best-fit-decreasing packed into
     fixed-length rows with per-example position ids, written as Parquet shards with a manifest per arm."""
     wh = store.warehouse
-    traces, skipped = training_traces(wh, ("train",), cfg.include_incorrect)
+    traces, skipped = training_traces(wh, ("train",), cfg.include_incorrect, drop_contaminated=True)
+    excluded = wh.scalar(
+        "SELECT count(DISTINCT c.problem_id) FROM contamination c JOIN problems p USING (problem_id) "
+        "WHERE c.action = 'exclude' AND p.split = 'train'"
+    )
     if not traces:
         raise ValueError(
             "no labelled training traces in the warehouse: run the data stages first (problems, "
@@ -208,6 +215,7 @@ def pack_shards(store: Store, cfg: ShardsConfig, student: StudentConfig, run_id:
         stats={},
         budget={},
         fill_target=cfg.min_fill,
+        excluded_contaminated=excluded,
     )
     scaffold_examples = []
     for kind in KINDS:
