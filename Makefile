@@ -42,13 +42,16 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Dagster UI on http://127.0.0.1:3000 and MLflow UI on http://127.0.0.1:5000 (loopback only); Ctrl-C stops both
+# Dagster UI on http://127.0.0.1:3000 and MLflow UI on http://127.0.0.1:5000 (loopback only); Ctrl-C stops both.
+# Both log to $(DAGSTER_HOME)/ui.log: the terminal shows the two addresses, not a stream of INFO lines.
 ui: $(STAMP)
 	mkdir -p $(DAGSTER_HOME)/mlartifacts
-	trap 'kill 0' EXIT; \
-	$(BIN)/mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(DAGSTER_HOME)/mlflow.db \
-		--default-artifact-root file://$(DAGSTER_HOME)/mlartifacts & \
-	$(BIN)/dagster dev -m pipelines.definitions -h 127.0.0.1 -p 3000
+	@echo "Dagster: http://127.0.0.1:3000   MLflow: http://127.0.0.1:5000   (logs: $(DAGSTER_HOME)/ui.log; Ctrl-C stops)"
+	@trap 'kill 0' EXIT; \
+	$(BIN)/mlflow server --host 127.0.0.1 --port 5000 --workers 1 \
+		--backend-store-uri sqlite:///$(DAGSTER_HOME)/mlflow.db \
+		--default-artifact-root file://$(DAGSTER_HOME)/mlartifacts >> $(DAGSTER_HOME)/ui.log 2>&1 & \
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000 --log-level warning >> $(DAGSTER_HOME)/ui.log 2>&1
 
 bench: $(STAMP)
 	$(BIN)/pip install -q torch==2.13.0 -e ".[bench]" 2>&1 | grep -v "is ignored: it is neither" || true

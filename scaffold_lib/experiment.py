@@ -156,7 +156,10 @@ def _train(
     progress: bool,
 ) -> ModelHandle:
     train = cfg.train.model_copy(update={"seed": seed, "beta": beta})
-    return train_model(store, shards, train, kind, run_id, tags={**tags, "seed": str(seed)}, progress=progress)
+    serving = cfg.eval.decode.resolved(shards.budget).model_dump()
+    return train_model(
+        store, shards, train, kind, run_id, tags={**tags, "seed": str(seed)}, serving_decode=serving, progress=progress
+    )
 
 
 def _run(

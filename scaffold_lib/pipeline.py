@@ -89,7 +89,8 @@ def run_pipeline(
     log(f"packed_shards: {result.shards.traces} traces, manifests {result.shards.manifests}")
     _gate(result, [checks.shard_fill_on_target(result.shards, result.shards.fill_target)], log)
     for kind in ("scaffold", "baseline"):
-        model = train_model(store, result.shards, cfg.train, kind, run_id, progress=progress)
+        serving = cfg.eval.decode.resolved(result.shards.budget).model_dump()
+        model = train_model(store, result.shards, cfg.train, kind, run_id, serving_decode=serving, progress=progress)
         save_handle(store.home, "student_model" if kind == "scaffold" else "baseline_model", run_id, model)
         setattr(result, "student" if kind == "scaffold" else "baseline", model)
         log(f"{kind}: {model.model_uri}, loss {model.first_loss:.3f} -> {model.final_loss:.3f}")

@@ -132,12 +132,15 @@ def test_definitions_load_every_asset_check_schedule_and_sensor():
     assert {(k.asset_key.to_user_string(), k.name) for k in ag.asset_check_keys} == CHECKS
     assert {s.name for s in d.schedules} == {"data_refresh_schedule", "retrain_and_evaluate_schedule"}
     assert {s.name for s in d.sensors} == {"new_problem_file_sensor"}
-    assert {"full_pipeline", "data_refresh", "retrain_and_evaluate", "trace_backfill"} <= {j.name for j in d.jobs}
-    assert set(ag.get_all_asset_keys()) - {dg.AssetKey(a) for a in ASSETS} == {dg.AssetKey("teacher_trace_shards")}
+    assert {"full_pipeline", "data_refresh", "retrain_and_evaluate", "trace_backfill", "experiment"} <= {
+        j.name for j in d.jobs
+    }
+    optional = {"teacher_trace_shards": "teacher_fleet", "experiment_report": "experiment"}
+    assert set(ag.get_all_asset_keys()) - {dg.AssetKey(a) for a in ASSETS} == {dg.AssetKey(a) for a in optional}
     for key in ag.get_all_asset_keys():
         node = ag.get(key)
         name = key.to_user_string()
-        expected = "data" if name in DATA_ASSETS else "teacher_fleet" if name == "teacher_trace_shards" else "student"
+        expected = "data" if name in DATA_ASSETS else optional.get(name, "student")
         assert node.group_name == expected, name
         assert node.kinds, f"{name} has no kinds"
         assert node.description and len(node.description) > 30, f"{name} has no docstring"
@@ -154,6 +157,7 @@ def test_jobs_select_the_right_stages():
     assert selected("retrain_and_evaluate") == ASSETS - set(DATA_ASSETS)
     assert selected("full_pipeline") == ASSETS
     assert selected("trace_backfill") == {"teacher_trace_shards"}  # partitioned: only in its own job
+    assert selected("experiment") == set(DATA_ASSETS) | {"experiment_report"}  # trains many models: its own job
     schedules = {s.name: s for s in d.schedules}
     assert schedules["data_refresh_schedule"].job_name == "data_refresh"
     assert schedules["retrain_and_evaluate_schedule"].job_name == "retrain_and_evaluate"

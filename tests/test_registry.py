@@ -8,10 +8,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from scaffold_lib.store import registry
 from scaffold_lib.store.store import Store
+from scaffold_lib.student.stages import SERVING_MODEL_CODE
 
 # ---------------------------------------------------------------------------------------------------- pure rule
 
@@ -90,7 +92,13 @@ def _log(cfg, root: Path, marker: str, register_as: str | None = "scaffold-stude
     registry.finish_run(cfg, run_id)
     version = (
         registry.register_model(
-            cfg, run_id, _fake_model(root, marker), name=register_as, tags=tags, description=f"model {marker}"
+            cfg,
+            run_id,
+            _fake_model(root, marker),
+            name=register_as,
+            tags=tags,
+            description=f"model {marker}",
+            model_code=SERVING_MODEL_CODE,
         )
         if register_as
         else None
@@ -193,5 +201,11 @@ def test_log_scores_puts_metrics_and_tables_on_the_run(reg, tmp_path):
     metrics = c.get_run(logged.run_id).data.metrics
     assert metrics["heldout.test.predicted.accuracy"] == 0.25
     assert metrics["heldout.test.golden.accuracy"] == 0.5
-    names = {a.path for a in c.list_artifacts(logged.run_id)}
-    assert {"scores.md", "scores.json", registry.MODEL_ARTIFACT} <= names
+    assert {a.path for a in c.list_artifacts(logged.run_id)} == {"scores.md", "scores.json"}
+    # the model itself is an MLflow 3 logged model of that run, not a run artifact
+    (model,) = mlflow.search_logged_models(
+        experiment_ids=[registry.experiment_id(reg)],
+        filter_string=f"source_run_id = '{logged.run_id}'",
+        output_format="list",
+    )
+    assert model.name == registry.MODEL_ARTIFACT

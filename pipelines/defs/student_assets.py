@@ -2,7 +2,9 @@
 -> promotion of the challenger. Each asset calls its library stage function with the handle its upstream produced in
 the same run (through the IO manager) and adds Dagster metadata."""
 
+import base64
 import os
+from pathlib import Path
 
 import dagster as dg
 
@@ -11,6 +13,7 @@ from pipelines.defs.common import (
     STUDENT_GROUP,
     WAREHOUSE_POOL,
     check_result,
+    instance_config,
     library_config,
     markdown_table,
     run_id,
@@ -21,6 +24,7 @@ from pipelines.defs.resources import StoreResource
 from scaffold_lib import checks
 from scaffold_lib.evaluation.stages import EvaluationHandle, evaluate_models, promote_challenger
 from scaffold_lib.evaluation.suites import HELDOUT, SuiteDataError
+from scaffold_lib.store.lineage import traces_of_model
 from scaffold_lib.student.model import StudentLoadError
 from scaffold_lib.student.stages import ModelHandle, ShardsHandle, ShardTokenizerMismatch, pack_shards, train_model
 
@@ -28,6 +32,15 @@ ShardsRunConfig = section_config("shards", "student")
 TrainRunConfig = section_config("train")
 EvalRunConfig = section_config("eval")
 PromotionRunConfig = section_config("promotion")
+
+
+def dagster_ui() -> str:
+    return os.environ.get("SCAFFOLD_DAGSTER_UI", "http://127.0.0.1:3000").rstrip("/")
+
+
+def png_markdown(path: str, alt: str) -> str:
+    """A small PNG inline in asset metadata (the UI renders markdown; a local path would not load in the browser)."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})"
 
 
 def mlflow_ui() -> str:
@@ -125,28 +138,34 @@ def train(
     def pipes(command: list[str], env: dict[str, str]) -> None:  # torchrun ranks stream their logs into this run
         dg.PipesSubprocessClient().run(command=command, context=context, env=env)
 
+    s = store.open()
+    serving = instance_config().config.eval.decode.resolved(shards.budget).model_dump()
     try:
         model = train_model(
-            store.open(),
+            s,
             shards,
             cfg,
             kind,
             run_id(context),
             on_log=on_log,
             run_command=pipes,
-            tags={"dagster_run_id": run_id(context)},
+            tags={"dagster_run_id": run_id(context), "dagster_run_url": f"{dagster_ui()}/runs/{run_id(context)}"},
+            serving_decode=serving,
             progress=False,
         )
     except (ShardTokenizerMismatch, StudentLoadError, FloatingPointError) as exc:
         raise stage_failure(exc) from exc
     ui = mlflow_ui()
+    traces = traces_of_model(s.warehouse, model.model_name, model.version)
     # an Output, not a bare value: after a Pipes launch Dagster requires a typed event stream
     return dg.Output(
         model,
         metadata={
             "model_name": model.model_name,
             "model_version": model.version,
-            "mlflow_run": dg.MetadataValue.url(f"{ui}/#/experiments/0/runs/{model.mlflow_run_id}"),
+            "mlflow_run": dg.MetadataValue.url(
+                f"{ui}/#/experiments/{model.mlflow_experiment_id}/runs/{model.mlflow_run_id}"
+            ),
             "model_version_page": dg.MetadataValue.url(f"{ui}/#/models/{model.model_name}/versions/{model.version}"),
             "model_uri": model.model_uri,
             "manifest_hash": model.manifest_hash,
@@ -158,9 +177,13 @@ def train(
             "final_loss_last10_mean": round(model.final_loss, 4),
             "tokens_per_s": round(model.tokens_per_s, 1),
             "train_tokens": model.train_tokens,
-            "trained_on_traces": model.traces,
-            "traces_command": f"scaffold lineage --model {model.version}" if kind == "scaffold" else "",
+            "trained_on_traces": len(traces),
+            "sample_trace_ids": ", ".join(t["trace_id"] for t in traces[:5]),
+            "all_traces_command": f"scaffold lineage --model {model.version} --show {len(traces)}"
+            if kind == "scaffold"
+            else f"scaffold lineage --trace <id> (baseline: {model.model_name} v{model.version})",
             "loss": dg.MetadataValue.md(loss_table(model)),
+            "loss_curve": dg.MetadataValue.md(png_markdown(model.loss_plot, f"{kind} loss")),
         },
     )
 
@@ -221,7 +244,9 @@ def benchmark_scores(
             "items_per_suite": dg.MetadataValue.json(evaluation.items),
             "comparison_table": dg.MetadataValue.md(evaluation.comparison_table),
             "scores": dg.MetadataValue.md(evaluation.score_table),
-            "mlflow_run": dg.MetadataValue.url(f"{mlflow_ui()}/#/experiments/0/runs/{student_model.mlflow_run_id}"),
+            "mlflow_run": dg.MetadataValue.url(
+                f"{mlflow_ui()}/#/experiments/{student_model.mlflow_experiment_id}/runs/{student_model.mlflow_run_id}"
+            ),
             **({"samples": dg.MetadataValue.json(evaluation.samples)} if evaluation.samples else {}),
         }
     )

@@ -311,4 +311,10 @@ def promote_challenger(
             [reg.model_name, version, cfg.variant, config_hash],
         )
 
-    return registry.promote_if_better(reg, evaluation.version, accuracy, cfg.margin, failed, who=who)
+    outcome = registry.promote_if_better(reg, evaluation.version, accuracy, cfg.margin, failed, who=who)
+    registry.append_description(
+        reg,
+        evaluation.version,
+        f"Promotion: {'yes' if outcome.promoted else 'no'} — {outcome.reason}\n\n{evaluation.comparison_table}",
+    )
+    return outcome

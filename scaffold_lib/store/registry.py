@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
@@ -45,15 +46,24 @@ def client(cfg: RegistryConfig) -> MlflowClient:
     return MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
 
 
+# MLflow's UI opens an experiment with this tag on its runs (model training), not on its GenAI traces view
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(cfg: RegistryConfig) -> str:
     c = client(cfg)
     exp = c.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         return exp.experiment_id
     try:
-        return c.create_experiment(cfg.experiment, artifact_location=cfg.artifact_location)
+        created = c.create_experiment(cfg.experiment, artifact_location=cfg.artifact_location, tags=EXPERIMENT_KIND)
     except MlflowException:  # created meanwhile by a concurrent run
         return c.get_experiment_by_name(cfg.experiment).experiment_id
+    # the store creates an empty "Default" experiment of its own; nothing of ours goes there, so it is set aside
+    default = c.get_experiment("0")
+    if default.lifecycle_stage == "active" and not c.search_runs(["0"], max_results=1):
+        c.delete_experiment("0")
+    return created
 
 
 def git_commit() -> str:
@@ -147,24 +157,54 @@ def finish_run(cfg: RegistryConfig, run_id: str, failed: bool = False) -> None:
     client(cfg).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
+STUDENT_ARTIFACT = "student"  # the model directory inside a logged pyfunc model (see scaffold_lib.serving)
+
+
+def serving_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "question")]),
+        outputs=Schema([ColSpec("string", n) for n in ("question", "answer", "steps", "response")]),
+        params=ParamSchema([ParamSpec("tau", "double", 0.0)]),
+    )
+
+
 def register_model(
-    cfg: RegistryConfig, run_id: str, model_dir: str | Path, *, name: str, tags: dict[str, str], description: str = ""
+    cfg: RegistryConfig,
+    run_id: str,
+    model_dir: str | Path,
+    *,
+    name: str,
+    tags: dict[str, str],
+    description: str = "",
+    model_code: str | Path,
 ) -> str:
-    """Log the model directory (safetensors weights, tokenizer, heads, config) to the run and register it as a new
+    """Log the model directory (safetensors weights, tokenizer, heads, config) as an MLflow pyfunc model — the
+    `model_code` file wraps it, run as a "model from code", so nothing pickled is logged — and register it as a new
     version of `name` with alias `challenger`; returns the version."""
     c = client(cfg)
-    c.log_artifacts(run_id, str(model_dir), artifact_path=MODEL_ARTIFACT)
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=str(model_code),
+            artifacts={STUDENT_ARTIFACT: str(model_dir)},
+            signature=serving_signature(),
+            # no input_example: MLflow would load the model and decode it at every registration to validate it
+            pip_requirements=["reasoning-scaffold", "torch", "transformers", "safetensors", "pandas"],
+        )
     try:
         c.create_registered_model(name)
     except MlflowException:
         pass  # already registered
-    run = c.get_run(run_id)
     mv = c.create_model_version(
         name,
-        source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT}",
+        source=info.model_uri,
         run_id=run_id,
         tags={**tags, "git_commit": git_commit()},
         description=description or None,
+        model_id=info.model_id,
     )
     version = str(mv.version)
     c.set_registered_model_alias(name, CHALLENGER, version)
@@ -185,11 +225,26 @@ def resolve_version(cfg: RegistryConfig, ref: str, model_name: str | None = None
 def download_model(
     cfg: RegistryConfig, ref: str = CHAMPION, model_name: str | None = None, dst: str | Path | None = None
 ) -> Path:
-    """Local directory of `models:/NAME@alias` (or a version number), ready for `ScaffoldStudent.from_pretrained`."""
+    """Local student directory of `models:/NAME@alias` (or a version number), ready for
+    `ScaffoldStudent.from_pretrained` (the safetensors model inside the registered pyfunc model)."""
     client(cfg)
     name = model_name or cfg.model_name
     uri = f"models:/{name}/{ref}" if ref.isdigit() else f"models:/{name}@{ref}"
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None))
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None))
+    return student_dir(root)
+
+
+def student_dir(model_root: Path) -> Path:
+    """The student directory inside a downloaded pyfunc model (its `MLmodel` names where the artifact was copied);
+    a bare directory (no `MLmodel`) is the student itself."""
+    mlmodel = model_root / "MLmodel"
+    if not mlmodel.exists():
+        return model_root
+    flavor = yaml.safe_load(mlmodel.read_text()).get("flavors", {}).get("python_function", {})
+    artifact = flavor.get("artifacts", {}).get(STUDENT_ARTIFACT)
+    if artifact is None:
+        raise LookupError(f"{mlmodel}: no '{STUDENT_ARTIFACT}' artifact in the python_function flavour")
+    return model_root / artifact["path"]
 
 
 def alias_version(cfg: RegistryConfig, alias: str, model_name: str | None = None) -> str | None:
@@ -220,6 +275,13 @@ def set_champion(cfg: RegistryConfig, version: str, reason: str, who: str | None
     c.set_registered_model_alias(cfg.model_name, CHAMPION, version)
     c.set_model_version_tag(cfg.model_name, version, "promoted_by", who or getpass.getuser())
     c.set_model_version_tag(cfg.model_name, version, "promotion_reason", reason[:5000])
+
+
+def append_description(cfg: RegistryConfig, version: str, text: str, model_name: str | None = None) -> None:
+    """Add a paragraph to a version's description (what the registry UI shows first)."""
+    c, name = client(cfg), model_name or cfg.model_name
+    current = c.get_model_version(name, version).description or ""
+    c.update_model_version(name, version, description=(current + "\n\n" + text).strip()[:20000])
 
 
 def record_refusal(cfg: RegistryConfig, version: str, reason: str) -> None:

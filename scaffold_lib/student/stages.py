@@ -49,6 +49,9 @@ from scaffold_lib.student.shards import PackConfig, load_rows, pack_rows, write_
 from scaffold_lib.student.training import TrainConfig, TrainResult, full_model_state, init_distributed, train
 
 KINDS = ("scaffold", "baseline")
+# a registered student is served by this "model from code" file (named, not imported: serving sits above this layer)
+SERVING_MODEL_CODE = Path(__file__).resolve().parent.parent / "serving" / "pyfunc_model.py"
+SERVING_DECODE = "decode.json"  # decoding settings a served student uses (read by scaffold_lib.serving.student)
 BASELINE_SUFFIX = "-baseline"  # the CoT-SFT baseline is registered as <model name>-baseline
 
 
@@ -92,6 +95,7 @@ class ModelHandle(BaseModel):
     version: str
     kind: str
     mlflow_run_id: str
+    mlflow_experiment_id: str = ""
     model_uri: str
     path: str
     manifest_hash: str
@@ -110,6 +114,7 @@ class ModelHandle(BaseModel):
     tokens_per_s: float
     train_tokens: int
     traces: int
+    loss_plot: str = ""  # PNG of the loss curves (also logged to the MLflow run)
 
 
 # --- shards -------------------------------------------------------------------------------------------------------
@@ -358,6 +363,30 @@ def fit_student(
     )
 
 
+def loss_plot(result: TrainResult, kind: str, path: Path) -> Path:
+    """The loss curves of a training run as a small PNG (total, token and, for the scaffold student, signal loss)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = range(1, len(result.losses) + 1)
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=110)
+    ax.plot(steps, result.losses, label="loss")
+    if kind == "scaffold" and result.signal_losses and any(result.signal_losses):
+        ax.plot(steps, result.token_losses, label="token loss", alpha=0.7)
+        ax.plot(steps, result.signal_losses, label="signal loss", alpha=0.7)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title(f"{kind} training")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def torchrun_command(job_file: Path, nproc: int) -> list[str]:
     return [
         sys.executable,
@@ -425,11 +454,13 @@ def train_model(
     on_log: Callable[[int, dict], None] | None = None,
     run_command: RunCommand | None = None,
     tags: dict[str, str] | None = None,
+    serving_decode: dict | None = None,
     progress: bool = True,
 ) -> ModelHandle:
     """The whole training stage for one arm: an MLflow run opened before training (metrics logged as the steps
     happen), the fit (in process or under torchrun), the student registered as a new version with alias
-    `challenger`, and its lineage (version -> shards) in the warehouse."""
+    `challenger` (an MLflow pyfunc model that `mlflow models serve` serves, with `serving_decode` as its decoding
+    settings), and its lineage (version -> shards) in the warehouse."""
     from scaffold_lib.store import registry
 
     if kind not in KINDS:
@@ -481,6 +512,10 @@ def train_model(
             f"{kind} student trained {cfg.max_steps} steps on {shards.traces} traces (manifest {manifest}); "
             f"loss {result.losses[0]:.3f} -> {result.final_loss:.3f}"
         )
+        if serving_decode is not None:
+            (Path(trained.path) / SERVING_DECODE).write_text(json.dumps(serving_decode, indent=2))
+        plot = loss_plot(result, kind, store.artifacts / "plots" / f"{mlflow_run}.png")
+        registry.client(reg).log_artifact(mlflow_run, str(plot))
         version = registry.register_model(
             reg,
             mlflow_run,
@@ -488,6 +523,7 @@ def train_model(
             name=name,
             tags={**tags, **({"dagster_run_id": run_id} if run_id else {})},
             description=description,
+            model_code=SERVING_MODEL_CODE,
         )
     except BaseException:
         registry.finish_run(reg, mlflow_run, failed=True)
@@ -515,6 +551,8 @@ def train_model(
         run_id,
     )
     return ModelHandle(
+        mlflow_experiment_id=registry.experiment_id(reg),
+        loss_plot=str(plot),
         model_name=name,
         version=version,
         kind=kind,

@@ -35,9 +35,11 @@ def definitions() -> dg.Definitions:
 
 
 def graph() -> list:
-    """Every asset and check but the sharded teacher: one run cannot mix its partitioning with the others."""
+    """Every asset and check of `full_pipeline`: not the sharded teacher (one run cannot mix its partitioning with the
+    others) nor the experiment (it trains a model per arm and seed)."""
     d = definitions()
-    return [*(a for a in d.assets if dg.AssetKey("teacher_trace_shards") not in a.keys), *d.asset_checks]
+    optional = {dg.AssetKey("teacher_trace_shards"), dg.AssetKey("experiment_report")}
+    return [*(a for a in d.assets if not optional & set(a.keys)), *d.asset_checks]
 
 
 def resources(home: Path, **secrets) -> dict:

@@ -1,0 +1,251 @@
+"""The UIs tell the truth and connect, checked the way a person would see them, through the servers' own APIs: the
+demo's run (launched through the workspace) is listed under `full_pipeline` with its code location, every asset of
+the job is materialised (`benchmark_scores` included), the MLflow experiment opens on its runs and they have real
+durations, and the champion answers a question over HTTP from `mlflow models serve`.
+
+The README's screenshots come from `docs/screenshots.py`, which starts the same servers and drives a headless
+browser over the same pages."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from scaffold_lib.store import registry
+from scaffold_lib.store.store import Store
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer in {timeout_s:.0f} s")
+
+
+def serve(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Iterator[dict]:
+    home = tmp_path_factory.mktemp("ui-home")
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "TQDM_DISABLE": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.demo", "--preset", "micro"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_id = out.stdout.split("run ", 1)[1].split(" ", 1)[0]
+    dagster_port, mlflow_port = free_port(), free_port()
+    servers = [
+        serve(
+            [
+                str(BIN / "dagster-webserver"),
+                "-w",
+                str(REPO / "workspace.yaml"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(dagster_port),
+            ],
+            env,
+            home / "webserver.log",
+        ),
+        serve(
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(mlflow_port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{home}/mlflow.db",
+                "--default-artifact-root",
+                (home / "mlartifacts").as_uri(),
+            ],
+            env,
+            home / "mlflow.log",
+        ),
+    ]
+    try:
+        wait_for(f"http://127.0.0.1:{dagster_port}/server_info")
+        wait_for(f"http://127.0.0.1:{mlflow_port}/health")
+        yield {
+            "home": home,
+            "env": env,
+            "run_id": run_id,
+            "stdout": out.stdout,
+            "dagster": f"http://127.0.0.1:{dagster_port}",
+            "mlflow": f"http://127.0.0.1:{mlflow_port}",
+        }
+    finally:
+        for proc in servers:
+            stop(proc)
+
+
+def graphql(demo: dict, query: str, variables: dict | None = None) -> dict:
+    response = httpx.post(f"{demo['dagster']}/graphql", json={"query": query, "variables": variables or {}}, timeout=60)
+    response.raise_for_status()
+    body = response.json()
+    assert "errors" not in body, body
+    return body["data"]
+
+
+def test_the_demo_prints_progress_and_the_summary_not_dagsters_event_stream(demo):
+    stdout = demo["stdout"]
+    assert "of job full_pipeline queued" in stdout and "benchmark_scores: done" in stdout
+    assert "DEBUG" not in stdout and "STEP_START" not in stdout
+    assert "The comparison table (Pass@1):" in stdout and "Champion: models:/scaffold-student@champion" in stdout
+
+
+def test_the_run_is_listed_under_full_pipeline_with_its_code_location(demo):
+    data = graphql(
+        demo,
+        """
+        query { runsOrError(filter: {pipelineName: "full_pipeline"}) {
+            ... on Runs { results { runId status repositoryOrigin { repositoryLocationName } } } } }""",
+    )
+    runs = {r["runId"]: r for r in data["runsOrError"]["results"]}
+    assert demo["run_id"] in runs and runs[demo["run_id"]]["status"] == "SUCCESS"
+    assert runs[demo["run_id"]]["repositoryOrigin"]["repositoryLocationName"] == "reasoning-scaffold"
+
+
+def test_every_asset_of_the_job_is_materialised(demo):
+    data = graphql(
+        demo,
+        """
+        query { assetNodes { assetKey { path } groupName
+                             assetMaterializations(limit: 1) { runId } } }""",
+    )
+    nodes = {"/".join(n["assetKey"]["path"]): n for n in data["assetNodes"]}
+    for key, node in nodes.items():
+        if node["groupName"] in ("teacher_fleet", "experiment"):
+            assert not node["assetMaterializations"], key  # optional assets: their own jobs
+            continue
+        assert [m["runId"] for m in node["assetMaterializations"]] == [demo["run_id"]], key
+    assert "benchmark_scores" in nodes
+
+
+def test_the_mlflow_experiment_opens_on_runs_with_real_durations(demo):
+    experiments = httpx.post(
+        f"{demo['mlflow']}/api/2.0/mlflow/experiments/search", json={"max_results": 100}, timeout=30
+    ).json()["experiments"]
+    by_name = {e["name"]: e for e in experiments}
+    assert set(by_name) == {"reasoning-scaffold"}  # no empty Default beside it
+    ours = by_name["reasoning-scaffold"]
+    assert {t["key"]: t["value"] for t in ours.get("tags", [])}["mlflow.experimentKind"] == "custom_model_development"
+    runs = httpx.post(
+        f"{demo['mlflow']}/api/2.0/mlflow/runs/search", json={"experiment_ids": [ours["experiment_id"]]}, timeout=30
+    ).json()["runs"]
+    assert len(runs) == 2
+    for run in runs:
+        info, tags = run["info"], {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert int(info["end_time"]) - int(info["start_time"]) > 500, info  # training took place inside the run
+        assert tags["dagster_run_url"].endswith(f"/runs/{demo['run_id']}")
+        assert run["inputs"]["dataset_inputs"][0]["dataset"]["digest"] == tags["manifest_hash"]
+
+
+def test_the_champion_serves_a_prediction_over_http(demo):
+    port = free_port()
+    proc = serve(
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/scaffold-student@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        demo["env"],
+        demo["home"] / "serve.log",
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", timeout_s=240)
+        question = "Ava has 3 apples. Ava buys 2 more apples. How many apples does Ava have now?"
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/invocations",
+            timeout=120,
+            json={"dataframe_split": {"columns": ["question"], "data": [[question]]}},
+        )
+        assert response.status_code == 200, response.text
+        (prediction,) = response.json()["predictions"]
+        assert prediction["question"] == question
+        assert prediction["response"].splitlines()[-1].startswith("[response_generation]")
+        for step in json.loads(prediction["steps"]):
+            assert step["signal"] in (
+                "addition_elaboration",
+                "examples_illustration",
+                "opinion_recall",
+                "contrast_concession",
+                "reasoning_analysis",
+                "conclusion_summary",
+            )
+    finally:
+        stop(proc)
+
+
+def test_the_champion_loads_through_pyfunc_and_predicts(demo):
+    import mlflow.pyfunc
+
+    reg = Store.at(demo["home"]).registry
+    registry.client(reg)
+    model = mlflow.pyfunc.load_model("models:/scaffold-student@champion")
+    out = model.predict({"question": ["Ava has 3 apples. Ava buys 2 more apples. How many apples does Ava have now?"]})
+    assert list(out.columns) == ["question", "answer", "steps", "response"] and len(out) == 1
+    version = registry.client(reg).get_model_version("scaffold-student", registry.resolve_version(reg, "champion"))
+    assert "student trained" in version.description and "promotion" in version.description.lower()
