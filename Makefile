@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 
-.PHONY: venv demo test test-fast lint format ui bench clean
+.PHONY: venv demo test test-fast lint format ui serve bench clean
 
 venv: $(STAMP)
 
@@ -53,10 +53,17 @@ ui: $(STAMP)
 		--default-artifact-root file://$(DAGSTER_HOME)/mlartifacts >> $(DAGSTER_HOME)/ui.log 2>&1 & \
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000 --log-level warning >> $(DAGSTER_HOME)/ui.log 2>&1
 
+# the champion as a REST service on http://127.0.0.1:5001 (POST /invocations {"dataframe_split": {"columns":
+# ["question"], "data": [["…"]]}}); MLflow starts uvicorn by name, hence the venv on PATH
+serve: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH MLFLOW_TRACKING_URI=sqlite:///$(DAGSTER_HOME)/mlflow.db \
+		$(BIN)/mlflow models serve -m models:/scaffold-student@champion --env-manager local -h 127.0.0.1 -p 5001
+
 bench: $(STAMP)
 	$(BIN)/pip install -q torch==2.13.0 -e ".[bench]" 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python bench/bench_segment_label.py
 	$(BIN)/python bench/bench_packing.py
+	$(BIN)/python bench/bench_scale.py
 
 clean:
 	rm -rf $(VENV)

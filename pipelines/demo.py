@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{home}: this instance now runs preset {args.preset!r} (was {current!r})")
 
     env = {**os.environ, "DAGSTER_HOME": str(home)}
+    with dg.DagsterInstance.get():
+        pass  # create the instance's storage here: the daemon and the launcher would race to create its tables
     run_id = str(uuid.uuid4())
     started = time.perf_counter()
     # not below $DAGSTER_HOME/logs: Dagster moves that folder away (its telemetry queue)

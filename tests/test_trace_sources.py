@@ -15,7 +15,7 @@ from scaffold_lib.data.journal import Journal
 from scaffold_lib.data.label_validation import Verdict, decide, parse_signal
 from scaffold_lib.data.problems import GeneratorConfig, ProblemFileError, generate_problems, parse_question, solve
 from scaffold_lib.data.signals import FALLBACK, FINAL_STEP, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE
-from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap, load_trace_rows
+from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap, read_trace_rows
 from scaffold_lib.store.warehouse import Warehouse
 from support.stages import generate_teacher_traces, segment_traces, store_problems
 
@@ -157,10 +157,10 @@ def test_trace_import_joins_by_question_and_by_id_and_verifies(tmp_path: Path, w
 def test_trace_import_strict_mode_names_file_line_and_field(write_jsonl) -> None:
     path = write_jsonl([{"problem": "q?", "generation": "fine"}, {"problem": 7, "generation": "x"}])
     with pytest.raises(ProblemFileError, match=r"data\.jsonl:2: field 'problem': must be a string, got int"):
-        load_trace_rows(str(path), lenient=False)
+        list(read_trace_rows(str(path), lenient=False))
     missing = Path(path).with_name("absent.jsonl")
     with pytest.raises(ProblemFileError, match="absent.jsonl: no such file"):
-        load_trace_rows(str(missing))
+        list(read_trace_rows(str(missing)))
 
 
 def test_trace_import_separate_answer_column_and_samples(write_jsonl, warehouse_path: Path) -> None:
@@ -175,7 +175,6 @@ def test_trace_import_separate_answer_column_and_samples(write_jsonl, warehouse_
         ]
     )
     teacher = ImportedTeacher(str(path), TraceFieldMap(question="q", thinking="think", answer="final"))
-    assert teacher.samples == 2
     report = generate_teacher_traces(wh, teacher)
     rows = wh.query("SELECT sample, is_correct FROM teacher_traces ORDER BY sample")
     assert report.new_rows == 2 and [(r["sample"], r["is_correct"]) for r in rows] == [(0, True), (1, False)]

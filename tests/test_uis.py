@@ -211,7 +211,7 @@ def test_the_champion_serves_a_prediction_over_http(demo):
             "-p",
             str(port),
         ],
-        demo["env"],
+        {**demo["env"], "PATH": f"{BIN}:{os.environ.get('PATH', '')}"},  # MLflow runs `uvicorn` by name
         demo["home"] / "serve.log",
     )
     try:

@@ -14,8 +14,9 @@ class DataFileError(UserError):
 
 
 def iter_file_rows(path: Path) -> Iterator[tuple[int, dict | None, str, str | None]]:
-    """(line number, row or None, raw text, error) for JSONL or Parquet. A bad line is yielded with its error (the
-    caller decides between stopping and quarantining); an unreadable file raises `DataFileError`."""
+    """(line number, row or None, raw text, error) for JSONL or Parquet, streamed (bounded memory). A bad line is
+    yielded with its error (the caller decides between stopping and quarantining); an unreadable file raises
+    `DataFileError`. Raw text is the line for JSONL and empty for Parquet (see `raw_of`)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -28,7 +29,7 @@ def iter_file_rows(path: Path) -> Iterator[tuple[int, dict | None, str, str | No
         for batch in parquet.iter_batches(batch_size=4096):  # bounded memory whatever the file's size
             for row in batch.to_pylist():
                 line += 1
-                yield line, row, json.dumps(row, default=str)[:500], None
+                yield line, row, "", None  # raw text only when a row is quarantined: raw_of(row)
         return
     if suffix not in (".jsonl", ".json", ".ndjson"):
         raise DataFileError(f"{path}: unsupported file type {suffix!r}; use .jsonl or .parquet")
@@ -50,6 +51,11 @@ def iter_file_rows(path: Path) -> Iterator[tuple[int, dict | None, str, str | No
                 yield i, None, text[:500], f"expected a JSON object, got {type(row).__name__}"
                 continue
             yield i, row, text[:500], None
+
+
+def raw_of(row: dict, raw: str = "") -> str:
+    """What a quarantined row looked like: the line as read (JSONL) or the row as JSON (Parquet), cut to 500 chars."""
+    return raw or json.dumps(row, default=str)[:500]
 
 
 def text_error(value: str) -> str | None:

@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from scaffold_lib.core.answers import gold_answer
-from scaffold_lib.core.files import DataFileError, iter_file_rows, text_error
+from scaffold_lib.core.files import DataFileError, iter_file_rows, raw_of, text_error
 from scaffold_lib.core.ids import content_id
 
 SYNTHETIC_SOURCE = "synthetic-arith"
@@ -385,7 +385,7 @@ def load_problem_file(
                 line,
                 fields.question,
                 "missing" if question is None else f"must be a non-empty string, got {question!r:.60}",
-                raw,
+                raw_of(row, raw),
             )
             continue
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):
@@ -395,7 +395,7 @@ def load_problem_file(
                 line,
                 fields.answer,
                 "missing" if answer is None else f"must be a non-empty string or number, got {answer!r:.60}",
-                raw,
+                raw_of(row, raw),
             )
             continue
         unusable = next(
@@ -407,12 +407,12 @@ def load_problem_file(
             None,
         )
         if unusable is not None:
-            bad(line, *unusable, raw)
+            bad(line, *unusable, raw_of(row, raw))
             continue
         gold, answer_type = gold_answer(answer)
         given_split = row.get(fields.split) if fields.split else None
         if given_split is not None and str(given_split).strip().lower() not in SPLIT_ALIASES:
-            bad(line, fields.split, f"unknown split {given_split!r}; use one of {', '.join(SPLITS)}", raw)
+            bad(line, fields.split, f"unknown split {given_split!r}; use one of {', '.join(SPLITS)}", raw_of(row, raw))
             continue
         group = row.get(fields.group) if fields.group else None
         group_id = f"group:{group}" if group is not None else content_id("question", normalise_question(question))

@@ -9,12 +9,13 @@ CLI and the experiment runner call exactly these functions.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
 
 from scaffold_lib.core.errors import RunFailed
 from scaffold_lib.core.ids import content_id
@@ -51,7 +52,7 @@ from scaffold_lib.data.teachers import (
     Teacher,
     TeacherResult,
 )
-from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap
+from scaffold_lib.data.trace_import import ImportedTeacher, TodoProblems, TraceFieldMap
 from scaffold_lib.store.store import Store
 
 TeacherBackend = Literal["programmatic", "reference", "openai", "hf", "import"]
@@ -85,9 +86,17 @@ def quarantine_rows(stage: str, items: Sequence[Quarantined]) -> list[dict]:
 # --- problems --------------------------------------------------------------------------------------------------
 
 
-def gather_problems(cfg: ProblemsConfig, incoming: Path | None = None) -> tuple[list[Problem], dict[str, LoadResult]]:
-    """(problems of the configured source, load result per problem file): the configured files plus every problem
-    file in the watched folder."""
+def file_key(path: Path, settings: BaseModel) -> str:
+    """A loaded file's identity: where it is, its size and modification time, and how it was read."""
+    stat = path.stat()
+    return content_id("file", str(path.resolve()), stat.st_size, stat.st_mtime_ns, settings.model_dump())
+
+
+def gather_problems(
+    cfg: ProblemsConfig, incoming: Path | None = None, loaded_before: Callable[[str], bool] = lambda key: False
+) -> tuple[list[Problem], dict[str, LoadResult], dict[str, str]]:
+    """(problems of the configured source, load result per problem file read, file key per file read): the
+    configured files plus every problem file in the watched folder, except files already loaded unchanged."""
     problems: list[Problem] = []
     if cfg.source == "synthetic":
         problems = generate_problems(cfg.synthetic, cfg.split)
@@ -95,17 +104,27 @@ def gather_problems(cfg: ProblemsConfig, incoming: Path | None = None) -> tuple[
         problems = load_reasoning_gym(cfg.reasoning_gym, cfg.split)
     watched = Path(cfg.watch_dir) if cfg.watch_dir else incoming
     files = [Path(f) for f in cfg.files] + (problem_files(watched) if watched and watched.exists() else [])
-    loaded = {str(f): load_problem_file(f, cfg.fields, split=cfg.split, lenient=cfg.lenient) for f in files}
     if cfg.source == "files" and not files:
         raise StageFailed(
             f"problems source 'files' but no problem file: set problems.files or drop files into {watched}"
         )
-    return problems, loaded
+    settings = cfg.model_copy(update={"files": [], "watch_dir": None})
+    keys = {str(f): file_key(f, settings) for f in files if f.exists()}
+    loaded = {
+        str(f): load_problem_file(f, cfg.fields, split=cfg.split, lenient=cfg.lenient)
+        for f in files
+        if not (str(f) in keys and loaded_before(keys[str(f)]))
+    }
+    return problems, loaded, {f: keys[f] for f in loaded}
 
 
 def build_problems(store: Store, cfg: ProblemsConfig, run_id: str | None = None) -> StageReport:
-    """Questions with gold answers, from the configured source and problem files, split by group."""
-    generated, loaded = gather_problems(cfg, store.incoming)
+    """Questions with gold answers, from the configured source and problem files, split by group. A file already
+    loaded, unchanged, is not read again (a refresh reads the new files only)."""
+    wh = store.warehouse
+    generated, loaded, keys = gather_problems(
+        cfg, store.incoming, lambda key: wh.scalar("SELECT count(*) FROM source_files WHERE file_key = ?", [key]) > 0
+    )
     offered = generated + [p for result in loaded.values() for p in result.problems]
     quarantined = [q for result in loaded.values() for q in result.quarantined]
     for path, result in loaded.items():
@@ -115,9 +134,25 @@ def build_problems(store: Store, cfg: ProblemsConfig, run_id: str | None = None)
                 f"{path}: every row was quarantined ({len(result.quarantined)}), e.g. line "
                 f"{first.line}, field {first.field!r}: {first.error}"
             )
-    if not offered:
+    if not offered and not wh.scalar("SELECT count(*) FROM problems"):
         raise StageFailed(f"no problems: source {cfg.source!r} produced none and no problem file had any")
     report = store_problems(store, offered, quarantined, run_id)
+    wh.insert_new(
+        "source_files",
+        [
+            {
+                "file_key": keys[path],
+                "stage": "problems",
+                "path": path,
+                "size": Path(path).stat().st_size,
+                "mtime_ns": Path(path).stat().st_mtime_ns,
+                "rows": len(result.problems),
+                "quarantined": len(result.quarantined),
+            }
+            for path, result in loaded.items()
+        ],
+        run_id,
+    )
     report.details["files_loaded"] = len(loaded)
     return report
 
@@ -177,6 +212,9 @@ class TeacherConfig(BaseModel):
         description="problems of these splits are traced (held-out traces give golden signals)",
     )
     journal_dir: str | None = Field(None, description="completions are journalled here; default <home>/journals")
+    batch_problems: int = Field(
+        10_000, ge=1, description="problems per batch (traces are written as each batch completes; bounds memory)"
+    )
     progress: bool = True
 
 
@@ -206,13 +244,46 @@ def build_teacher(cfg: TeacherConfig, journal_dir: str | Path, shard: tuple[int,
     return ImportedTeacher(cfg.import_source, cfg.import_fields)
 
 
-def _problem_rows(store: Store, splits: Sequence[str]) -> list[Problem]:
-    rows = store.warehouse.query(
-        "SELECT problem_id, source, split, question, answer, answer_type, group_id, solution FROM problems "
-        "WHERE list_contains(?, split) ORDER BY problem_id",
+IMPORT_BATCH = 2_000  # imported traces written together (an R1 trace is tens of kilobytes)
+PROBLEM_COLUMNS = "p.problem_id, p.source, p.split, p.question, p.answer, p.answer_type, p.group_id, p.solution"
+
+
+def _untraced_problems(store: Store, teacher: Teacher, splits: Sequence[str], batch: int) -> Iterator[list[Problem]]:
+    """Problems of `splits` missing one of their `teacher.samples` traces from this teacher, in batches. Problems are
+    read by batch and their trace ids looked up in DuckDB, so the existing traces never come into Python."""
+    for rows in store.warehouse.stream(
+        f"SELECT {PROBLEM_COLUMNS} FROM problems p WHERE list_contains(?, p.split) ORDER BY p.problem_id",
         [list(splits)],
+        batch_rows=batch,
+    ):
+        problems = [Problem(**r) for r in rows]
+        wanted = {teacher.trace_id_for(p, s): p.problem_id for p in problems for s in range(teacher.samples)}
+        todo = {wanted[t] for t in store.warehouse.missing("teacher_traces", "trace_id", list(wanted))}
+        yield [p for p in problems if p.problem_id in todo]
+
+
+def _teacher_batches(
+    store: Store, teacher: Teacher, cfg: TeacherConfig, shard: tuple[int, int] | None, asked: list[int]
+) -> Iterator[TeacherResult]:
+    """Results batch by batch: a model teacher answers each batch of untraced problems; an importer streams its
+    files against all of them (it is driven by its files, not by the problems). `asked` counts the problems."""
+    batches = (
+        [p for p in problems if shard is None or shard_of(p.problem_id, shard[1]) == shard[0]]
+        for problems in _untraced_problems(store, teacher, cfg.splits, cfg.batch_problems)
     )
-    return [Problem(**r) for r in rows]
+    if isinstance(teacher, ImportedTeacher):
+        todo = TodoProblems()
+        for problems in batches:
+            for p in problems:
+                todo.add(p)
+        asked[0] = len(todo)
+        if todo:
+            yield from teacher.import_batches(todo, min(cfg.batch_problems, IMPORT_BATCH))
+        return
+    for problems in batches:
+        asked[0] += len(problems)
+        if problems:
+            yield teacher.generate(problems)
 
 
 def write_traces(
@@ -222,114 +293,132 @@ def write_traces(
     shard: tuple[int, int] | None = None,
     teacher: Teacher | None = None,
 ) -> StageReport:
-    """Trace every problem (of shard `(index, count)` when given) that has no trace from this teacher yet. Raises
-    `StageFailed` when problems were asked and not one trace came back."""
+    """Trace every problem (of shard `(index, count)` when given) that has no trace from this teacher yet, in batches
+    written as they complete. Raises `StageFailed` when problems were asked and not one trace came back."""
     wh = store.warehouse
     teacher = teacher or build_teacher(cfg, store.journals, shard)
-    problems = _problem_rows(store, cfg.splits)
-    if shard is not None:
-        problems = [p for p in problems if shard_of(p.problem_id, shard[1]) == shard[0]]
-    existing = {
-        r["trace_id"] for r in wh.query("SELECT trace_id FROM teacher_traces WHERE teacher = ?", [teacher.identity])
-    }
-    todo = [
-        p for p in problems if any(teacher.trace_id_for(p, sample) not in existing for sample in range(teacher.samples))
-    ]
-    result = teacher.generate(todo) if todo else TeacherResult()
-    new = wh.insert_new("teacher_traces", [t.as_row() for t in result.traces], run_id)
-    wh.insert_new(
-        "teacher_failures",
-        [{"failure_id": content_id("failure", f.trace_id, run_id), **f.as_row()} for f in result.failures],
-        run_id,
-    )
-    wh.insert_new("quarantine", quarantine_rows("teacher_traces", result.quarantined), run_id)
-    errors = Counter(f.error for f in result.failures)
+    asked, new, failures, quarantined, not_covered = [0], 0, 0, 0, 0
+    errors: Counter[str] = Counter()
+    examples: list[Quarantined] = []
+    stats: dict = {}
+    for result in _teacher_batches(store, teacher, cfg, shard, asked):
+        new += wh.insert_new("teacher_traces", [t.as_row() for t in result.traces], run_id)
+        wh.insert_new(
+            "teacher_failures",
+            [{"failure_id": content_id("failure", f.trace_id, run_id), **f.as_row()} for f in result.failures],
+            run_id,
+        )
+        wh.insert_new("quarantine", quarantine_rows("teacher_traces", result.quarantined), run_id)
+        failures += len(result.failures)
+        errors.update(f.error for f in result.failures)
+        quarantined += len(result.quarantined)
+        examples = examples or result.quarantined[:1]
+        not_covered += result.not_covered
+        stats = merge_stats(stats, result.stats)
+    in_splits = wh.scalar("SELECT count(*) FROM problems WHERE list_contains(?, split)", [list(cfg.splits)])
     details = {
         "teacher": teacher.identity,
-        "asked": len(todo),
-        "failed": len(result.failures),
-        "failed_unreachable": sum(f.error.startswith(TRANSPORT_ERRORS) for f in result.failures),
-        "not_covered": result.not_covered,
-        "quarantined": len(result.quarantined),
-        "skipped_existing": len(problems) - len(todo),
-        "run": result.stats,
+        "asked": asked[0],
+        "failed": failures,
+        "failed_unreachable": sum(n for error, n in errors.items() if error.startswith(TRANSPORT_ERRORS)),
+        "not_covered": not_covered,
+        "quarantined": quarantined,
+        "skipped_existing": in_splits - asked[0] if shard is None else None,
+        "run": stats,
     }
     total = wh.scalar("SELECT count(*) FROM teacher_traces WHERE teacher = ?", [teacher.identity])
     # nothing useful: problems were asked and every one failed, or the teacher covers none of them at all (problems a
     # trace file leaves out, beside ones it covered, are its normal steady state)
-    if todo and not result.traces and (result.failures or total == 0):
+    if asked[0] and not new and (failures or total == 0):
         reasons = [f"{n} x {error[:300]}" for error, n in errors.most_common(3)]
-        if result.not_covered:
-            reasons.append(f"{result.not_covered} not covered by {teacher.identity}")
-        if result.quarantined:
-            first = result.quarantined[0]
+        if not_covered:
+            reasons.append(f"{not_covered} not covered by {teacher.identity}")
+        if examples:
+            first = examples[0]
             reasons.append(
-                f"{len(result.quarantined)} input rows quarantined (e.g. {first.source_file}:{first.line} "
+                f"{quarantined} input rows quarantined (e.g. {first.source_file}:{first.line} "
                 f"field {first.field!r}: {first.error})"
             )
-        raise StageFailed(f"teacher {teacher.identity} answered none of {len(todo)} problems: " + "; ".join(reasons))
-    stats = wh.query(
+        raise StageFailed(f"teacher {teacher.identity} answered none of {asked[0]} problems: " + "; ".join(reasons))
+    row = wh.query(
         "SELECT count(*) AS n, avg(is_correct::INT) AS acc, avg(completion_tokens) AS toks "
         "FROM teacher_traces WHERE teacher = ?",
         [teacher.identity],
     )[0]
-    details.update(
-        teacher_accuracy=round(stats["acc"] or 0.0, 4), mean_completion_tokens=round(stats["toks"] or 0.0, 1)
-    )
-    return StageReport("teacher_traces", new, stats["n"], details)
+    details.update(teacher_accuracy=round(row["acc"] or 0.0, 4), mean_completion_tokens=round(row["toks"] or 0.0, 1))
+    return StageReport("teacher_traces", new, row["n"], details)
+
+
+def merge_stats(total: dict, batch: dict) -> dict:
+    """Run statistics over batches: counts add up, the rest (rates, percentiles) is the latest batch's."""
+    merged = {**total, **batch}
+    for key, value in batch.items():
+        if isinstance(value, int) and not isinstance(value, bool) and isinstance(total.get(key), int):
+            merged[key] = total[key] + value
+    return merged
 
 
 # --- segmented steps -----------------------------------------------------------------------------------------------
 
 
 def segment_traces(
-    store: Store, cfg: SegmentationConfig = SegmentationConfig(), run_id: str | None = None
+    store: Store, cfg: SegmentationConfig = SegmentationConfig(), run_id: str | None = None, batch_traces: int = 2_000
 ) -> StageReport:
-    """Cut every not-yet-segmented trace into steps with its teacher's segmenter (recorded on each step); a trace with
-    no step is quarantined, not dropped."""
+    """Cut every not-yet-segmented trace into steps with its teacher's segmenter (recorded on each step), streamed
+    in batches of traces written as they are cut; a trace with no step is quarantined, not dropped."""
     wh = store.warehouse
-    traces = wh.query(
-        "SELECT t.trace_id, t.teacher, t.text, t.answer_text FROM teacher_traces t "
-        "ANTI JOIN segmented_steps s USING (trace_id) "
-        "ANTI JOIN quarantine q ON q.stage = 'segmented_steps' AND q.source_file = t.trace_id"
-    )
-    rows, empty, used = [], [], Counter()
-    for t in traces:
-        segmenter = resolve(t["text"], cfg.for_teacher(t["teacher"]))
-        steps = segment(t["text"], segmenter)
-        if steps and t["answer_text"] and t["answer_text"].strip():
-            # a reasoning model's final content is one answer step after its thinking, however many paragraphs
-            steps.append("\n".join(segment(t["answer_text"])))
-        if not steps:
-            empty.append(Quarantined(t["trace_id"], 0, "text", "trace has no non-empty step", t["text"][:500]))
-        used[segmenter] += bool(steps)
-        rows.extend(
-            {
-                "step_id": content_id("step", t["trace_id"], i, s),
-                "trace_id": t["trace_id"],
-                "idx": i,
-                "text": s,
-                "segmenter": segmenter,
-            }
-            for i, s in enumerate(steps)
-        )
-    new = wh.insert_new("segmented_steps", rows, run_id)
-    wh.insert_new("quarantine", quarantine_rows("segmented_steps", empty), run_id)
-    if traces and len(empty) == len(traces):
+    pending = """
+        FROM teacher_traces t
+        ANTI JOIN segmented_steps s USING (trace_id)
+        ANTI JOIN quarantine q ON q.stage = 'segmented_steps' AND q.source_file = t.trace_id"""
+    todo = wh.scalar(f"SELECT count(*) {pending}")
+    new = empty = 0
+    used: Counter[str] = Counter()
+    with tqdm(total=todo, unit="trace", desc="segmenting", disable=None) as bar:
+        for traces in wh.stream(
+            f"SELECT t.trace_id, t.teacher, t.text, t.answer_text {pending}", batch_rows=batch_traces
+        ):
+            rows, quarantined = [], []
+            for t in traces:
+                segmenter = resolve(t["text"], cfg.for_teacher(t["teacher"]))
+                steps = segment(t["text"], segmenter)
+                if steps and t["answer_text"] and t["answer_text"].strip():
+                    # a reasoning model's final content is one answer step after its thinking, however many paragraphs
+                    steps.append("\n".join(segment(t["answer_text"])))
+                if not steps:
+                    quarantined.append(
+                        Quarantined(t["trace_id"], 0, "text", "trace has no non-empty step", t["text"][:500])
+                    )
+                used[segmenter] += bool(steps)
+                rows.extend(
+                    {
+                        "step_id": content_id("step", t["trace_id"], i, text),
+                        "trace_id": t["trace_id"],
+                        "idx": i,
+                        "text": text,
+                        "segmenter": segmenter,
+                    }
+                    for i, text in enumerate(steps)
+                )
+            new += wh.insert_new("segmented_steps", rows, run_id)
+            wh.insert_new("quarantine", quarantine_rows("segmented_steps", quarantined), run_id)
+            empty += len(quarantined)
+            bar.update(len(traces))
+    if todo and empty == todo:
         raise StageFailed(
-            f"every one of the {len(traces)} new traces was empty after segmentation (quarantined: see "
+            f"every one of the {todo} new traces was empty after segmentation (quarantined: see "
             "the quarantine table, stage 'segmented_steps')"
         )
     total = wh.scalar("SELECT count(*) FROM segmented_steps")
-    per_trace = wh.scalar("SELECT avg(n) FROM (SELECT count(*) AS n FROM segmented_steps GROUP BY trace_id)")
+    traces_total = wh.scalar("SELECT count(DISTINCT trace_id) FROM segmented_steps")
     return StageReport(
         "segmented_steps",
         new,
         total,
         {
-            "traces_segmented": len(traces) - len(empty),
-            "empty_traces_quarantined": len(empty),
-            "mean_steps_per_trace": round(per_trace or 0.0, 2),
+            "traces_segmented": todo - empty,
+            "empty_traces_quarantined": empty,
+            "mean_steps_per_trace": round(total / traces_total, 2) if traces_total else 0.0,
             "segmenters": dict(used),
         },
     )
@@ -349,29 +438,38 @@ class LabellingConfig(LabellerConfig):
     progress: bool = True
 
 
-def label_signals(store: Store, cfg: LabellingConfig = LabellingConfig(), run_id: str | None = None) -> StageReport:
-    """Keyword-label every unlabelled step (final step of a trace = answer); then the LLM stage when configured."""
+def label_signals(
+    store: Store, cfg: LabellingConfig = LabellingConfig(), run_id: str | None = None, batch_steps: int = 50_000
+) -> StageReport:
+    """Keyword-label every unlabelled step (final step of a trace = answer), streamed in batches written as they are
+    labelled; then the LLM stage when configured."""
     wh = store.warehouse
     table = keyword_table(cfg.keywords_path)
-    steps = wh.query("""
-        SELECT s.step_id, s.text, s.idx = m.last_idx AS is_final
+    # the final step of a trace is its answer; only steps without a label are read (a refresh reads the new ones)
+    pending = """
         FROM segmented_steps s
         JOIN (SELECT trace_id, max(idx) AS last_idx FROM segmented_steps GROUP BY trace_id) m USING (trace_id)
-        ANTI JOIN signal_labels l USING (step_id)""")
-    rows = []
-    for s in steps:
-        label = label_step(s["text"], s["is_final"], table, cfg.fallback_signal)
-        rows.append(
-            {
-                "step_id": s["step_id"],
-                "signal": label.signal,
-                "labeller": label.labeller,
-                "keyword": label.keyword,
-                "confidence": label.confidence,
-                "keyword_signal": label.signal if label.labeller in (KEYWORD, PATTERN) else None,
-            }
-        )
-    new = wh.insert_new("signal_labels", rows, run_id)
+        ANTI JOIN signal_labels l USING (step_id)"""
+    new = 0
+    with tqdm(total=wh.scalar(f"SELECT count(*) {pending}"), unit="step", desc="labelling", disable=None) as bar:
+        for steps in wh.stream(
+            f"SELECT s.step_id, s.text, s.idx = m.last_idx AS is_final {pending}", batch_rows=batch_steps
+        ):
+            rows = []
+            for s in steps:
+                label = label_step(s["text"], s["is_final"], table, cfg.fallback_signal)
+                rows.append(
+                    {
+                        "step_id": s["step_id"],
+                        "signal": label.signal,
+                        "labeller": label.labeller,
+                        "keyword": label.keyword,
+                        "confidence": label.confidence,
+                        "keyword_signal": label.signal if label.labeller in (KEYWORD, PATTERN) else None,
+                    }
+                )
+            new += wh.insert_new("signal_labels", rows, run_id)
+            bar.update(len(steps))
     details: dict = {"keywords_file": table.source}
     if cfg.validate_with_llm:
         validator = LabelValidator(

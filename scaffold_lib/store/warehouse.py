@@ -8,6 +8,7 @@ short transactions and retry while another process holds the file (Dagster also 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,6 +37,9 @@ SCHEMA: dict[str, str] = {
     "llm_label_cache": """
         cache_key VARCHAR PRIMARY KEY, validator VARCHAR NOT NULL, proposed_signal VARCHAR, signal VARCHAR,
         reply VARCHAR, attempts INTEGER NOT NULL""",
+    "source_files": """
+        file_key VARCHAR PRIMARY KEY, stage VARCHAR NOT NULL, path VARCHAR NOT NULL, size BIGINT NOT NULL,
+        mtime_ns BIGINT NOT NULL, rows INTEGER NOT NULL, quarantined INTEGER NOT NULL""",
     "quarantine": """
         quarantine_id VARCHAR PRIMARY KEY, stage VARCHAR NOT NULL, source_file VARCHAR, line INTEGER, field VARCHAR,
         error VARCHAR NOT NULL, raw VARCHAR""",
@@ -43,6 +47,12 @@ SCHEMA: dict[str, str] = {
         shard_id VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, path VARCHAR NOT NULL, n_rows INTEGER NOT NULL,
         n_examples INTEGER NOT NULL, tokens BIGINT NOT NULL, fill_ratio DOUBLE NOT NULL, tokenizer_hash VARCHAR NOT NULL,
         manifest_hash VARCHAR NOT NULL""",
+    "manifests": """
+        manifest_hash VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, pack_key VARCHAR NOT NULL, parent VARCHAR,
+        traces INTEGER NOT NULL, split_examples INTEGER NOT NULL, dropped_examples INTEGER NOT NULL,
+        budget_json VARCHAR NOT NULL""",
+    "manifest_shards": """
+        manifest_hash VARCHAR NOT NULL, shard_id VARCHAR NOT NULL, PRIMARY KEY (manifest_hash, shard_id)""",
     "shard_members": """
         shard_id VARCHAR NOT NULL, trace_id VARCHAR NOT NULL, PRIMARY KEY (shard_id, trace_id)""",
     "model_versions": """
@@ -85,6 +95,8 @@ class Warehouse:
     def __init__(self, path: str | Path, lock_timeout_s: float = 300.0) -> None:
         self.path = Path(path).expanduser().resolve()
         self.lock_timeout_s = lock_timeout_s
+        # DuckDB's own default is 80 % of the RAM; joins and sorts beyond the limit spill to <file>.tmp/
+        self.memory_limit = os.environ.get("SCAFFOLD_DUCKDB_MEMORY", "2GB")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.connect() as con:
             for table, columns in SCHEMA.items():
@@ -110,7 +122,7 @@ class Warehouse:
         deadline, delay = time.monotonic() + self.lock_timeout_s, 0.05
         while True:
             try:
-                con = duckdb.connect(str(self.path))
+                con = duckdb.connect(str(self.path), config={"memory_limit": self.memory_limit})
                 break
             except duckdb.IOException as exc:
                 if "lock" not in str(exc).lower() or time.monotonic() > deadline:
@@ -169,9 +181,36 @@ class Warehouse:
                         con.register_filesystem(fs)
             return con.execute("SELECT count(*) FROM read_parquet(?)", [list(urls)]).fetchone()[0]
 
-    def query(self, sql: str, params: Sequence | dict | None = None) -> list[dict]:
-        """Rows as dicts. Values from users always go through `params`, never into `sql`."""
+    def stream(self, sql: str, params: Sequence | dict | None = None, batch_rows: int = 10_000) -> Iterator[list[dict]]:
+        """The query's rows in batches of at most `batch_rows`, read as DuckDB produces them: Python holds one batch
+        at a time, whatever the table's size. Writes in between (`insert_new` from the same process) are fine: the
+        reading query sees the table as it was when it started."""
         with self.connect() as con:
+            reader = con.sql(sql, params=params or None).to_arrow_reader(batch_rows)
+            for batch in reader:
+                if batch.num_rows:
+                    yield batch.to_pylist()
+
+    def missing(self, table: str, column: str, keys: Sequence[str]) -> set[str]:
+        """Which of `keys` no row of `table` has in `column` (an anti-join in DuckDB, not a Python set of the
+        table's keys)."""
+        if table not in SCHEMA or not column.isidentifier():
+            raise KeyError(f"unknown table or column {table!r}.{column!r}")
+        if not keys:
+            return set()
+        rows = self.query(
+            f"SELECT w.key FROM wanted w ANTI JOIN {table} t ON t.{column} = w.key", tables={"wanted": keys}
+        )
+        return {r["key"] for r in rows}
+
+    def query(
+        self, sql: str, params: Sequence | dict | None = None, tables: dict[str, Sequence[str]] | None = None
+    ) -> list[dict]:
+        """Rows as dicts. Values from users always go through `params`, never into `sql`; `tables` are lists of keys
+        the query can join as tables of one column, `key`."""
+        with self.connect() as con:
+            for name, keys in (tables or {}).items():
+                con.register(name, pa.table({"key": pa.array(list(keys), pa.string())}))
             cursor = con.execute(sql, params or [])
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row)) for row in cursor.fetchall()]

@@ -12,6 +12,7 @@ prediction made at this position, i.e. of the step the *next* token belongs to; 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +78,9 @@ class Formatter:
         return cls(tokenizer, fmt["tags"], fmt["chat_template"])
 
     def _encode(self, pieces: list[str]) -> list[list[int]]:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # a fast tokenizer: its Rust batch encoder directly, without per-piece Python objects
+            return [e.ids for e in backend.encode_batch(pieces, add_special_tokens=False)]
         return self.tokenizer(pieces, add_special_tokens=False)["input_ids"]
 
     def question_ids(self, question: str) -> list[int]:
@@ -87,23 +91,39 @@ class Formatter:
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         return self._encode([QUESTION_TEMPLATE.format(question=question)])[0] + self.sep_ids
 
+    def encode(self, traces: Sequence[tuple[str, list[str]]]) -> list[tuple[list[int], list[list[int]]]]:
+        """(question ids, step ids) of many (question, steps) pairs: one tokenizer call for all their steps, which the
+        fast tokenizer spreads over the cores, instead of one call per trace."""
+        if self.chat_template:
+            questions = [self.question_ids(q) for q, _ in traces]
+        else:
+            questions = [
+                q + self.sep_ids for q in self._encode([QUESTION_TEMPLATE.format(question=q) for q, _ in traces])
+            ]
+        flat = self._encode([s for _, steps in traces for s in steps]) if any(steps for _, steps in traces) else []
+        out, at = [], 0
+        for q_ids, (_, steps) in zip(questions, traces):
+            out.append((q_ids, flat[at : at + len(steps)]))
+            at += len(steps)
+        return out
+
     def scaffold(self, trace_id: str, question: str, steps: list[str], signals: list[str]) -> Example:
-        return self._build(trace_id, question, steps, signals, with_signals=True)
+        if signals is None:
+            raise ValueError(f"trace {trace_id}: a scaffold example needs signals")
+        return self.build(trace_id, self.question_ids(question), self._encode(steps) if steps else [], signals)
 
     def baseline(self, trace_id: str, question: str, steps: list[str]) -> Example:
-        return self._build(trace_id, question, steps, None, with_signals=False)
+        return self.build(trace_id, self.question_ids(question), self._encode(steps) if steps else [], None)
 
-    def _build(
-        self, trace_id: str, question: str, steps: list[str], signals: list[str] | None, with_signals: bool
-    ) -> Example:
-        if with_signals and (signals is None or len(signals) != len(steps)):
-            raise ValueError(f"trace {trace_id}: {len(steps)} steps but {len(signals or [])} signals")
-        q_ids = self.question_ids(question)
-        step_ids = self._encode(steps) if steps else []
+    def build(self, trace_id: str, q_ids: list[int], step_ids: list[list[int]], signals: list[str] | None) -> Example:
+        """The example of already tokenised question and steps: scaffold format with `signals`, plain CoT without."""
+        with_signals = signals is not None
+        if with_signals and len(signals) != len(step_ids):
+            raise ValueError(f"trace {trace_id}: {len(step_ids)} steps but {len(signals)} signals")
         tokens: list[int] = list(q_ids)
         owner: list[int] = [NO_SIGNAL] * len(q_ids)  # signal of the step each token belongs to
         positions, targets = [], []
-        last = len(steps) - 1
+        last = len(step_ids) - 1
         for i, ids in enumerate(step_ids):
             sig = SIGNAL_INDEX[signals[i]] if with_signals else NO_SIGNAL
             if with_signals:

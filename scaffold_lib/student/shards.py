@@ -133,6 +133,24 @@ def storage(url: str | Path) -> tuple[fsspec.AbstractFileSystem, str, bool]:
     return fs, path, "file" in protocols or "local" in protocols
 
 
+def _list_column(arrays: Sequence[np.ndarray], dtype: pa.DataType) -> pa.ListArray:
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    values = np.concatenate(arrays) if arrays else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=dtype))
+
+
+def rows_table(rows: Sequence[dict]) -> pa.Table:
+    """Packed rows as an Arrow table, built from the numpy arrays directly (no per-token Python objects)."""
+    lists = {"input_ids": pa.int32(), "labels": pa.int32(), "signal_ids": pa.int8(), "position_ids": pa.int32()}
+    columns = {k: _list_column([r[k] for r in rows], t) for k, t in lists.items()}
+    columns["signal_positions"] = _list_column([r["signal_positions"] for r in rows], pa.int32())
+    columns["signal_targets"] = _list_column([r["signal_targets"] for r in rows], pa.int8())
+    columns["trace_ids"] = pa.array([r["trace_ids"] for r in rows], pa.list_(pa.string()))
+    columns["n_tokens"] = pa.array([r["n_tokens"] for r in rows], pa.int64())
+    return pa.table(columns)
+
+
 def write_shards(
     rows: list[dict], out_dir: str | Path, kind: str, tokenizer_hash: str, cfg: PackConfig
 ) -> tuple[list[ShardInfo], str]:
@@ -147,9 +165,7 @@ def write_shards(
         shard_id = content_id("shard", kind, tokenizer_hash, cfg.model_dump(), start, trace_ids)
         path = f"{root.rstrip('/')}/{kind}-{shard_id}.parquet"
         if not fs.exists(path):
-            table = pa.table(
-                {k: [r[k].tolist() if isinstance(r[k], np.ndarray) else r[k] for r in chunk] for k in chunk[0]}
-            )
+            table = rows_table(chunk)
             if local:
                 tmp = f"{path}.tmp{os.getpid()}"
                 pq.write_table(table, tmp)
@@ -184,10 +200,13 @@ def load_rows(paths: Sequence[str | Path]) -> dict[str, torch.Tensor]:
     if not tables:
         raise ValueError("no shards given")
     table = pa.concat_tables(tables)
-    data = {
-        k: torch.tensor(table.column(k).to_pylist(), dtype=torch.long)
-        for k in ("input_ids", "labels", "signal_ids", "position_ids")
-    }
+    n = table.num_rows
+
+    def dense(column: str) -> torch.Tensor:  # rows of one length: the flat values reshaped, no Python lists
+        values = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return torch.from_numpy(values.astype(np.int64)).reshape(n, -1)
+
+    data = {k: dense(k) for k in ("input_ids", "labels", "signal_ids", "position_ids")}
     positions = table.column("signal_positions").to_pylist()
     targets = table.column("signal_targets").to_pylist()
     width = max((len(p) for p in positions), default=0) or 1

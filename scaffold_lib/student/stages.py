@@ -14,13 +14,15 @@ import math
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
 
 from scaffold_lib.core.devices import pick_device
 from scaffold_lib.core.errors import UserError
@@ -120,6 +122,76 @@ class ModelHandle(BaseModel):
 # --- shards -------------------------------------------------------------------------------------------------------
 
 
+PACK_WINDOW = (
+    2_000  # traces tokenised and packed together: BFD fills rows nearly as well as over all, in bounded memory
+)
+BUDGET_SAMPLE = 5_000  # traces whose token lengths set the decoding budget (the first by trace id: a hash order)
+
+
+def _eligible_traces(drop_contaminated: bool) -> str:
+    """SQL for the ids of complete traces (every step labelled) of the splits in `?` (correct ones unless the second
+    parameter is true), optionally limited to the problems in the third and without decontaminated problems."""
+    contamination = (
+        "AND NOT EXISTS (SELECT 1 FROM contamination c WHERE c.problem_id = t.problem_id AND c.action = 'exclude')"
+        if drop_contaminated
+        else ""
+    )
+    return f"""
+        SELECT t.trace_id FROM teacher_traces t JOIN problems p USING (problem_id)
+        WHERE list_contains(?, p.split) AND (t.is_correct OR ?)
+          AND (?::VARCHAR[] IS NULL OR list_contains(?::VARCHAR[], p.problem_id)) {contamination}
+          AND t.trace_id IN (
+              SELECT s.trace_id FROM segmented_steps s LEFT JOIN signal_labels l USING (step_id)
+              GROUP BY s.trace_id HAVING count(*) = count(l.step_id))"""
+
+
+def _unlabelled_traces(wh: Warehouse, splits: Sequence[str], include_incorrect: bool) -> int:
+    return wh.scalar(
+        """
+        SELECT count(DISTINCT s.trace_id) FROM segmented_steps s LEFT JOIN signal_labels l USING (step_id)
+        JOIN teacher_traces t USING (trace_id) JOIN problems p USING (problem_id)
+        WHERE l.step_id IS NULL AND list_contains(?, p.split) AND (t.is_correct OR ?)""",
+        [list(splits), include_incorrect],
+    )
+
+
+def traces_with_steps(wh: Warehouse, trace_ids: Sequence[str]) -> list[dict]:
+    """The traces of `trace_ids` with question, ordered steps and signals."""
+    return wh.query(
+        """
+        SELECT t.trace_id, p.problem_id, p.question, p.answer, p.answer_type, t.is_correct,
+               list(s.text ORDER BY s.idx) AS steps, list(l.signal ORDER BY s.idx) AS signals
+        FROM wanted w JOIN teacher_traces t ON t.trace_id = w.key JOIN problems p USING (problem_id)
+        JOIN segmented_steps s USING (trace_id) JOIN signal_labels l USING (step_id)
+        GROUP BY ALL ORDER BY t.trace_id""",
+        tables={"wanted": list(trace_ids)},
+    )
+
+
+def stream_training_traces(
+    wh: Warehouse,
+    splits: Sequence[str] = ("train",),
+    include_incorrect: bool = False,
+    only_problems: Sequence[str] | None = None,
+    drop_contaminated: bool = False,
+    packed_in: str | None = None,
+    window: int = PACK_WINDOW,
+) -> Iterator[list[dict]]:
+    """Complete traces with question, ordered steps and signals, `window` traces at a time in trace-id order. With
+    `drop_contaminated`, problems decontamination marked for exclusion are left out; traces already in the shards
+    of manifest `packed_in` are left out."""
+    for ids in wh.stream(
+        f"""
+        SELECT trace_id FROM ({_eligible_traces(drop_contaminated)})
+        WHERE trace_id NOT IN (SELECT m.trace_id FROM manifest_shards ms JOIN shard_members m USING (shard_id)
+                               WHERE ms.manifest_hash = ?)
+        ORDER BY trace_id""",
+        [list(splits), include_incorrect, only_problems, only_problems, packed_in or ""],
+        batch_rows=window,
+    ):
+        yield traces_with_steps(wh, [r["trace_id"] for r in ids])
+
+
 def training_traces(
     wh: Warehouse,
     splits: Sequence[str] = ("train",),
@@ -127,40 +199,31 @@ def training_traces(
     only_problems: Sequence[str] | None = None,
     drop_contaminated: bool = False,
 ) -> tuple[list[dict], int]:
-    """(traces with question, ordered steps and signals; count of traces skipped because a step has no label). With
-    `drop_contaminated`, problems decontamination marked for exclusion are left out."""
-    rows = wh.query(
-        """
-        SELECT t.trace_id, p.problem_id, p.question, p.answer, p.answer_type, t.is_correct,
-               list(s.text ORDER BY s.idx) AS steps, list(l.signal ORDER BY s.idx) AS signals,
-               count(*) AS n_steps, count(l.step_id) AS n_labelled
-        FROM teacher_traces t
-        JOIN problems p USING (problem_id)
-        JOIN segmented_steps s USING (trace_id)
-        LEFT JOIN signal_labels l USING (step_id)
-        WHERE list_contains(?, p.split) AND (t.is_correct OR ?)
-          AND (?::VARCHAR[] IS NULL OR list_contains(?::VARCHAR[], p.problem_id))
-          AND NOT (? AND EXISTS (SELECT 1 FROM contamination c WHERE c.problem_id = p.problem_id
-                                 AND c.action = 'exclude'))
-        GROUP BY ALL ORDER BY t.trace_id""",
-        [list(splits), include_incorrect, only_problems, only_problems, drop_contaminated],
-    )
-    complete = [r for r in rows if r["n_steps"] == r["n_labelled"]]
-    return complete, len(rows) - len(complete)
+    """(complete traces with question, ordered steps and signals; count of traces skipped because a step has no
+    label), all in memory: for held-out sets and tests. The pack stage streams instead."""
+    traces = [
+        t
+        for batch in stream_training_traces(wh, splits, include_incorrect, only_problems, drop_contaminated)
+        for t in batch
+    ]
+    return traces, _unlabelled_traces(wh, splits, include_incorrect)
 
 
 def prepare_base_model(
-    cfg: StudentConfig, corpus: list[str], artifacts: Path, tags: dict[str, str]
+    cfg: StudentConfig, corpus: Callable[[], Iterator[str]], artifacts: Path, tags: dict[str, str]
 ) -> tuple[Path, dict]:
     """(local directory of the backbone, its text format). The embedded default is built once per (config, corpus,
-    tags); a pretrained backbone gets the step separator and the signal tags as added tokens, once per (model,
-    tags). Every stage after this one reads the format from the directory, so pack, train and decode agree."""
+    tags), its tokenizer trained on `corpus()` (streamed twice: hashed, then trained on if new); a pretrained
+    backbone gets the step separator and the signal tags as added tokens, once per (model, tags). Every stage after
+    this one reads the format from the directory, so pack, train and decode agree."""
     atomic = [STEP_SEPARATOR, *tags.values()]
     if cfg.base_model == EMBEDDED:
-        corpus_hash = hashlib.sha256("\x1e".join(corpus).encode()).hexdigest()[:16]
-        out = artifacts / "base_models" / content_id("base", cfg.model_dump(), corpus_hash, atomic)
+        digest = hashlib.sha256()
+        for i, text in enumerate(corpus()):
+            digest.update(("\x1e" if i else "").encode() + text.encode())
+        out = artifacts / "base_models" / content_id("base", cfg.model_dump(), digest.hexdigest()[:16], atomic)
         if not (out / "config.json").exists():
-            build_embedded_base(cfg, corpus, out, atomic)
+            build_embedded_base(cfg, corpus(), out, atomic)
         chat = False
     else:
         source = local_backbone(cfg.base_model, artifacts / "imported")  # a GGUF or `package:` becomes a directory
@@ -186,27 +249,108 @@ def _p99(lengths: list[int]) -> int:
     return int(np.percentile(lengths, 99)) if lengths else 0
 
 
+def _previous_manifests(wh: Warehouse, pack_keys: dict[str, str], eligible: str, params: list) -> dict[str, dict]:
+    """The latest manifest of each arm's `pack_key`, when both exist, hold the same traces and every one of those is
+    still eligible: new traces can then be appended as new shards. Otherwise {} (a full repack)."""
+    latest = {}
+    for kind, key in pack_keys.items():
+        rows = wh.query(
+            "SELECT * FROM manifests WHERE pack_key = ? ORDER BY created_at DESC, manifest_hash LIMIT 1", [key]
+        )
+        if not rows:
+            return {}
+        latest[kind] = rows[0]
+    members = (
+        "SELECT m.trace_id FROM manifest_shards ms JOIN shard_members m USING (shard_id) WHERE ms.manifest_hash = ?"
+    )
+    a, b = (latest[k]["manifest_hash"] for k in KINDS)
+    differ = wh.scalar(
+        f"SELECT count(*) FROM (({members} EXCEPT {members}) UNION ALL ({members} EXCEPT {members}))", [a, b, b, a]
+    )
+    stale = wh.scalar(f"SELECT count(*) FROM ({members}) WHERE trace_id NOT IN ({eligible})", [a, *params])
+    return latest if differ == 0 and stale == 0 else {}
+
+
 def pack_shards(store: Store, cfg: ShardsConfig, student: StudentConfig, run_id: str | None = None) -> ShardsHandle:
     """Correct training traces in the scaffold format (and plain CoT for the baseline), best-fit-decreasing packed into
-    fixed-length rows with per-example position ids, written as Parquet shards with a manifest per arm."""
+    fixed-length rows with per-example position ids, written as Parquet shards with a manifest per arm.
+
+    Streamed: traces are read, tokenised once for both arms and packed `PACK_WINDOW` at a time. Incremental: when the
+    tokenizer and the packing settings are those of the last manifests and every trace in them is still a training
+    trace, only the new traces are packed, into new shards appended to them (a changed tokenizer or a removed trace
+    repacks everything)."""
     wh = store.warehouse
-    traces, skipped = training_traces(wh, ("train",), cfg.include_incorrect, drop_contaminated=True)
-    excluded = wh.scalar(
-        "SELECT count(DISTINCT c.problem_id) FROM contamination c JOIN problems p USING (problem_id) "
-        "WHERE c.action = 'exclude' AND p.split = 'train'"
-    )
+    eligible = _eligible_traces(drop_contaminated=True)
+    params = [["train"], cfg.include_incorrect, None, None]
+    traces = wh.scalar(f"SELECT count(*) FROM ({eligible})", params)
     if not traces:
         raise ValueError(
             "no labelled training traces in the warehouse: run the data stages first (problems, "
             "teacher_traces, segmented_steps, signal_labels)"
         )
+    excluded = wh.scalar(
+        "SELECT count(DISTINCT c.problem_id) FROM contamination c JOIN problems p USING (problem_id) "
+        "WHERE c.action = 'exclude' AND p.split = 'train'"
+    )
     tags = signal_tags()
-    corpus = [training_corpus(t["question"], t["steps"], t["signals"], tags) for t in traces]
+
+    def corpus() -> Iterator[str]:
+        for batch in stream_training_traces(wh, ("train",), cfg.include_incorrect, drop_contaminated=True):
+            yield from (training_corpus(t["question"], t["steps"], t["signals"], tags) for t in batch)
+
     base, fmt = prepare_base_model(student, corpus, store.artifacts, tags)
     tokenizer = load_tokenizer(base)
     tok_hash = tokenizer_hash(tokenizer)
     formatter = Formatter(tokenizer, tags, fmt["chat_template"])
     storage = cfg.storage_url.rstrip("/") if cfg.storage_url else str(store.artifacts / "shards")
+    pack_keys = {k: content_id("pack", k, tok_hash, fmt, cfg.pack.model_dump(), cfg.include_incorrect) for k in KINDS}
+    previous = _previous_manifests(wh, pack_keys, eligible, params)
+    shard_ids = {
+        k: [
+            r["shard_id"]
+            for r in wh.query("SELECT shard_id FROM manifest_shards WHERE manifest_hash = ?", [m["manifest_hash"]])
+        ]
+        for k, m in previous.items()
+    } or {k: [] for k in KINDS}
+    infos: dict[str, list] = {k: [] for k in KINDS}
+    split, dropped = Counter(), Counter()
+    lengths: dict[str, list[int]] = {"step": [], "answer": [], "reply": [], "steps": []}
+    packed_before = previous["scaffold"]["traces"] if previous else 0
+    new_traces = 0
+    with tqdm(total=traces - packed_before, unit="trace", desc="packing", disable=None) as bar:
+        for batch in stream_training_traces(
+            wh,
+            ("train",),
+            cfg.include_incorrect,
+            drop_contaminated=True,
+            packed_in=previous["scaffold"]["manifest_hash"] if previous else None,
+        ):
+            encoded = formatter.encode([(t["question"], t["steps"]) for t in batch])
+            examples = {
+                "scaffold": [
+                    formatter.build(t["trace_id"], q, ids, t["signals"]) for t, (q, ids) in zip(batch, encoded)
+                ],
+                "baseline": [formatter.build(t["trace_id"], q, ids, None) for t, (q, ids) in zip(batch, encoded)],
+            }
+            if len(lengths["reply"]) < BUDGET_SAMPLE:
+                add_lengths(lengths, [ids for _, ids in encoded], examples["scaffold"])
+            for kind in KINDS:
+                rows, stats = pack_rows(examples[kind], cfg.pack)
+                written, _ = write_shards(rows, f"{storage}/{kind}", kind, tok_hash, cfg.pack)
+                wh.insert_new(
+                    "shard_members",
+                    [{"shard_id": i.shard_id, "trace_id": t} for i in written for t in i.trace_ids],
+                    run_id,
+                )
+                infos[kind] += written
+                split[kind] += stats.split_examples
+                dropped[kind] += stats.dropped_examples
+            new_traces += len(batch)
+            bar.update(len(batch))
+    before = json.loads(previous["scaffold"]["budget_json"]) if previous else {}
+    now = token_budget(lengths) if lengths["reply"] else {}
+    # appended: the caps only grow (the p99 of the new traces against the earlier p99)
+    budget = {k: max(now.get(k, 0), before.get(k, 0)) for k in sorted({*now, *before})}
     handle = ShardsHandle(
         base_model=str(base),
         source_model=student.base_model,
@@ -215,63 +359,82 @@ def pack_shards(store: Store, cfg: ShardsConfig, student: StudentConfig, run_id:
         text_format=fmt,
         manifests={},
         storage=storage,
-        traces=len(traces),
-        skipped_incomplete=skipped,
+        traces=traces,
+        skipped_incomplete=_unlabelled_traces(wh, ("train",), cfg.include_incorrect),
         stats={},
-        budget={},
+        budget=budget,
         fill_target=cfg.min_fill,
         excluded_contaminated=excluded,
     )
-    scaffold_examples = []
     for kind in KINDS:
-        examples = [
-            formatter.scaffold(t["trace_id"], t["question"], t["steps"], t["signals"])
-            if kind == "scaffold"
-            else formatter.baseline(t["trace_id"], t["question"], t["steps"])
-            for t in traces
-        ]
-        if kind == "scaffold":
-            scaffold_examples = examples
-        rows, stats = pack_rows(examples, cfg.pack)
-        infos, manifest = write_shards(rows, f"{storage}/{kind}", kind, tok_hash, cfg.pack)
-        wh.insert_new("shards", [i.as_row(manifest) for i in infos], run_id)
-        wh.insert_new(
-            "shard_members", [{"shard_id": i.shard_id, "trace_id": t} for i in infos for t in i.trace_ids], run_id
-        )
-        handle.manifests[kind] = manifest
-        handle.shard_ids[kind] = [i.shard_id for i in infos]
-        handle.stats[kind] = {
-            "examples": stats.examples,
-            "rows": stats.rows,
-            "tokens": stats.tokens,
-            "fill_ratio": round(stats.fill_ratio, 5),
-            "split_examples": stats.split_examples,
-            "dropped_examples": stats.dropped_examples,
+        ids = shard_ids[kind] + [i.shard_id for i in infos[kind]]
+        manifest = content_id("manifest", sorted(ids))
+        wh.insert_new("shards", [i.as_row(manifest) for i in infos[kind]], run_id)
+        parent = previous.get(kind, {})
+        record = {
+            "manifest_hash": manifest,
+            "kind": kind,
+            "pack_key": pack_keys[kind],
+            "parent": parent.get("manifest_hash"),
+            "traces": packed_before + new_traces,
+            "split_examples": parent.get("split_examples", 0) + split[kind],
+            "dropped_examples": parent.get("dropped_examples", 0) + dropped[kind],
+            "budget_json": json.dumps(budget),
         }
-    handle.budget = token_budget(formatter, traces, scaffold_examples)
+        if manifest != parent.get("manifest_hash"):
+            wh.insert_new("manifests", [record], run_id)
+            wh.insert_new("manifest_shards", [{"manifest_hash": manifest, "shard_id": i} for i in ids], run_id)
+        else:
+            record = parent
+        totals = wh.query(
+            "SELECT sum(s.n_rows) AS rows, sum(s.tokens) AS tokens "
+            "FROM manifest_shards ms JOIN shards s USING (shard_id) WHERE ms.manifest_hash = ?",
+            [manifest],
+        )[0]
+        handle.manifests[kind] = manifest
+        handle.shard_ids[kind] = ids
+        handle.stats[kind] = {
+            "examples": record["traces"],
+            "rows": totals["rows"],
+            "tokens": totals["tokens"],
+            "fill_ratio": round(totals["tokens"] / (totals["rows"] * cfg.pack.row_len), 5),
+            "split_examples": record["split_examples"],
+            "dropped_examples": record["dropped_examples"],
+            "appended_traces": new_traces if previous else 0,
+            "appended_to": parent.get("manifest_hash"),
+        }
     return handle
 
 
-def token_budget(formatter: Formatter, traces: list[dict], examples: list) -> dict[str, int]:
-    """99th percentiles of the training data's step, answer-step and whole-reply lengths in tokens (tags and
-    separators included): decoding caps for both arms come from these, so neither is cut off where the teacher
-    was not."""
-    step_lengths, answer_lengths = [], []
-    for t in traces:
-        ids = formatter._encode(t["steps"])
-        step_lengths += [len(i) + 2 for i in ids[:-1]]
-        answer_lengths.append(len(ids[-1]) + 2)
-    replies = [len(e.input_ids) - int((e.labels == -100).sum()) + 1 for e in examples]
+def add_lengths(lengths: dict[str, list[int]], step_ids: list[list[list[int]]], examples: list) -> None:
+    """Token lengths of steps, answer steps, whole replies and step counts (tags and separators included)."""
+    for ids, e in zip(step_ids, examples):
+        lengths["step"] += [len(i) + 2 for i in ids[:-1]]
+        lengths["answer"].append(len(ids[-1]) + 2)
+        lengths["reply"].append(len(e.input_ids) - int((e.labels == -100).sum()) + 1)
+        lengths["steps"].append(len(ids))
+
+
+def token_budget(lengths: dict[str, list[int]]) -> dict[str, int]:
+    """99th percentiles of the training data's step, answer-step and whole-reply lengths in tokens: decoding caps
+    for both arms come from these, so neither is cut off where the teacher was not."""
     return {
-        "step_tokens_p99": _p99(step_lengths),
-        "answer_tokens_p99": _p99(answer_lengths),
-        "reply_tokens_p99": _p99(replies),
-        "steps_p99": _p99([len(t["steps"]) for t in traces]),
+        "step_tokens_p99": _p99(lengths["step"]),
+        "answer_tokens_p99": _p99(lengths["answer"]),
+        "reply_tokens_p99": _p99(lengths["reply"]),
+        "steps_p99": _p99(lengths["steps"]),
     }
 
 
 def shards_of_manifest(wh: Warehouse, manifest_hash: str) -> list[dict]:
-    return wh.query("SELECT * FROM shards WHERE manifest_hash = ? ORDER BY path", [manifest_hash])
+    """The shards of a manifest: those it was written with and those it took over from the one it appended to."""
+    return wh.query(
+        """
+        SELECT * FROM shards WHERE manifest_hash = ?
+           OR shard_id IN (SELECT shard_id FROM manifest_shards WHERE manifest_hash = ?)
+        ORDER BY path""",
+        [manifest_hash, manifest_hash],
+    )
 
 
 # --- training -----------------------------------------------------------------------------------------------------

@@ -212,6 +212,13 @@ ALLOWED_INTERPOLATIONS = {
     "FALLBACK",
     "', '.join(columns)",
     "t",
+    # SQL fragments written in the library itself (no value from outside reaches them)
+    "PROBLEM_COLUMNS",
+    "column",
+    "contamination",
+    "_eligible_traces(drop_contaminated)",
+    "members",
+    "eligible",
 }
 
 

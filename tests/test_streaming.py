@@ -1,0 +1,208 @@
+"""The data stages stream (issue: scale) and a refresh does only the new work: batches of any size write the same
+rows; problem files and trace files are read once unless they change; packing appends shards for new traces when
+the tokenizer is unchanged and repacks when a packed trace stops being a training trace."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from scaffold_lib.data import stages
+from scaffold_lib.data.problems import GeneratorConfig, ProblemsConfig, generate_problems
+from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap
+from scaffold_lib.store.store import Store
+from scaffold_lib.student.examples import STEP_SEPARATOR, signal_tags, training_corpus
+from scaffold_lib.student.model import StudentConfig, build_embedded_base
+from scaffold_lib.student.shards import PackConfig
+from scaffold_lib.student.stages import ShardsConfig, pack_shards, shards_of_manifest, training_traces
+from student_kit import TINY
+from support.stages import ALL_SPLITS, generate_teacher_traces, store_problems
+
+TABLES = {"segmented_steps": "step_id", "signal_labels": "step_id", "teacher_traces": "trace_id"}
+
+
+def _data(store: Store, n: int, seed: int, batch: int | None = None) -> None:
+    store_problems(store.warehouse, generate_problems(GeneratorConfig(n_problems=n, seed=seed)))
+    cfg = stages.TeacherConfig(splits=list(ALL_SPLITS), **({"batch_problems": batch} if batch else {}))
+    stages.write_traces(store, cfg)
+    stages.segment_traces(store, **({"batch_traces": batch} if batch else {}))
+    stages.label_signals(store, **({"batch_steps": batch * 3} if batch else {}))
+
+
+def _rows(store: Store, table: str, key: str) -> list[tuple]:
+    columns = {
+        "segmented_steps": "step_id, trace_id, idx, text, segmenter",
+        "signal_labels": "step_id, signal, labeller, keyword, confidence",
+        "teacher_traces": "trace_id, problem_id, text, final_answer, is_correct",
+    }[table]
+    return [tuple(r.values()) for r in store.warehouse.query(f"SELECT {columns} FROM {table} ORDER BY {key}")]
+
+
+def test_batches_of_any_size_write_the_same_rows(tmp_path):
+    whole, batched = Store.at(tmp_path / "whole"), Store.at(tmp_path / "batched")
+    _data(whole, 40, seed=3)
+    _data(batched, 40, seed=3, batch=3)  # 3 problems, 3 traces, 9 steps per batch: many batches
+    for table, key in TABLES.items():
+        rows = _rows(whole, table, key)
+        assert rows and rows == _rows(batched, table, key), table
+
+
+def test_a_refresh_reads_only_new_problems_and_traces(tmp_path):
+    store = Store.at(tmp_path)
+    _data(store, 30, seed=1)
+    before = store.warehouse.counts()
+    report = stages.write_traces(store, stages.TeacherConfig(splits=list(ALL_SPLITS), batch_problems=4))
+    assert report.new_rows == 0 and report.details["asked"] == 0 and report.details["skipped_existing"] == 30
+    assert stages.segment_traces(store).new_rows == 0 and stages.label_signals(store).new_rows == 0
+    _data(store, 5, seed=99)
+    after = store.warehouse.counts()
+    assert after["problems"] == before["problems"] + 5
+    assert after["teacher_traces"] == before["teacher_traces"] + 5
+    assert after["segmented_steps"] > before["segmented_steps"]
+    assert after["signal_labels"] == after["segmented_steps"]
+
+
+def test_problem_files_are_read_once_unless_they_change(tmp_path):
+    store = Store.at(tmp_path)
+    problems = generate_problems(GeneratorConfig(n_problems=6, seed=2))
+    path = tmp_path / "incoming.jsonl"
+    pd.DataFrame([{"question": p.question, "answer": p.answer} for p in problems[:4]]).to_json(
+        path, orient="records", lines=True
+    )
+    cfg = ProblemsConfig(source="files", files=[str(path)])
+    first = stages.build_problems(store, cfg)
+    assert first.new_rows == 4 and first.details["files_loaded"] == 1
+    again = stages.build_problems(store, cfg)
+    assert again.new_rows == 0 and again.details["files_loaded"] == 0  # unchanged: not read
+    pd.DataFrame([{"question": p.question, "answer": p.answer} for p in problems]).to_json(
+        path, orient="records", lines=True
+    )
+    os.utime(path, ns=(1, 1))  # a new size and mtime: the file is read again
+    changed = stages.build_problems(store, cfg)
+    assert changed.new_rows == 2 and changed.details["files_loaded"] == 1
+
+
+def test_trace_import_streams_a_folder_and_reads_new_files_for_new_problems(tmp_path):
+    store = Store.at(tmp_path)
+    problems = generate_problems(GeneratorConfig(n_problems=12, seed=4))
+    store_problems(store.warehouse, problems[:8])
+    folder = tmp_path / "traces"
+    folder.mkdir()
+
+    def write(name: str, subset) -> None:
+        rows = [
+            {"problem": p.question, "generation": f"So it is {p.answer}.\n\nThe answer is {p.answer}."} for p in subset
+        ]
+        # small row groups: the importer reads only the question column of groups with no wanted problem
+        pd.DataFrame(rows).to_parquet(folder / name, row_group_size=3)
+
+    write("part-0.parquet", problems[:8])
+    teacher = ImportedTeacher(str(folder), TraceFieldMap(), name="dump")
+    first = generate_teacher_traces(store.warehouse, teacher)
+    assert first.new_rows == 8 and first.details["not_covered"] == 0
+    assert first.details["run"]["rows_imported"] == 8
+    # new problems arrive with a new file; only they are matched, the old file's rows are skipped unread
+    store_problems(store.warehouse, problems[8:])
+    write("part-1.parquet", problems[8:])
+    second = generate_teacher_traces(store.warehouse, ImportedTeacher(str(folder), TraceFieldMap(), name="dump"))
+    assert second.new_rows == 4 and second.details["asked"] == 4
+    assert second.details["run"]["rows_imported"] == 4
+    assert store.warehouse.scalar("SELECT count(*) FROM teacher_traces WHERE is_correct") == 12
+
+
+def _pretrained_like_base(tmp_path: Path) -> StudentConfig:
+    """A backbone directory with a fixed tokenizer (as a pretrained one has), so new traces do not change it."""
+    problems = generate_problems(GeneratorConfig(n_problems=40, seed=7))
+    corpus = [training_corpus(p.question, [p.question, f"The answer is {p.answer}."], [], {}) for p in problems]
+    out = build_embedded_base(TINY, corpus, tmp_path / "backbone", [STEP_SEPARATOR, *signal_tags().values()])
+    return TINY.model_copy(update={"base_model": str(out), "chat_template": False})
+
+
+def test_packing_appends_new_traces_and_repacks_when_a_packed_trace_leaves(tmp_path):
+    store = Store.at(tmp_path / "home")
+    wh = store.warehouse
+    student = _pretrained_like_base(tmp_path)
+    sc = ShardsConfig(pack=PackConfig(row_len=512, rows_per_shard=2))
+    _data(store, 30, seed=1)
+    first = pack_shards(store, sc, student)
+    old = {
+        s["shard_id"]: Path(s["path"]).stat().st_mtime_ns for s in shards_of_manifest(wh, first.manifests["scaffold"])
+    }
+    assert first.stats["scaffold"]["appended_to"] is None
+
+    _data(store, 10, seed=50)
+    second = pack_shards(store, sc, student)
+    n_train = len(training_traces(wh)[0])
+    new_train = n_train - first.traces
+    assert new_train > 0 and second.traces == n_train
+    for kind in ("scaffold", "baseline"):
+        stats = second.stats[kind]
+        assert stats["appended_to"] == first.manifests[kind] and stats["appended_traces"] == new_train
+        assert stats["examples"] == n_train
+        members = wh.scalar(
+            "SELECT count(DISTINCT m.trace_id) FROM manifest_shards ms JOIN shard_members m USING (shard_id) "
+            "WHERE ms.manifest_hash = ?",
+            [second.manifests[kind]],
+        )
+        assert members == n_train
+    shards = {s["shard_id"]: s for s in shards_of_manifest(wh, second.manifests["scaffold"])}
+    assert set(old) < set(shards)  # the old shards are kept, untouched, and new ones added
+    assert all(Path(shards[i]["path"]).stat().st_mtime_ns == mtime for i, mtime in old.items())
+    assert second.budget.keys() == first.budget.keys()
+    assert all(second.budget[k] >= first.budget[k] for k in first.budget)
+
+    # a packed trace stops being a training trace (its problem is found in a benchmark): everything is repacked
+    dropped = wh.query("SELECT problem_id FROM teacher_traces ORDER BY trace_id LIMIT 1")[0]["problem_id"]
+    wh.insert_new(
+        "contamination",
+        [
+            {
+                "contamination_id": "c1",
+                "problem_id": dropped,
+                "suite": "s",
+                "doc_id": "d",
+                "ngram": "x",
+                "n": 8,
+                "action": "exclude",
+            }
+        ],
+    )
+    third = pack_shards(store, sc, student)
+    assert third.stats["scaffold"]["appended_to"] is None
+    assert (
+        wh.scalar(
+            "SELECT count(*) FROM manifest_shards ms JOIN shard_members m USING (shard_id) JOIN teacher_traces t "
+            "USING (trace_id) WHERE ms.manifest_hash = ? AND t.problem_id = ?",
+            [third.manifests["scaffold"], dropped],
+        )
+        == 0
+    )
+
+
+def test_batch_encoding_gives_the_examples_of_one_trace_at_a_time(tmp_path):
+    """The pack stage tokenises a window of traces in one call through the fast tokenizer's Rust encoder; the ids
+    and examples are those of the tokenizer's own call, trace by trace."""
+    from scaffold_lib.student.examples import Formatter
+    from scaffold_lib.student.model import load_tokenizer
+
+    student = _pretrained_like_base(tmp_path)
+    tokenizer = load_tokenizer(student.base_model)
+    formatter = Formatter(tokenizer, signal_tags())
+    traces = [
+        ("What is 2 + 3?", ["First, 2 + 3 = 5.", "Wait, check: ünïcödé ß 5.", "The answer is 5."]),
+        ("Empty-ish?", ["  leading spaces\n\nand a blank line", "[conclusion_summary] a tag in the text"]),
+    ]
+    pieces = [s for _, steps in traces for s in steps]
+    assert formatter._encode(pieces) == tokenizer(pieces, add_special_tokens=False)["input_ids"]
+    signals = [["addition_elaboration", "contrast_concession", "response_generation"], ["reasoning_analysis"] * 2]
+    for (question, steps), sig, (q_ids, step_ids) in zip(traces, signals, formatter.encode(traces)):
+        one = formatter.scaffold("t", question, steps, sig)
+        batched = formatter.build("t", q_ids, step_ids, sig)
+        assert one.input_ids.tolist() == batched.input_ids.tolist()
+        assert one.signal_positions.tolist() == batched.signal_positions.tolist()
+        assert (
+            formatter.baseline("t", question, steps).labels.tolist()
+            == formatter.build("t", q_ids, step_ids, None).labels.tolist()
+        )
