@@ -56,7 +56,7 @@ ui: $(STAMP)
 # the champion as a REST service on http://127.0.0.1:5001 (POST /invocations {"dataframe_split": {"columns":
 # ["question"], "data": [["…"]]}}); MLflow starts uvicorn by name, hence the venv on PATH
 serve: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH MLFLOW_TRACKING_URI=sqlite:///$(DAGSTER_HOME)/mlflow.db \
+	PATH=$(CURDIR)/$(BIN):$$PATH MLFLOW_TRACKING_URI=sqlite:///$(DAGSTER_HOME)/mlflow.db MLFLOW_REGISTRY_URI=sqlite:///$(DAGSTER_HOME)/mlflow.db \
 		$(BIN)/mlflow models serve -m models:/scaffold-student@champion --env-manager local -h 127.0.0.1 -p 5001
 
 bench: $(STAMP)

@@ -172,7 +172,7 @@ def test_fallback_label(table):
     label = label_step("Ava counts 5 apples.", False, table)
     assert label == Label("reasoning_analysis", FALLBACK, None, 0.0)
     assert label_step("", False, table).labeller == FALLBACK
-    assert label_step("12 + 3 = 15.", False, table, fallback_signal="addition_elaboration") == Label(
+    assert label_step("Ava counts 5 apples.", False, table, fallback_signal="addition_elaboration") == Label(
         "addition_elaboration", FALLBACK, None, 0.0
     )
 

@@ -72,6 +72,8 @@ def demo(tmp_path_factory) -> Iterator[dict]:
         "DAGSTER_HOME": str(home),
         "TQDM_DISABLE": "1",
         "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db",
+        # mlflow.set_registry_uri (earlier tests, in this process) exports MLFLOW_REGISTRY_URI: not to these servers
+        "MLFLOW_REGISTRY_URI": f"sqlite:///{home}/mlflow.db",
     }
     out = subprocess.run(
         [sys.executable, "-m", "pipelines.demo", "--preset", "micro"],

@@ -6,8 +6,10 @@ import hashlib
 import json
 from typing import Any
 
+# one encoder for every id: json.dumps with these options would build a new encoder per call (a million steps)
+_ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+
 
 def content_id(*parts: Any, length: int = 16) -> str:
     """Stable hex id of `parts` (JSON-serialisable), independent of dict key order."""
-    payload = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:length]
+    return hashlib.sha256(_ENCODER.encode(parts).encode("utf-8")).hexdigest()[:length]

@@ -125,13 +125,16 @@ class ScaffoldDecoder:
         self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, cfg.resolved(None)
         self.fmt = fmt or Formatter(tokenizer, signal_tags())
         self.device = next(model.parameters()).device
+        # a step can only end on a token whose text holds a newline: the others skip the decode in _ends_step
+        vocab = len(tokenizer)
+        self.newline_ids = {i for i, t in enumerate(tokenizer.batch_decode([[i] for i in range(vocab)])) if "\n" in t}
 
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def _ends_step(self, written: list[int]) -> bool:
         """A step ends at a blank line, however the model spelled it in tokens ("\n\n" as one token or two)."""
-        return self.tokenizer.decode(written[-4:]).endswith(STEP_SEPARATOR)
+        return written[-1] in self.newline_ids and self.tokenizer.decode(written[-4:]).endswith(STEP_SEPARATOR)
 
     def generate(
         self,

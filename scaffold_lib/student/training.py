@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from scaffold_lib.core.devices import pick_device
+from scaffold_lib.student.attention import training_attention
 from scaffold_lib.student.model import ScaffoldStudent
 
 EMBEDDED_LR, PRETRAINED_LR = 3e-3, 5e-5  # from scratch vs fine-tuning (3e-3 wrecks a pretrained model in 30 steps)
@@ -56,7 +57,9 @@ class TrainConfig(BaseModel):
         False, description="recompute activations in backward: less memory for large students, ~30 % more compute"
     )
     attn_implementation: str | None = Field(
-        None, description="sdpa (default), eager, or flash_attention_2 on GPUs with flash-attn installed"
+        None,
+        description="attention while training on packed rows; default: attention within each packed example "
+        "(packed_documents) on the CPU, flash_attention_2 on CUDA when flash-attn is installed, else sdpa",
     )
     fsdp: bool = Field(
         False,
@@ -176,6 +179,10 @@ def train(
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     model.to(device).train()
+    # attention within each packed example (the backbone's own is restored below, before the model is saved)
+    backbone_config = model.decoder.config
+    own_attention = backbone_config._attn_implementation
+    backbone_config._attn_implementation = training_attention(device, cfg.attn_implementation) or own_attention
     if cfg.gradient_checkpointing:
         model.backbone.activation_checkpointing_enable({"use_reentrant": False})
     if cfg.lora_r:
@@ -325,6 +332,7 @@ def train(
     result.train_tokens = int(global_tokens) if cfg.max_steps > start_step else 0
     if cfg.lora_r:  # the student is saved and served as a plain checkpoint: fold the adapters in
         model.backbone = model.backbone.merge_and_unload()
+    model.decoder.config._attn_implementation = own_attention
     model.eval()
     return result
 
