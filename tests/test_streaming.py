@@ -206,3 +206,15 @@ def test_batch_encoding_gives_the_examples_of_one_trace_at_a_time(tmp_path):
             formatter.baseline("t", question, steps).labels.tolist()
             == formatter.build("t", q_ids, step_ids, None).labels.tolist()
         )
+
+
+def test_training_traces_stream_in_windows_of_whole_traces(tmp_path):
+    from scaffold_lib.student.stages import stream_training_traces
+
+    store = Store.at(tmp_path)
+    _data(store, 20, seed=8)
+    (whole,) = list(stream_training_traces(store.warehouse))
+    windows = list(stream_training_traces(store.warehouse, window_chars=200))
+    assert len(windows) > 1 and [t for w in windows for t in w] == whole
+    assert all(len(t["steps"]) == len(t["signals"]) > 1 for t in whole)
+    assert [t["trace_id"] for t in whole] == sorted(t["trace_id"] for t in whole)

@@ -20,7 +20,6 @@ import asyncio
 import itertools
 import json
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -104,18 +103,18 @@ class Completion:
     endpoint: str
 
 
-_THINK = re.compile(r"^\s*<think>(.*?)(?:</think>|$)(.*)$", re.S)
-
-
 def split_reasoning(content: str | None, reasoning: str | None = None) -> tuple[str, str]:
     """(thinking, answer) from a reasoning model's message: the separate field wins, else `<think>` tags, else
     the content is all answer. An unterminated `<think>` (generation cut by max_tokens) is all thinking."""
     content = content or ""
     if reasoning and reasoning.strip():
         return reasoning.strip(), content.strip()
-    match = _THINK.match(content)
-    if match:
-        return match.group(1).strip(), match.group(2).strip()
+    body = content.lstrip()
+    if body.startswith("<think>"):  # string search, not a regex: a trace can be tens of kilobytes
+        end = body.find("</think>")
+        if end < 0:
+            return body[len("<think>") :].strip(), ""
+        return body[len("<think>") : end].strip(), body[end + len("</think>") :].strip()
     return "", content.strip()
 
 

@@ -11,6 +11,7 @@ import re
 import string
 import tomllib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from importlib import resources
@@ -47,19 +48,21 @@ class KeywordFileError(UserError):
     """The keyword file is malformed; the message names the file and the entry."""
 
 
-def _words(text: str, limit: int) -> list[str]:
-    out = []
+def _iter_words(text: str, limit: int) -> Iterator[str]:
+    """The opening words of a step, lower-cased, punctuation stripped, at most `limit` (lazily: a keyword lookup
+    usually stops after the first one or two)."""
     cut = 24 * limit
     tokens = text[:cut].lower().split()
     if len(text) > cut and not text[cut].isspace() and not text[cut - 1].isspace():
         tokens = tokens[:-1]  # the window cut a word in two: its first half is not a word ("is|land")
+    n = 0
     for token in tokens:
         token = token.strip(_STRIP)
         if token:  # markup alone ("**", "-") is not a word: it must not use up the window
-            out.append(token)
-            if len(out) == limit:
-                break
-    return out
+            yield token
+            n += 1
+            if n == limit:
+                return
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ class KeywordTable:
             if not isinstance(keywords, list) or not all(isinstance(k, str) for k in keywords):
                 raise KeywordFileError(f"{source}: [{signal}].keywords must be a list of strings")
             for keyword in keywords:
-                key = " ".join(_words(keyword, 16))
+                key = " ".join(_iter_words(keyword, 16))
                 if not key:
                     raise KeywordFileError(f"{source}: [{signal}] keyword {keyword!r} is empty after normalising")
                 if key in by_words and by_words[key][0] != signal:
@@ -144,13 +147,13 @@ class KeywordTable:
 
         Grows the opening word by word and stops as soon as no keyword starts with it (usually after one or
         two words), which finds the same longest keyword as trying every length from the longest down."""
-        words = _words(step, self.max_words)
-        if not words:
+        words = _iter_words(step, self.max_words)
+        key = next(words, None)
+        if key is None:
             return None
         by_words, stems = self.by_words, self._stems
-        key = words[0]
         hit = by_words.get(key)
-        for word in words[1:]:
+        for word in words:
             if key not in stems:
                 break
             key = f"{key} {word}"

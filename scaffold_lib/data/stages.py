@@ -8,8 +8,10 @@ CLI and the experiment runner call exactly these functions.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -18,7 +20,7 @@ from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from scaffold_lib.core.errors import RunFailed
-from scaffold_lib.core.ids import content_id
+from scaffold_lib.core.ids import content_id, step_id
 from scaffold_lib.data.endpoint import TRANSPORT_ERRORS, EndpointConfig
 from scaffold_lib.data.label_validation import LabelValidator, ValidatorConfig, Verdict, decide
 from scaffold_lib.data.llm_teachers import EndpointTeacher, HFTeacher, HFTeacherConfig, PromptConfig
@@ -56,6 +58,17 @@ from scaffold_lib.data.trace_import import ImportedTeacher, TodoProblems, TraceF
 from scaffold_lib.store.store import Store
 
 TeacherBackend = Literal["programmatic", "reference", "openai", "hf", "import"]
+
+
+def in_session(stage):
+    """Run a stage with the warehouse held open (its many batched reads and writes share one open database)."""
+
+    @functools.wraps(stage)
+    def run(store: Store, *args, **kwargs):
+        with store.warehouse.session():
+            return stage(store, *args, **kwargs)
+
+    return run
 
 
 class StageFailed(RunFailed):
@@ -118,6 +131,7 @@ def gather_problems(
     return problems, loaded, {f: keys[f] for f in loaded}
 
 
+@in_session
 def build_problems(store: Store, cfg: ProblemsConfig, run_id: str | None = None) -> StageReport:
     """Questions with gold answers, from the configured source and problem files, split by group. A file already
     loaded, unchanged, is not read again (a refresh reads the new files only)."""
@@ -297,6 +311,17 @@ def write_traces(
     written as they complete. Raises `StageFailed` when problems were asked and not one trace came back."""
     wh = store.warehouse
     teacher = teacher or build_teacher(cfg, store.journals, shard)
+    # a model teacher can take hours: it leaves the warehouse free between its writes; the others hold it open
+    with (
+        wh.session() if isinstance(teacher, (ImportedTeacher, ProgrammaticTeacher, ReferenceTeacher)) else nullcontext()
+    ):
+        return _write_traces(store, teacher, cfg, run_id, shard)
+
+
+def _write_traces(
+    store: Store, teacher: Teacher, cfg: TeacherConfig, run_id: str | None, shard: tuple[int, int] | None
+) -> StageReport:
+    wh = store.warehouse
     asked, new, failures, quarantined, not_covered = [0], 0, 0, 0, 0
     errors: Counter[str] = Counter()
     examples: list[Quarantined] = []
@@ -361,6 +386,7 @@ def merge_stats(total: dict, batch: dict) -> dict:
 # --- segmented steps -----------------------------------------------------------------------------------------------
 
 
+@in_session
 def segment_traces(
     store: Store, cfg: SegmentationConfig = SegmentationConfig(), run_id: str | None = None, batch_traces: int = 2_000
 ) -> StageReport:
@@ -392,7 +418,7 @@ def segment_traces(
                 used[segmenter] += bool(steps)
                 rows.extend(
                     {
-                        "step_id": content_id("step", t["trace_id"], i, text),
+                        "step_id": step_id(t["trace_id"], i, text),
                         "trace_id": t["trace_id"],
                         "idx": i,
                         "text": text,
@@ -438,6 +464,7 @@ class LabellingConfig(LabellerConfig):
     progress: bool = True
 
 
+@in_session
 def label_signals(
     store: Store, cfg: LabellingConfig = LabellingConfig(), run_id: str | None = None, batch_steps: int = 50_000
 ) -> StageReport:

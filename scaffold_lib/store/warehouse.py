@@ -87,6 +87,14 @@ AUDIT_COLUMNS = "dagster_run_id VARCHAR, created_at TIMESTAMP DEFAULT current_ti
 # columns added to a table after its first release must be nullable: older warehouse files get them by ALTER
 
 
+def _arrow(rows: Sequence[dict], dagster_run_id: str | None) -> pa.Table:
+    """Rows as an Arrow table, column by column (a key a row lacks is null there), with the writing run's id."""
+    keys = dict.fromkeys(k for r in rows for k in r)
+    columns = {key: [r.get(key) for r in rows] for key in keys}
+    columns["dagster_run_id"] = [dagster_run_id] * len(rows)
+    return pa.table(columns)
+
+
 class WarehouseBusyError(RuntimeError):
     """Another process held the DuckDB file for longer than the configured wait."""
 
@@ -96,7 +104,8 @@ class Warehouse:
         self.path = Path(path).expanduser().resolve()
         self.lock_timeout_s = lock_timeout_s
         # DuckDB's own default is 80 % of the RAM; joins and sorts beyond the limit spill to <file>.tmp/
-        self.memory_limit = os.environ.get("SCAFFOLD_DUCKDB_MEMORY", "2GB")
+        self.memory_limit = os.environ.get("SCAFFOLD_DUCKDB_MEMORY", "1GB")
+        self._held: duckdb.DuckDBPyConnection | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.connect() as con:
             for table, columns in SCHEMA.items():
@@ -114,11 +123,33 @@ class Warehouse:
         con.execute("DROP TABLE schema_probe")
 
     @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Keep the file open for a stage's many small reads and writes (each would otherwise open the database
+        anew); other processes wait for it as they would for one long write."""
+        if self._held is not None:
+            yield
+            return
+        with self.connect() as con:
+            self._held = con
+            try:
+                yield
+            finally:
+                self._held = None
+
+    @contextlib.contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection, waiting (with backoff) while another process holds the file.
+        """A connection, waiting (with backoff) while another process holds the file; inside `session()`, a cursor
+        of the session's connection.
 
         Always read-write: DuckDB refuses two connections with different settings in one process, and a
         read-only one would not get past another process's lock either."""
+        if self._held is not None:
+            cursor = self._held.cursor()
+            try:
+                yield cursor
+            finally:
+                cursor.close()
+            return
         deadline, delay = time.monotonic() + self.lock_timeout_s, 0.05
         while True:
             try:
@@ -144,7 +175,7 @@ class Warehouse:
             raise KeyError(f"unknown table {table!r}")
         if not rows:
             return 0
-        data = pa.Table.from_pylist([{**r, "dagster_run_id": dagster_run_id} for r in rows])
+        data = _arrow(rows, dagster_run_id)
         with self.connect() as con:
             con.register("incoming", data)
             con.execute("BEGIN TRANSACTION")
@@ -161,7 +192,7 @@ class Warehouse:
             raise KeyError(f"unknown table {table!r}")
         if not rows:
             return 0
-        data = pa.Table.from_pylist([{**r, "dagster_run_id": dagster_run_id} for r in rows])
+        data = _arrow(rows, dagster_run_id)
         with self.connect() as con:
             con.register("incoming", data)
             con.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT * FROM incoming")

@@ -11,6 +11,7 @@ prediction made at this position, i.e. of the step the *next* token belongs to; 
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class Example:
         return len(self.input_ids)
 
 
+ENCODE_CHUNK = 8_192  # pieces per tokenizer call
 FORMAT_FILE = "scaffold.json"  # written beside every prepared backbone and trained student
 
 
@@ -80,7 +82,12 @@ class Formatter:
     def _encode(self, pieces: list[str]) -> list[list[int]]:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None:  # a fast tokenizer: its Rust batch encoder directly, without per-piece Python objects
-            return [e.ids for e in backend.encode_batch(pieces, add_special_tokens=False)]
+            # in chunks: an Encoding keeps strings and offsets per token, a long trace window's worth would not fit
+            return [
+                e.ids
+                for at in range(0, len(pieces), ENCODE_CHUNK)
+                for e in backend.encode_batch(pieces[at : at + ENCODE_CHUNK], add_special_tokens=False)
+            ]
         return self.tokenizer(pieces, add_special_tokens=False)["input_ids"]
 
     def question_ids(self, question: str) -> list[int]:
@@ -120,32 +127,28 @@ class Formatter:
         with_signals = signals is not None
         if with_signals and len(signals) != len(step_ids):
             raise ValueError(f"trace {trace_id}: {len(step_ids)} steps but {len(signals)} signals")
-        tokens: list[int] = list(q_ids)
-        owner: list[int] = [NO_SIGNAL] * len(q_ids)  # signal of the step each token belongs to
-        positions, targets = [], []
+        # the reply as pieces (tag, step, separator) with the signal each belongs to, joined once in numpy
+        pieces, owners = [q_ids], [NO_SIGNAL]
         last = len(step_ids) - 1
         for i, ids in enumerate(step_ids):
             sig = SIGNAL_INDEX[signals[i]] if with_signals else NO_SIGNAL
-            if with_signals:
-                positions.append(len(tokens) - 1)
-                targets.append(sig)
-                ids = self.tag_ids[signals[i]] + ids
-            ids = ids + ([self.eos_id] if i == last else self.sep_ids)
-            tokens.extend(ids)
-            owner.extend([sig] * len(ids))
-        input_ids = np.asarray(tokens, dtype=np.int32)
-        labels = np.full(len(tokens), -100, dtype=np.int32)
+            pieces += [
+                self.tag_ids[signals[i]] if with_signals else [],
+                ids,
+                [self.eos_id] if i == last else self.sep_ids,
+            ]
+            owners += [sig, sig, sig]
+        lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+        input_ids = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=int(lengths.sum()))
+        owner = np.repeat(np.asarray(owners, dtype=np.int8), lengths)  # signal of the step each token belongs to
+        starts = np.cumsum(lengths) - lengths
+        positions = starts[1::3] - 1 if with_signals else np.zeros(0, np.int64)  # the token before each step's tag
+        targets = np.asarray(owners[1::3], dtype=np.int8) if with_signals else np.zeros(0, np.int8)
+        labels = np.full(len(input_ids), -100, dtype=np.int32)
         labels[len(q_ids) - 1 : -1] = input_ids[len(q_ids) :]
-        signal_ids = np.full(len(tokens), NO_SIGNAL, dtype=np.int8)
-        signal_ids[:-1] = np.asarray(owner[1:], dtype=np.int8)
-        return Example(
-            trace_id,
-            input_ids,
-            labels,
-            signal_ids,
-            np.asarray(positions, dtype=np.int32),
-            np.asarray(targets, dtype=np.int8),
-        )
+        signal_ids = np.full(len(input_ids), NO_SIGNAL, dtype=np.int8)
+        signal_ids[:-1] = owner[1:]
+        return Example(trace_id, input_ids, labels, signal_ids, positions.astype(np.int32), targets)
 
 
 def training_corpus(question: str, steps: list[str], signals: list[str], tags: dict[str, str]) -> str:

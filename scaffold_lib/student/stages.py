@@ -122,9 +122,9 @@ class ModelHandle(BaseModel):
 # --- shards -------------------------------------------------------------------------------------------------------
 
 
-PACK_WINDOW = (
-    2_000  # traces tokenised and packed together: BFD fills rows nearly as well as over all, in bounded memory
-)
+# characters of steps tokenised and packed together (about 2 M tokens): best-fit decreasing over a window fills rows
+# nearly as well as over everything, and memory stays bounded whatever the corpus
+PACK_WINDOW_CHARS = 8_000_000
 BUDGET_SAMPLE = 5_000  # traces whose token lengths set the decoding budget (the first by trace id: a hash order)
 
 
@@ -155,19 +155,6 @@ def _unlabelled_traces(wh: Warehouse, splits: Sequence[str], include_incorrect: 
     )
 
 
-def traces_with_steps(wh: Warehouse, trace_ids: Sequence[str]) -> list[dict]:
-    """The traces of `trace_ids` with question, ordered steps and signals."""
-    return wh.query(
-        """
-        SELECT t.trace_id, p.problem_id, p.question, p.answer, p.answer_type, t.is_correct,
-               list(s.text ORDER BY s.idx) AS steps, list(l.signal ORDER BY s.idx) AS signals
-        FROM wanted w JOIN teacher_traces t ON t.trace_id = w.key JOIN problems p USING (problem_id)
-        JOIN segmented_steps s USING (trace_id) JOIN signal_labels l USING (step_id)
-        GROUP BY ALL ORDER BY t.trace_id""",
-        tables={"wanted": list(trace_ids)},
-    )
-
-
 def stream_training_traces(
     wh: Warehouse,
     splits: Sequence[str] = ("train",),
@@ -175,21 +162,43 @@ def stream_training_traces(
     only_problems: Sequence[str] | None = None,
     drop_contaminated: bool = False,
     packed_in: str | None = None,
-    window: int = PACK_WINDOW,
+    window_chars: int = PACK_WINDOW_CHARS,
 ) -> Iterator[list[dict]]:
-    """Complete traces with question, ordered steps and signals, `window` traces at a time in trace-id order. With
-    `drop_contaminated`, problems decontamination marked for exclusion are left out; traces already in the shards
-    of manifest `packed_in` are left out."""
-    for ids in wh.stream(
+    """Complete traces with question, ordered steps and signals, in trace-id order, in windows of about
+    `window_chars` characters of steps. One query streams every step in (trace, index) order (DuckDB sorts, spilling
+    to disk beyond its memory limit), so Python holds one window. With `drop_contaminated`, problems decontamination
+    marked for exclusion are left out; traces already in the shards of manifest `packed_in` are left out."""
+    window: list[dict] = []
+    chars = 0
+    current: dict | None = None
+    for rows in wh.stream(
         f"""
-        SELECT trace_id FROM ({_eligible_traces(drop_contaminated)})
-        WHERE trace_id NOT IN (SELECT m.trace_id FROM manifest_shards ms JOIN shard_members m USING (shard_id)
-                               WHERE ms.manifest_hash = ?)
-        ORDER BY trace_id""",
+        WITH wanted AS (
+            SELECT trace_id FROM ({_eligible_traces(drop_contaminated)})
+            WHERE trace_id NOT IN (SELECT m.trace_id FROM manifest_shards ms JOIN shard_members m USING (shard_id)
+                                   WHERE ms.manifest_hash = ?))
+        SELECT t.trace_id, p.problem_id, p.question, p.answer, p.answer_type, t.is_correct, s.text, l.signal
+        FROM wanted JOIN teacher_traces t USING (trace_id) JOIN problems p USING (problem_id)
+        JOIN segmented_steps s USING (trace_id) JOIN signal_labels l USING (step_id)
+        ORDER BY t.trace_id, s.idx""",
         [list(splits), include_incorrect, only_problems, only_problems, packed_in or ""],
-        batch_rows=window,
+        batch_rows=8_192,
     ):
-        yield traces_with_steps(wh, [r["trace_id"] for r in ids])
+        for r in rows:
+            if current is None or r["trace_id"] != current["trace_id"]:
+                if current is not None and chars >= window_chars:
+                    yield window
+                    window, chars = [], 0
+                text, signal = r.pop("text"), r.pop("signal")
+                current = {**r, "steps": [], "signals": []}
+                window.append(current)
+            else:
+                text, signal = r["text"], r["signal"]
+            current["steps"].append(text)
+            current["signals"].append(signal)
+            chars += len(text)
+    if window:
+        yield window
 
 
 def training_traces(
@@ -275,10 +284,15 @@ def pack_shards(store: Store, cfg: ShardsConfig, student: StudentConfig, run_id:
     """Correct training traces in the scaffold format (and plain CoT for the baseline), best-fit-decreasing packed into
     fixed-length rows with per-example position ids, written as Parquet shards with a manifest per arm.
 
-    Streamed: traces are read, tokenised once for both arms and packed `PACK_WINDOW` at a time. Incremental: when the
+    Streamed: traces are read, tokenised once for both arms and packed a window (`PACK_WINDOW_CHARS`) at a time. Incremental: when the
     tokenizer and the packing settings are those of the last manifests and every trace in them is still a training
     trace, only the new traces are packed, into new shards appended to them (a changed tokenizer or a removed trace
     repacks everything)."""
+    with store.warehouse.session():
+        return _pack_shards(store, cfg, student, run_id)
+
+
+def _pack_shards(store: Store, cfg: ShardsConfig, student: StudentConfig, run_id: str | None) -> ShardsHandle:
     wh = store.warehouse
     eligible = _eligible_traces(drop_contaminated=True)
     params = [["train"], cfg.include_incorrect, None, None]
