@@ -7,7 +7,9 @@ launchpad shows the values schedules and sensors will run with, and changing the
 them after a code-location reload.
 """
 
+import base64
 import typing
+from pathlib import Path
 
 import dagster as dg
 from pydantic import BaseModel, Field, create_model
@@ -94,3 +96,8 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def run_id(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> str:
     return context.run.run_id
+
+
+def png_markdown(path: str, alt: str) -> str:
+    """A small PNG inline in asset metadata (the UI renders markdown; a local path would not load in the browser)."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})"

@@ -9,6 +9,7 @@ from pipelines.defs.common import (
     GPU_POOL,
     instance_config,
     library_config,
+    png_markdown,
     run_id,
     section_config,
     stage_failure,
@@ -50,7 +51,7 @@ def experiment_report(
             "mcnemar_p": headline.get("p_value", 1.0),
             "report": dg.MetadataValue.md(result.report),
             "report_file": dg.MetadataValue.path(result.report_path),
-            "tau_plot": dg.MetadataValue.path(result.plot_path),
+            "tau_plot": dg.MetadataValue.md(png_markdown(result.plot_path, "Pass@1 on validation against τ")),
             "minutes": round(result.minutes, 1),
         }
     )

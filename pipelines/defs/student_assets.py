@@ -2,9 +2,7 @@
 -> promotion of the challenger. Each asset calls its library stage function with the handle its upstream produced in
 the same run (through the IO manager) and adds Dagster metadata."""
 
-import base64
 import os
-from pathlib import Path
 
 import dagster as dg
 
@@ -16,6 +14,7 @@ from pipelines.defs.common import (
     instance_config,
     library_config,
     markdown_table,
+    png_markdown,
     run_id,
     section_config,
     stage_failure,
@@ -36,11 +35,6 @@ PromotionRunConfig = section_config("promotion")
 
 def dagster_ui() -> str:
     return os.environ.get("SCAFFOLD_DAGSTER_UI", "http://127.0.0.1:3000").rstrip("/")
-
-
-def png_markdown(path: str, alt: str) -> str:
-    """A small PNG inline in asset metadata (the UI renders markdown; a local path would not load in the browser)."""
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})"
 
 
 def mlflow_ui() -> str:

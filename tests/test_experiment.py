@@ -1,0 +1,116 @@
+"""The experiment's statistics checked against known values, and the experiment runner end to end at micro size:
+both arms over two seeds, τ chosen on validation, test scored once, rows in DuckDB, a parent MLflow run with the
+training runs as children, and the same numbers when the same configuration runs again on a fresh instance."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from scipy.stats import binomtest
+
+from scaffold_lib.config import load_preset
+from scaffold_lib.evaluation.stats import calibration, mcnemar_exact, paired_comparison
+from scaffold_lib.experiment import COMPARISONS, run_experiment
+from scaffold_lib.pipeline import PipelineResult, run_data_stages
+from scaffold_lib.store import registry
+from scaffold_lib.store.store import Store
+
+
+def test_mcnemar_is_the_two_sided_binomial_test_of_the_discordant_pairs():
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 5) == pytest.approx(1.0)
+    # 10 discordant pairs all one way: 2 * 0.5**10
+    assert mcnemar_exact(10, 0) == pytest.approx(2 * 0.5**10)
+    assert mcnemar_exact(157, 133) == pytest.approx(binomtest(157, 290, 0.5).pvalue)
+    assert mcnemar_exact(3, 12) == mcnemar_exact(12, 3)
+
+
+def test_paired_comparison_counts_discordant_items_and_brackets_the_difference():
+    a = [True] * 30 + [False] * 10 + [True] * 5 + [False] * 55
+    b = [True] * 30 + [True] * 10 + [False] * 5 + [False] * 55
+    c = paired_comparison(a, b, n_boot=2000)
+    assert (c.n, c.a_only, c.b_only) == (100, 5, 10)
+    assert c.accuracy_a == pytest.approx(0.35) and c.accuracy_b == pytest.approx(0.40)
+    assert c.difference == pytest.approx(-0.05)
+    assert c.ci_low < -0.05 < c.ci_high and c.ci_high < 0.05
+    assert c.p_value == pytest.approx(binomtest(5, 15, 0.5).pvalue)
+    same = paired_comparison(a, a, n_boot=500)
+    assert (same.difference, same.ci_low, same.ci_high, same.p_value) == (0.0, 0.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        paired_comparison(a, b[:-1])
+
+
+def test_calibration_bins_and_expected_calibration_error():
+    # 10 predictions at confidence 0.95, 9 right; 10 at 0.55, 3 right
+    conf = [0.95] * 10 + [0.55] * 10
+    hits = [True] * 9 + [False] + [True] * 3 + [False] * 7
+    calib = calibration(conf, hits)
+    filled = [b for b in calib.bins if b["n"]]
+    assert [(b["n"], b["accuracy"]) for b in filled] == [(10, pytest.approx(0.3)), (10, pytest.approx(0.9))]
+    assert calib.ece == pytest.approx(0.5 * abs(0.3 - 0.55) + 0.5 * abs(0.9 - 0.95))
+    assert calibration([0.75] * 4, [True, True, True, False]).ece == pytest.approx(0.0)
+    assert "ECE = " in calib.markdown()
+
+
+MICRO_EXPERIMENT = {
+    "experiment": {"seeds": [0, 1], "taus": [0.0, 0.9], "validation_limit": 4, "test_limit": 4, "bootstrap": 200},
+    "eval": {"variants": ["predicted", "golden", "random"], "include_base": False},
+}
+
+
+def _experiment(home) -> tuple[Store, object]:
+    resolved = load_preset("micro", MICRO_EXPERIMENT)
+    store = Store.at(home)
+    result = PipelineResult("experiment-micro")
+    run_data_stages(store, resolved.config, result.run_id, result, log=lambda _: None)
+    return store, run_experiment(store, resolved.config, result.run_id, preset="micro", log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_the_experiment_runs_both_arms_over_seeds_records_everything_and_repeats_exactly(tmp_path):
+    store, result = _experiment(tmp_path / "a")
+    assert result.tau in (0.0, 0.9)
+    assert set(result.per_seed) >= {"predicted", "golden", "random", "cot_sft"}
+    assert all(set(by_seed) == {0, 1} for by_seed in result.per_seed.values())
+    # the comparisons whose variants were scored, each pooled over both seeds' paired items
+    assert {"predicted-cot_sft", "golden-predicted", "predicted-random"} <= set(result.comparisons)
+    assert set(result.comparisons) <= {f"{a}-{b}" for a, b in COMPARISONS}
+    for comparison in result.comparisons.values():
+        assert comparison["n"] == 2 * 4 and 0.0 <= comparison["p_value"] <= 1.0
+        assert math.isclose(comparison["difference"], comparison["accuracy_a"] - comparison["accuracy_b"])
+
+    wh = store.warehouse
+    rows = wh.query(
+        "SELECT seed, purpose, variant, tau, n FROM experiment_scores WHERE experiment_id = ? ORDER BY ALL",
+        [result.experiment_id],
+    )
+    validation = [r for r in rows if r["purpose"] == "validation"]
+    test = [r for r in rows if r["purpose"] == "test"]
+    assert {(r["seed"], r["tau"]) for r in validation} == {(s, t) for s in (0, 1) for t in (0.0, 0.9)}
+    assert {r["variant"] for r in validation} == {"predicted"}
+    assert {r["tau"] for r in test} == {result.tau}  # test is scored once, with the τ chosen on validation
+    assert {(r["seed"], r["variant"]) for r in test} == {
+        (s, v) for s in (0, 1) for v in ("predicted", "golden", "random", "cot_sft")
+    }
+    assert all(r["n"] == 4 for r in test)
+
+    client = registry.client(store.registry)
+    parents = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        f"tags.experiment_id = '{result.experiment_id}' AND tags.kind = 'experiment'",
+    )
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = client.search_runs(
+        [parents[0].info.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'"
+    )
+    assert len(children) == 4  # two seeds x two arms
+    assert "report.md" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    report = (tmp_path / "a" / "artifacts" / "experiments" / result.experiment_id / "report.md").read_text()
+    assert "McNemar" in report
+
+    # the same configuration on a fresh instance: the same numbers
+    _, again = _experiment(tmp_path / "b")
+    assert again.tau == result.tau
+    assert again.per_seed == result.per_seed
+    assert again.comparisons == result.comparisons
