@@ -266,6 +266,11 @@ def test_llm_label_validation_confirms_corrects_reasks_and_caches(tmp_path: Path
         )
         assert server.stats()["requests"] == 0
     assert again["verdicts_from_cache"] == len(never)  # only the never-valid ones are still keyword/fallback
+    # the keyword labelling stage run again (same table) keeps the LLM's verdicts
+    assert label_signals(wh).new_rows == 0
+    assert {r["step_id"]: r["labeller"] for r in wh.query("SELECT * FROM signal_labels")} == {
+        k: r["labeller"] for k, r in after.items()
+    }
 
 
 SENTINEL = "sk-sentinel-7f3a9c1e-never-log-me"

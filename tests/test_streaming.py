@@ -11,6 +11,7 @@ import pandas as pd
 
 from scaffold_lib.data import stages
 from scaffold_lib.data.problems import GeneratorConfig, ProblemsConfig, generate_problems
+from scaffold_lib.data.signals import ANSWER_SIGNAL, SIGNALS
 from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap
 from scaffold_lib.store.store import Store
 from scaffold_lib.student.examples import STEP_SEPARATOR, signal_tags, training_corpus
@@ -62,6 +63,31 @@ def test_a_refresh_reads_only_new_problems_and_traces(tmp_path):
     assert after["teacher_traces"] == before["teacher_traces"] + 5
     assert after["segmented_steps"] > before["segmented_steps"]
     assert after["signal_labels"] == after["segmented_steps"]
+
+
+def test_a_changed_keyword_table_relabels_every_step_and_an_unchanged_one_nothing(tmp_path):
+    store = Store.at(tmp_path)
+    _data(store, 20, seed=4)
+    wh = store.warehouse
+    steps = wh.scalar("SELECT count(*) FROM segmented_steps")
+    assert stages.label_signals(store).new_rows == 0
+    # the most used keyword, moved to another signal by a custom table
+    keyword, signal = wh.query(
+        "SELECT keyword, signal FROM signal_labels WHERE labeller = 'keyword' GROUP BY ALL ORDER BY count(*) DESC LIMIT 1"
+    )[0].values()
+    other = next(s for s in SIGNALS if s not in (signal, ANSWER_SIGNAL))
+    custom = tmp_path / "keywords.toml"
+    custom.write_text(f'[{other}]\nkeywords = ["{keyword}"]\n')
+    cfg = stages.LabellingConfig(keywords_path=str(custom))
+    assert stages.label_signals(store, cfg).new_rows == steps  # every step labelled again, under the new table
+    assert wh.scalar("SELECT count(*) FROM signal_labels") == steps
+    moved = wh.query("SELECT DISTINCT signal FROM signal_labels WHERE keyword = ? AND labeller = 'keyword'", [keyword])
+    assert [r["signal"] for r in moved] == [other]
+    assert stages.label_signals(store, cfg).new_rows == 0
+    # back to the built-in table: relabelled once more, as before
+    assert stages.label_signals(store).new_rows == steps
+    back = wh.query("SELECT DISTINCT signal FROM signal_labels WHERE keyword = ? AND labeller = 'keyword'", [keyword])
+    assert [r["signal"] for r in back] == [signal]
 
 
 def test_problem_files_are_read_once_unless_they_change(tmp_path):

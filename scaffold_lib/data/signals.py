@@ -20,6 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, field_validator
 
 from scaffold_lib.core.errors import UserError
+from scaffold_lib.core.ids import content_id
 
 SIGNALS: tuple[str, ...] = (
     "addition_elaboration",
@@ -125,6 +126,11 @@ class KeywordTable:
                 by_words[key] = (signal, keyword)
         max_words = max((k.count(" ") + 1 for k in by_words), default=1)
         return cls(by_words=by_words, prefixes=prefixes, max_words=max_words, source=source, patterns=tuple(patterns))
+
+    @cached_property
+    def digest(self) -> str:
+        """What a label depends on in this table: the keywords and patterns with their signals (not the file name)."""
+        return content_id("keyword-table", sorted(self.by_words.items()), [(p, s) for _, s, p in self.patterns])
 
     @cached_property
     def _stems(self) -> frozenset[str]:

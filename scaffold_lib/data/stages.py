@@ -468,21 +468,26 @@ class LabellingConfig(LabellerConfig):
 def label_signals(
     store: Store, cfg: LabellingConfig = LabellingConfig(), run_id: str | None = None, batch_steps: int = 50_000
 ) -> StageReport:
-    """Keyword-label every unlabelled step (final step of a trace = answer), streamed in batches written as they are
-    labelled; then the LLM stage when configured."""
+    """Keyword-label every step without a label under this keyword table and fallback (final step of a trace =
+    answer), streamed in batches written as they are labelled; then the LLM stage when configured. A refresh reads
+    the new steps only; a changed table relabels every step."""
     wh = store.warehouse
     table = keyword_table(cfg.keywords_path)
-    # the final step of a trace is its answer; only steps without a label are read (a refresh reads the new ones)
+    key = content_id("labelling", table.digest, cfg.fallback_signal)
     pending = """
         FROM segmented_steps s
         JOIN (SELECT trace_id, max(idx) AS last_idx FROM segmented_steps GROUP BY trace_id) m USING (trace_id)
-        ANTI JOIN signal_labels l USING (step_id)"""
+        LEFT JOIN signal_labels l USING (step_id)
+        WHERE l.step_id IS NULL OR l.labelling_key IS DISTINCT FROM $key"""
     new = 0
-    with tqdm(total=wh.scalar(f"SELECT count(*) {pending}"), unit="step", desc="labelling", disable=None) as bar:
+    total = wh.scalar(f"SELECT count(*) {pending}", {"key": key})
+    with tqdm(total=total, unit="step", desc="labelling", disable=None) as bar:
         for steps in wh.stream(
-            f"SELECT s.step_id, s.text, s.idx = m.last_idx AS is_final {pending}", batch_rows=batch_steps
+            f"SELECT s.step_id, s.text, s.idx = m.last_idx AS is_final, l.step_id IS NOT NULL AS relabel {pending}",
+            {"key": key},
+            batch_rows=batch_steps,
         ):
-            rows = []
+            rows, relabels = [], []
             for s in steps:
                 label = label_step(s["text"], s["is_final"], table, cfg.fallback_signal)
                 rows.append(
@@ -493,9 +498,12 @@ def label_signals(
                         "keyword": label.keyword,
                         "confidence": label.confidence,
                         "keyword_signal": label.signal if label.labeller in (KEYWORD, PATTERN) else None,
+                        "labelling_key": key,
                     }
                 )
-            new += wh.insert_new("signal_labels", rows, run_id)
+                if s["relabel"]:
+                    relabels.append(rows.pop())
+            new += wh.insert_new("signal_labels", rows, run_id) + wh.upsert("signal_labels", relabels, run_id)
             bar.update(len(steps))
     details: dict = {"keywords_file": table.source}
     if cfg.validate_with_llm:
@@ -519,7 +527,7 @@ def validate_signal_labels(store: Store, validator: LabelValidator, run_id: str 
     wh = store.warehouse
     steps = wh.query(
         """
-        SELECT l.step_id, s.text, l.labeller, l.keyword, l.keyword_signal, l.signal
+        SELECT l.step_id, s.text, l.labeller, l.keyword, l.keyword_signal, l.signal, l.labelling_key
         FROM signal_labels l JOIN segmented_steps s USING (step_id)
         WHERE list_contains(?, l.labeller) ORDER BY l.step_id""",
         [[KEYWORD, PATTERN, FALLBACK]],
@@ -565,6 +573,7 @@ def validate_signal_labels(store: Store, validator: LabelValidator, run_id: str 
                     "keyword": step["keyword"],
                     "keyword_signal": step["keyword_signal"],
                     "confidence": 1.0,
+                    "labelling_key": step["labelling_key"],  # a verdict on this table's label: kept until it changes
                 }
             )
     wh.upsert("signal_labels", rows, run_id)

@@ -33,7 +33,7 @@ SCHEMA: dict[str, str] = {
         segmenter VARCHAR""",
     "signal_labels": """
         step_id VARCHAR PRIMARY KEY, signal VARCHAR NOT NULL, labeller VARCHAR NOT NULL, keyword VARCHAR,
-        confidence DOUBLE NOT NULL, keyword_signal VARCHAR""",
+        confidence DOUBLE NOT NULL, keyword_signal VARCHAR, labelling_key VARCHAR""",
     "llm_label_cache": """
         cache_key VARCHAR PRIMARY KEY, validator VARCHAR NOT NULL, proposed_signal VARCHAR, signal VARCHAR,
         reply VARCHAR, attempts INTEGER NOT NULL""",
