@@ -17,6 +17,8 @@ import duckdb
 import fsspec
 import pyarrow as pa
 
+from scaffold_lib.core.errors import UserError
+
 SCHEMA: dict[str, str] = {
     "problems": """
         problem_id VARCHAR PRIMARY KEY, source VARCHAR NOT NULL, split VARCHAR NOT NULL, question VARCHAR NOT NULL,
@@ -99,6 +101,10 @@ class WarehouseBusyError(RuntimeError):
     """Another process held the DuckDB file for longer than the configured wait."""
 
 
+class WarehouseMemoryError(UserError):
+    """A query needed more memory than DuckDB may use: a setting to change (`SCAFFOLD_DUCKDB_MEMORY`)."""
+
+
 class Warehouse:
     def __init__(self, path: str | Path, lock_timeout_s: float = 300.0) -> None:
         self.path = Path(path).expanduser().resolve()
@@ -146,7 +152,8 @@ class Warehouse:
         if self._held is not None:
             cursor = self._held.cursor()
             try:
-                yield cursor
+                with self._memory_hint():
+                    yield cursor
             finally:
                 cursor.close()
             return
@@ -165,9 +172,21 @@ class Warehouse:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
         try:
-            yield con
+            with self._memory_hint():
+                yield con
         finally:
             con.close()
+
+    @contextlib.contextmanager
+    def _memory_hint(self) -> Iterator[None]:
+        try:
+            yield
+        except duckdb.OutOfMemoryException as exc:
+            raise WarehouseMemoryError(
+                f"{self.path}: a query needed more than DuckDB's memory limit of {self.memory_limit}; set "
+                f"SCAFFOLD_DUCKDB_MEMORY higher (e.g. 4GB for corpora of millions of steps) and run again: what was "
+                f"written is kept, the stage resumes. DuckDB said: {str(exc).splitlines()[0]}"
+            ) from exc
 
     def insert_new(self, table: str, rows: Sequence[dict], dagster_run_id: str | None = None) -> int:
         """Insert rows whose key is not there yet; returns how many were new. Re-running is a no-op."""

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from scaffold_lib.core.paths import REPO_ROOT, PathOutsideRoot, inside
 from scaffold_lib.store import registry
-from scaffold_lib.store.warehouse import Warehouse, WarehouseBusyError
+from scaffold_lib.store.warehouse import Warehouse, WarehouseBusyError, WarehouseMemoryError
 
 pytestmark = pytest.mark.timeout(600)
 CONCURRENT_RUNS = 3
@@ -71,6 +71,19 @@ def test_a_lock_held_too_long_is_a_clear_error_naming_the_file(tmp_path: Path) -
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_query_beyond_duckdbs_memory_limit_names_the_setting_and_keeps_the_rows(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "wh.duckdb"
+    Warehouse(path).insert_new("quarantine", [{"quarantine_id": "q1", "stage": "problems", "error": "kept"}])
+    monkeypatch.setenv("SCAFFOLD_DUCKDB_MEMORY", "2MB")
+    small = Warehouse(path)
+    big = "SELECT list(i::VARCHAR || repeat('x', 100)) FROM range(200000) t(i)"
+    with pytest.raises(WarehouseMemoryError, match=r"memory limit of 2MB; set SCAFFOLD_DUCKDB_MEMORY higher"):
+        small.scalar(big)
+    with small.session(), pytest.raises(WarehouseMemoryError, match="SCAFFOLD_DUCKDB_MEMORY"):
+        small.scalar(big)
+    assert small.scalar("SELECT error FROM quarantine") == "kept"
 
 
 RACE = """
