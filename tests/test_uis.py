@@ -12,40 +12,22 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from screenshots import free_port, wait_for  # docs/screenshots.py starts the same servers
 
+from scaffold_lib.data.signals import ANSWER_SIGNAL, SIGNALS
 from scaffold_lib.store import registry
 from scaffold_lib.store.store import Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=5).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} did not answer in {timeout_s:.0f} s")
 
 
 def serve(command: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -229,14 +211,7 @@ def test_the_champion_serves_a_prediction_over_http(demo):
         assert prediction["question"] == question
         assert prediction["response"].splitlines()[-1].startswith("[response_generation]")
         for step in json.loads(prediction["steps"]):
-            assert step["signal"] in (
-                "addition_elaboration",
-                "examples_illustration",
-                "opinion_recall",
-                "contrast_concession",
-                "reasoning_analysis",
-                "conclusion_summary",
-            )
+            assert step["signal"] in set(SIGNALS) - {ANSWER_SIGNAL}
     finally:
         stop(proc)
 
