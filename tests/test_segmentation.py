@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import re
 
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scaffold_lib.data.segmentation import segment
+from scaffold_lib.core.ids import step_id
+from scaffold_lib.data.segmentation import (
+    PY_WHITESPACE,
+    SEGMENTERS,
+    SegmentationConfig,
+    clean,
+    resolve,
+    segment,
+    segment_batch,
+)
 
 
 @pytest.mark.parametrize(
@@ -144,3 +154,71 @@ def test_without_blocks_no_step_contains_a_blank_line(text):
 def test_blank_line_joined_paragraphs_come_back(paragraphs):
     paragraphs = [p.strip() for p in paragraphs if p.strip()]
     assert segment("\n\n".join(paragraphs)) == paragraphs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# segment_batch: the stage's vectorised segmentation is `segment`, trace for trace
+
+
+def test_the_whitespace_the_batch_strips_is_what_str_strip_strips():
+    assert set(PY_WHITESPACE) == {c for c in map(chr, range(0x110000)) if c.isspace()}
+
+
+def _reference_steps(trace_id: str, text: str, answer: str | None, style: str) -> list[dict]:
+    """segment(), then the answer as one step, as the trace stage writes them. (Before segment_batch the stage chose
+    `auto`'s style before cleaning: a CRLF trace with blank lines was cut at every line.)"""
+    concrete = resolve(clean(text), style)
+    steps = segment(text, concrete)
+    if steps and answer and answer.strip():
+        steps.append("\n".join(segment(answer)))
+    return [
+        {"step_id": step_id(trace_id, i, s), "trace_id": trace_id, "idx": i, "text": s, "segmenter": concrete}
+        for i, s in enumerate(steps)
+    ]
+
+
+_pieces = st.sampled_from(
+    ["So", "x = 1.", "\n", "\n\n", "\r\n", "\r", " ", "\t", "\x0b", "\x0c", "\xa0", "\u3000", "```", "$$", "\\[",
+     "\\]", "\x00", "é", "Wait,", "\n \n", "**"]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(_pieces, max_size=14).map("".join),
+            st.one_of(st.none(), st.lists(_pieces, max_size=5).map("".join)),
+            st.sampled_from(SEGMENTERS),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_segment_batch_cuts_every_trace_as_segment_does(traces):
+    teachers = [f"teacher-{i}" for i in range(len(traces))]
+    cfg = SegmentationConfig(segmenter="auto", per_teacher={t: style for t, (_, _, style) in zip(teachers, traces)})
+    batch = pa.table(
+        {
+            "trace_id": [f"t{i}" for i in range(len(traces))],
+            "teacher": teachers,
+            "text": [text for text, _, _ in traces],
+            "answer_text": [answer for _, answer, _ in traces],
+        }
+    )
+    expected = [
+        row for i, (text, answer, style) in enumerate(traces) for row in _reference_steps(f"t{i}", text, answer, style)
+    ]
+    assert segment_batch(batch, cfg).to_pylist() == expected
+
+
+def test_segment_batch_on_teacher_traces_matches_segment():
+    """A corpus the programmatic teacher wrote (blank-line paragraphs, an answer step), in one batch."""
+    from scaffold_lib.data.problems import GeneratorConfig, generate_problems
+    from scaffold_lib.data.teachers import ProgrammaticTeacher
+
+    traces = ProgrammaticTeacher().generate(generate_problems(GeneratorConfig(n_problems=300, seed=3))).traces
+    batch = pa.table({"trace_id": [t.trace_id for t in traces], "text": [t.text for t in traces]})
+    expected = [row for t in traces for row in _reference_steps(t.trace_id, t.text, None, "auto")]
+    assert len(expected) > 1500
+    assert segment_batch(batch).to_pylist() == expected

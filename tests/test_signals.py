@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,6 +12,7 @@ from scaffold_lib.data.signals import (
     FALLBACK,
     FINAL_STEP,
     KEYWORD,
+    PATTERN,
     SIGNALS,
     KeywordFileError,
     KeywordTable,
@@ -18,6 +20,7 @@ from scaffold_lib.data.signals import (
     LabellerConfig,
     LabelStats,
     keyword_table,
+    label_column,
     label_step,
     label_steps,
 )
@@ -351,3 +354,44 @@ def test_a_dash_or_ellipsis_before_the_opening_word_does_not_hide_the_keyword():
     table = KeywordTable.load()
     assert label_step("— So the total is 5.", False, table).signal == "reasoning_analysis"
     assert label_step("…However, that is wrong.", False, table).signal == "contrast_concession"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# label_column: the stage's batch labelling is `label_step`, step for step
+
+
+def _as_rows(labels: list[Label]) -> list[dict]:
+    return [
+        {
+            "signal": label.signal,
+            "labeller": label.labeller,
+            "keyword": label.keyword,
+            "confidence": label.confidence,
+            "keyword_signal": label.signal if label.labeller in (KEYWORD, PATTERN) else None,
+        }
+        for label in labels
+    ]
+
+
+_openings = st.lists(
+    st.sampled_from(_vocab + ["48 / 2 = 24", "3 x 5 = 15", "Ünïcode", "—", "\n", " " * 90, "word" * 30, "So,"]),
+    max_size=12,
+).map(" ".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(_openings, st.booleans()), min_size=1, max_size=8))
+def test_label_column_labels_every_step_as_label_step_does(steps):
+    table = keyword_table()
+    texts, finals = [t for t, _ in steps], [f for _, f in steps]
+    expected = _as_rows([label_step(t, f, table) for t, f in steps])
+    assert label_column(pa.array(texts, pa.string()), pa.array(finals), table).to_pylist() == expected
+
+
+def test_label_column_reads_a_pattern_beyond_the_opening_window():
+    """A keyword is decided by the opening words, a pattern anywhere in the step: a computation far into a step with
+    no keyword still labels it."""
+    table = keyword_table()
+    step = "Zorp " * 40 + "then 48 / 2 = 24."
+    [row] = label_column(pa.array([step]), pa.array([False]), table).to_pylist()
+    assert row["labeller"] == PATTERN and row == _as_rows([label_step(step, False, table)])[0]

@@ -13,7 +13,11 @@ from __future__ import annotations
 import re
 from typing import Literal
 
+import duckdb
+import pyarrow as pa
 from pydantic import BaseModel, Field
+
+from scaffold_lib.core.ids import step_id
 
 Segmenter = Literal["blank_line", "line", "auto"]
 SEGMENTERS: tuple[str, ...] = ("blank_line", "line", "auto")
@@ -77,3 +81,115 @@ def _rejoin_blocks(parts: list[str], joiner: str) -> list[str]:
     if buffer:  # an unclosed block runs to the end of the trace: keep it as one step
         out.append(joiner.join(buffer))
     return out
+
+
+# --- the same segmentation over a batch of traces, vectorised ----------------------------------------------------
+# `segment` is the rule; `segment_batch` runs it as one DuckDB query over an Arrow batch (millions of steps a minute
+# instead of a Python call per trace) and hands the traces it cannot do exactly in SQL — a block opener (```, $$, \[)
+# or a NUL in the text or the answer — to `segment`. tests/test_segmentation.py checks the two agree.
+
+# what str.strip() strips: every character with str.isspace() (tests/test_segmentation.py recomputes it)
+PY_WHITESPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+_SQL_BLANK = r"\n[ \t\f\v]*(?:\n[ \t\f\v]*)+"  # _BLANK, in RE2 (same semantics for this pattern)
+_SEGMENT_SQL = """
+WITH cleaned AS (
+  SELECT row, trace_id, requested,
+         replace(replace(text, chr(13) || chr(10), chr(10)), chr(13), chr(10)) AS text,
+         replace(replace(answer_text, chr(13) || chr(10), chr(10)), chr(13), chr(10)) AS answer_text
+  FROM traces WHERE NOT needs_python(text, answer_text)
+), blank AS (
+  SELECT row, trace_id, requested, text, blank_parts(text) AS parts,
+         array_to_string(blank_parts(answer_text), chr(10)) AS answer
+  FROM cleaned
+), styled AS (
+  -- `auto`: blank_line when the stripped trace has a blank line, i.e. when the blank-line split has two non-empty
+  -- steps or more
+  SELECT row, trace_id, answer, parts, CASE WHEN requested = 'auto'
+         THEN CASE WHEN len(parts) >= 2 THEN 'blank_line' ELSE 'line' END ELSE requested END AS segmenter, text
+  FROM blank
+), steps AS (
+  SELECT row, trace_id, segmenter, CASE WHEN segmenter = 'blank_line' THEN parts
+         ELSE list_filter(list_transform(string_split(text, chr(10)), lambda p: py_strip(p)), lambda p: p <> '') END AS steps,
+         answer
+  FROM styled
+), answered AS (
+  SELECT row, trace_id, segmenter,
+         CASE WHEN len(steps) > 0 AND coalesce(answer, '') <> '' THEN list_append(steps, answer) ELSE steps END AS steps
+  FROM steps
+), flat AS (
+  SELECT row, trace_id, segmenter, unnest(steps) AS text, generate_subscripts(steps, 1) - 1 AS idx FROM answered
+)
+SELECT row, left(sha256('step' || chr(31) || trace_id || chr(31) || idx::VARCHAR || chr(31) || text), 16) AS step_id,
+       trace_id, idx::INTEGER AS idx, text, segmenter
+FROM flat ORDER BY row, idx
+"""
+
+
+def _sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _kernel_connection() -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the macros of `_SEGMENT_SQL`."""
+    con = duckdb.connect()
+    ws = _sql_literal(PY_WHITESPACE)
+    # str.strip(): the common case (printable ASCII at both ends) needs no work, and trim() with a set of characters
+    # is slow enough to matter
+    con.execute(
+        "CREATE MACRO py_strip(p) AS CASE WHEN ascii(p) BETWEEN 33 AND 126 AND ascii(right(p, 1)) BETWEEN 33 AND 126 "
+        f"THEN p ELSE trim(p, {ws}) END"
+    )
+    con.execute(
+        f"CREATE MACRO blank_parts(t) AS list_filter(list_transform(regexp_split_to_array(t, {_sql_literal(_SQL_BLANK)}),"
+        " lambda p: py_strip(p)), lambda p: p <> '')"
+    )
+    # what `segment` rejoins (a block opener) or cleans (a NUL) is left to it
+    markers = " OR ".join(f"contains({{c}}, {_sql_literal(m)})" for m in _OPENERS) + " OR contains({c}, chr(0))"
+    con.execute(
+        f"CREATE MACRO needs_python(t, a) AS {markers.format(c='t')} OR coalesce({markers.format(c='a')}, false)"
+    )
+    return con
+
+
+def segment_batch(traces: pa.Table, cfg: SegmentationConfig = SegmentationConfig()) -> pa.Table:
+    """Steps of a batch of traces as an Arrow table (step_id, trace_id, idx, text, segmenter), in trace order, exactly
+    as `segment` cuts them (plus the answer as one last step when `answer_text` is given, as the trace stage does).
+
+    `traces` is an Arrow table with `trace_id` and `text`, optionally `teacher` (for `cfg.per_teacher`) and
+    `answer_text`. A trace with no step has no row."""
+    n = traces.num_rows
+    text = traces.column("text")
+    answer = traces.column("answer_text") if "answer_text" in traces.column_names else pa.nulls(n, pa.string())
+    teachers = traces.column("teacher").to_pylist() if "teacher" in traces.column_names else [""] * n
+    requested = pa.array([cfg.for_teacher(t) for t in teachers], pa.string())
+    unknown = set(requested.to_pylist()) - set(SEGMENTERS)
+    if unknown:
+        raise ValueError(f"unknown segmenter {sorted(unknown)[0]!r}; choose one of {SEGMENTERS}")
+    table = pa.table(
+        {
+            "row": pa.array(range(n), pa.int64()),
+            "trace_id": traces.column("trace_id"),
+            "requested": requested,
+            "text": text,
+            "answer_text": answer,
+        }
+    )
+    con = _kernel_connection()
+    con.register("traces", table)
+    steps = con.sql(_SEGMENT_SQL).to_arrow_table()
+    slow_rows = [r for (r,) in con.sql("SELECT row FROM traces WHERE needs_python(text, answer_text)").fetchall()]
+    con.close()
+    if not slow_rows:
+        return steps.drop_columns(["row"])
+    rows = []
+    ids, texts, answers = traces.column("trace_id").to_pylist(), text.to_pylist(), answer.to_pylist()
+    for r in slow_rows:
+        style = resolve(clean(texts[r]), requested[r].as_py())
+        cut = segment(texts[r], style)
+        if cut and answers[r] and answers[r].strip():
+            cut.append("\n".join(segment(answers[r])))
+        rows += [(r, step_id(ids[r], i, s), ids[r], i, s, style) for i, s in enumerate(cut)]
+    if rows:
+        slow = pa.Table.from_pylist([dict(zip(steps.column_names, row)) for row in rows], schema=steps.schema)
+        steps = pa.concat_tables([steps, slow]).sort_by([("row", "ascending"), ("idx", "ascending")])
+    return steps.drop_columns(["row"])

@@ -7,6 +7,7 @@ deterministic fallback signal and `labeller = "fallback"`, so it is always count
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import string
 import tomllib
@@ -17,6 +18,8 @@ from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, Field, field_validator
 
 from scaffold_lib.core.errors import UserError
@@ -151,22 +154,37 @@ class KeywordTable:
     def match(self, step: str) -> tuple[str, str] | None:
         """(signal, keyword) of the longest keyword the step opens with, or None.
 
-        Grows the opening word by word and stops as soon as no keyword starts with it (usually after one or
-        two words), which finds the same longest keyword as trying every length from the longest down."""
-        words = _iter_words(step, self.max_words)
-        key = next(words, None)
-        if key is None:
-            return None
+        The opening words are `_iter_words`' (inlined: this runs once per step, millions of times). Grows the opening
+        word by word and stops as soon as no keyword starts with it (usually after one or two words), which finds the
+        same longest keyword as trying every length from the longest down."""
+        limit = self.max_words
+        cut = 24 * limit
+        tokens = step[:cut].lower().split()
+        if len(step) > cut and not step[cut].isspace() and not step[cut - 1].isspace():
+            tokens.pop()  # the window cut a word in two
         by_words, stems = self.by_words, self._stems
-        hit = by_words.get(key)
-        for word in words:
-            if key not in stems:
+        key = hit = None
+        n = 0
+        for token in tokens:
+            token = token.strip(_STRIP)
+            if not token:
+                continue
+            if key is None:
+                key = token
+                hit = by_words.get(key)
+            elif key not in stems:
                 break
-            key = f"{key} {word}"
-            longer = by_words.get(key)
-            if longer is not None:
-                hit = longer
+            else:
+                key = f"{key} {token}"
+                hit = by_words.get(key) or hit
+            n += 1
+            if n == limit:
+                break
         return hit
+
+    @cached_property
+    def without_patterns(self) -> KeywordTable:
+        return dataclasses.replace(self, patterns=())
 
 
 @lru_cache(maxsize=8)
@@ -266,3 +284,32 @@ class LabelStats:
             "by_labeller": dict(self.by_labeller),
             "by_signal": {s: self.by_signal.get(s, 0) for s in SIGNALS},
         }
+
+
+def label_column(
+    texts: pa.ChunkedArray | pa.Array,
+    is_final: pa.ChunkedArray | pa.Array,
+    table: KeywordTable,
+    fallback_signal: str = "reasoning_analysis",
+) -> pa.Table:
+    """`label_step` over a batch: Arrow strings and booleans in, an Arrow table of labels out (signal, labeller,
+    keyword, confidence, keyword_signal), row for row. Only a step's opening window comes into Python (a keyword
+    looks no further), and the whole text only for a step a pattern might label: at scale the steps stay in Arrow."""
+    heads = pc.utf8_slice_codeunits(texts, 0, 24 * table.max_words + 1).to_pylist()
+    first = table.without_patterns
+    labels = [label_step(head, final, first, fallback_signal) for head, final in zip(heads, is_final.to_pylist())]
+    if table.patterns:  # a pattern is searched in the whole step: look again where only a pattern could label it
+        again = [i for i, label in enumerate(labels) if label.labeller == FALLBACK]
+        for i, text in zip(again, texts.take(pa.array(again, pa.int64())).to_pylist()):
+            labels[i] = label_step(text, False, table, fallback_signal)
+    return pa.table(
+        {
+            "signal": pa.array([label.signal for label in labels], pa.string()),
+            "labeller": pa.array([label.labeller for label in labels], pa.string()),
+            "keyword": pa.array([label.keyword for label in labels], pa.string()),
+            "confidence": pa.array([label.confidence for label in labels], pa.float64()),
+            "keyword_signal": pa.array(
+                [label.signal if label.labeller in (KEYWORD, PATTERN) else None for label in labels], pa.string()
+            ),
+        }
+    )

@@ -11,16 +11,19 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from scaffold_lib.core.errors import RunFailed
-from scaffold_lib.core.ids import content_id, step_id
+from scaffold_lib.core.ids import content_id
 from scaffold_lib.data.endpoint import TRANSPORT_ERRORS, EndpointConfig
 from scaffold_lib.data.label_validation import LabelValidator, ValidatorConfig, Verdict, decide
 from scaffold_lib.data.llm_teachers import EndpointTeacher, HFTeacher, HFTeacherConfig, PromptConfig
@@ -36,7 +39,7 @@ from scaffold_lib.data.problems import (
     problem_files,
     shard_of,
 )
-from scaffold_lib.data.segmentation import SegmentationConfig, resolve, segment
+from scaffold_lib.data.segmentation import SegmentationConfig, segment_batch
 from scaffold_lib.data.signals import (
     FALLBACK,
     KEYWORD,
@@ -45,7 +48,7 @@ from scaffold_lib.data.signals import (
     LabellerConfig,
     LabelStats,
     keyword_table,
-    label_step,
+    label_column,
 )
 from scaffold_lib.data.teachers import (
     ProgrammaticTeacher,
@@ -69,6 +72,36 @@ def in_session(stage):
             return stage(store, *args, **kwargs)
 
     return run
+
+
+class BehindWriter:
+    """Warehouse writes one batch behind, in a background thread: DuckDB inserts a batch (it releases the GIL) while
+    Python prepares the next. At most one batch waits; a failed write raises at the next `submit` or on leaving the
+    block, and each batch is still one transaction, so an interrupted stage keeps every batch written before."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warehouse-writer")
+        self._last: Future | None = None
+        self.results: list = []
+
+    def submit(self, write: Callable, *args) -> None:
+        self.wait()
+        self._last = self._pool.submit(write, *args)
+
+    def wait(self) -> None:
+        if self._last is not None:
+            last, self._last = self._last, None
+            self.results.append(last.result())
+
+    def __enter__(self) -> BehindWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 class StageFailed(RunFailed):
@@ -398,38 +431,29 @@ def segment_traces(
         ANTI JOIN segmented_steps s USING (trace_id)
         ANTI JOIN quarantine q ON q.stage = 'segmented_steps' AND q.source_file = t.trace_id"""
     todo = wh.scalar(f"SELECT count(*) {pending}")
-    new = empty = 0
+    empty = 0
     used: Counter[str] = Counter()
-    with tqdm(total=todo, unit="trace", desc="segmenting", disable=None) as bar:
-        for traces in wh.stream(
+
+    def write(steps: pa.Table, quarantined: list[Quarantined]) -> int:
+        wh.insert_new("quarantine", quarantine_rows("segmented_steps", quarantined), run_id)
+        return wh.insert_new("segmented_steps", steps, run_id)
+
+    with tqdm(total=todo, unit="trace", desc="segmenting", disable=None) as bar, BehindWriter() as writer:
+        for traces in wh.stream_arrow(
             f"SELECT t.trace_id, t.teacher, t.text, t.answer_text {pending}", batch_rows=batch_traces
         ):
-            rows, quarantined = [], []
-            for t in traces:
-                segmenter = resolve(t["text"], cfg.for_teacher(t["teacher"]))
-                steps = segment(t["text"], segmenter)
-                if steps and t["answer_text"] and t["answer_text"].strip():
-                    # a reasoning model's final content is one answer step after its thinking, however many paragraphs
-                    steps.append("\n".join(segment(t["answer_text"])))
-                if not steps:
-                    quarantined.append(
-                        Quarantined(t["trace_id"], 0, "text", "trace has no non-empty step", t["text"][:500])
-                    )
-                used[segmenter] += bool(steps)
-                rows.extend(
-                    {
-                        "step_id": step_id(t["trace_id"], i, text),
-                        "trace_id": t["trace_id"],
-                        "idx": i,
-                        "text": text,
-                        "segmenter": segmenter,
-                    }
-                    for i, text in enumerate(steps)
-                )
-            new += wh.insert_new("segmented_steps", rows, run_id)
-            wh.insert_new("quarantine", quarantine_rows("segmented_steps", quarantined), run_id)
+            steps = segment_batch(traces, cfg)
+            firsts = steps.filter(pc.equal(steps.column("idx"), 0))
+            used.update(dict(zip(*pc.value_counts(firsts.column("segmenter")).flatten())))
+            no_step = pc.invert(pc.is_in(traces.column("trace_id"), value_set=firsts.column("trace_id")))
+            quarantined = [
+                Quarantined(t["trace_id"], 0, "text", "trace has no non-empty step", t["text"][:500])
+                for t in traces.filter(no_step).select(["trace_id", "text"]).to_pylist()
+            ]
+            writer.submit(write, steps, quarantined)
             empty += len(quarantined)
-            bar.update(len(traces))
+            bar.update(traces.num_rows)
+    new = sum(writer.results)
     if todo and empty == todo:
         raise StageFailed(
             f"every one of the {todo} new traces was empty after segmentation (quarantined: see "
@@ -479,32 +503,25 @@ def label_signals(
         JOIN (SELECT trace_id, max(idx) AS last_idx FROM segmented_steps GROUP BY trace_id) m USING (trace_id)
         LEFT JOIN signal_labels l USING (step_id)
         WHERE l.step_id IS NULL OR l.labelling_key IS DISTINCT FROM $key"""
-    new = 0
     total = wh.scalar(f"SELECT count(*) {pending}", {"key": key})
-    with tqdm(total=total, unit="step", desc="labelling", disable=None) as bar:
-        for steps in wh.stream(
+
+    def write(labels: pa.Table, relabel: pa.ChunkedArray) -> int:
+        wh.upsert("signal_labels", labels.filter(relabel), run_id)
+        return wh.insert_new("signal_labels", labels.filter(pc.invert(relabel)), run_id)
+
+    with tqdm(total=total, unit="step", desc="labelling", disable=None) as bar, BehindWriter() as writer:
+        for steps in wh.stream_arrow(
             f"SELECT s.step_id, s.text, s.idx = m.last_idx AS is_final, l.step_id IS NOT NULL AS relabel {pending}",
             {"key": key},
             batch_rows=batch_steps,
         ):
-            rows, relabels = [], []
-            for s in steps:
-                label = label_step(s["text"], s["is_final"], table, cfg.fallback_signal)
-                rows.append(
-                    {
-                        "step_id": s["step_id"],
-                        "signal": label.signal,
-                        "labeller": label.labeller,
-                        "keyword": label.keyword,
-                        "confidence": label.confidence,
-                        "keyword_signal": label.signal if label.labeller in (KEYWORD, PATTERN) else None,
-                        "labelling_key": key,
-                    }
-                )
-                if s["relabel"]:
-                    relabels.append(rows.pop())
-            new += wh.insert_new("signal_labels", rows, run_id) + wh.upsert("signal_labels", relabels, run_id)
-            bar.update(len(steps))
+            labels = label_column(steps.column("text"), steps.column("is_final"), table, cfg.fallback_signal)
+            labels = labels.add_column(0, "step_id", steps.column("step_id")).append_column(
+                "labelling_key", pa.array([key] * steps.num_rows, pa.string())
+            )
+            writer.submit(write, labels, steps.column("relabel"))
+            bar.update(steps.num_rows)
+    new = sum(writer.results)
     details: dict = {"keywords_file": table.source}
     if cfg.validate_with_llm:
         validator = LabelValidator(

@@ -89,8 +89,11 @@ AUDIT_COLUMNS = "dagster_run_id VARCHAR, created_at TIMESTAMP DEFAULT current_ti
 # columns added to a table after its first release must be nullable: older warehouse files get them by ALTER
 
 
-def _arrow(rows: Sequence[dict], dagster_run_id: str | None) -> pa.Table:
-    """Rows as an Arrow table, column by column (a key a row lacks is null there), with the writing run's id."""
+def _arrow(rows: Sequence[dict] | pa.Table, dagster_run_id: str | None) -> pa.Table:
+    """Rows as an Arrow table, column by column (a key a row lacks is null there), with the writing run's id. An Arrow
+    table (a stage's batch, built column-wise) only gets the run id."""
+    if isinstance(rows, pa.Table):
+        return rows.append_column("dagster_run_id", pa.array([dagster_run_id] * rows.num_rows, pa.string()))
     keys = dict.fromkeys(k for r in rows for k in r)
     columns = {key: [r.get(key) for r in rows] for key in keys}
     columns["dagster_run_id"] = [dagster_run_id] * len(rows)
@@ -188,11 +191,11 @@ class Warehouse:
                 f"written is kept, the stage resumes. DuckDB said: {str(exc).splitlines()[0]}"
             ) from exc
 
-    def insert_new(self, table: str, rows: Sequence[dict], dagster_run_id: str | None = None) -> int:
+    def insert_new(self, table: str, rows: Sequence[dict] | pa.Table, dagster_run_id: str | None = None) -> int:
         """Insert rows whose key is not there yet; returns how many were new. Re-running is a no-op."""
         if table not in SCHEMA:
             raise KeyError(f"unknown table {table!r}")
-        if not rows:
+        if not len(rows):
             return 0
         data = _arrow(rows, dagster_run_id)
         with self.connect() as con:
@@ -205,11 +208,11 @@ class Warehouse:
             con.unregister("incoming")
         return after - before
 
-    def upsert(self, table: str, rows: Sequence[dict], dagster_run_id: str | None = None) -> int:
+    def upsert(self, table: str, rows: Sequence[dict] | pa.Table, dagster_run_id: str | None = None) -> int:
         """Insert rows, replacing those with the same key (a later labelling stage refining a row)."""
         if table not in SCHEMA:
             raise KeyError(f"unknown table {table!r}")
-        if not rows:
+        if not len(rows):
             return 0
         data = _arrow(rows, dagster_run_id)
         with self.connect() as con:
@@ -235,11 +238,18 @@ class Warehouse:
         """The query's rows in batches of at most `batch_rows`, read as DuckDB produces them: Python holds one batch
         at a time, whatever the table's size. Writes in between (`insert_new` from the same process) are fine: the
         reading query sees the table as it was when it started."""
+        for batch in self.stream_arrow(sql, params, batch_rows):
+            yield batch.to_pylist()
+
+    def stream_arrow(
+        self, sql: str, params: Sequence | dict | None = None, batch_rows: int = 10_000
+    ) -> Iterator[pa.Table]:
+        """`stream`, as Arrow tables: for stages that work on whole columns and keep text out of Python objects."""
         with self.connect() as con:
             reader = con.sql(sql, params=params or None).to_arrow_reader(batch_rows)
             for batch in reader:
                 if batch.num_rows:
-                    yield batch.to_pylist()
+                    yield pa.Table.from_batches([batch])
 
     def missing(self, table: str, column: str, keys: Sequence[str]) -> set[str]:
         """Which of `keys` no row of `table` has in `column` (an anti-join in DuckDB, not a Python set of the
