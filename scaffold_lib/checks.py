@@ -77,6 +77,27 @@ def no_empty_steps(store: Store) -> Check:
     )
 
 
+def one_row_per_step(store: Store) -> Check:
+    """Each step id once in `segmented_steps` and at most once in `signal_labels`, and no label without its step: the
+    step tables have no unique index (millions of rows), the stages keep them unique and this proves it."""
+    wh = store.warehouse
+    counts = {
+        "duplicate_step_ids": wh.scalar("SELECT count(*) - count(DISTINCT step_id) FROM segmented_steps"),
+        "duplicate_labels": wh.scalar("SELECT count(*) - count(DISTINCT step_id) FROM signal_labels"),
+        "labels_without_step": wh.scalar(
+            "SELECT count(*) FROM signal_labels ANTI JOIN segmented_steps USING (step_id)"
+        ),
+    }
+    return Check(
+        "one_row_per_step",
+        "signal_labels",
+        not any(counts.values()),
+        True,
+        "every step id once in segmented_steps, at most one label per step, no label without its step",
+        counts,
+    )
+
+
 def label_coverage_in_bounds(
     store: Store, min_coverage: float = MIN_KEYWORD_COVERAGE, max_fallback: float = MAX_FALLBACK_SHARE
 ) -> Check:
@@ -142,5 +163,6 @@ DATA_CHECKS = (
     splits_disjoint_by_group,
     teacher_accuracy_above_floor,
     no_empty_steps,
+    one_row_per_step,
     label_coverage_in_bounds,
 )

@@ -55,7 +55,7 @@ def run_data_stages(
         "decontamination": [],
         "teacher_traces": [checks.teacher_accuracy_above_floor],
         "segmented_steps": [checks.no_empty_steps],
-        "signal_labels": [checks.label_coverage_in_bounds],
+        "signal_labels": [checks.one_row_per_step, checks.label_coverage_in_bounds],
     }
     for name, stage in steps:
         report = stage()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 import pytest
 
 from pipelines.defs import automation
@@ -64,6 +65,7 @@ CHECKS = {
     ("problems", "splits_disjoint_by_group"),
     ("teacher_traces", "teacher_accuracy_above_floor"),
     ("segmented_steps", "no_empty_steps"),
+    ("signal_labels", "one_row_per_step"),
     ("signal_labels", "label_coverage_in_bounds"),
     ("packed_shards", "shard_fill_on_target"),
     ("student_model", "student_loss_finite_and_falling"),
@@ -737,6 +739,22 @@ def test_no_empty_steps_check(tmp_path):
     )
     failed = check("no_empty_steps", tmp_path)
     assert failed.passed is False and failed.metadata["empty_steps"].value == 3
+
+
+def test_one_row_per_step_check(tmp_path):
+    """The step tables have no unique index: the stages keep one row per step, re-running writes nothing twice, and
+    the check counts what a writer outside the stages duplicated."""
+    wh = _steps_warehouse(tmp_path / "warehouse.duckdb", [["First, add 3 and 4.", "So the answer is 7."]] * 2)
+    label_signals(wh)
+    steps = wh.query("SELECT step_id, trace_id, idx, text FROM segmented_steps")
+    assert wh.insert_new("segmented_steps", steps + steps[:1]) == 0 and label_signals(wh).new_rows == 0
+    assert check("one_row_per_step", tmp_path).passed is True
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb")) as con:
+        con.execute("INSERT INTO segmented_steps SELECT * FROM segmented_steps LIMIT 1")
+        con.execute("INSERT INTO signal_labels (step_id, signal, labeller, confidence) VALUES ('gone', 'x', 'y', 1)")
+    failed = check("one_row_per_step", tmp_path)
+    assert failed.passed is False
+    assert failed.metadata["duplicate_step_ids"].value == 1 and failed.metadata["labels_without_step"].value == 1
 
 
 def test_teacher_accuracy_check_fails_and_blocks_downstream(tmp_path, monkeypatch):

@@ -228,3 +228,24 @@ def test_insert_new_rejects_unknown_table(warehouse_path):
     with pytest.raises(KeyError):
         Warehouse(warehouse_path).insert_new("nope", [{"a": 1}])
     assert Warehouse(warehouse_path).insert_new("problems", []) == 0
+
+
+def test_the_unindexed_step_tables_keep_one_row_per_key(warehouse_path):
+    """segmented_steps and signal_labels have no primary-key index (millions of rows): insert_new skips keys already
+    there or repeated in the batch, upsert replaces, in a new warehouse as in one created with the index."""
+    wh = Warehouse(warehouse_path)
+    step = {"step_id": "s1", "trace_id": "t1", "idx": 0, "text": "So 3."}
+    assert wh.insert_new("segmented_steps", [step, {**step, "text": "twice in a batch"}]) == 1
+    assert wh.insert_new("segmented_steps", [step, {**step, "step_id": "s2", "idx": 1}]) == 1
+    label = {"step_id": "s1", "signal": "reasoning_analysis", "labeller": "keyword", "confidence": 1.0}
+    assert wh.insert_new("signal_labels", [label]) == 1 and wh.insert_new("signal_labels", [label]) == 0
+    wh.upsert("signal_labels", [{**label, "signal": "contrast_concession", "labeller": "llm-override"}])
+    assert wh.query("SELECT step_id, signal, labeller FROM signal_labels") == [
+        {"step_id": "s1", "signal": "contrast_concession", "labeller": "llm-override"}
+    ]
+    assert wh.scalar("SELECT count(*) FROM segmented_steps") == 2
+    indexes = wh.scalar(
+        "SELECT count(*) FROM duckdb_constraints() WHERE constraint_type = 'PRIMARY KEY' "
+        "AND table_name IN ('segmented_steps', 'signal_labels')"
+    )
+    assert indexes == 0

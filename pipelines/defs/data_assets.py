@@ -242,6 +242,15 @@ def signal_labels(
 @dg.asset_check(
     asset=signal_labels,
     blocking=True,
+    description="every step id once in segmented_steps, at most one label per step, no label without its step",
+)
+def one_row_per_step(store: StoreResource) -> dg.AssetCheckResult:
+    return check_result(checks.one_row_per_step(store.open()))
+
+
+@dg.asset_check(
+    asset=signal_labels,
+    blocking=True,
     description="keyword coverage >= 50 % and fallback share <= 30 % (paper: 74 % coverage)",
 )
 def label_coverage_in_bounds(store: StoreResource) -> dg.AssetCheckResult:

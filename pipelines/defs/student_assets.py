@@ -274,6 +274,7 @@ BLOCKING_GATES = (
     ("problems", "splits_disjoint_by_group"),
     ("teacher_traces", "teacher_accuracy_above_floor"),
     ("segmented_steps", "no_empty_steps"),
+    ("signal_labels", "one_row_per_step"),
     ("signal_labels", "label_coverage_in_bounds"),
     ("packed_shards", "shard_fill_on_target"),
     ("student_model", "student_loss_finite_and_falling"),

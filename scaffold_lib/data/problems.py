@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -132,7 +132,7 @@ class Problem:
     solution: str | None = None  # a worked solution shipped with the problem (GSM8K, reasoning-gym): a reference trace
 
     def as_row(self) -> dict:
-        return asdict(self)
+        return dict(vars(self))  # flat fields: asdict() would deep-copy each (a corpus of long traces)
 
 
 def normalise_question(text: str) -> str:
@@ -342,7 +342,7 @@ class Quarantined:
     raw: str
 
     def as_row(self) -> dict:
-        return asdict(self)
+        return dict(vars(self))  # flat fields: asdict() would deep-copy each (a corpus of long traces)
 
 
 @dataclass

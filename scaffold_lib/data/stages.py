@@ -355,24 +355,30 @@ def _write_traces(
     store: Store, teacher: Teacher, cfg: TeacherConfig, run_id: str | None, shard: tuple[int, int] | None
 ) -> StageReport:
     wh = store.warehouse
-    asked, new, failures, quarantined, not_covered = [0], 0, 0, 0, 0
+    asked, failures, quarantined, not_covered = [0], 0, 0, 0
     errors: Counter[str] = Counter()
     examples: list[Quarantined] = []
     stats: dict = {}
-    for result in _teacher_batches(store, teacher, cfg, shard, asked):
-        new += wh.insert_new("teacher_traces", [t.as_row() for t in result.traces], run_id)
+
+    def write(result: TeacherResult) -> int:
         wh.insert_new(
             "teacher_failures",
             [{"failure_id": content_id("failure", f.trace_id, run_id), **f.as_row()} for f in result.failures],
             run_id,
         )
         wh.insert_new("quarantine", quarantine_rows("teacher_traces", result.quarantined), run_id)
-        failures += len(result.failures)
-        errors.update(f.error for f in result.failures)
-        quarantined += len(result.quarantined)
-        examples = examples or result.quarantined[:1]
-        not_covered += result.not_covered
-        stats = merge_stats(stats, result.stats)
+        return wh.insert_new("teacher_traces", [t.as_row() for t in result.traces], run_id)
+
+    with BehindWriter() as writer:
+        for result in _teacher_batches(store, teacher, cfg, shard, asked):
+            writer.submit(write, result)
+            failures += len(result.failures)
+            errors.update(f.error for f in result.failures)
+            quarantined += len(result.quarantined)
+            examples = examples or result.quarantined[:1]
+            not_covered += result.not_covered
+            stats = merge_stats(stats, result.stats)
+    new = sum(writer.results)
     in_splits = wh.scalar("SELECT count(*) FROM problems WHERE list_contains(?, split)", [list(cfg.splits)])
     details = {
         "teacher": teacher.identity,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field
@@ -42,7 +42,7 @@ class Trace:
     finish_reason: str | None = None
 
     def as_row(self) -> dict:
-        return asdict(self)
+        return dict(vars(self))  # flat fields: asdict() would deep-copy each (a corpus of long traces)
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class TeacherFailure:
     error: str
 
     def as_row(self) -> dict:
-        return asdict(self)
+        return dict(vars(self))  # flat fields: asdict() would deep-copy each (a corpus of long traces)
 
 
 @dataclass

@@ -31,10 +31,10 @@ SCHEMA: dict[str, str] = {
         failure_id VARCHAR PRIMARY KEY, trace_id VARCHAR NOT NULL, problem_id VARCHAR NOT NULL, teacher VARCHAR NOT NULL,
         error VARCHAR NOT NULL""",
     "segmented_steps": """
-        step_id VARCHAR PRIMARY KEY, trace_id VARCHAR NOT NULL, idx INTEGER NOT NULL, text VARCHAR NOT NULL,
+        step_id VARCHAR NOT NULL, trace_id VARCHAR NOT NULL, idx INTEGER NOT NULL, text VARCHAR NOT NULL,
         segmenter VARCHAR""",
     "signal_labels": """
-        step_id VARCHAR PRIMARY KEY, signal VARCHAR NOT NULL, labeller VARCHAR NOT NULL, keyword VARCHAR,
+        step_id VARCHAR NOT NULL, signal VARCHAR NOT NULL, labeller VARCHAR NOT NULL, keyword VARCHAR,
         confidence DOUBLE NOT NULL, keyword_signal VARCHAR, labelling_key VARCHAR""",
     "llm_label_cache": """
         cache_key VARCHAR PRIMARY KEY, validator VARCHAR NOT NULL, proposed_signal VARCHAR, signal VARCHAR,
@@ -84,6 +84,11 @@ SCHEMA: dict[str, str] = {
         response VARCHAR,
         PRIMARY KEY (evaluation_id, model_name, version, benchmark, variant, doc_id)""",
 }
+# Keys the warehouse keeps unique without an index: tables of one row per step, millions of rows. Their primary-key
+# index cost a third of the segmenting and labelling time at 6.5 M steps and lived in DuckDB's memory budget; the
+# writes below skip or replace existing keys with an anti-join instead, and the `one_row_per_step` check counts
+# duplicates. (A warehouse created before keeps its index; both kinds of table work.)
+UNINDEXED_KEYS: dict[str, str] = {"segmented_steps": "step_id", "signal_labels": "step_id"}
 # every table also records who wrote each row and when
 AUDIT_COLUMNS = "dagster_run_id VARCHAR, created_at TIMESTAMP DEFAULT current_timestamp"
 # columns added to a table after its first release must be nullable: older warehouse files get them by ALTER
@@ -120,6 +125,14 @@ class Warehouse:
             for table, columns in SCHEMA.items():
                 con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({columns}, {AUDIT_COLUMNS})")
                 self._add_new_columns(con, table, columns)
+            indexed = {
+                r[0]
+                for r in con.execute(
+                    "SELECT table_name FROM duckdb_constraints() WHERE constraint_type = 'PRIMARY KEY' "
+                    "AND database_name = current_database()"
+                ).fetchall()
+            }
+        self._unindexed = {t: key for t, key in UNINDEXED_KEYS.items() if t not in indexed}
 
     @staticmethod
     def _add_new_columns(con: duckdb.DuckDBPyConnection, table: str, columns: str) -> None:
@@ -198,11 +211,18 @@ class Warehouse:
         if not len(rows):
             return 0
         data = _arrow(rows, dagster_run_id)
+        key = self._unindexed.get(table)
+        insert = (
+            f"INSERT INTO {table} BY NAME SELECT * FROM (SELECT DISTINCT ON ({key}) * FROM incoming) i "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE t.{key} = i.{key})"
+            if key
+            else f"INSERT OR IGNORE INTO {table} BY NAME SELECT * FROM incoming"
+        )
         with self.connect() as con:
             con.register("incoming", data)
             con.execute("BEGIN TRANSACTION")
             before = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            con.execute(f"INSERT OR IGNORE INTO {table} BY NAME SELECT * FROM incoming")
+            con.execute(insert)
             after = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
             con.execute("COMMIT")
             con.unregister("incoming")
@@ -215,9 +235,16 @@ class Warehouse:
         if not len(rows):
             return 0
         data = _arrow(rows, dagster_run_id)
+        key = self._unindexed.get(table)
         with self.connect() as con:
             con.register("incoming", data)
-            con.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT * FROM incoming")
+            if key:
+                con.execute("BEGIN TRANSACTION")
+                con.execute(f"DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM incoming)")
+                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM (SELECT DISTINCT ON ({key}) * FROM incoming)")
+                con.execute("COMMIT")
+            else:
+                con.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT * FROM incoming")
             con.unregister("incoming")
         return len(rows)
 
