@@ -130,8 +130,9 @@ def _sql_literal(value: str) -> str:
 
 
 def _kernel_connection() -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the macros of `_SEGMENT_SQL`."""
-    con = duckdb.connect()
+    """An in-memory DuckDB connection with the macros of `_SEGMENT_SQL`. It holds one batch's steps: a small memory
+    limit keeps it from taking DuckDB's default of 80 % of the RAM beside the warehouse's own budget."""
+    con = duckdb.connect(config={"memory_limit": "256MB"})
     ws = _sql_literal(PY_WHITESPACE)
     # str.strip(): the common case (printable ASCII at both ends) needs no work, and trim() with a set of characters
     # is slow enough to matter

@@ -450,7 +450,7 @@ def segment_traces(
         ):
             steps = segment_batch(traces, cfg)
             firsts = steps.filter(pc.equal(steps.column("idx"), 0))
-            used.update(dict(zip(*pc.value_counts(firsts.column("segmenter")).flatten())))
+            used.update({c["values"]: c["counts"] for c in pc.value_counts(firsts.column("segmenter")).to_pylist()})
             no_step = pc.invert(pc.is_in(traces.column("trace_id"), value_set=firsts.column("trace_id")))
             quarantined = [
                 Quarantined(t["trace_id"], 0, "text", "trace has no non-empty step", t["text"][:500])
@@ -512,8 +512,8 @@ def label_signals(
     total = wh.scalar(f"SELECT count(*) {pending}", {"key": key})
 
     def write(labels: pa.Table, relabel: pa.ChunkedArray) -> int:
-        wh.upsert("signal_labels", labels.filter(relabel), run_id)
-        return wh.insert_new("signal_labels", labels.filter(pc.invert(relabel)), run_id)
+        relabelled = wh.upsert("signal_labels", labels.filter(relabel), run_id)
+        return relabelled + wh.insert_new("signal_labels", labels.filter(pc.invert(relabel)), run_id)
 
     with tqdm(total=total, unit="step", desc="labelling", disable=None) as bar, BehindWriter() as writer:
         for steps in wh.stream_arrow(

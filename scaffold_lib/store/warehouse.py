@@ -205,17 +205,18 @@ class Warehouse:
             ) from exc
 
     def insert_new(self, table: str, rows: Sequence[dict] | pa.Table, dagster_run_id: str | None = None) -> int:
-        """Insert rows whose key is not there yet; returns how many were new. Re-running is a no-op."""
+        """Insert rows whose key is not there yet (nor earlier in the batch); returns how many were new. Re-running is
+        a no-op. Keyed by the primary key, or for the step tables by an anti-join on their unindexed key."""
         if table not in SCHEMA:
             raise KeyError(f"unknown table {table!r}")
         if not len(rows):
             return 0
         data = _arrow(rows, dagster_run_id)
-        key = self._unindexed.get(table)
+        column = self._unindexed.get(table)  # an unindexed key column
         insert = (
-            f"INSERT INTO {table} BY NAME SELECT * FROM (SELECT DISTINCT ON ({key}) * FROM incoming) i "
-            f"WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE t.{key} = i.{key})"
-            if key
+            f"INSERT INTO {table} BY NAME SELECT * FROM (SELECT DISTINCT ON ({column}) * FROM incoming) i "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE t.{column} = i.{column})"
+            if column
             else f"INSERT OR IGNORE INTO {table} BY NAME SELECT * FROM incoming"
         )
         with self.connect() as con:
@@ -235,13 +236,15 @@ class Warehouse:
         if not len(rows):
             return 0
         data = _arrow(rows, dagster_run_id)
-        key = self._unindexed.get(table)
+        column = self._unindexed.get(table)  # an unindexed key column
         with self.connect() as con:
             con.register("incoming", data)
-            if key:
+            if column:
                 con.execute("BEGIN TRANSACTION")
-                con.execute(f"DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM incoming)")
-                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM (SELECT DISTINCT ON ({key}) * FROM incoming)")
+                con.execute(f"DELETE FROM {table} WHERE {column} IN (SELECT {column} FROM incoming)")
+                con.execute(
+                    f"INSERT INTO {table} BY NAME SELECT * FROM (SELECT DISTINCT ON ({column}) * FROM incoming)"
+                )
                 con.execute("COMMIT")
             else:
                 con.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT * FROM incoming")
