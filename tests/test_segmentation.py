@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import pyarrow as pa
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scaffold_lib.core.ids import step_id
+from scaffold_lib.data import segmentation
 from scaffold_lib.data.segmentation import (
     PY_WHITESPACE,
     SEGMENTERS,
@@ -183,7 +185,7 @@ _pieces = st.sampled_from(
 )  # fmt: skip
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     st.lists(
         st.tuples(
@@ -196,6 +198,12 @@ _pieces = st.sampled_from(
     )
 )
 def test_segment_batch_cuts_every_trace_as_segment_does(traces):
+    for in_sql in (True, False):
+        _check_batch(traces, in_sql)
+
+
+def _check_batch(traces, in_sql: bool) -> None:
+    """Both ways of cutting a batch: DuckDB (what R1-length traces take) and Python (short traces)."""
     teachers = [f"teacher-{i}" for i in range(len(traces))]
     cfg = SegmentationConfig(segmenter="auto", per_teacher={t: style for t, (_, _, style) in zip(teachers, traces)})
     batch = pa.table(
@@ -209,10 +217,22 @@ def test_segment_batch_cuts_every_trace_as_segment_does(traces):
     expected = [
         row for i, (text, answer, style) in enumerate(traces) for row in _reference_steps(f"t{i}", text, answer, style)
     ]
-    assert segment_batch(batch, cfg).to_pylist() == expected
+    with _cut_in(in_sql):
+        assert segment_batch(batch, cfg).to_pylist() == expected
 
 
-def test_segment_batch_on_teacher_traces_matches_segment():
+@contextlib.contextmanager
+def _cut_in(sql: bool):
+    saved = segmentation.SQL_MIN_MEAN_TRACE_CHARS
+    segmentation.SQL_MIN_MEAN_TRACE_CHARS = 0 if sql else 10**9
+    try:
+        yield
+    finally:
+        segmentation.SQL_MIN_MEAN_TRACE_CHARS = saved
+
+
+@pytest.mark.parametrize("in_sql", [True, False])
+def test_segment_batch_on_teacher_traces_matches_segment(in_sql):
     """A corpus the programmatic teacher wrote (blank-line paragraphs, an answer step), in one batch."""
     from scaffold_lib.data.problems import GeneratorConfig, generate_problems
     from scaffold_lib.data.teachers import ProgrammaticTeacher
@@ -221,4 +241,5 @@ def test_segment_batch_on_teacher_traces_matches_segment():
     batch = pa.table({"trace_id": [t.trace_id for t in traces], "text": [t.text for t in traces]})
     expected = [row for t in traces for row in _reference_steps(t.trace_id, t.text, None, "auto")]
     assert len(expected) > 1500
-    assert segment_batch(batch).to_pylist() == expected
+    with _cut_in(in_sql):
+        assert segment_batch(batch).to_pylist() == expected

@@ -249,3 +249,24 @@ def test_the_unindexed_step_tables_keep_one_row_per_key(warehouse_path):
         "AND table_name IN ('segmented_steps', 'signal_labels')"
     )
     assert indexes == 0
+
+
+def test_behind_writer_writes_in_order_and_surfaces_a_failed_write():
+    from scaffold_lib.data.stages import BehindWriter
+
+    done = []
+    with BehindWriter() as writer:
+        for i in range(5):
+            writer.submit(lambda i=i: done.append(i) or i)
+    assert done == [0, 1, 2, 3, 4] and writer.results == [0, 1, 2, 3, 4]
+
+    def fail():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        with BehindWriter() as writer:
+            writer.submit(fail)
+            writer.submit(lambda: done.append("after"))  # waits for the failed write first: raises here
+    assert "after" not in done
+    with pytest.raises(OSError, match="disk full"), BehindWriter() as writer:
+        writer.submit(fail)  # the last write fails: raised on leaving the block
