@@ -20,6 +20,7 @@ import hashlib
 import json
 import random
 import select
+import signal
 import socket
 import threading
 import time
@@ -385,6 +386,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fault-rate", type=float, default=0.0)
     parser.add_argument("--reasoning-mode", choices=["field", "think_tags"], default="field")
     args = parser.parse_args(argv)
+    # stop on SIGTERM and Ctrl-C however it was started: a parent may ignore them (a background job of a script, a
+    # process that ran Dagster, which maps SIGTERM to SIGINT's disposition) and an ignored signal is inherited
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     server = ScriptedEndpoint(
         faults=FaultPlan(rate=args.fault_rate),
         latency_s=args.latency,
