@@ -15,6 +15,7 @@ from typing import Literal
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 
 from scaffold_lib.core.ids import step_id
@@ -176,7 +177,7 @@ def segment_batch(traces: pa.Table, cfg: SegmentationConfig = SegmentationConfig
         [("row", pa.int64()), ("step_id", pa.string()), ("trace_id", pa.string()), ("idx", pa.int32()),
          ("text", pa.string()), ("segmenter", pa.string())]
     )  # fmt: skip
-    if n and sum(len(t) for t in text.to_pylist()) / n < SQL_MIN_MEAN_TRACE_CHARS:
+    if n and pc.sum(pc.utf8_length(text)).as_py() / n < SQL_MIN_MEAN_TRACE_CHARS:  # measured in Arrow, not copied
         steps, in_python = schema.empty_table(), range(n)
     else:
         con = _kernel_connection()
