@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from scaffold_lib.data import stages
@@ -222,6 +223,9 @@ def test_batch_encoding_gives_the_examples_of_one_trace_at_a_time(tmp_path):
     ]
     pieces = [s for _, steps in traces for s in steps]
     assert formatter._encode(pieces) == tokenizer(pieces, add_special_tokens=False)["input_ids"]
+    values, offsets = formatter._encode_flat(pieces)
+    assert values.dtype == np.int32 and len(offsets) == len(pieces) + 1
+    assert [values[a:b].tolist() for a, b in zip(offsets, offsets[1:])] == formatter._encode(pieces)
     signals = [["addition_elaboration", "contrast_concession", "response_generation"], ["reasoning_analysis"] * 2]
     for (question, steps), sig, (q_ids, step_ids) in zip(traces, signals, formatter.encode(traces)):
         one = formatter.scaffold("t", question, steps, sig)
@@ -242,5 +246,8 @@ def test_training_traces_stream_in_windows_of_whole_traces(tmp_path):
     (whole,) = list(stream_training_traces(store.warehouse))
     windows = list(stream_training_traces(store.warehouse, window_chars=200))
     assert len(windows) > 1 and [t for w in windows for t in w] == whole
+    # read a few traces per query (no query sorts the corpus): the same traces, in the same order and windows
+    assert list(stream_training_traces(store.warehouse, window_chars=200, part_chars=300)) == windows
+    assert list(stream_training_traces(store.warehouse, part_chars=1)) == [whole]
     assert all(len(t["steps"]) == len(t["signals"]) > 1 for t in whole)
     assert [t["trace_id"] for t in whole] == sorted(t["trace_id"] for t in whole)

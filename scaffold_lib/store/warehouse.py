@@ -118,7 +118,7 @@ class Warehouse:
         self.path = Path(path).expanduser().resolve()
         self.lock_timeout_s = lock_timeout_s
         # DuckDB's own default is 80 % of the RAM; joins and sorts beyond the limit spill to <file>.tmp/
-        self.memory_limit = os.environ.get("SCAFFOLD_DUCKDB_MEMORY", "1GB")
+        self.memory_limit = os.environ.get("SCAFFOLD_DUCKDB_MEMORY", "512MB")
         self._held: duckdb.DuckDBPyConnection | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.connect() as con:

@@ -45,7 +45,7 @@ class Example:
         return len(self.input_ids)
 
 
-ENCODE_CHUNK = 8_192  # pieces per tokenizer call
+ENCODE_CHUNK = 2_048  # pieces per tokenizer call
 FORMAT_FILE = "scaffold.json"  # written beside every prepared backbone and trained student
 
 
@@ -71,6 +71,9 @@ class Formatter:
         self.sep_ids = self._encode([STEP_SEPARATOR])[0]
         self.tag_ids = dict(zip(self.tags, self._encode(list(self.tags.values()))))
         self.eos_id = self.tokenizer.eos_token_id
+        # the same as int32 arrays, for joining examples in numpy
+        self._tag_array = {s: np.asarray(ids, np.int32) for s, ids in self.tag_ids.items()}
+        self._sep_array, self._eos_array = np.asarray(self.sep_ids, np.int32), np.asarray([self.eos_id], np.int32)
         if self.chat_template and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("chat_template=True but the tokenizer has no chat template")
 
@@ -98,21 +101,37 @@ class Formatter:
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         return self._encode([QUESTION_TEMPLATE.format(question=question)])[0] + self.sep_ids
 
-    def encode(self, traces: Sequence[tuple[str, list[str]]]) -> list[tuple[list[int], list[list[int]]]]:
+    def encode(self, traces: Sequence[tuple[str, list[str]]]) -> list[tuple[list[int], list[np.ndarray]]]:
         """(question ids, step ids) of many (question, steps) pairs: one tokenizer call for all their steps, which the
-        fast tokenizer spreads over the cores, instead of one call per trace."""
+        fast tokenizer spreads over the cores, instead of one call per trace. The step ids are int32 views into one
+        array (4 bytes a token, where a list of Python ints takes 36: a packing window holds millions)."""
         if self.chat_template:
             questions = [self.question_ids(q) for q, _ in traces]
         else:
             questions = [
                 q + self.sep_ids for q in self._encode([QUESTION_TEMPLATE.format(question=q) for q, _ in traces])
             ]
-        flat = self._encode([s for _, steps in traces for s in steps]) if any(steps for _, steps in traces) else []
+        values, offsets = self._encode_flat([s for _, steps in traces for s in steps])
         out, at = [], 0
         for q_ids, (_, steps) in zip(questions, traces):
-            out.append((q_ids, flat[at : at + len(steps)]))
+            out.append((q_ids, [values[offsets[j] : offsets[j + 1]] for j in range(at, at + len(steps))]))
             at += len(steps)
         return out
+
+    def _encode_flat(self, pieces: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of all `pieces` in one int32 array, and offsets: piece j is values[offsets[j]:offsets[j + 1]]. The
+        tokenizer's Python lists live one chunk at a time."""
+        values, lengths = [], []
+        for at in range(0, len(pieces), ENCODE_CHUNK):
+            chunk = self._encode(pieces[at : at + ENCODE_CHUNK])
+            lengths.append(np.fromiter(map(len, chunk), dtype=np.int64, count=len(chunk)))
+            values.append(
+                np.fromiter(itertools.chain.from_iterable(chunk), dtype=np.int32, count=int(lengths[-1].sum()))
+            )
+        offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+        if pieces:
+            np.cumsum(np.concatenate(lengths), out=offsets[1:])
+        return (np.concatenate(values) if values else np.zeros(0, np.int32)), offsets
 
     def scaffold(self, trace_id: str, question: str, steps: list[str], signals: list[str]) -> Example:
         if signals is None:
@@ -122,24 +141,26 @@ class Formatter:
     def baseline(self, trace_id: str, question: str, steps: list[str]) -> Example:
         return self.build(trace_id, self.question_ids(question), self._encode(steps) if steps else [], None)
 
-    def build(self, trace_id: str, q_ids: list[int], step_ids: list[list[int]], signals: list[str] | None) -> Example:
+    def build(
+        self, trace_id: str, q_ids: list[int], step_ids: Sequence[Sequence[int]], signals: list[str] | None
+    ) -> Example:
         """The example of already tokenised question and steps: scaffold format with `signals`, plain CoT without."""
         with_signals = signals is not None
         if with_signals and len(signals) != len(step_ids):
             raise ValueError(f"trace {trace_id}: {len(step_ids)} steps but {len(signals)} signals")
         # the reply as pieces (tag, step, separator) with the signal each belongs to, joined once in numpy
-        pieces, owners = [q_ids], [NO_SIGNAL]
-        last = len(step_ids) - 1
+        pieces, owners = [np.asarray(q_ids, np.int32)], [NO_SIGNAL]
+        last, no_tag = len(step_ids) - 1, np.zeros(0, np.int32)
         for i, ids in enumerate(step_ids):
             sig = SIGNAL_INDEX[signals[i]] if with_signals else NO_SIGNAL
             pieces += [
-                self.tag_ids[signals[i]] if with_signals else [],
+                self._tag_array[signals[i]] if with_signals else no_tag,
                 ids,
-                [self.eos_id] if i == last else self.sep_ids,
+                self._eos_array if i == last else self._sep_array,
             ]
             owners += [sig, sig, sig]
         lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
-        input_ids = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=int(lengths.sum()))
+        input_ids = np.concatenate(pieces, dtype=np.int32)
         owner = np.repeat(np.asarray(owners, dtype=np.int8), lengths)  # signal of the step each token belongs to
         starts = np.cumsum(lengths) - lengths
         positions = starts[1::3] - 1 if with_signals else np.zeros(0, np.int64)  # the token before each step's tag

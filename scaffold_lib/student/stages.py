@@ -14,6 +14,7 @@ import math
 import shutil
 import subprocess
 import sys
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -125,6 +126,8 @@ class ModelHandle(BaseModel):
 # characters of steps tokenised and packed together (about 2 M tokens): best-fit decreasing over a window fills rows
 # nearly as well as over everything, and memory stays bounded whatever the corpus
 PACK_WINDOW_CHARS = 8_000_000
+# characters of steps one query reads and sorts: DuckDB's work per query is bounded by this, not by the corpus
+READ_PART_CHARS = 64_000_000
 BUDGET_SAMPLE = 5_000  # traces whose token lengths set the decoding budget (the first by trace id: a hash order)
 
 
@@ -163,42 +166,63 @@ def stream_training_traces(
     drop_contaminated: bool = False,
     packed_in: str | None = None,
     window_chars: int = PACK_WINDOW_CHARS,
+    part_chars: int = READ_PART_CHARS,
 ) -> Iterator[list[dict]]:
     """Complete traces with question, ordered steps and signals, in trace-id order, in windows of about
-    `window_chars` characters of steps. One query streams every step in (trace, index) order (DuckDB sorts, spilling
-    to disk beyond its memory limit), so Python holds one window. With `drop_contaminated`, problems decontamination
-    marked for exclusion are left out; traces already in the shards of manifest `packed_in` are left out."""
-    window: list[dict] = []
-    chars = 0
-    current: dict | None = None
-    for rows in wh.stream(
-        f"""
-        WITH wanted AS (
-            SELECT trace_id FROM ({_eligible_traces(drop_contaminated)})
-            WHERE trace_id NOT IN (SELECT m.trace_id FROM manifest_shards ms JOIN shard_members m USING (shard_id)
-                                   WHERE ms.manifest_hash = ?))
-        SELECT t.trace_id, p.problem_id, p.question, p.answer, p.answer_type, t.is_correct, s.text, l.signal
-        FROM wanted JOIN teacher_traces t USING (trace_id) JOIN problems p USING (problem_id)
-        JOIN segmented_steps s USING (trace_id) JOIN signal_labels l USING (step_id)
-        ORDER BY t.trace_id, s.idx""",
-        [list(splits), include_incorrect, only_problems, only_problems, packed_in or ""],
-        batch_rows=8_192,
-    ):
-        for r in rows:
-            if current is None or r["trace_id"] != current["trace_id"]:
-                if current is not None and chars >= window_chars:
-                    yield window
-                    window, chars = [], 0
-                text, signal = r.pop("text"), r.pop("signal")
-                current = {**r, "steps": [], "signals": []}
-                window.append(current)
-            else:
-                text, signal = r["text"], r["signal"]
-            current["steps"].append(text)
-            current["signals"].append(signal)
-            chars += len(text)
-    if window:
-        yield window
+    `window_chars` characters of steps. With `drop_contaminated`, problems decontamination marked for exclusion are
+    left out; traces already in the shards of manifest `packed_in` are left out.
+
+    No query sorts the corpus: one plans parts of about `part_chars` characters (consecutive trace ids, sized per
+    trace), then one query per part reads its steps in (trace, index) order, so DuckDB sorts one part and Python holds
+    one window, whatever the corpus' size."""
+    plan = f"training_plan_{uuid.uuid4().hex[:12]}"  # a temp table of this call's own: generators may interleave
+    with wh.session(), wh.connect() as con:
+        con.execute(
+            f"""
+            CREATE TEMP TABLE {plan} AS
+            WITH wanted AS (
+                SELECT trace_id FROM ({_eligible_traces(drop_contaminated)})
+                WHERE trace_id NOT IN (SELECT m.trace_id FROM manifest_shards ms JOIN shard_members m USING (shard_id)
+                                       WHERE ms.manifest_hash = ?)),
+            sized AS (
+                SELECT s.trace_id, sum(strlen(s.text)) AS chars FROM segmented_steps s SEMI JOIN wanted USING (trace_id)
+                GROUP BY s.trace_id)
+            SELECT trace_id, (sum(chars) OVER (ORDER BY trace_id ROWS UNBOUNDED PRECEDING) - chars) // ? AS part
+            FROM sized""",
+            [list(splits), include_incorrect, only_problems, only_problems, packed_in or "", max(part_chars, 1)],
+        )
+        try:
+            parts = [r[0] for r in con.execute(f"SELECT DISTINCT part FROM {plan} ORDER BY part").fetchall()]
+            window: list[dict] = []
+            chars = 0
+            current: dict | None = None
+            for part in parts:
+                steps = con.sql(
+                    f"""
+                    SELECT t.trace_id, p.problem_id, p.question, p.answer, p.answer_type, t.is_correct, s.text, l.signal
+                    FROM {plan} w JOIN teacher_traces t USING (trace_id) JOIN problems p USING (problem_id)
+                    JOIN segmented_steps s ON s.trace_id = w.trace_id JOIN signal_labels l USING (step_id)
+                    WHERE w.part = ? ORDER BY t.trace_id, s.idx""",
+                    params=[part],
+                ).to_arrow_reader(8_192)
+                for batch in steps:
+                    for r in batch.to_pylist():
+                        if current is None or r["trace_id"] != current["trace_id"]:
+                            if current is not None and chars >= window_chars:
+                                yield window
+                                window, chars = [], 0
+                            text, signal = r.pop("text"), r.pop("signal")
+                            current = {**r, "steps": [], "signals": []}
+                            window.append(current)
+                        else:
+                            text, signal = r["text"], r["signal"]
+                        current["steps"].append(text)
+                        current["signals"].append(signal)
+                        chars += len(text)
+            if window:
+                yield window
+        finally:
+            con.execute(f"DROP TABLE IF EXISTS {plan}")
 
 
 def training_traces(
@@ -340,17 +364,17 @@ def _pack_shards(store: Store, cfg: ShardsConfig, student: StudentConfig, run_id
             packed_in=previous["scaffold"]["manifest_hash"] if previous else None,
         ):
             encoded = formatter.encode([(t["question"], t["steps"]) for t in batch])
-            examples = {
-                "scaffold": [
-                    formatter.build(t["trace_id"], q, ids, t["signals"]) for t, (q, ids) in zip(batch, encoded)
-                ],
-                "baseline": [formatter.build(t["trace_id"], q, ids, None) for t, (q, ids) in zip(batch, encoded)],
-            }
-            if len(lengths["reply"]) < BUDGET_SAMPLE:
-                add_lengths(lengths, [ids for _, ids in encoded], examples["scaffold"])
-            for kind in KINDS:
-                rows, stats = pack_rows(examples[kind], cfg.pack)
+            for kind in KINDS:  # one arm's examples at a time: packed rows copy them, so they are freed after
+                examples = [
+                    formatter.build(t["trace_id"], q, ids, t["signals"] if kind == "scaffold" else None)
+                    for t, (q, ids) in zip(batch, encoded)
+                ]
+                if kind == "scaffold" and len(lengths["reply"]) < BUDGET_SAMPLE:
+                    add_lengths(lengths, [ids for _, ids in encoded], examples)
+                rows, stats = pack_rows(examples, cfg.pack)
+                del examples
                 written, _ = write_shards(rows, f"{storage}/{kind}", kind, tok_hash, cfg.pack)
+                del rows
                 wh.insert_new(
                     "shard_members",
                     [{"shard_id": i.shard_id, "trace_id": t} for i in written for t in i.trace_ids],
