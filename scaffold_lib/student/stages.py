@@ -14,12 +14,12 @@ import math
 import shutil
 import subprocess
 import sys
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
@@ -175,11 +175,11 @@ def stream_training_traces(
     No query sorts the corpus: one plans parts of about `part_chars` characters (consecutive trace ids, sized per
     trace), then one query per part reads its steps in (trace, index) order, so DuckDB sorts one part and Python holds
     one window, whatever the corpus' size."""
-    plan = f"training_plan_{uuid.uuid4().hex[:12]}"  # a temp table of this call's own: generators may interleave
+    # the plan is a temp table of this call's own cursor (DuckDB keeps temp tables per cursor): calls may interleave
     with wh.session(), wh.connect() as con:
         con.execute(
             f"""
-            CREATE TEMP TABLE {plan} AS
+            CREATE OR REPLACE TEMP TABLE training_plan AS
             WITH wanted AS (
                 SELECT trace_id FROM ({_eligible_traces(drop_contaminated)})
                 WHERE trace_id NOT IN (SELECT m.trace_id FROM manifest_shards ms JOIN shard_members m USING (shard_id)
@@ -192,37 +192,47 @@ def stream_training_traces(
             [list(splits), include_incorrect, only_problems, only_problems, packed_in or "", max(part_chars, 1)],
         )
         try:
-            parts = [r[0] for r in con.execute(f"SELECT DISTINCT part FROM {plan} ORDER BY part").fetchall()]
-            window: list[dict] = []
-            chars = 0
-            current: dict | None = None
-            for part in parts:
-                steps = con.sql(
-                    f"""
-                    SELECT t.trace_id, p.problem_id, p.question, p.answer, p.answer_type, t.is_correct, s.text, l.signal
-                    FROM {plan} w JOIN teacher_traces t USING (trace_id) JOIN problems p USING (problem_id)
-                    JOIN segmented_steps s ON s.trace_id = w.trace_id JOIN signal_labels l USING (step_id)
-                    WHERE w.part = ? ORDER BY t.trace_id, s.idx""",
-                    params=[part],
-                ).to_arrow_reader(8_192)
-                for batch in steps:
-                    for r in batch.to_pylist():
-                        if current is None or r["trace_id"] != current["trace_id"]:
-                            if current is not None and chars >= window_chars:
-                                yield window
-                                window, chars = [], 0
-                            text, signal = r.pop("text"), r.pop("signal")
-                            current = {**r, "steps": [], "signals": []}
-                            window.append(current)
-                        else:
-                            text, signal = r["text"], r["signal"]
-                        current["steps"].append(text)
-                        current["signals"].append(signal)
-                        chars += len(text)
-            if window:
-                yield window
+            yield from _windows(_planned_steps(con), window_chars)
         finally:
-            con.execute(f"DROP TABLE IF EXISTS {plan}")
+            con.execute("DROP TABLE IF EXISTS training_plan")
+
+
+def _planned_steps(con: duckdb.DuckDBPyConnection) -> Iterator[dict]:
+    """Every step of the traces in `training_plan`, with its trace's fields, in (trace, index) order, a part a query."""
+    for (part,) in con.execute("SELECT DISTINCT part FROM training_plan ORDER BY part").fetchall():
+        reader = con.sql(
+            """
+            SELECT t.trace_id, p.problem_id, p.question, p.answer, p.answer_type, t.is_correct, s.text, l.signal
+            FROM training_plan w JOIN teacher_traces t USING (trace_id) JOIN problems p USING (problem_id)
+            JOIN segmented_steps s ON s.trace_id = w.trace_id JOIN signal_labels l USING (step_id)
+            WHERE w.part = ? ORDER BY t.trace_id, s.idx""",
+            params=[part],
+        ).to_arrow_reader(8_192)
+        for batch in reader:
+            yield from batch.to_pylist()
+
+
+def _windows(steps: Iterator[dict], window_chars: int) -> Iterator[list[dict]]:
+    """Step rows grouped into traces ({trace fields, steps, signals}), yielded in windows of whole traces of at least
+    `window_chars` characters of steps (the last may be smaller)."""
+    window: list[dict] = []
+    chars = 0
+    current: dict | None = None
+    for r in steps:
+        if current is None or r["trace_id"] != current["trace_id"]:
+            if current is not None and chars >= window_chars:
+                yield window
+                window, chars = [], 0
+            text, signal = r.pop("text"), r.pop("signal")
+            current = {**r, "steps": [], "signals": []}
+            window.append(current)
+        else:
+            text, signal = r["text"], r["signal"]
+        current["steps"].append(text)
+        current["signals"].append(signal)
+        chars += len(text)
+    if window:
+        yield window
 
 
 def training_traces(
