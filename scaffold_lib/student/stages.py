@@ -185,7 +185,7 @@ def stream_training_traces(
                 WHERE trace_id NOT IN (SELECT m.trace_id FROM manifest_shards ms JOIN shard_members m USING (shard_id)
                                        WHERE ms.manifest_hash = ?)),
             sized AS (
-                SELECT s.trace_id, sum(strlen(s.text)) AS chars FROM segmented_steps s SEMI JOIN wanted USING (trace_id)
+                SELECT s.trace_id, sum(length(s.text)) AS chars FROM segmented_steps s SEMI JOIN wanted USING (trace_id)
                 GROUP BY s.trace_id)
             SELECT trace_id, (sum(chars) OVER (ORDER BY trace_id ROWS UNBOUNDED PRECEDING) - chars) // ? AS part
             FROM sized""",
