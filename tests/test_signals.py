@@ -395,3 +395,79 @@ def test_label_column_reads_a_pattern_beyond_the_opening_window():
     step = "Zorp " * 40 + "then 48 / 2 = 24."
     [row] = label_column(pa.array([step]), pa.array([False]), table).to_pylist()
     assert row["labeller"] == PATTERN and row == _as_rows([label_step(step, False, table)])[0]
+
+
+_ascii_chars = list("abcsothenwiAST ,.:;!?*-'\"()5") + ["\t", "\n", "\r", "\x0b", "\x0c"]
+
+
+def _rough(chars: list[str]) -> st.SearchStrategy[str]:
+    return st.lists(
+        st.one_of(st.sampled_from(_vocab), st.text(st.sampled_from(chars), max_size=40)), max_size=30
+    ).flatmap(lambda parts: st.sampled_from([" ", "  ", "\n", "**", ", ", "\t "]).map(lambda sep: sep.join(parts)))
+
+
+# mostly ASCII openings (matched as columns), some with a character that leaves the step to Python
+_rough_steps = st.one_of(_rough(_ascii_chars), _rough(_ascii_chars + ["\x1c", "é", "—", "“"]))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(_rough_steps, st.booleans()), min_size=1, max_size=10))
+def test_label_column_agrees_with_label_step_on_rough_text(steps):
+    """Columns and `label_step` agree on text of any whitespace, punctuation, case and length: short steps, steps
+    whose opening window ends inside a word, and openings the columns leave to Python (non-ASCII, \\x1c)."""
+    table = keyword_table()
+    texts, finals = [t for t, _ in steps], [f for _, f in steps]
+    expected = _as_rows([label_step(t, f, table) for t, f in steps])
+    assert label_column(pa.array(texts, pa.string()), pa.array(finals), table).to_pylist() == expected
+
+
+@pytest.mark.parametrize("pad", range(88, 100))
+def test_label_column_at_the_edge_of_the_opening_window(table, pad):
+    """The opening window is 24 characters a word: a keyword that starts at its edge is a keyword only when it lies
+    whole inside it, as `match` decides."""
+    for tail in ("on the other hand, 5", "so overall 7", "then", "sorry", "nowhere", "the answer island"):
+        for head in ("x" * pad, "So" + " " * (pad - 2), "Wait " + "-" * (pad - 5), " " * pad):
+            step = f"{head} {tail}"
+            expected = _as_rows([label_step(step, False, table)])
+            assert label_column(pa.array([step]), pa.array([False]), table).to_pylist() == expected, step
+
+
+def test_label_column_over_chunks_and_custom_tables(tmp_path):
+    """Chunked columns (as DuckDB streams them) and a table with patterns and other keywords label as `label_step`."""
+    path = tmp_path / "k.toml"
+    path.write_text(
+        '[contrast_concession]\nkeywords = ["no,", "not so fast"]\n'
+        '[reasoning_analysis]\nkeywords = ["so"]\npatterns = ["\\\\d+ apples"]\n'
+    )
+    custom = KeywordTable.load(path)
+    steps = ["No, 3.", "Not so fast!", "So 4.", "We have 12 apples.", "Zorp.", "not", "NOT SO fast"]
+    finals = [False, False, False, False, False, True, False]
+    texts = pa.chunked_array([pa.array(steps[:3]), pa.array(steps[3:])])
+    expected = _as_rows([label_step(t, f, custom, "opinion_recall") for t, f in zip(steps, finals)])
+    got = label_column(texts, pa.chunked_array([pa.array(finals[:3]), pa.array(finals[3:])]), custom, "opinion_recall")
+    assert got.to_pylist() == expected
+    assert [r["labeller"] for r in expected] == [KEYWORD, KEYWORD, KEYWORD, PATTERN, FALLBACK, FINAL_STEP, KEYWORD]
+
+
+@pytest.mark.parametrize("space", ["\x1c", "\x1d", "\x1e", "\x1f", "\x85", "\u2003", "\u3000"])
+def test_label_column_splits_words_where_python_does(table, space):
+    """str.split() splits at these, Arrow's ASCII split does not: such an opening is labelled by `label_step`."""
+    for step in (f"So{space}5 apples.", f"On{space}the other hand, 5.", f"Thence{space}so."):
+        expected = _as_rows([label_step(step, False, table)])
+        assert label_column(pa.array([step]), pa.array([False]), table).to_pylist() == expected, repr(step)
+
+
+@pytest.mark.parametrize(
+    ("step", "keyword"),
+    [
+        ("** so the answer is 5", "so the answer is"),
+        ("- - on the other hand, 5 more", "on the other hand"),
+        ("* I am pretty sure it is 5", "i am pretty sure"),
+        ("\t  So, the answer is 5", "so the answer is"),
+        ("-- -- -- -- so the answer is", "so the answer is"),
+    ],
+)
+def test_label_column_reads_past_markup_before_a_long_keyword(table, step, keyword):
+    """Markup before the opening words uses no word: a four-word keyword after it is still found whole."""
+    [row] = label_column(pa.array([step]), pa.array([False]), table).to_pylist()
+    assert row["keyword"] == keyword and row == _as_rows([label_step(step, False, table)])[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 
 from scaffold_lib.data.problems import GeneratorConfig, Problem, generate_problems, load_problem_file, make_problem_id
@@ -249,6 +250,25 @@ def test_the_unindexed_step_tables_keep_one_row_per_key(warehouse_path):
         "AND table_name IN ('segmented_steps', 'signal_labels')"
     )
     assert indexes == 0
+
+
+def test_append_writes_a_stages_new_rows_only_inside_a_session(warehouse_path):
+    """`append` skips the key check (the stage's own pending query found the rows new), so it refuses to run where
+    another process could have written in between: outside a session."""
+    wh = Warehouse(warehouse_path)
+    steps = pa.table({"step_id": ["s1", "s2"], "trace_id": ["t1", "t1"], "idx": [0, 1], "text": ["So 3.", "Then 4."]})
+    with pytest.raises(RuntimeError, match="inside session"):
+        wh.append("segmented_steps", steps)
+    with wh.session():
+        assert (
+            wh.append("segmented_steps", steps, "run-1") == 2 and wh.append("segmented_steps", steps.slice(0, 0)) == 0
+        )
+    assert wh.query("SELECT step_id, idx, dagster_run_id FROM segmented_steps ORDER BY idx") == [
+        {"step_id": "s1", "idx": 0, "dagster_run_id": "run-1"},
+        {"step_id": "s2", "idx": 1, "dagster_run_id": "run-1"},
+    ]
+    with pytest.raises(KeyError), wh.session():
+        wh.append("nope", steps)
 
 
 def test_behind_writer_writes_in_order_and_surfaces_a_failed_write():

@@ -18,6 +18,7 @@ from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, Field, field_validator
@@ -286,6 +287,83 @@ class LabelStats:
         }
 
 
+# Python's str.split() also splits at these four; Arrow's ASCII split does not: a step opening with one is left to Python
+_PY_ONLY_WHITESPACE = "[\x1c-\x1f]"
+_LABELLERS: tuple[str, ...] = (KEYWORD, PATTERN, FALLBACK, FINAL_STEP)
+
+
+def _opening_words(heads: pa.Array, cut: int, limit: int, full: bool = False) -> list[pa.Array]:
+    """`_iter_words` over a column of ASCII heads (a step's first `cut` + 1 characters): `limit` columns, the k-th
+    holding each step's k-th opening word (null where it has fewer words).
+
+    Splits each head at its first `limit` whitespace runs only (the opening words are all a keyword needs); a row
+    whose first pieces are not all words (markup such as "**" or "-" is stripped away) is split again in `full`."""
+    n, splits = len(heads), cut if full else limit
+    # the window cut a word in two: its first half is not a word
+    cut_word = pc.and_(
+        pc.greater(pc.utf8_length(heads), cut),
+        pc.invert(
+            pc.or_(
+                pc.ascii_is_space(pc.utf8_slice_codeunits(heads, cut, cut + 1)),
+                pc.ascii_is_space(pc.utf8_slice_codeunits(heads, cut - 1, cut)),
+            )
+        ),
+    ).to_numpy(zero_copy_only=False)
+    body = pc.ascii_lower(pc.utf8_slice_codeunits(heads, 0, cut))
+    pieces = pc.ascii_split_whitespace(body, max_splits=splits)
+    counts = pc.list_value_length(pieces).to_numpy()
+    row = pc.list_parent_indices(pieces).to_numpy()
+    pos = np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)
+    whole = counts[row] <= splits  # the row's last piece is its last word
+    first = full | (pos < limit)  # past `limit`, a first split's piece is the unsplit rest of the window
+    words = pc.ascii_trim(pc.list_flatten(pieces).filter(pa.array(first)), string.punctuation)  # _STRIP, for ASCII
+    row, pos, whole = row[first], pos[first], whole[first]
+    is_word = pc.binary_length(words).to_numpy() > 0
+    keep = is_word & ~((pos == counts[row] - 1) & cut_word[row])  # a last piece is only ever kept from a whole row
+    columns = _ranked(words.filter(pa.array(keep)), row[keep], n, limit)
+    again = np.unique(row[~is_word & ~whole])  # a piece was no word and the window has more: split it all
+    if len(again):
+        redone = _opening_words(heads.take(pa.array(again)), cut, limit, full=True)
+        mask = np.zeros(n, bool)
+        mask[again] = True
+        columns = [pc.replace_with_mask(c, pa.array(mask), r) for c, r in zip(columns, redone)]
+    return columns
+
+
+def _ranked(words: pa.Array, row: np.ndarray, n: int, limit: int) -> list[pa.Array]:
+    """Words in row order (`row[i]` the row of `words[i]`) as `limit` columns: the k-th word of each row, or null."""
+    if not len(row):
+        return [pa.nulls(n, pa.string())] * limit
+    starts = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])
+    rank = np.arange(len(row)) - np.repeat(starts, np.diff(np.r_[starts, len(row)]))
+    columns = []
+    for k in range(limit):
+        at = np.flatnonzero(rank == k)
+        index = np.full(n, -1, np.int64)
+        index[row[at]] = at
+        columns.append(words.take(pa.array(index, mask=index < 0)))
+    return columns
+
+
+def _keyword_hits(heads: pa.Array, table: KeywordTable) -> np.ndarray:
+    """`KeywordTable.match` over a column of ASCII heads: the index into `table.by_words` of the longest keyword each
+    step opens with, -1 for none."""
+    keys = pa.array(list(table.by_words), pa.string())
+    words = _opening_words(heads, 24 * table.max_words, table.max_words)
+    key, hit = words[0], pc.index_in(words[0], value_set=keys)
+    for word in words[1:]:
+        key = pc.binary_join_element_wise(key, word, " ")
+        hit = pc.coalesce(pc.index_in(key, value_set=keys), hit)
+    return hit.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _decoded(codes: np.ndarray, values: list) -> pa.Array:
+    """Codes into `values` (-1: null) as a plain Arrow column."""
+    return pa.DictionaryArray.from_arrays(
+        pa.array(codes, pa.int32(), mask=codes < 0), pa.array(values)
+    ).dictionary_decode()
+
+
 def label_column(
     texts: pa.ChunkedArray | pa.Array,
     is_final: pa.ChunkedArray | pa.Array,
@@ -293,23 +371,54 @@ def label_column(
     fallback_signal: str = "reasoning_analysis",
 ) -> pa.Table:
     """`label_step` over a batch: Arrow strings and booleans in, an Arrow table of labels out (signal, labeller,
-    keyword, confidence, keyword_signal), row for row. Only a step's opening window comes into Python (a keyword
-    looks no further), and the whole text only for a step a pattern might label: at scale the steps stay in Arrow."""
-    heads = pc.utf8_slice_codeunits(texts, 0, 24 * table.max_words + 1).to_pylist()
-    first = table.without_patterns
-    labels = [label_step(head, final, first, fallback_signal) for head, final in zip(heads, is_final.to_pylist())]
+    keyword, confidence, keyword_signal), row for row.
+
+    A step's opening window (a keyword looks no further) is matched as columns when it is ASCII, which exactly
+    reproduces `match` there (tests/test_signals.py checks it); any other opening goes through `label_step` itself.
+    The whole text comes into Python only for a step a pattern might label."""
+    heads = pc.utf8_slice_codeunits(texts, 0, 24 * table.max_words + 1)
+    heads = heads.combine_chunks() if isinstance(heads, pa.ChunkedArray) else heads
+    final = (is_final.combine_chunks() if isinstance(is_final, pa.ChunkedArray) else is_final).to_numpy(
+        zero_copy_only=False
+    )
+    entries = list(table.by_words.values())
+    keywords = [written for _, written in entries] + [p for _, _, p in table.patterns]
+    keyword_code = {k: i for i, k in reversed(list(enumerate(keywords)))}
+    hit = _keyword_hits(heads, table)
+    hit_signal = np.array([SIGNAL_INDEX[s] for s, _ in entries] + [-1], np.int64)[hit]  # hit -1 -> -1
+    answer, fallback = SIGNAL_INDEX[ANSWER_SIGNAL], SIGNAL_INDEX[fallback_signal]
+    kw, pattern, fb, final_step = range(len(_LABELLERS))
+    answer_hit = hit_signal == answer
+    signal = np.where(final, answer, np.where(hit >= 0, hit_signal, fallback))
+    labeller = np.where(final, np.where(answer_hit, kw, final_step), np.where(hit >= 0, kw, fb))
+    keyword = np.where(final & ~answer_hit, -1, hit)
+
+    def put(rows: np.ndarray, labels: list[Label]) -> None:
+        signal[rows] = [SIGNAL_INDEX[label.signal] for label in labels]
+        labeller[rows] = [_LABELLERS.index(label.labeller) for label in labels]
+        keyword[rows] = [-1 if label.keyword is None else keyword_code[label.keyword] for label in labels]
+
+    not_exact = pc.invert(
+        pc.and_(pc.string_is_ascii(heads), pc.invert(pc.match_substring_regex(heads, _PY_ONLY_WHITESPACE)))
+    )
+    rows = np.flatnonzero(not_exact.to_numpy(zero_copy_only=False))
+    if len(rows):
+        first = table.without_patterns
+        python_heads = heads.take(pa.array(rows)).to_pylist()
+        put(rows, [label_step(h, bool(final[r]), first, fallback_signal) for h, r in zip(python_heads, rows)])
     if table.patterns:  # a pattern is searched in the whole step: look again where only a pattern could label it
-        again = [i for i, label in enumerate(labels) if label.labeller == FALLBACK]
-        for i, text in zip(again, texts.take(pa.array(again, pa.int64())).to_pylist()):
-            labels[i] = label_step(text, False, table, fallback_signal)
+        rows = np.flatnonzero(labeller == fb)
+        found = [(r, table.match_pattern(t)) for r, t in zip(rows, texts.take(pa.array(rows)).to_pylist())]
+        found = [(r, hit) for r, hit in found if hit is not None]
+        if found:
+            put(np.array([r for r, _ in found]), [_label(hit[0], PATTERN, hit[1], 1.0) for _, hit in found])
+    ruled = (labeller == kw) | (labeller == pattern)
     return pa.table(
         {
-            "signal": pa.array([label.signal for label in labels], pa.string()),
-            "labeller": pa.array([label.labeller for label in labels], pa.string()),
-            "keyword": pa.array([label.keyword for label in labels], pa.string()),
-            "confidence": pa.array([label.confidence for label in labels], pa.float64()),
-            "keyword_signal": pa.array(
-                [label.signal if label.labeller in (KEYWORD, PATTERN) else None for label in labels], pa.string()
-            ),
+            "signal": _decoded(signal, list(SIGNALS)),
+            "labeller": _decoded(labeller, list(_LABELLERS)),
+            "keyword": _decoded(keyword, keywords),
+            "confidence": pa.array(np.where(labeller == fb, 0.0, 1.0), pa.float64()),
+            "keyword_signal": _decoded(np.where(ruled, signal, -1), list(SIGNALS)),
         }
     )

@@ -442,7 +442,7 @@ def segment_traces(
 
     def write(steps: pa.Table, quarantined: list[Quarantined]) -> int:
         wh.insert_new("quarantine", quarantine_rows("segmented_steps", quarantined), run_id)
-        return wh.insert_new("segmented_steps", steps, run_id)
+        return wh.append("segmented_steps", steps, run_id)  # the pending traces have no step yet
 
     with tqdm(total=todo, unit="trace", desc="segmenting", disable=None) as bar, BehindWriter() as writer:
         for traces in wh.stream_arrow(
@@ -513,7 +513,7 @@ def label_signals(
 
     def write(labels: pa.Table, relabel: pa.ChunkedArray) -> int:
         relabelled = wh.upsert("signal_labels", labels.filter(relabel), run_id)
-        return relabelled + wh.insert_new("signal_labels", labels.filter(pc.invert(relabel)), run_id)
+        return relabelled + wh.append("signal_labels", labels.filter(pc.invert(relabel)), run_id)  # steps with no label
 
     with tqdm(total=total, unit="step", desc="labelling", disable=None) as bar, BehindWriter() as writer:
         for steps in wh.stream_arrow(

@@ -229,6 +229,23 @@ class Warehouse:
             con.unregister("incoming")
         return after - before
 
+    def append(self, table: str, rows: pa.Table, dagster_run_id: str | None = None) -> int:
+        """Insert rows a stage has already found new, with no key check: a step table's anti-join against millions of
+        rows cost more than the write itself (docs/benchmarks.md). Only inside `session()`, where no other process can
+        write between the stage's own pending query and this write; the stage's query must exclude every key already
+        there, and the `one_row_per_step` check counts duplicates should one ever get through."""
+        if table not in SCHEMA:
+            raise KeyError(f"unknown table {table!r}")
+        if self._held is None:
+            raise RuntimeError("Warehouse.append writes rows found new in this session: call it inside session()")
+        if not len(rows):
+            return 0
+        with self.connect() as con:
+            con.register("incoming", _arrow(rows, dagster_run_id))
+            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
+            con.unregister("incoming")
+        return len(rows)
+
     def upsert(self, table: str, rows: Sequence[dict] | pa.Table, dagster_run_id: str | None = None) -> int:
         """Insert rows, replacing those with the same key (a later labelling stage refining a row)."""
         if table not in SCHEMA:
