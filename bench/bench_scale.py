@@ -15,6 +15,9 @@ repository at `--baseline-ref` checked out into a git worktree; it runs under a 
 space limit so that running out of memory is reported instead of taking the machine down.
 
     .venv/bin/python bench/bench_scale.py [--traces 100000] [--baseline-ref 63fd9c0]
+
+The warehouse settings `SCAFFOLD_DUCKDB_MEMORY` and `SCAFFOLD_DUCKDB_COMPRESSION` pass through to every run (the
+header prints them).
 """
 
 from __future__ import annotations
@@ -219,7 +222,11 @@ def main() -> None:
     info = json.loads(marker.read_text())
     build_backbone(args.work)
     size = sum(f.stat().st_size for f in args.work.glob("*.parquet")) / 1024**3
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, SCAFFOLD_DUCKDB_MEMORY="
+        f"{os.environ.get('SCAFFOLD_DUCKDB_MEMORY', '(default)')}, SCAFFOLD_DUCKDB_COMPRESSION="
+        f"{os.environ.get('SCAFFOLD_DUCKDB_COMPRESSION', '(default: auto)')}"
+    )
     print(
         f"corpus: {info['problems']:,} problems with one trace each (+{info['new_problems']:,} for the refresh), "
         f"{info['steps_generated']:,} steps generated, {size:.2f} GB of Parquet (built in {info['seconds']} s, "

@@ -243,3 +243,16 @@ def test_segment_batch_on_teacher_traces_matches_segment(in_sql):
     assert len(expected) > 1500
     with _cut_in(in_sql):
         assert segment_batch(batch).to_pylist() == expected
+
+
+def test_steps_come_back_in_trace_order_whatever_order_the_kernel_returns():
+    from scaffold_lib.data.segmentation import _in_trace_order
+
+    steps = pa.table(
+        {"row": [0, 0, 0, 2, 2, 5], "idx": pa.array([0, 1, 2, 0, 1, 0], pa.int32()), "text": list("abcdef")}
+    )
+    assert _in_trace_order(steps) is steps  # kept: no sort
+    shuffled = steps.take([3, 0, 5, 2, 1, 4])
+    assert _in_trace_order(shuffled).to_pylist() == steps.to_pylist()
+    swapped = steps.take([1, 0, 2, 3, 4, 5])  # one trace's steps out of order, the traces in order
+    assert _in_trace_order(swapped).to_pylist() == steps.to_pylist()

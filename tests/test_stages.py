@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
+from scaffold_lib.core.errors import UserError
 from scaffold_lib.data.problems import GeneratorConfig, Problem, generate_problems, load_problem_file, make_problem_id
 from scaffold_lib.data.segmentation import segment
 from scaffold_lib.data.signals import SIGNALS
@@ -269,6 +270,32 @@ def test_append_writes_a_stages_new_rows_only_inside_a_session(warehouse_path):
     ]
     with pytest.raises(KeyError), wh.session():
         wh.append("nope", steps)
+
+
+@pytest.mark.parametrize("setting", ["auto", "uncompressed"])
+def test_text_compression_is_a_setting(tmp_path, monkeypatch, setting):
+    """SCAFFOLD_DUCKDB_COMPRESSION=uncompressed stores trace text as written (faster writes, a larger file); auto
+    leaves it to DuckDB, which compresses long repetitive text; any other value is refused by name."""
+    monkeypatch.setenv("SCAFFOLD_DUCKDB_COMPRESSION", setting)
+    wh = Warehouse(tmp_path / "wh.duckdb")
+    text = "Wait, so the total is 12 apples. " * 400
+    rows = [
+        {"trace_id": f"t{i}", "problem_id": "p", "teacher": "x", "text": text + str(i), "is_correct": True}
+        for i in range(200)
+    ]
+    assert wh.insert_new("teacher_traces", rows) == 200
+    with wh.connect() as con:
+        con.execute("CHECKPOINT")
+        used = {
+            r[0]
+            for r in con.execute(
+                "SELECT compression FROM pragma_storage_info('teacher_traces') WHERE column_name = 'text' AND segment_type = 'VARCHAR'"
+            ).fetchall()
+        }
+    assert (used == {"Uncompressed"}) == (setting == "uncompressed"), used
+    monkeypatch.setenv("SCAFFOLD_DUCKDB_COMPRESSION", "lz4")
+    with pytest.raises(UserError, match="SCAFFOLD_DUCKDB_COMPRESSION='lz4': choose one of"):
+        Warehouse(tmp_path / "other.duckdb")
 
 
 def test_behind_writer_writes_in_order_and_surfaces_a_failed_write():

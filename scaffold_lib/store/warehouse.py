@@ -105,6 +105,9 @@ def _arrow(rows: Sequence[dict] | pa.Table, dagster_run_id: str | None) -> pa.Ta
     return pa.table(columns)
 
 
+COMPRESSIONS = ("auto", "uncompressed")
+
+
 class WarehouseBusyError(RuntimeError):
     """Another process held the DuckDB file for longer than the configured wait."""
 
@@ -119,6 +122,14 @@ class Warehouse:
         self.lock_timeout_s = lock_timeout_s
         # DuckDB's own default is 80 % of the RAM; joins and sorts beyond the limit spill to <file>.tmp/
         self.memory_limit = os.environ.get("SCAFFOLD_DUCKDB_MEMORY", "512MB")
+        # DuckDB compresses text as it writes (zstd for trace-length strings, FSST for steps), which halves its write
+        # speed; `uncompressed` trades a file about 3x larger for writes about twice as fast (docs/benchmarks.md)
+        self.compression = os.environ.get("SCAFFOLD_DUCKDB_COMPRESSION", "auto")
+        if self.compression not in COMPRESSIONS:
+            raise UserError(
+                f"SCAFFOLD_DUCKDB_COMPRESSION={self.compression!r}: choose one of {list(COMPRESSIONS)} (auto: DuckDB "
+                "compresses text; uncompressed: writes about twice as fast, a file about 3x larger)"
+            )
         self._held: duckdb.DuckDBPyConnection | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.connect() as con:
@@ -176,7 +187,7 @@ class Warehouse:
         deadline, delay = time.monotonic() + self.lock_timeout_s, 0.05
         while True:
             try:
-                con = duckdb.connect(str(self.path), config={"memory_limit": self.memory_limit})
+                con = duckdb.connect(str(self.path), config=self._config())
                 break
             except duckdb.IOException as exc:
                 if "lock" not in str(exc).lower() or time.monotonic() > deadline:
@@ -192,6 +203,12 @@ class Warehouse:
                 yield con
         finally:
             con.close()
+
+    def _config(self) -> dict[str, str]:
+        config = {"memory_limit": self.memory_limit}
+        if self.compression != "auto":
+            config["force_compression"] = self.compression
+        return config
 
     @contextlib.contextmanager
     def _memory_hint(self) -> Iterator[None]:
