@@ -29,7 +29,7 @@ def _data(store: Store, n: int, seed: int, batch: int | None = None) -> None:
     store_problems(store.warehouse, generate_problems(GeneratorConfig(n_problems=n, seed=seed)))
     cfg = stages.TeacherConfig(splits=list(ALL_SPLITS), **({"batch_problems": batch} if batch else {}))
     stages.write_traces(store, cfg)
-    stages.segment_traces(store, **({"batch_traces": batch} if batch else {}))
+    stages.segment_traces(store, **({"batch_traces": batch, "write_rows": batch * 4} if batch else {}))
     stages.label_signals(store, **({"batch_steps": batch * 3} if batch else {}))
 
 

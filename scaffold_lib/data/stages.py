@@ -59,6 +59,7 @@ from scaffold_lib.data.teachers import (
 )
 from scaffold_lib.data.trace_import import ImportedTeacher, TodoProblems, TraceFieldMap
 from scaffold_lib.store.store import Store
+from scaffold_lib.store.warehouse import ROW_GROUP_ROWS, WRITE_ROWS
 
 TeacherBackend = Literal["programmatic", "reference", "openai", "hf", "import"]
 
@@ -427,10 +428,15 @@ def merge_stats(total: dict, batch: dict) -> dict:
 
 @in_session
 def segment_traces(
-    store: Store, cfg: SegmentationConfig = SegmentationConfig(), run_id: str | None = None, batch_traces: int = 2_000
+    store: Store,
+    cfg: SegmentationConfig = SegmentationConfig(),
+    run_id: str | None = None,
+    batch_traces: int = 2_000,
+    write_rows: int = WRITE_ROWS,
 ) -> StageReport:
     """Cut every not-yet-segmented trace into steps with its teacher's segmenter (recorded on each step), streamed
-    in batches of traces written as they are cut; a trace with no step is quarantined, not dropped."""
+    in batches of traces and written in inserts of at least `write_rows` steps; a trace with no step is quarantined,
+    not dropped."""
     wh = store.warehouse
     pending = """
         FROM teacher_traces t
@@ -439,6 +445,8 @@ def segment_traces(
     todo = wh.scalar(f"SELECT count(*) {pending}")
     empty = 0
     used: Counter[str] = Counter()
+    unwritten: list[pa.Table] = []
+    unwritten_quarantine: list[Quarantined] = []
 
     def write(steps: pa.Table, quarantined: list[Quarantined]) -> int:
         wh.insert_new("quarantine", quarantine_rows("segmented_steps", quarantined), run_id)
@@ -456,9 +464,18 @@ def segment_traces(
                 Quarantined(t["trace_id"], 0, "text", "trace has no non-empty step", t["text"][:500])
                 for t in traces.filter(no_step).select(["trace_id", "text"]).to_pylist()
             ]
-            writer.submit(write, steps, quarantined)
+            unwritten.append(steps)
+            unwritten_quarantine += quarantined
+            rows = sum(t.num_rows for t in unwritten)
+            if rows >= write_rows:  # whole row groups now, the rest with the next batch
+                ready = pa.concat_tables(unwritten)
+                cut = rows - rows % ROW_GROUP_ROWS if write_rows >= ROW_GROUP_ROWS else rows
+                writer.submit(write, ready.slice(0, cut).combine_chunks(), unwritten_quarantine)
+                unwritten, unwritten_quarantine = [ready.slice(cut)], []
             empty += len(quarantined)
             bar.update(traces.num_rows)
+        if unwritten:
+            writer.submit(write, pa.concat_tables(unwritten), unwritten_quarantine)
     new = sum(writer.results)
     if todo and empty == todo:
         raise StageFailed(
@@ -496,7 +513,7 @@ class LabellingConfig(LabellerConfig):
 
 @in_session
 def label_signals(
-    store: Store, cfg: LabellingConfig = LabellingConfig(), run_id: str | None = None, batch_steps: int = 50_000
+    store: Store, cfg: LabellingConfig = LabellingConfig(), run_id: str | None = None, batch_steps: int = WRITE_ROWS
 ) -> StageReport:
     """Keyword-label every step without a label under this keyword table and fallback (final step of a trace =
     answer), streamed in batches written as they are labelled; then the LLM stage when configured. A refresh reads
