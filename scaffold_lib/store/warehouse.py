@@ -85,9 +85,10 @@ SCHEMA: dict[str, str] = {
         PRIMARY KEY (evaluation_id, model_name, version, benchmark, variant, doc_id)""",
 }
 # Keys the warehouse keeps unique without an index: tables of one row per step, millions of rows. Their primary-key
-# index cost a third of the segmenting and labelling time at 6.5 M steps and lived in DuckDB's memory budget; the
-# writes below skip or replace existing keys with an anti-join instead, and the `one_row_per_step` check counts
-# duplicates. (A warehouse created before keeps its index; both kinds of table work.)
+# index cost a third of the segmenting and labelling time at 6.5 M steps and lived in DuckDB's memory budget; their
+# stages append rows their own anti-join found new (`append`), other writes skip or replace existing keys with an
+# anti-join, and the `one_row_per_step` check counts duplicates. (A warehouse created before keeps its index; both
+# kinds of table work.)
 UNINDEXED_KEYS: dict[str, str] = {"segmented_steps": "step_id", "signal_labels": "step_id"}
 # every table also records who wrote each row and when
 AUDIT_COLUMNS = "dagster_run_id VARCHAR, created_at TIMESTAMP DEFAULT current_timestamp"
