@@ -373,8 +373,9 @@ def label_column(
     """`label_step` over a batch: Arrow strings and booleans in, an Arrow table of labels out (signal, labeller,
     keyword, confidence, keyword_signal), row for row.
 
-    A step's opening window (a keyword looks no further) is matched as columns when it is ASCII, which exactly
-    reproduces `match` there (tests/test_signals.py checks it); any other opening goes through `label_step` itself.
+    A step's opening window (a keyword looks no further) is matched as columns when it is ASCII without the four
+    control characters `str.split()` splits at and Arrow does not, which exactly reproduces `match` there
+    (tests/test_signals.py checks it); any other opening goes through `label_step` itself.
     The whole text comes into Python only for a step a pattern might label."""
     heads = pc.utf8_slice_codeunits(texts, 0, 24 * table.max_words + 1)
     heads = heads.combine_chunks() if isinstance(heads, pa.ChunkedArray) else heads
