@@ -470,7 +470,7 @@ def segment_traces(
             if rows >= write_rows:  # whole row groups now, the rest with the next batch
                 ready = pa.concat_tables(unwritten)
                 cut = rows - rows % ROW_GROUP_ROWS if write_rows >= ROW_GROUP_ROWS else rows
-                writer.submit(write, ready.slice(0, cut).combine_chunks(), unwritten_quarantine)
+                writer.submit(write, ready.slice(0, cut), unwritten_quarantine)
                 unwritten, unwritten_quarantine = [ready.slice(cut)], []
             empty += len(quarantined)
             bar.update(traces.num_rows)

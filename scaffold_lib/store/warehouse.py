@@ -264,7 +264,8 @@ class Warehouse:
         if not len(rows):
             return 0
         with self.connect() as con:
-            con.register("incoming", _arrow(rows, dagster_run_id))
+            # one chunk: DuckDB writes an insert of several chunks from several threads, into half-full row groups
+            con.register("incoming", _arrow(rows, dagster_run_id).combine_chunks())
             con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
             con.unregister("incoming")
         return len(rows)
