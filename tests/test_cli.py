@@ -174,3 +174,35 @@ def test_help_lists_the_commands():
     proc = scaffold("--help")
     assert proc.returncode == 0
     assert "label" in proc.stdout and "data" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["label", "x.jsonl"], "label"),
+        (["--home", "data", "--preset", "train", "--set", "a.b=1", "eval"], "eval"),
+        (["--home=/h", "--pre", "micro", "data", "--n-problems", "3"], "data"),
+        (["--help"], None),
+    ],
+)
+def test_the_command_is_found_past_global_options_and_their_values(argv, command):
+    from scaffold_lib.cli import command_of
+
+    assert command_of(argv) == command
+
+
+def test_only_the_command_being_run_resolves_config_flags(write_jsonl, tmp_path):
+    """`scaffold label` never imports torch (resolving config flags would); `data` still has its flags, also
+    after global options whose values look like commands."""
+    path = write_jsonl([{"id": "a", "trace": TRACE_A}])
+    probe = (
+        "import sys; from scaffold_lib.cli import main; code = main(sys.argv[1:]); "
+        "print('torch imported:', 'torch' in sys.modules, file=sys.stderr); sys.exit(code)"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe, "label", path], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch imported: False" in proc.stderr
+    assert len(proc.stdout.splitlines()) == 4
+    proc = scaffold("--home", tmp_path / "label", "--set", "problems.synthetic.seed=1", "data", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "--n-problems" in proc.stdout and "problems.synthetic.n_problems" in proc.stdout
