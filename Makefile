@@ -23,16 +23,19 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m pipelines.demo
 
+# pytest-xdist: one worker per core (at most 4), whole test files per worker so module fixtures are built once
+PARALLEL := -n auto --maxprocesses 4 --dist loadfile
+
 # everything CI runs: lint and format checks, then every test (slow ones included)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q $(PARALLEL) tests
 
 # the edit loop: lint, then the tests not marked slow (end-to-end runs, crashes, torchrun, real models)
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q $(PARALLEL) -m "not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
