@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+
 import pyarrow as pa
 import pytest
 
@@ -270,6 +274,31 @@ def test_append_writes_a_stages_new_rows_only_inside_a_session(warehouse_path):
     ]
     with pytest.raises(KeyError), wh.session():
         wh.append("nope", steps)
+
+
+def test_batches_stay_in_the_write_ahead_log_until_a_checkpoint_and_survive_kill_9(tmp_path):
+    """Committed batches of R1-sized traces are not checkpointed one by one (DuckDB's default would after every 16 MB,
+    rewriting a half-written row group each time): they stay in the write-ahead log, and a process killed before
+    any checkpoint loses none of them."""
+    writer = f"""
+import os, signal
+from scaffold_lib.store.warehouse import Warehouse
+wh = Warehouse({str(tmp_path / "wh.duckdb")!r})
+text = "Wait, so the total is 12 apples. " * 600
+with wh.session():
+    for batch in range(2):
+        rows = [{{"trace_id": f"t{{batch}}-{{i}}", "problem_id": "p", "teacher": "x", "text": text + str(i),
+                  "is_correct": True}} for i in range(1_000)]
+        assert wh.insert_new("teacher_traces", rows) == 1_000
+    wal = wh.path.with_name(wh.path.name + ".wal")
+    print(wal.stat().st_size if wal.exists() else 0, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run([sys.executable, "-c", writer], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert int(proc.stdout) > 2 * 16 * 2**20  # both 20 MB batches still in the log: no checkpoint in between
+    wh = Warehouse(tmp_path / "wh.duckdb")
+    assert wh.scalar("SELECT count(*) FROM teacher_traces") == 2_000
 
 
 @pytest.mark.parametrize("setting", ["auto", "uncompressed"])
