@@ -25,15 +25,19 @@ _ANSWER_IS = r"(?:final answer|answer)\s*(?:is|:|=)?\s*[:*\s]*"
 _STATEMENT = re.compile(_ANSWER_IS + r"(.+?)(?:\.(?=\s|$)|\n|$)", re.I)
 _GSM8K_MARK = re.compile(r"####\s*(" + _NUM + ")")
 _GOLD_MARK = re.compile(r"####\s*(.+?)\s*$", re.S)
+# compiled once: normalise_number runs several times per trace, millions of times on an imported corpus
+_THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3})")
+_SPACED_NUMBER = re.compile(r"-?\s?\d+(?:\.\d+)?")
+_PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def normalise_number(text: str) -> str | None:
     """'1,000' -> '1000', '$18.00' -> '18', '50%' -> '50', '-3.50' -> '-3.5', '1{,}000' / '1,\\!000' -> '1000';
     None when the text is not one number."""
     t = text.strip().replace("{,}", ",").replace("\\!", "").replace("\\,", "").replace("\\$", "$")
-    t = re.sub(r"(?<=\d),(?=\d{3})", "", t).replace("$", "").replace("\\%", "").rstrip(".%").strip()
-    t = t.replace(" ", "") if re.fullmatch(r"-?\s?\d+(?:\.\d+)?", t) else t
-    if not re.fullmatch(r"-?\d+(?:\.\d+)?", t):
+    t = _THOUSANDS_COMMA.sub("", t).replace("$", "").replace("\\%", "").rstrip(".%").strip()
+    t = t.replace(" ", "") if _SPACED_NUMBER.fullmatch(t) else t
+    if not _PLAIN_NUMBER.fullmatch(t):
         return None
     if "." in t:
         t = t.rstrip("0").rstrip(".")

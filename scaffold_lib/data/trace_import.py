@@ -248,7 +248,8 @@ class ImportedTeacher:
                     "thinking": item.thinking,
                     "answer": item.answer,
                     "prompt_tokens": len(item.question.split()),
-                    "completion_tokens": len((item.thinking + " " + item.answer).split()),
+                    # words, as the two texts joined by a space would split (without copying a long trace to join it)
+                    "completion_tokens": len(item.thinking.split()) + len(item.answer.split()),
                 }
                 batch.traces.append(trace_from_record(record, problem, self.identity))
                 matched_rows += 1
