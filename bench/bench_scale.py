@@ -161,10 +161,10 @@ def run_driver(code: Path, home: Path, work: Path, refresh: bool, pack: bool, me
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--driver", str(home), "--work", str(work)]
-    cmd += [] if pack else ["--no-pack"]
+    cmd += (["--refresh"] if refresh else []) + ([] if pack else ["--no-pack"])
     started = time.perf_counter()
     proc = subprocess.run(
-        cmd + (["--refresh"] if refresh else []), env=env, cwd=code, capture_output=True, text=True,
+        cmd, env=env, cwd=code, capture_output=True, text=True,
         preexec_fn=limit,
     )  # fmt: skip
     wall = time.perf_counter() - started
