@@ -139,6 +139,26 @@ def test_trace_import_streams_a_folder_and_reads_new_files_for_new_problems(tmp_
     assert store.warehouse.scalar("SELECT count(*) FROM teacher_traces WHERE is_correct") == 12
 
 
+def test_trace_import_writes_traces_in_row_groups_of_its_batches(tmp_path):
+    """The importer's session writes each batch of `IMPORT_BATCH` traces as its own row group, straight into the file
+    (DuckDB's default row group would hold 120 times as many, through the write-ahead log)."""
+    store = Store.at(tmp_path)
+    n = stages.IMPORT_BATCH + 50
+    rows = [{"question": f"How many apples does shop {i} hold?", "answer": str(i)} for i in range(n)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "problems.parquet")
+    stages.build_problems(store, ProblemsConfig(source="files", files=[str(tmp_path / "problems.parquet")]))
+    traces = [{"problem": r["question"], "generation": f"So it is {r['answer']}.\n\n{r['answer']}"} for r in rows]
+    pd.DataFrame(traces).to_parquet(tmp_path / "traces.parquet")
+    cfg = stages.TeacherConfig(splits=list(ALL_SPLITS))
+    report = stages.write_traces(store, cfg, teacher=ImportedTeacher(str(tmp_path / "traces.parquet"), TraceFieldMap()))
+    assert report.new_rows == n
+    sizes = store.warehouse.query(
+        "SELECT row_group_id, max(count) AS n FROM pragma_storage_info('teacher_traces') WHERE column_name = 'trace_id' "
+        "GROUP BY row_group_id ORDER BY row_group_id"
+    )
+    assert [r["n"] for r in sizes] == [stages.IMPORT_BATCH, 50]
+
+
 def _pretrained_like_base(tmp_path: Path) -> StudentConfig:
     """A backbone directory with a fixed tokenizer (as a pretrained one has), so new traces do not change it."""
     problems = generate_problems(GeneratorConfig(n_problems=40, seed=7))

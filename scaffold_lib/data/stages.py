@@ -59,7 +59,7 @@ from scaffold_lib.data.teachers import (
 )
 from scaffold_lib.data.trace_import import ImportedTeacher, TodoProblems, TraceFieldMap
 from scaffold_lib.store.store import Store
-from scaffold_lib.store.warehouse import ROW_GROUP_ROWS, WRITE_ROWS
+from scaffold_lib.store.warehouse import ROW_GROUP_ROWS, TRACE_ROW_GROUP_ROWS, WRITE_ROWS
 
 TeacherBackend = Literal["programmatic", "reference", "openai", "hf", "import"]
 
@@ -292,7 +292,8 @@ def build_teacher(cfg: TeacherConfig, journal_dir: str | Path, shard: tuple[int,
     return ImportedTeacher(cfg.import_source, cfg.import_fields)
 
 
-IMPORT_BATCH = 2_000  # imported traces written together (an R1 trace is tens of kilobytes)
+# imported traces written together: one row group of the import session, each written straight into the file
+IMPORT_BATCH = TRACE_ROW_GROUP_ROWS
 PROBLEM_COLUMNS = "p.problem_id, p.source, p.split, p.question, p.answer, p.answer_type, p.group_id, p.solution"
 
 
@@ -345,10 +346,15 @@ def write_traces(
     written as they complete. Raises `StageFailed` when problems were asked and not one trace came back."""
     wh = store.warehouse
     teacher = teacher or build_teacher(cfg, store.journals, shard)
-    # a model teacher can take hours: it leaves the warehouse free between its writes; the others hold it open
-    with (
-        wh.session() if isinstance(teacher, (ImportedTeacher, ProgrammaticTeacher, ReferenceTeacher)) else nullcontext()
-    ):
+    # a model teacher can take hours: it leaves the warehouse free between its writes; the others hold it open, an
+    # importer in row groups of its batches (`TRACE_ROW_GROUP_ROWS`)
+    if isinstance(teacher, ImportedTeacher):
+        session = wh.session(row_group_rows=TRACE_ROW_GROUP_ROWS)
+    elif isinstance(teacher, (ProgrammaticTeacher, ReferenceTeacher)):
+        session = wh.session()
+    else:
+        session = nullcontext()
+    with session:
         return _write_traces(store, teacher, cfg, run_id, shard)
 
 

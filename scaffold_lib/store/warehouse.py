@@ -118,6 +118,15 @@ COMPRESSIONS = ("auto", "uncompressed")
 # 411 MB with 1 GB (docs/benchmarks.md). The log stays on disk: a crash loses nothing committed, the next open
 # replays it.
 CHECKPOINT_THRESHOLD = "1GB"
+# Imported traces are written in row groups of this many rows, in inserts of as many: each insert is then written
+# straight into the file (no write-ahead log, nothing held in memory until the checkpoint). At DuckDB's default row
+# group, 122,880 R1 traces (~1.5 GB), every import batch went through the log and stayed in memory, spilling past
+# the memory limit, until the checkpoint rewrote it. Only the trace import opens the file this way: the step tables
+# keep the default, which compresses their millions of short rows a third smaller (docs/benchmarks.md).
+TRACE_ROW_GROUP_ROWS = 2_048
+
+
+ATTACHED_AS = "warehouse_file"  # the file's name in a connection that attached it (`row_group_rows`)
 
 
 class WarehouseBusyError(RuntimeError):
@@ -143,6 +152,7 @@ class Warehouse:
                 "compresses text; uncompressed: writes about twice as fast, a file about 3x larger)"
             )
         self._held: duckdb.DuckDBPyConnection | None = None
+        self._attached = False  # the held connection attached the file (`session(row_group_rows=...)`)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.connect() as con:
             for table, columns in SCHEMA.items():
@@ -168,21 +178,22 @@ class Warehouse:
         con.execute("DROP TABLE schema_probe")
 
     @contextlib.contextmanager
-    def session(self) -> Iterator[None]:
+    def session(self, row_group_rows: int | None = None) -> Iterator[None]:
         """Keep the file open for a stage's many small reads and writes (each would otherwise open the database
-        anew); other processes wait for it as they would for one long write."""
+        anew); other processes wait for it as they would for one long write. `row_group_rows`: rows of the row
+        groups this session writes (a multiple of 2,048; DuckDB's default when not given)."""
         if self._held is not None:
             yield
             return
-        with self.connect() as con:
-            self._held = con
+        with self.connect(row_group_rows) as con:
+            self._held, self._attached = con, row_group_rows is not None
             try:
                 yield
             finally:
                 self._held = None
 
     @contextlib.contextmanager
-    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def connect(self, row_group_rows: int | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection, waiting (with backoff) while another process holds the file; inside `session()`, a cursor
         of the session's connection.
 
@@ -190,6 +201,8 @@ class Warehouse:
         read-only one would not get past another process's lock either."""
         if self._held is not None:
             cursor = self._held.cursor()
+            if self._attached:
+                cursor.execute(f"USE {ATTACHED_AS}")  # a cursor starts in the in-memory database
             try:
                 with self._memory_hint():
                     yield cursor
@@ -199,7 +212,7 @@ class Warehouse:
         deadline, delay = time.monotonic() + self.lock_timeout_s, 0.05
         while True:
             try:
-                con = duckdb.connect(str(self.path), config=self._config())
+                con = self._open(row_group_rows)
                 break
             except duckdb.IOException as exc:
                 if "lock" not in str(exc).lower() or time.monotonic() > deadline:
@@ -216,8 +229,31 @@ class Warehouse:
         finally:
             con.close()
 
+    def _open(self, row_group_rows: int | None) -> duckdb.DuckDBPyConnection:
+        """The file as DuckDB's database; with `row_group_rows`, attached to an in-memory one with that row group size
+        (an option of ATTACH only)."""
+        if row_group_rows is None:
+            return duckdb.connect(str(self.path), config=self._config())
+        con = duckdb.connect(":memory:", config=self._config())
+        try:
+            con.execute(f"ATTACH ? AS {ATTACHED_AS} (ROW_GROUP_SIZE {int(row_group_rows)})", [str(self.path)])
+            con.execute(f"USE {ATTACHED_AS}")
+        except BaseException:
+            con.close()
+            raise
+        return con
+
     def _config(self) -> dict[str, str]:
-        config = {"memory_limit": self.memory_limit, "checkpoint_threshold": CHECKPOINT_THRESHOLD}
+        config = {
+            "memory_limit": self.memory_limit,
+            "checkpoint_threshold": CHECKPOINT_THRESHOLD,
+            # DuckDB's default for a file; an in-memory database (`_open` with `row_group_rows`) would spill to ./.tmp
+            "temp_directory": f"{self.path}.tmp",
+            # a checkpoint's vacuum merges every table's row groups smaller than the default, so the first checkpoint
+            # after an import rewrote all the traces (18 s more segmenting at 100k R1 traces). Row groups whose rows
+            # were all deleted (a relabel) are still dropped without it; a partial upsert leaves its deleted rows.
+            "max_vacuum_tasks": "0",
+        }
         if self.compression != "auto":
             config["force_compression"] = self.compression
         return config
