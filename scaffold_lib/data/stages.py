@@ -446,7 +446,7 @@ def segment_traces(
     wh = store.warehouse
     pending = """
         FROM teacher_traces t
-        ANTI JOIN segmented_steps s USING (trace_id)
+        ANTI JOIN (SELECT DISTINCT trace_id FROM segmented_steps) s USING (trace_id)
         ANTI JOIN quarantine q ON q.stage = 'segmented_steps' AND q.source_file = t.trace_id"""
     todo = wh.scalar(f"SELECT count(*) {pending}")
     empty = 0
