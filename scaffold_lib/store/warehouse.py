@@ -113,10 +113,10 @@ ROW_GROUP_ROWS = 122_880
 WRITE_ROWS = 2 * ROW_GROUP_ROWS
 COMPRESSIONS = ("auto", "uncompressed")
 # DuckDB checkpoints when its write-ahead log passes this size (its default: 16 MB). A checkpoint in the middle of a
-# row group compresses and writes that row group again at the next one; with 16 MB, importing R1 traces in batches of
-# 2,000 (~24 MB) checkpointed after every batch: 100k traces took 28.6 s to write and 506 MB, against 17.1 s and
-# 411 MB with 1 GB (docs/benchmarks.md). The log stays on disk: a crash loses nothing committed, the next open
-# replays it.
+# row group compresses and writes that row group again at the next one; with 16 MB, R1 traces written through the log
+# in batches of 2,000 (~24 MB) checkpointed after every batch: 100k traces took 28.6 s to write and 506 MB, against
+# 17.1 s and 411 MB with 1 GB (docs/benchmarks.md; imports now skip the log, `TRACE_ROW_GROUP_ROWS`, other writers do
+# not). The log stays on disk: a crash loses nothing committed, the next open replays it.
 CHECKPOINT_THRESHOLD = "1GB"
 # Imported traces are written in row groups of this many rows, in inserts of as many: each insert is then written
 # straight into the file (no write-ahead log, nothing held in memory until the checkpoint). At DuckDB's default row
