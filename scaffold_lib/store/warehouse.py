@@ -190,7 +190,7 @@ class Warehouse:
             try:
                 yield
             finally:
-                self._held = None
+                self._held, self._attached = None, False
 
     @contextlib.contextmanager
     def connect(self, row_group_rows: int | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
