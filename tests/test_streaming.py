@@ -9,12 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from scaffold_lib.data import stages
 from scaffold_lib.data.problems import GeneratorConfig, ProblemsConfig, generate_problems
 from scaffold_lib.data.signals import ANSWER_SIGNAL, SIGNALS
 from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap
 from scaffold_lib.store.store import Store
+from scaffold_lib.store.warehouse import ROW_GROUP_ROWS, Warehouse
 from scaffold_lib.student.examples import STEP_SEPARATOR, signal_tags, training_corpus
 from scaffold_lib.student.model import StudentConfig, build_embedded_base
 from scaffold_lib.student.shards import PackConfig
@@ -271,3 +274,47 @@ def test_training_traces_stream_in_windows_of_whole_traces(tmp_path):
     assert list(stream_training_traces(store.warehouse, part_chars=1)) == [whole]
     assert all(len(t["steps"]) == len(t["signals"]) > 1 for t in whole)
     assert [t["trace_id"] for t in whole] == sorted(t["trace_id"] for t in whole)
+
+
+def test_a_write_of_steps_ends_where_a_trace_starts():
+    idx = pa.chunked_array([[0, 1, 2], [0, 1, 0]])  # traces of 3, 2 and 1 steps over two chunks
+    assert [stages.trace_start(idx, at) for at in range(7)] == [0, 3, 3, 3, 5, 5, 6]
+
+
+def test_segmentation_writes_whole_traces_when_a_row_group_cuts_one(tmp_path, monkeypatch):
+    """Steps are written in whole row groups; the write that a row group's end cuts through a trace takes the rest
+    of that trace too, so no trace is ever split over two writes (a kill between them would lose its last steps)."""
+    store = Store.at(tmp_path)
+    n, steps_per_trace = 1_900, 67  # 127,300 steps: more than one row group of 122,880, which ends inside a trace
+    assert ROW_GROUP_ROWS % steps_per_trace
+    rows = [{"question": f"How many apples does shop {i} hold?", "answer": str(i)} for i in range(n)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "problems.parquet")
+    stages.build_problems(store, ProblemsConfig(source="files", files=[str(tmp_path / "problems.parquet")]))
+    text = "\n\n".join(f"Then shop {{i}} gets {j} more apples." for j in range(steps_per_trace - 1))
+    traces = [
+        {"problem": r["question"], "generation": text.format(i=i) + f"\n\n{r['answer']}"} for i, r in enumerate(rows)
+    ]
+    pd.DataFrame(traces).to_parquet(tmp_path / "traces.parquet")
+    cfg = stages.TeacherConfig(splits=list(ALL_SPLITS))
+    stages.write_traces(store, cfg, teacher=ImportedTeacher(str(tmp_path / "traces.parquet"), TraceFieldMap()))
+    writes: list[pa.Table] = []
+    append = Warehouse.append
+
+    def recording(self, table, rows, dagster_run_id=None):
+        if table == "segmented_steps":
+            writes.append(rows.select(["trace_id", "idx"]))
+        return append(self, table, rows, dagster_run_id)
+
+    monkeypatch.setattr(Warehouse, "append", recording)
+    report = stages.segment_traces(store, batch_traces=500, write_rows=ROW_GROUP_ROWS)
+    assert report.new_rows == n * steps_per_trace
+    assert [w.num_rows for w in writes] == [
+        ROW_GROUP_ROWS + steps_per_trace - ROW_GROUP_ROWS % steps_per_trace,
+        n * steps_per_trace - ROW_GROUP_ROWS - steps_per_trace + ROW_GROUP_ROWS % steps_per_trace,
+    ]
+    for write in writes:  # every write begins with a trace's first step and ends with its last
+        counts = pc.value_counts(write.column("trace_id")).field("counts")
+        assert pc.all(pc.equal(counts, steps_per_trace)).as_py()
+    first, second = ({t for t in w.column("trace_id").to_pylist()} for w in writes)
+    assert not first & second
+

@@ -432,6 +432,15 @@ def merge_stats(total: dict, batch: dict) -> dict:
 # --- segmented steps -----------------------------------------------------------------------------------------------
 
 
+def trace_start(idx: pa.ChunkedArray, at: int) -> int:
+    """The first row at or after `at` where a trace's steps begin (the number of rows when none does). Each write of
+    steps ends there, so it holds whole traces: a trace whose steps were split over two writes, with a kill between
+    them, would count as segmented (the pending query is per trace) and lose its last steps. The end of the cut
+    trace, a few dozen rows, goes through the write-ahead log with the write."""
+    first = pc.index(idx.slice(at), 0).as_py()
+    return at + first if first >= 0 else len(idx)
+
+
 @in_session
 def segment_traces(
     store: Store,
@@ -473,9 +482,11 @@ def segment_traces(
             unwritten.append(steps)
             unwritten_quarantine += quarantined
             rows = sum(t.num_rows for t in unwritten)
-            if rows >= write_rows:  # whole row groups now, the rest with the next batch
+            if rows >= write_rows:  # whole row groups (and the end of the trace they cut) now, the rest later
                 ready = pa.concat_tables(unwritten)
-                cut = rows - rows % ROW_GROUP_ROWS if write_rows >= ROW_GROUP_ROWS else rows
+                cut = trace_start(
+                    ready.column("idx"), rows - rows % ROW_GROUP_ROWS if write_rows >= ROW_GROUP_ROWS else rows
+                )
                 writer.submit(write, ready.slice(0, cut), unwritten_quarantine)
                 unwritten, unwritten_quarantine = [ready.slice(cut)], []
             empty += len(quarantined)
