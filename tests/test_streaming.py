@@ -318,3 +318,23 @@ def test_segmentation_writes_whole_traces_when_a_row_group_cuts_one(tmp_path, mo
     first, second = ({t for t in w.column("trace_id").to_pylist()} for w in writes)
     assert not first & second
 
+
+def test_labelling_restores_steps_left_unlabelled_anywhere_with_the_same_labels(tmp_path):
+    """A kill mid-labelling leaves unlabelled steps anywhere in the table, the last step of a trace among them (its
+    answer step, found over all of the trace's rows): the next run labels exactly those, as an unbroken run would."""
+    store = Store.at(tmp_path)
+    _data(store, 30, seed=5)
+    full = _rows(store, "signal_labels", "step_id")
+    wh = store.warehouse
+    with wh.connect() as con:
+        con.execute(
+            "DELETE FROM signal_labels WHERE step_id IN (SELECT step_id FROM segmented_steps WHERE rowid % 7 = 3)"
+        )
+    removed = len(full) - wh.scalar("SELECT count(*) FROM signal_labels")
+    finals = wh.scalar(
+        "SELECT count(*) FROM segmented_steps s ANTI JOIN signal_labels USING (step_id) "
+        "WHERE s.idx = (SELECT max(idx) FROM segmented_steps t WHERE t.trace_id = s.trace_id)"
+    )
+    assert removed > 20 and finals > 0
+    assert stages.label_signals(store).new_rows == removed
+    assert _rows(store, "signal_labels", "step_id") == full

@@ -538,22 +538,36 @@ def label_signals(
     wh = store.warehouse
     table = keyword_table(cfg.keywords_path)
     key = content_id("labelling", table.digest, cfg.fallback_signal)
+    # The pending steps' ids first (no text read): their count, and the first row holding one. Steps are only ever
+    # appended, so a refresh's pending steps lie in the last row groups, and the text is read from there on: reading
+    # every step's text to keep 1 % of them took 7 of a refresh's 11 s of labelling at 6.5 M steps.
+    total, first_row = wh.query(
+        """SELECT count(*) AS n, min(s.rowid) AS first_row FROM segmented_steps s
+        ANTI JOIN (SELECT step_id FROM signal_labels WHERE labelling_key = $key) USING (step_id)""",
+        {"key": key},
+    )[0].values()
+    # a trace's last step is its answer: its last index over all its rows, some of which may lie before `first_row`
     pending = """
-        FROM segmented_steps s
-        JOIN (SELECT trace_id, max(idx) AS last_idx FROM segmented_steps GROUP BY trace_id) m USING (trace_id)
+        FROM (SELECT * FROM segmented_steps WHERE rowid >= $first_row) s
+        JOIN (SELECT trace_id, max(idx) AS last_idx FROM segmented_steps
+              WHERE trace_id IN (SELECT trace_id FROM segmented_steps WHERE rowid >= $first_row) GROUP BY trace_id) m
+             USING (trace_id)
         LEFT JOIN signal_labels l USING (step_id)
         WHERE l.step_id IS NULL OR l.labelling_key IS DISTINCT FROM $key"""
-    total = wh.scalar(f"SELECT count(*) {pending}", {"key": key})
 
     def write(labels: pa.Table, relabel: pa.ChunkedArray) -> int:
         relabelled = wh.upsert("signal_labels", labels.filter(relabel), run_id)
         return relabelled + wh.append("signal_labels", labels.filter(pc.invert(relabel)), run_id)  # steps with no label
 
     with tqdm(total=total, unit="step", desc="labelling", disable=None) as bar, BehindWriter() as writer:
-        for steps in wh.stream_arrow(
-            f"SELECT s.step_id, s.text, s.idx = m.last_idx AS is_final, l.step_id IS NOT NULL AS relabel {pending}",
-            {"key": key},
-            batch_rows=batch_steps,
+        for steps in (
+            wh.stream_arrow(
+                f"SELECT s.step_id, s.text, s.idx = m.last_idx AS is_final, l.step_id IS NOT NULL AS relabel {pending}",
+                {"key": key, "first_row": first_row},
+                batch_rows=batch_steps,
+            )
+            if total
+            else ()
         ):
             labels = label_column(steps.column("text"), steps.column("is_final"), table, cfg.fallback_signal)
             labels = labels.add_column(0, "step_id", steps.column("step_id")).append_column(
