@@ -115,9 +115,6 @@ def driver(home: Path, work: Path, refresh: bool, pack: bool) -> dict:
     from scaffold_lib.data.problems import ProblemsConfig
     from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap
     from scaffold_lib.store.store import Store
-    from scaffold_lib.student.model import StudentConfig
-    from scaffold_lib.student.shards import PackConfig
-    from scaffold_lib.student.stages import ShardsConfig, pack_shards
 
     store = Store.at(home)
     files = [str(work / "problems.parquet")] + ([str(work / "problems-new.parquet")] if refresh else [])
@@ -125,7 +122,6 @@ def driver(home: Path, work: Path, refresh: bool, pack: bool) -> dict:
     dump = work / "dump" / "traces.parquet"
     dump.parent.mkdir(exist_ok=True)
     shutil.copy(work / ("traces-refreshed.parquet" if refresh else "traces.parquet"), dump)
-    student = StudentConfig(base_model=str(work / "backbone"), chat_template=False)
     timings, counts = {}, {}
 
     def timed(name, fn):
@@ -142,7 +138,12 @@ def driver(home: Path, work: Path, refresh: bool, pack: bool) -> dict:
     timed("import", lambda: stages.write_traces(store, stages.TeacherConfig(), teacher=teacher))
     timed("segment", lambda: stages.segment_traces(store))
     timed("label", lambda: stages.label_signals(store))
-    if pack:
+    if pack:  # torch and transformers are imported for packing only: a --no-pack run's peak is the data stages'
+        from scaffold_lib.student.model import StudentConfig
+        from scaffold_lib.student.shards import PackConfig
+        from scaffold_lib.student.stages import ShardsConfig, pack_shards
+
+        student = StudentConfig(base_model=str(work / "backbone"), chat_template=False)
         timed(
             "pack",
             lambda: pack_shards(store, ShardsConfig(pack=PackConfig(row_len=8192), min_fill=0.0), student),
