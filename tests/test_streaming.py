@@ -114,6 +114,31 @@ def test_problem_files_are_read_once_unless_they_change(tmp_path):
     assert changed.new_rows == 2 and changed.details["files_loaded"] == 1
 
 
+def test_a_problem_file_streams_in_batches_that_write_what_one_batch_would(tmp_path, monkeypatch):
+    """The problems stage holds one batch of a file, not the file: batches of 3 write the same problems and
+    quarantined rows as one batch, a problem repeated in a later batch stays one problem, its first row."""
+    problems = generate_problems(GeneratorConfig(n_problems=8, seed=6))
+    rows = [{"question": p.question, "answer": p.answer} for p in problems]
+    rows.insert(5, {"question": "", "answer": "3"})  # quarantined: an empty question
+    rows.append({**rows[1], "group": "a repeat, read in the last batch"})
+    path = tmp_path / "problems.jsonl"
+    pd.DataFrame(rows).to_json(path, orient="records", lines=True)
+    cfg = ProblemsConfig(source="files", files=[str(path)], lenient=True)
+    whole = stages.build_problems(Store.at(tmp_path / "whole"), cfg)
+    monkeypatch.setattr(stages, "PROBLEM_BATCH", 3)
+    batched_store = Store.at(tmp_path / "batched")
+    batched = stages.build_problems(batched_store, cfg)
+    assert whole.new_rows == batched.new_rows == 8 and whole.total_rows == batched.total_rows == 8
+    assert whole.details["quarantined"] == batched.details["quarantined"] == 1
+    columns = "problem_id, source, split, question, answer, answer_type, group_id"
+    tables = [
+        s.warehouse.query(f"SELECT {columns} FROM problems ORDER BY problem_id")
+        for s in (Store.at(tmp_path / "whole"), batched_store)
+    ]
+    assert tables[0] == tables[1]
+    assert not any(r["group_id"].startswith("group:") for r in tables[1])  # the repeat's own group did not win
+
+
 def test_trace_import_streams_a_folder_and_reads_new_files_for_new_problems(tmp_path):
     store = Store.at(tmp_path)
     problems = generate_problems(GeneratorConfig(n_problems=12, seed=4))

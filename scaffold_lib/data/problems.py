@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -359,29 +360,46 @@ def load_problem_file(
     split: SplitConfig = SplitConfig(),
     lenient: bool = False,
 ) -> LoadResult:
-    """Problems from a JSONL/Parquet file. A bad row raises `ProblemFileError` naming file, line and field,
-    or, with `lenient=True`, is quarantined and returned in `LoadResult.quarantined`. A `split` column is honoured;
-    without one, the seeded group split decides (group column, else the question)."""
+    """Problems from a JSONL/Parquet file, all in memory (the problems stage streams `iter_problem_file` instead).
+    The same problem twice in one file is one problem. Errors as `iter_problem_file`."""
+    problems: dict[str, Problem] = {}
+    quarantined: list[Quarantined] = []
+    for item in iter_problem_file(path, fields, source=source, split=split, lenient=lenient):
+        if isinstance(item, Quarantined):
+            quarantined.append(item)
+        else:
+            problems.setdefault(item.problem_id, item)
+    return LoadResult(list(problems.values()), quarantined)
+
+
+def iter_problem_file(
+    path: str | Path,
+    fields: FieldMap = FieldMap(),
+    *,
+    source: str | None = None,
+    split: SplitConfig = SplitConfig(),
+    lenient: bool = False,
+) -> Iterator[Problem | Quarantined]:
+    """Problems of a JSONL/Parquet file, streamed row by row (a problem repeated in the file comes again). A bad row
+    raises `ProblemFileError` naming file, line and field, or, with `lenient=True`, comes as a `Quarantined`. A
+    `split` column is honoured; without one, the seeded group split decides (group column, else the question)."""
     path = Path(path)
     if not path.exists():
         raise ProblemFileError(f"{path}: no such file")
     source = source or path.stem
-    problems: list[Problem] = []
-    quarantined: list[Quarantined] = []
-    seen: set[str] = set()
 
-    def bad(line: int, field_name: str, error: str, raw: str) -> None:
+    def bad(line: int, field_name: str, error: str, raw: str) -> Quarantined:
         if not lenient:
             raise ProblemFileError(f"{path}:{line}: field {field_name!r}: {error}")
-        quarantined.append(Quarantined(str(path), line, field_name, error, raw))
+        return Quarantined(str(path), line, field_name, error, raw)
 
     for line, row, raw, error in iter_file_rows(path):
         if error is not None:
-            bad(line, "<row>", error, raw)
+            yield bad(line, "<row>", error, raw)
             continue
         question, answer = row.get(fields.question), row.get(fields.answer)
         if not isinstance(question, str) or not question.strip():
-            bad(
+            yield bad(
                 line,
                 fields.question,
                 "missing" if question is None else f"must be a non-empty string, got {question!r:.60}",
@@ -391,7 +409,7 @@ def load_problem_file(
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):
             answer = str(answer)
         if not isinstance(answer, str) or not answer.strip():
-            bad(
+            yield bad(
                 line,
                 fields.answer,
                 "missing" if answer is None else f"must be a non-empty string or number, got {answer!r:.60}",
@@ -407,27 +425,25 @@ def load_problem_file(
             None,
         )
         if unusable is not None:
-            bad(line, *unusable, raw_of(row, raw))
+            yield bad(line, *unusable, raw_of(row, raw))
             continue
         gold, answer_type = gold_answer(answer)
         given_split = row.get(fields.split) if fields.split else None
         if given_split is not None and str(given_split).strip().lower() not in SPLIT_ALIASES:
-            bad(line, fields.split, f"unknown split {given_split!r}; use one of {', '.join(SPLITS)}", raw_of(row, raw))
+            yield bad(
+                line, fields.split, f"unknown split {given_split!r}; use one of {', '.join(SPLITS)}", raw_of(row, raw)
+            )
             continue
         group = row.get(fields.group) if fields.group else None
         group_id = f"group:{group}" if group is not None else content_id("question", normalise_question(question))
         pid = make_problem_id(question, gold)
         if fields.id and row.get(fields.id) is not None:
             pid = content_id("problem-id", str(row[fields.id]))
-        if pid in seen:  # the same problem twice in one file is one problem
-            continue
-        seen.add(pid)
         chosen = (
             SPLIT_ALIASES[str(given_split).strip().lower()] if given_split is not None else split_of(group_id, split)
         )
         worked = answer.strip() if "####" in answer else None  # GSM8K's answer field is a worked solution
-        problems.append(Problem(pid, source, chosen, question.strip(), gold, answer_type, group_id, worked))
-    return LoadResult(problems, quarantined)
+        yield Problem(pid, source, chosen, question.strip(), gold, answer_type, group_id, worked)
 
 
 # ---------------------------------------------------------------------------------------------------------

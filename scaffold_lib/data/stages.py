@@ -9,6 +9,7 @@ CLI and the experiment runner call exactly these functions.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,12 +30,11 @@ from scaffold_lib.data.label_validation import LabelValidator, ValidatorConfig, 
 from scaffold_lib.data.llm_teachers import EndpointTeacher, HFTeacher, HFTeacherConfig, PromptConfig
 from scaffold_lib.data.problems import (
     SPLITS,
-    LoadResult,
     Problem,
     ProblemsConfig,
     Quarantined,
     generate_problems,
-    load_problem_file,
+    iter_problem_file,
     load_reasoning_gym,
     problem_files,
     shard_of,
@@ -139,11 +139,16 @@ def file_key(path: Path, settings: BaseModel) -> str:
     return content_id("file", str(path.resolve()), stat.st_size, stat.st_mtime_ns, settings.model_dump())
 
 
-def gather_problems(
+# problems read from a file and written together: memory holds one batch, whatever the file's size
+PROBLEM_BATCH = 10_000
+
+
+def problem_sources(
     cfg: ProblemsConfig, incoming: Path | None = None, loaded_before: Callable[[str], bool] = lambda key: False
-) -> tuple[list[Problem], dict[str, LoadResult], dict[str, str]]:
-    """(problems of the configured source, load result per problem file read, file key per file read): the
-    configured files plus every problem file in the watched folder, except files already loaded unchanged."""
+) -> tuple[list[Problem], dict[Path, str | None]]:
+    """(problems of the configured generator, if any; file key per problem file to read): the configured files plus
+    every problem file in the watched folder, except files already loaded unchanged (a missing file is kept, with no
+    key, to fail when read)."""
     problems: list[Problem] = []
     if cfg.source == "synthetic":
         problems = generate_problems(cfg.synthetic, cfg.split)
@@ -156,52 +161,50 @@ def gather_problems(
             f"problems source 'files' but no problem file: set problems.files or drop files into {watched}"
         )
     settings = cfg.model_copy(update={"files": [], "watch_dir": None})
-    keys = {str(f): file_key(f, settings) for f in files if f.exists()}
-    loaded = {
-        str(f): load_problem_file(f, cfg.fields, split=cfg.split, lenient=cfg.lenient)
-        for f in files
-        if not (str(f) in keys and loaded_before(keys[str(f)]))
-    }
-    return problems, loaded, {f: keys[f] for f in loaded}
+    keys = {f: file_key(f, settings) if f.exists() else None for f in files}
+    return problems, {f: key for f, key in keys.items() if key is None or not loaded_before(key)}
 
 
 @in_session
 def build_problems(store: Store, cfg: ProblemsConfig, run_id: str | None = None) -> StageReport:
-    """Questions with gold answers, from the configured source and problem files, split by group. A file already
-    loaded, unchanged, is not read again (a refresh reads the new files only)."""
+    """Questions with gold answers, from the configured source and problem files, split by group. Files are streamed
+    in batches of `PROBLEM_BATCH` problems, each file recorded once read whole; a file already loaded, unchanged, is
+    not read again (a refresh reads the new files only)."""
     wh = store.warehouse
-    generated, loaded, keys = gather_problems(
+    generated, files = problem_sources(
         cfg, store.incoming, lambda key: wh.scalar("SELECT count(*) FROM source_files WHERE file_key = ?", [key]) > 0
     )
-    offered = generated + [p for result in loaded.values() for p in result.problems]
-    quarantined = [q for result in loaded.values() for q in result.quarantined]
-    for path, result in loaded.items():
-        if not result.problems and result.quarantined:
-            first = result.quarantined[0]
+    new = wh.insert_new("problems", [p.as_row() for p in generated], run_id)
+    offered, quarantined = len(generated), 0
+    for path, key in files.items():
+        rows, bad, first_bad = 0, 0, None
+        items = iter_problem_file(path, cfg.fields, split=cfg.split, lenient=cfg.lenient)
+        while batch := list(itertools.islice(items, PROBLEM_BATCH)):
+            # a problem repeated in the file is one problem, its first row (a repeat in a later batch is not new)
+            problems: dict[str, Problem] = {}
+            for p in batch:
+                if isinstance(p, Problem):
+                    problems.setdefault(p.problem_id, p)
+            rejected = [q for q in batch if isinstance(q, Quarantined)]
+            new += wh.insert_new("problems", [p.as_row() for p in problems.values()], run_id)
+            wh.insert_new("quarantine", quarantine_rows("problems", rejected), run_id)
+            rows += len(problems)
+            bad += len(rejected)
+            first_bad = first_bad or next(iter(rejected), None)
+        if not rows and first_bad:
             raise StageFailed(
-                f"{path}: every row was quarantined ({len(result.quarantined)}), e.g. line "
-                f"{first.line}, field {first.field!r}: {first.error}"
+                f"{path}: every row was quarantined ({bad}), e.g. line {first_bad.line}, field {first_bad.field!r}: "
+                f"{first_bad.error}"
             )
-    if not offered and not wh.scalar("SELECT count(*) FROM problems"):
+        stat = path.stat()
+        record = {"file_key": key, "stage": "problems", "path": str(path), "size": stat.st_size}
+        record.update(mtime_ns=stat.st_mtime_ns, rows=rows, quarantined=bad)
+        wh.insert_new("source_files", [record], run_id)  # read whole: not read again while unchanged
+        offered, quarantined = offered + rows, quarantined + bad
+    if not wh.scalar("SELECT count(*) FROM problems"):
         raise StageFailed(f"no problems: source {cfg.source!r} produced none and no problem file had any")
-    report = store_problems(store, offered, quarantined, run_id)
-    wh.insert_new(
-        "source_files",
-        [
-            {
-                "file_key": keys[path],
-                "stage": "problems",
-                "path": path,
-                "size": Path(path).stat().st_size,
-                "mtime_ns": Path(path).stat().st_mtime_ns,
-                "rows": len(result.problems),
-                "quarantined": len(result.quarantined),
-            }
-            for path, result in loaded.items()
-        ],
-        run_id,
-    )
-    report.details["files_loaded"] = len(loaded)
+    report = problems_report(store, new, offered, quarantined)
+    report.details["files_loaded"] = len(files)
     return report
 
 
@@ -212,15 +215,20 @@ def store_problems(
     wh = store.warehouse
     new = wh.insert_new("problems", [p.as_row() for p in problems], run_id)
     wh.insert_new("quarantine", quarantine_rows("problems", quarantined), run_id)
+    return problems_report(store, new, len(problems), len(quarantined))
+
+
+def problems_report(store: Store, new: int, offered: int, quarantined: int) -> StageReport:
+    wh = store.warehouse
     splits = {r["split"]: r["n"] for r in wh.query("SELECT split, count(*) AS n FROM problems GROUP BY split")}
     return StageReport(
         "problems",
         new,
         wh.scalar("SELECT count(*) FROM problems"),
         {
-            "offered": len(problems),
+            "offered": offered,
             "files_loaded": 0,
-            "quarantined": len(quarantined),
+            "quarantined": quarantined,
             "splits": {s: splits.get(s, 0) for s in SPLITS},
             "split_overlap": split_overlap(store),
         },
