@@ -5,6 +5,7 @@ the tokenizer is unchanged and repacks when a packed trace stops being a trainin
 from __future__ import annotations
 
 import os
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from scaffold_lib.data import stages
-from scaffold_lib.data.problems import GeneratorConfig, ProblemsConfig, generate_problems
+from scaffold_lib.data.problems import GeneratorConfig, Gold, Problem, ProblemsConfig, generate_problems
 from scaffold_lib.data.signals import ANSWER_SIGNAL, SIGNALS
-from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap
+from scaffold_lib.data.trace_import import ImportedTeacher, TodoProblems, TraceFieldMap
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.warehouse import ROW_GROUP_ROWS, Warehouse
 from scaffold_lib.student.examples import STEP_SEPARATOR, signal_tags, training_corpus
@@ -363,3 +364,24 @@ def test_labelling_restores_steps_left_unlabelled_anywhere_with_the_same_labels(
     assert removed > 20 and finals > 0
     assert stages.label_signals(store).new_rows == removed
     assert _rows(store, "signal_labels", "step_id") == full
+
+
+def test_the_importers_table_of_problems_to_trace_keeps_digests_not_question_texts():
+    """The importer holds every problem still to trace for as long as it reads its files: it keeps what grading
+    needs and a digest of the question, so its size does not grow with the texts (1.4 M problems of 400-character
+    questions held whole took about 1.5 GB). Matching by id and by normalised question still works."""
+    problems = [
+        Problem(f"p{i:05d}", "files", "train", f"Question {i}: " + "how many apples? " * 300, str(i), "number")
+        for i in range(2_000)
+    ]  # 5 MB of question text
+    tracemalloc.start()
+    todo = TodoProblems()
+    for p in problems:
+        todo.add(p)
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert held < 1_000_000  # no question text: 2,000 normalised copies alone would be 10 MB
+    assert len(todo) == 2_000
+    assert todo.match("p00007", None) == Gold("p00007", "7", "number")
+    assert todo.match(None, "  QUESTION 7:\n" + "How many apples?  " * 300) == Gold("p00007", "7", "number")
+    assert todo.match(None, "Question 7: how many pears?") is None and todo.match("p99999", None) is None

@@ -29,7 +29,7 @@ from scaffold_lib.data.endpoint import (
     split_reasoning,
 )
 from scaffold_lib.data.journal import Journal
-from scaffold_lib.data.problems import Problem
+from scaffold_lib.data.problems import Gold, Problem
 from scaffold_lib.data.teachers import DEFAULT_PROMPT, TeacherFailure, TeacherResult, Trace, make_trace_id, verify
 
 
@@ -54,7 +54,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "teacher"
 
 
-def trace_from_record(record: dict, problem: Problem, teacher: str) -> Trace:
+def trace_from_record(record: dict, problem: Problem | Gold, teacher: str) -> Trace:
     thinking, answer = record["thinking"], record["answer"]
     text, answer_text = (thinking, answer or None) if thinking else (answer, None)
     final_answer, correct = verify(text, problem, answer_text)

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -134,6 +134,15 @@ class Problem:
 
     def as_row(self) -> dict:
         return dict(vars(self))  # flat fields: asdict() would deep-copy each (a corpus of long traces)
+
+
+class Gold(NamedTuple):
+    """What grading a trace needs of its problem (a `Problem` has the same fields). The trace importer keeps these, not
+    whole problems, for the problems still to trace."""
+
+    problem_id: str
+    answer: str
+    answer_type: str
 
 
 def normalise_question(text: str) -> str:

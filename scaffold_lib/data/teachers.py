@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from scaffold_lib.core.answers import committed_answer, is_correct
 from scaffold_lib.core.ids import content_id
-from scaffold_lib.data.problems import ParsedQuestion, Problem, Quarantined, parse_question
+from scaffold_lib.data.problems import Gold, ParsedQuestion, Problem, Quarantined, parse_question
 
 DEFAULT_PROMPT = (
     "Solve the problem. Think step by step in short paragraphs separated by blank lines, "
@@ -83,7 +83,7 @@ def make_trace_id(problem_id: str, teacher_identity: str, prompt: str, sampling:
     return content_id("trace", problem_id, teacher_identity, prompt, sampling)
 
 
-def verify(text: str, problem: Problem, answer_text: str | None = None) -> tuple[str | None, bool]:
+def verify(text: str, problem: Problem | Gold, answer_text: str | None = None) -> tuple[str | None, bool]:
     """The answer the trace commits to (the scorer's rule) and whether it equals the gold answer."""
     answer = committed_answer(text, problem.answer_type, answer_text)
     return answer, is_correct(answer, problem.answer, problem.answer_type)

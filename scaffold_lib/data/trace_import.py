@@ -3,7 +3,8 @@ generating them.
 
 Import is file-driven and streamed: the trace stage hands the importer the problems that still lack a trace from it
 (`TodoProblems`, by id and by normalised question) and the importer reads the files batch by batch, keeping only
-the rows that match one of them. Memory is bounded by a batch plus the problems still to trace, never by the corpus.
+the rows that match one of them. Memory is bounded by a batch plus the table of problems still to trace, about
+330 bytes per problem whatever its text (id, gold answer, question digest), never by the corpus' texts.
 For Parquet, only the key column (question or problem id) is read for a row group whose rows are all already
 imported, so a refresh after a new file arrives costs little more than reading that file.
 
@@ -15,6 +16,8 @@ file, line and field (or raise, with `lenient=False`); problems no file covers a
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from scaffold_lib.core.files import DataFileError, iter_file_rows, raw_of, text_error
 from scaffold_lib.data.endpoint import split_reasoning
 from scaffold_lib.data.llm_teachers import trace_from_record
-from scaffold_lib.data.problems import Problem, Quarantined, normalise_question
+from scaffold_lib.data.problems import Gold, Problem, Quarantined, normalise_question
 from scaffold_lib.data.teachers import TeacherResult, make_trace_id
 
 TRACE_FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
@@ -52,24 +55,33 @@ class ImportedRow:
     answer: str
 
 
+def question_key(question: str) -> bytes:
+    """A 16-byte digest of the normalised question: what rows are matched on, in place of the text."""
+    return hashlib.blake2b(normalise_question(question).encode(), digest_size=16).digest()
+
+
 @dataclass
 class TodoProblems:
-    """The problems still without a trace from this importer, looked up by our id or by normalised question."""
+    """The problems still without a trace from this importer, looked up by our id or by normalised question. It keeps
+    what grading needs of each (`Gold`) and a digest of its question, not the problem: the texts of 1.4 M problems of
+    400-character questions, kept twice (as read and normalised), would take about 1.5 GB."""
 
-    by_id: dict[str, Problem] = field(default_factory=dict)
-    by_question: dict[str, Problem] = field(default_factory=dict)
+    by_id: dict[str, Gold] = field(default_factory=dict)
+    by_question: dict[bytes, str] = field(default_factory=dict)  # question key -> problem id
 
     def add(self, problem: Problem) -> None:
-        self.by_id[problem.problem_id] = problem
-        self.by_question.setdefault(normalise_question(problem.question), problem)
+        gold = Gold(problem.problem_id, problem.answer, sys.intern(problem.answer_type))
+        self.by_id[gold.problem_id] = gold
+        self.by_question.setdefault(question_key(problem.question), gold.problem_id)
 
     def __len__(self) -> int:
         return len(self.by_id)
 
-    def match(self, problem_id: str | None, question: str | None) -> Problem | None:
+    def match(self, problem_id: str | None, question: str | None) -> Gold | None:
         if problem_id is not None:
             return self.by_id.get(problem_id)
-        return self.by_question.get(normalise_question(question)) if isinstance(question, str) else None
+        found = self.by_question.get(question_key(question)) if isinstance(question, str) else None
+        return None if found is None else self.by_id[found]
 
 
 def source_files(source: str) -> list[Path] | None:
@@ -220,7 +232,7 @@ class ImportedTeacher:
         self.identity = f"import:{name or Path(source).stem}"
         source_files(source)  # a missing file fails here, before any work
 
-    def trace_id_for(self, problem: Problem, sample: int = 0) -> str:
+    def trace_id_for(self, problem: Problem | Gold, sample: int = 0) -> str:
         return make_trace_id(problem.problem_id, self.identity, "", {"sample": sample})
 
     def import_batches(self, todo: TodoProblems, batch_rows: int = 5_000) -> Iterator[TeacherResult]:
