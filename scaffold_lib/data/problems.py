@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -371,9 +371,14 @@ def load_problem_file(
 ) -> LoadResult:
     """Problems from a JSONL/Parquet file, all in memory (the problems stage streams `iter_problem_file` instead).
     The same problem twice in one file is one problem. Errors as `iter_problem_file`."""
+    return collect_problems(iter_problem_file(path, fields, source=source, split=split, lenient=lenient))
+
+
+def collect_problems(items: Iterable[Problem | Quarantined]) -> LoadResult:
+    """Problems and quarantined rows of `items`; a problem that comes twice is one problem, its first row."""
     problems: dict[str, Problem] = {}
     quarantined: list[Quarantined] = []
-    for item in iter_problem_file(path, fields, source=source, split=split, lenient=lenient):
+    for item in items:
         if isinstance(item, Quarantined):
             quarantined.append(item)
         else:

@@ -33,6 +33,7 @@ from scaffold_lib.data.problems import (
     Problem,
     ProblemsConfig,
     Quarantined,
+    collect_problems,
     generate_problems,
     iter_problem_file,
     load_reasoning_gym,
@@ -180,17 +181,12 @@ def build_problems(store: Store, cfg: ProblemsConfig, run_id: str | None = None)
         rows, bad, first_bad = 0, 0, None
         items = iter_problem_file(path, cfg.fields, split=cfg.split, lenient=cfg.lenient)
         while batch := list(itertools.islice(items, PROBLEM_BATCH)):
-            # a problem repeated in the file is one problem, its first row (a repeat in a later batch is not new)
-            problems: dict[str, Problem] = {}
-            for p in batch:
-                if isinstance(p, Problem):
-                    problems.setdefault(p.problem_id, p)
-            rejected = [q for q in batch if isinstance(q, Quarantined)]
-            new += wh.insert_new("problems", [p.as_row() for p in problems.values()], run_id)
-            wh.insert_new("quarantine", quarantine_rows("problems", rejected), run_id)
-            rows += len(problems)
-            bad += len(rejected)
-            first_bad = first_bad or next(iter(rejected), None)
+            loaded = collect_problems(batch)  # a repeat in a later batch is not new: the warehouse skips it
+            new += wh.insert_new("problems", [p.as_row() for p in loaded.problems], run_id)
+            wh.insert_new("quarantine", quarantine_rows("problems", loaded.quarantined), run_id)
+            rows += len(loaded.problems)
+            bad += len(loaded.quarantined)
+            first_bad = first_bad or next(iter(loaded.quarantined), None)
         if not rows and first_bad:
             raise StageFailed(
                 f"{path}: every row was quarantined ({bad}), e.g. line {first_bad.line}, field {first_bad.field!r}: "
