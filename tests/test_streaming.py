@@ -385,3 +385,25 @@ def test_the_importers_table_of_problems_to_trace_keeps_digests_not_question_tex
     assert todo.match("p00007", None) == Gold("p00007", "7", "number")
     assert todo.match(None, "  QUESTION 7:\n" + "How many apples?  " * 300) == Gold("p00007", "7", "number")
     assert todo.match(None, "Question 7: how many pears?") is None and todo.match("p99999", None) is None
+
+
+def test_training_traces_read_a_long_question_once_per_trace_not_once_per_step(tmp_path, monkeypatch):
+    """Real questions are often longer than all their steps together: the per-part query once repeated the question
+    on every step row, so a 2,000-character question over 65 steps needed 10x the part's size of DuckDB memory."""
+    from scaffold_lib.student.stages import stream_training_traces
+
+    store = Store.at(tmp_path)
+    _data(store, 30, seed=8)
+    (short,) = list(stream_training_traces(store.warehouse))
+    with store.warehouse.connect() as con:
+        con.execute("UPDATE problems SET question = question || repeat(' and so on', 50_000)")  # 500k characters
+        steps, traces = con.execute(
+            "SELECT count(*), count(DISTINCT trace_id) FROM segmented_steps s "
+            "JOIN teacher_traces USING (trace_id) JOIN problems p USING (problem_id) WHERE p.split = 'train'"
+        ).fetchone()
+    assert steps > 4 * traces  # repeated per step row, the questions would be 4x as many characters
+    # a cap the questions fit under once per trace (0.5 MB a trace) but not once per step (2+ MB a trace)
+    monkeypatch.setenv("SCAFFOLD_DUCKDB_MEMORY", "40MB")
+    (long,) = list(stream_training_traces(Warehouse(store.warehouse.path), part_chars=3_000_000))
+    assert [t["question"] for t in long] == [t["question"] + " and so on" * 50_000 for t in short]
+    assert [(t["steps"], t["signals"]) for t in long] == [(t["steps"], t["signals"]) for t in short]

@@ -126,8 +126,11 @@ class ModelHandle(BaseModel):
 # characters of steps tokenised and packed together (about 2 M tokens): best-fit decreasing over a window fills rows
 # nearly as well as over everything, and memory stays bounded whatever the corpus
 PACK_WINDOW_CHARS = 8_000_000
-# characters of steps one query reads and sorts: DuckDB's work per query is bounded by this, not by the corpus
+# characters of steps (and of their traces' questions and answers) one query reads and sorts: DuckDB's work per query
+# is bounded by this, not by the corpus
 READ_PART_CHARS = 64_000_000
+# a training trace's fields, besides its steps and signals
+TRACE_FIELDS = ("t.trace_id", "p.problem_id", "p.question", "p.answer", "p.answer_type", "t.is_correct")
 BUDGET_SAMPLE = 5_000  # traces whose token lengths set the decoding budget (the first by trace id: a hash order)
 
 
@@ -185,8 +188,10 @@ def stream_training_traces(
                 WHERE trace_id NOT IN (SELECT m.trace_id FROM manifest_shards ms JOIN shard_members m USING (shard_id)
                                        WHERE ms.manifest_hash = ?)),
             sized AS (
-                SELECT s.trace_id, sum(length(s.text)) AS chars FROM segmented_steps s SEMI JOIN wanted USING (trace_id)
-                GROUP BY s.trace_id)
+                SELECT s.trace_id, s.chars + length(p.question) + length(p.answer) AS chars
+                FROM (SELECT trace_id, sum(length(text)) AS chars FROM segmented_steps SEMI JOIN wanted USING (trace_id)
+                      GROUP BY trace_id) s
+                JOIN teacher_traces t USING (trace_id) JOIN problems p USING (problem_id))
             SELECT trace_id, (sum(chars) OVER (ORDER BY trace_id ROWS UNBOUNDED PRECEDING) - chars) // ? AS part
             FROM sized""",
             [list(splits), include_incorrect, only_problems, only_problems, packed_in or "", max(part_chars, 1)],
@@ -197,37 +202,46 @@ def stream_training_traces(
             con.execute("DROP TABLE IF EXISTS training_plan")
 
 
-def _planned_steps(con: duckdb.DuckDBPyConnection) -> Iterator[dict]:
-    """Every step of the traces in `training_plan`, with its trace's fields, in (trace, index) order, a part a query."""
+def _planned_steps(con: duckdb.DuckDBPyConnection) -> Iterator[tuple[dict, str, str]]:
+    """(the trace's fields, step text, signal) for every step of the traces in `training_plan`, in (trace, index)
+    order, a part a query. A trace's fields (its question: often longer than all its steps) are read once per trace,
+    not on every step row, so a part's query sorts steps alone and the plan's part size is what DuckDB holds."""
+    names = [f.split(".")[1] for f in TRACE_FIELDS]
     for (part,) in con.execute("SELECT DISTINCT part FROM training_plan ORDER BY part").fetchall():
+        fields = {
+            r[0]: dict(zip(names, r))
+            for r in con.execute(
+                f"""SELECT {", ".join(TRACE_FIELDS)} FROM training_plan w JOIN teacher_traces t USING (trace_id)
+                JOIN problems p USING (problem_id) WHERE w.part = ?""",
+                [part],
+            ).fetchall()
+        }
         reader = con.sql(
             """
-            SELECT t.trace_id, p.problem_id, p.question, p.answer, p.answer_type, t.is_correct, s.text, l.signal
-            FROM training_plan w JOIN teacher_traces t USING (trace_id) JOIN problems p USING (problem_id)
-            JOIN segmented_steps s ON s.trace_id = w.trace_id JOIN signal_labels l USING (step_id)
-            WHERE w.part = ? ORDER BY t.trace_id, s.idx""",
+            SELECT s.trace_id, s.text, l.signal
+            FROM training_plan w JOIN segmented_steps s USING (trace_id) JOIN signal_labels l USING (step_id)
+            WHERE w.part = ? ORDER BY s.trace_id, s.idx""",
             params=[part],
         ).to_arrow_reader(8_192)
         for batch in reader:
-            yield from batch.to_pylist()
+            columns = (batch.column(c).to_pylist() for c in ("trace_id", "text", "signal"))
+            for trace_id, text, signal in zip(*columns):
+                yield fields[trace_id], text, signal
 
 
-def _windows(steps: Iterator[dict], window_chars: int) -> Iterator[list[dict]]:
-    """Step rows grouped into traces ({trace fields, steps, signals}), yielded in windows of whole traces of at least
+def _windows(steps: Iterator[tuple[dict, str, str]], window_chars: int) -> Iterator[list[dict]]:
+    """Steps grouped into traces ({trace fields, steps, signals}), yielded in windows of whole traces of at least
     `window_chars` characters of steps (the last may be smaller)."""
     window: list[dict] = []
     chars = 0
     current: dict | None = None
-    for r in steps:
-        if current is None or r["trace_id"] != current["trace_id"]:
+    for fields, text, signal in steps:
+        if current is None or fields["trace_id"] != current["trace_id"]:
             if current is not None and chars >= window_chars:
                 yield window
                 window, chars = [], 0
-            text, signal = r.pop("text"), r.pop("signal")
-            current = {**r, "steps": [], "signals": []}
+            current = {**fields, "steps": [], "signals": []}
             window.append(current)
-        else:
-            text, signal = r["text"], r["signal"]
         current["steps"].append(text)
         current["signals"].append(signal)
         chars += len(text)
