@@ -10,7 +10,7 @@ appended (as a growing dump would).
 Each implementation runs in its own process, on its own warehouse, through the same driver (`--driver`): the
 library's stage functions `build_problems`, `write_traces` (trace import), `segment_traces`, `label_signals` and
 `pack_shards` (both arms, a fixed tokenizer: a backbone directory built once, untimed, as a pretrained one would
-be). Printed per stage: wall seconds and steps/s; per run: peak RSS of the process. The baseline is the
+be). Printed per stage: wall seconds, steps/s and the process' peak RSS during the stage; per run: the peak RSS. The baseline is the
 repository at `--baseline-ref` checked out into a git worktree; it runs under a `--baseline-memory-gb` address-
 space limit so that running out of memory is reported instead of taking the machine down.
 
@@ -122,13 +122,15 @@ def driver(home: Path, work: Path, refresh: bool, pack: bool) -> dict:
     dump = work / "dump" / "traces.parquet"
     dump.parent.mkdir(exist_ok=True)
     shutil.copy(work / ("traces-refreshed.parquet" if refresh else "traces.parquet"), dump)
-    timings, counts = {}, {}
+    timings, counts, peaks = {}, {}, {}
 
     def timed(name, fn):
+        reset_peak_rss()
         start = time.perf_counter()
         report = fn()
         timings[name] = round(time.perf_counter() - start, 2)
         counts[name] = getattr(report, "new_rows", None)
+        peaks[name] = round(peak_rss_gb(), 2)
         return report
 
     # every problem in train: the pack stage then packs every trace
@@ -150,7 +152,26 @@ def driver(home: Path, work: Path, refresh: bool, pack: bool) -> dict:
         )
     steps = store.warehouse.scalar("SELECT count(*) FROM segmented_steps")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    return {"timings": timings, "new_rows": counts, "steps_total": steps, "peak_rss_gb": round(peak, 2)}
+    return {
+        "timings": timings,
+        "new_rows": counts,
+        "stage_peak_rss_gb": peaks,
+        "steps_total": steps,
+        "peak_rss_gb": round(peak, 2),
+    }
+
+
+def reset_peak_rss() -> None:
+    """Start a new high-water mark of this process' RSS (Linux: writing 5 to clear_refs resets VmHWM)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_gb() -> float:
+    """This process' RSS high-water mark since the last `reset_peak_rss` (VmHWM, in GB)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024**2
+    raise RuntimeError("no VmHWM in /proc/self/status: per-stage peaks need Linux")
 
 
 def run_driver(code: Path, home: Path, work: Path, refresh: bool, pack: bool, memory_gb: float | None) -> dict:
@@ -195,6 +216,7 @@ def report(name: str, full: dict, refresh: dict) -> list[str]:
         f"{full['steps_total'] / stages_s:,.0f} steps/s end to end, peak RSS {full['peak_rss_gb']} GB"
     )
     lines.append("                " + ", ".join(f"{k} {v} s" for k, v in full["timings"].items()))
+    lines.append("  peak RSS    : " + ", ".join(f"{k} {v} GB" for k, v in full["stage_peak_rss_gb"].items()))
     data_s = sum(full["timings"][k] for k in DATA_STAGES)
     lines.append(
         f"  data stages : {data_s:8.1f} s ({' + '.join(DATA_STAGES)}) = {full['steps_total'] / data_s:,.0f} steps/s"
