@@ -141,8 +141,11 @@ class Warehouse:
     def __init__(self, path: str | Path, lock_timeout_s: float = 300.0) -> None:
         self.path = Path(path).expanduser().resolve()
         self.lock_timeout_s = lock_timeout_s
-        # DuckDB's own default is 80 % of the RAM; joins and sorts beyond the limit spill to <file>.tmp/
-        self.memory_limit = os.environ.get("SCAFFOLD_DUCKDB_MEMORY", "512MB")
+        # DuckDB's own default is 80 % of the RAM; joins and sorts beyond the limit spill to <file>.tmp/. No query
+        # holds a corpus (packing reads parts of READ_PART_CHARS), and a larger pool mostly caches blocks already read:
+        # from 1 M to 6.5 M steps the data stages' peak grew by 0.47 GB at 512 MB as it filled, by 0.11 GB at 192 MB,
+        # which cost them about 5 % (docs/benchmarks.md)
+        self.memory_limit = os.environ.get("SCAFFOLD_DUCKDB_MEMORY", "192MB")
         # DuckDB compresses text as it writes (zstd for trace-length strings, FSST for steps), which halves its write
         # speed; `uncompressed` trades a file about 3x larger for writes about twice as fast (docs/benchmarks.md)
         self.compression = os.environ.get("SCAFFOLD_DUCKDB_COMPRESSION", "auto")
@@ -265,8 +268,8 @@ class Warehouse:
         except duckdb.OutOfMemoryException as exc:
             raise WarehouseMemoryError(
                 f"{self.path}: a query needed more than DuckDB's memory limit of {self.memory_limit}; set "
-                f"SCAFFOLD_DUCKDB_MEMORY higher (e.g. 4GB for corpora of millions of steps) and run again: what was "
-                f"written is kept, the stage resumes. DuckDB said: {str(exc).splitlines()[0]}"
+                f"SCAFFOLD_DUCKDB_MEMORY higher (e.g. 1GB) and run again: what was written is kept, the stage "
+                f"resumes. DuckDB said: {str(exc).splitlines()[0]}"
             ) from exc
 
     def insert_new(self, table: str, rows: Sequence[dict] | pa.Table, dagster_run_id: str | None = None) -> int:
