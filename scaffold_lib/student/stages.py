@@ -129,8 +129,6 @@ PACK_WINDOW_CHARS = 8_000_000
 # characters of steps (and of their traces' questions and answers) one query reads and sorts: DuckDB's work per query
 # is bounded by this, not by the corpus
 READ_PART_CHARS = 64_000_000
-# a training trace's fields, besides its steps and signals
-TRACE_FIELDS = ("t.trace_id", "p.problem_id", "p.question", "p.answer", "p.answer_type", "t.is_correct")
 BUDGET_SAMPLE = 5_000  # traces whose token lengths set the decoding budget (the first by trace id: a hash order)
 
 
@@ -206,16 +204,15 @@ def _planned_steps(con: duckdb.DuckDBPyConnection) -> Iterator[tuple[dict, str, 
     """(the trace's fields, step text, signal) for every step of the traces in `training_plan`, in (trace, index)
     order, a part a query. A trace's fields (its question: often longer than all its steps) are read once per trace,
     not on every step row, so a part's query sorts steps alone and the plan's part size is what DuckDB holds."""
-    names = [f.split(".")[1] for f in TRACE_FIELDS]
     for (part,) in con.execute("SELECT DISTINCT part FROM training_plan ORDER BY part").fetchall():
-        fields = {
-            r[0]: dict(zip(names, r))
-            for r in con.execute(
-                f"""SELECT {", ".join(TRACE_FIELDS)} FROM training_plan w JOIN teacher_traces t USING (trace_id)
-                JOIN problems p USING (problem_id) WHERE w.part = ?""",
-                [part],
-            ).fetchall()
-        }
+        traces = con.execute(
+            """SELECT t.trace_id, p.problem_id, p.question, p.answer, p.answer_type, t.is_correct
+            FROM training_plan w JOIN teacher_traces t USING (trace_id) JOIN problems p USING (problem_id)
+            WHERE w.part = ?""",
+            [part],
+        )
+        names = [d[0] for d in traces.description]
+        fields = {r[0]: dict(zip(names, r)) for r in traces.fetchall()}
         reader = con.sql(
             """
             SELECT s.trace_id, s.text, l.signal
