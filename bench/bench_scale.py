@@ -10,9 +10,10 @@ appended (as a growing dump would).
 Each implementation runs in its own process, on its own warehouse, through the same driver (`--driver`): the
 library's stage functions `build_problems`, `write_traces` (trace import), `segment_traces`, `label_signals` and
 `pack_shards` (both arms, a fixed tokenizer: a backbone directory built once, untimed, as a pretrained one would
-be). Printed per stage: wall seconds, steps/s and the process' peak RSS during the stage; per run: the peak RSS. The baseline is the
-repository at `--baseline-ref` checked out into a git worktree; it runs under a `--baseline-memory-gb` address-
-space limit so that running out of memory is reported instead of taking the machine down.
+be). Printed per stage: wall seconds, steps/s and the process' peak RSS during the stage; per run: the peak RSS. The
+baseline is the repository at `--baseline-ref` checked out into a git worktree; it runs under a
+`--baseline-memory-gb` address-space limit so that running out of memory is reported instead of taking the machine
+down.
 
     .venv/bin/python bench/bench_scale.py [--traces 100000] [--baseline-ref 63fd9c0] [--no-pack]
 
