@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 
-.PHONY: venv demo test test-fast lint format ui serve bench clean
+.PHONY: venv demo test test-fast lint format ui serve bench device-check device-wheels clean
 
 venv: $(STAMP)
 
@@ -45,16 +45,11 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Dagster UI on http://127.0.0.1:3000 and MLflow UI on http://127.0.0.1:5000 (loopback only); Ctrl-C stops both.
-# Both log to $(DAGSTER_HOME)/ui.log: the terminal shows the two addresses, not a stream of INFO lines.
+# Dagster UI on http://127.0.0.1:3000 and MLflow UI on http://127.0.0.1:5000 (loopback only); Ctrl-C or SIGTERM stops
+# both, also when `make ui &` runs in the background. Both log to $(DAGSTER_HOME)/ui.log: the terminal shows the
+# addresses (MLflow's as the experiment's training runs), not a stream of INFO lines. UI_ARGS="--dagster-port N ...".
 ui: $(STAMP)
-	mkdir -p $(DAGSTER_HOME)/mlartifacts
-	@echo "Dagster: http://127.0.0.1:3000   MLflow: http://127.0.0.1:5000   (logs: $(DAGSTER_HOME)/ui.log; Ctrl-C stops)"
-	@trap 'kill 0' EXIT; \
-	$(BIN)/mlflow server --host 127.0.0.1 --port 5000 --workers 1 \
-		--backend-store-uri sqlite:///$(DAGSTER_HOME)/mlflow.db \
-		--default-artifact-root file://$(DAGSTER_HOME)/mlartifacts >> $(DAGSTER_HOME)/ui.log 2>&1 & \
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000 --log-level warning >> $(DAGSTER_HOME)/ui.log 2>&1
+	$(BIN)/python -m pipelines.ui $(UI_ARGS)
 
 # the champion as a REST service on http://127.0.0.1:5001 (POST /invocations {"dataframe_split": {"columns":
 # ["question"], "data": [["…"]]}}); MLflow starts uvicorn by name, hence the venv on PATH
@@ -67,6 +62,17 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_segment_label.py
 	$(BIN)/python bench/bench_packing.py
 	$(BIN)/python bench/bench_scale.py
+
+# the GPU path in one command (bench/device_check.py, docs/gpu.md): on a CUDA machine the full check (<= 8 min on one
+# H200), elsewhere a tiny CPU version of every part; prints everything and writes bench/out/device_check.json.
+# On the GPU machine itself (no venv, no internet): python3 bench/device_check.py --out $OUT/device_check.json
+device-check: $(STAMP)
+	$(BIN)/python bench/device_check.py $(DEVICE_CHECK_ARGS)
+
+# what the GPU machine lacks (pydantic and its parts, as Python 3.12 manylinux wheels) into bench/device_wheels/,
+# which is git-ignored: carry it to the device with the working tree
+device-wheels:
+	bash bench/fetch_device_wheels.sh
 
 clean:
 	rm -rf $(VENV)

@@ -125,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             f"Reasoning Scaffolding demo ({args.preset}): run {run_id} of job {JOB} finished in {elapsed / 60:.1f} min",
         )
     )
-    print("Open the UIs with `make ui`: Dagster on http://127.0.0.1:3000, MLflow on http://127.0.0.1:5000")
+    print(
+        "Open the UIs with `make ui`: Dagster on http://127.0.0.1:3000, MLflow's training runs on "
+        + registry.runs_page(store.registry)
+    )
     return 0
 
 

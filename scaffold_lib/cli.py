@@ -5,6 +5,7 @@ the instance's preset (`scaffold init`), `--preset`, `--set section.key=value` a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import types
@@ -52,18 +53,33 @@ def _scalar(annotation: Any) -> tuple[Any, dict]:
     return annotation, {}
 
 
+def config_value(config: BaseModel, path: str) -> Any:
+    """The value at `section.key[.key]` of a resolved PipelineConfig."""
+    for part in path.split("."):
+        config = getattr(config, part)
+    return config
+
+
 def add_flag(parser: argparse.ArgumentParser, flag: str, path: str, help: str | None = None) -> None:
     """A flag that sets config `path`. Its default is the configuration's (preset, then library): the CLI never
-    types a default of its own. Skipped on the subcommands not being run (see `build_parser`)."""
+    types a default of its own, and the help shows the value this instance resolves. Skipped on the subcommands not
+    being run (see `build_parser`)."""
     if not getattr(parser, "with_config_flags", True):
         return
     f = config_field(path)
     kind, extra = _scalar(f.annotation)
     library = f.get_default(call_default_factory=True)
-    text = f"{help or f.description or path} [{path}; library default: {library!r}]"
+    resolve = getattr(parser, "resolved_config", None)
+    resolved = resolve() if resolve is not None else None
+    here = config_value(resolved, path) if resolved is not None else library
+    default = f"default: {here!r}" + (f", library default: {library!r}" if here != library else "")
+    # argparse %-formats help text: a literal % in a description ("~30 % more compute") must be doubled
+    text = f"{help or f.description or path} [{path}; {default}]".replace("%", "%%")
     kwargs: dict[str, Any] = {"dest": FLAG_PREFIX + path, "default": argparse.SUPPRESS, "help": text, **extra}
     if "action" not in extra:
         kwargs["type"] = kind
+        if "choices" not in extra:  # `--steps STEPS`, not argparse's `--steps CFG:TRAIN.MAX_STEPS`
+            kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()
     parser.add_argument(flag, **kwargs)
 
 
@@ -143,13 +159,14 @@ def _read_trace_lines(path: Path):
 
 def cmd_label(args: argparse.Namespace) -> None:
     from scaffold_lib.data.segmentation import segment
-    from scaffold_lib.data.signals import KeywordFileError, LabellerConfig, label_steps
+    from scaffold_lib.data.signals import KeywordFileError, label_steps
 
-    config = LabellerConfig(keywords_path=args.keywords)
+    resolved = settings(args).config
+    config, segmenter = resolved.labeller, resolved.segmentation.segmenter
     out = sys.stdout
     try:
         for _, trace_id, trace in _read_trace_lines(Path(args.traces)):
-            steps = segment(trace, args.segmenter)
+            steps = segment(trace, segmenter)
             for idx, (text, label) in enumerate(zip(steps, label_steps(steps, config))):
                 out.write(
                     json.dumps(
@@ -206,7 +223,11 @@ def _data_overrides(args: argparse.Namespace) -> dict:
         pairs = [pair.split("=", 1) for pair in args.fields.split(",")] if args.fields else []
         if any(len(pair) != 2 for pair in pairs):
             raise CliError(f"--fields {args.fields!r}: expected name=column pairs separated by commas")
-        extra["teacher"].update(backend="import", import_source=args.import_traces, import_fields=dict(pairs))
+        source = str(Path(args.import_traces).resolve()) if Path(args.import_traces).exists() else args.import_traces
+        extra["teacher"].update(backend="import", import_source=source, import_fields=dict(pairs))
+        if getattr(args, FLAG_PREFIX + "problems.source", None) is None and not args.problems_file:
+            # the trace file brings its problems: the synthetic generator's would only sit there untraced
+            extra["problems"]["source"] = "files"
     backend = extra["teacher"].get("backend") or getattr(args, FLAG_PREFIX + "teacher.backend", None)
     if args.model:
         if backend == "hf":
@@ -278,6 +299,7 @@ def _shards_handle(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from scaffold_lib.evaluation.metrics import serving_decode
     from scaffold_lib.pipeline import new_run_id
     from scaffold_lib.store.handles import save_handle
     from scaffold_lib.student.stages import train_model
@@ -285,8 +307,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     resolved = settings(args)
     store, run_id, shards = store_of(args), new_run_id(), _shards_handle(args)
     kinds = ("scaffold", "baseline") if args.kind == "both" else (args.kind,)
+    serving = serving_decode(resolved.config.eval, shards.budget)
     for kind in kinds:
-        model = train_model(store, shards, resolved.config.train, kind, run_id)
+        model = train_model(store, shards, resolved.config.train, kind, run_id, serving_decode=serving)
         save_handle(store.home, "student_model" if kind == "scaffold" else "baseline_model", run_id, model)
         print(
             f"trained {kind} for {model.steps} steps (resumed from {model.resumed_from}): loss {model.first_loss:.3f} "
@@ -322,7 +345,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from scaffold_lib.store.handles import all_handles, save_handle
     from scaffold_lib.student.stages import ShardsHandle
 
-    resolved = settings(args)
+    resolved = settings(args, _suite_file_overrides(args))
     store, run_id = store_of(args), new_run_id()
     student = _model_handle(args, "student_model", args.model)
     baseline = None if args.no_baseline else _model_handle(args, "baseline_model", args.baseline)
@@ -342,8 +365,34 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise CliError(str(exc)) from exc
     save_handle(store.home, "benchmark_scores", run_id, evaluation)
     print(evaluation.comparison_table + "\n\n" + evaluation.score_table)
+    for suite, count in evaluation.quarantined.items():
+        print(
+            f"{suite}: {count} rows of its file quarantined (the warehouse's quarantine table, stage 'suite:{suite}')"
+        )
     if args.samples:
         print("per-sample answers:\n" + "\n".join(f"  {k}: {v}" for k, v in evaluation.samples.items()))
+
+
+def _suite_file_overrides(args: argparse.Namespace) -> dict:
+    """`--suite-file SUITE=FILE` (repeatable), or `--suite-file FILE` when one file suite is scored."""
+    from scaffold_lib.evaluation.suites import SUITES, from_warehouse
+
+    files: dict[str, str] = {}
+    for given in args.suite_file:
+        suite, _, path = given.partition("=")
+        if not path or suite not in SUITES:  # a bare path: the one file suite being scored
+            suites = getattr(args, FLAG_PREFIX + "eval.suites", None) or settings(args).config.eval.suites
+            candidates = [s for s in suites if not from_warehouse(s)]
+            if len(candidates) != 1:
+                raise CliError(
+                    f"--suite-file {given!r}: say which suite it is for (--suite-file SUITE=FILE); "
+                    f"file suites scored: {candidates or 'none (add --suite gsm8k, …)'}"
+                )
+            suite, path = candidates[0], given
+        if not Path(path).is_file():
+            raise CliError(f"--suite-file {given!r}: {path}: no such file")
+        files[suite] = str(Path(path).resolve())
+    return {"eval": {"suite_files": files}} if files else {}
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
@@ -372,7 +421,12 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     try:
         summary = score_predictions(
-            args.suite, args.predictions, suite_file=args.suite_file, out=args.out, data_dir=store_of(args).benchmarks
+            args.suite,
+            args.predictions,
+            suite_file=args.suite_file,
+            out=args.out,
+            data_dir=store_of(args).benchmarks,
+            lenient=settings(args).config.eval.lenient,
         )
     except ValueError as exc:
         raise CliError(str(exc)) from exc
@@ -411,14 +465,15 @@ def cmd_ask(args: argparse.Namespace) -> None:
     resolved = settings(args)
     model, fmt = load_for_eval(_model_dir(args, args.model))
     decode = resolved.config.eval.decode
-    if args.tau is not None:
-        decode = decode.model_copy(update={"tau": args.tau})
     if model.kind == "scaffold":
         gen = ScaffoldDecoder(model, fmt.tokenizer, decode, fmt).generate(args.question)
     else:
         gen = plain_generate(model, fmt.tokenizer, args.question, decode.resolved(None).max_tokens, fmt)
     print(gen.render())
     print(f"\nanswer: {gen.answer}")
+
+
+LINEAGE_SHOWN = 10  # traces listed without --limit / --all: a screenful, not a setting of the pipeline
 
 
 def cmd_lineage(args: argparse.Namespace) -> None:
@@ -441,8 +496,14 @@ def cmd_lineage(args: argparse.Namespace) -> None:
         f"{summary['model']}: trained on {summary['traces']} teacher traces of {summary['problems']} problems "
         f"in {summary['shards']} shards"
     )
-    for t in lineage.traces_of_model(wh, name, version)[: args.show]:
+    if args.limit is not None and args.limit < 1:
+        raise CliError(f"--limit {args.limit}: expected at least 1 (or --all)")
+    traces = lineage.traces_of_model(wh, name, version)
+    shown = traces if args.all else traces[: args.limit or LINEAGE_SHOWN]
+    for t in shown:
         print(f"  trace {t['trace_id']}  problem {t['problem_id']}  ({t['source']}/{t['split']}, {t['teacher']})")
+    if len(shown) < len(traces):
+        print(f"  … {len(shown)} of {len(traces):,} traces shown; --limit N for more, --all for every one")
     for s in summary["scores"]:
         print(
             f"  score {s['benchmark']}/{s['variant']}: {100 * s['accuracy']:.1f} % of {s['n']} "
@@ -475,6 +536,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 def cmd_scores(args: argparse.Namespace) -> None:
     from scaffold_lib.evaluation.metrics import IncomparableScores, comparison_table_markdown, score_table_markdown
+    from scaffold_lib.evaluation.stages import model_label
 
     store = store_of(args)
     version = _version(args, args.model)
@@ -497,7 +559,7 @@ def cmd_scores(args: argparse.Namespace) -> None:
     except IncomparableScores as exc:
         raise CliError(str(exc)) from exc
     print()
-    print(score_table_markdown([{**r, "model": f"{r['model_name']} v{r['version']}"} for r in rows]))
+    print(score_table_markdown([{**r, "model": model_label(r["model_name"], r["version"])} for r in rows]))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -522,22 +584,26 @@ def cmd_run(args: argparse.Namespace) -> None:
 GLOBAL_OPTIONS_WITH_VALUE = ("--home", "--preset", "--set")
 
 
-def command_of(argv: list[str]) -> str | None:
-    """The subcommand named in `argv` (the first word that is neither a global option nor its value), or None."""
-    words = iter(argv)
-    for word in words:
-        if word.startswith("--") and "=" not in word and any(o.startswith(word) for o in GLOBAL_OPTIONS_WITH_VALUE):
-            next(words, None)  # argparse also takes an unambiguous prefix such as --pre
+def _command_index(argv: list[str]) -> int | None:
+    """Where the subcommand stands in `argv` (the first word that is neither a global option nor its value)."""
+    skip = False
+    for i, word in enumerate(argv):
+        if skip:
+            skip = False
+        elif word.startswith("--") and "=" not in word and any(o.startswith(word) for o in GLOBAL_OPTIONS_WITH_VALUE):
+            skip = True  # argparse also takes an unambiguous prefix such as --pre
         elif not word.startswith("-"):
-            return word
+            return i
     return None
 
 
-def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The parser for `argv`. Only the subcommand being run gets its config-derived flags: resolving them imports
-    every stage's settings, and with them torch and transformers (about 4 s that `scaffold label` need not pay)."""
-    command = command_of(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="scaffold", description=__doc__)
+def command_of(argv: list[str]) -> str | None:
+    """The subcommand named in `argv`, or None."""
+    index = _command_index(argv)
+    return None if index is None else argv[index]
+
+
+def add_global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--home",
         default=str(paths.dagster_home()),
@@ -550,22 +616,43 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override one setting, e.g. --set train.max_steps=400 (repeatable)",
     )
+
+
+def resolved_for_help(argv: list[str]):
+    """The configuration the command in `argv` will run with (its global options applied), to show each flag's
+    default; None when the options do not resolve (the command itself then reports why)."""
+    index = _command_index(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    add_global_options(pre)
+    known, _ = pre.parse_known_args(argv[:index])
+    try:
+        return settings(known).config
+    except CliError:
+        return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv`. Only the subcommand being run gets its config-derived flags: resolving them imports
+    every stage's settings, and with them torch and transformers (about 4 s that `scaffold --help` or
+    `import-model` need not pay)."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = command_of(argv)
+    parser = argparse.ArgumentParser(prog="scaffold", description=__doc__)
+    add_global_options(parser)
     subparsers = parser.add_subparsers(dest="command", required=True)
+    # resolved only when a config flag is added: `scaffold import-model` need not import every stage's settings
+    resolved = functools.cache(lambda: resolved_for_help(argv))
 
     def add_command(name: str, **kwargs) -> argparse.ArgumentParser:
         p = subparsers.add_parser(name, **kwargs)
         p.with_config_flags = name == command
+        p.resolved_config = resolved
         return p
 
     p = add_command("label", help="segment and keyword-label traces from a JSONL file (fields: id, trace)")
     p.add_argument("traces", help='JSONL file, one {"id": ..., "trace": ...} per line')
-    p.add_argument("--keywords", default=None, help="keyword file (TOML) replacing the built-in one")
-    p.add_argument(
-        "--segmenter",
-        choices=["blank_line", "line", "auto"],
-        default="blank_line",
-        help="blank_line (R1-style traces), line (GSM8K-style solutions), auto",
-    )
+    add_flag(p, "--keywords", "labeller.keywords_path")
+    add_flag(p, "--segmenter", "segmentation.segmenter")
     p.set_defaults(func=cmd_label)
 
     p = add_command("presets", help="list the named presets")
@@ -596,9 +683,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_flag(p, "--max-tokens", "teacher.endpoint.max_tokens")
     add_flag(p, "--temperature", "teacher.endpoint.temperature")
     add_flag(p, "--journal-dir", "teacher.journal_dir")
-    p.add_argument("--import-traces", default=None, help="take traces from this JSONL/Parquet file or HF dataset")
     p.add_argument(
-        "--fields", default=None, help="import columns, e.g. question=problem,thinking=generation,answer=final"
+        "--import-traces",
+        default=None,
+        help="take traces (and their problems and gold answers) from this JSONL/Parquet file, folder, saved dataset "
+        "or HF dataset name; replaces the synthetic generator unless --source is given",
+    )
+    add_flag(p, "--format", "teacher.import_format")
+    p.add_argument(
+        "--fields",
+        default=None,
+        help="import columns over the format's, e.g. question=problem,thinking=generation,answer=final,gold=answer",
     )
     add_flag(p, "--segmenter", "segmentation.segmenter")
     add_flag(p, "--keywords", "labeller.keywords_path")
@@ -645,6 +740,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_flag(p, "--limit", "eval.limit")
     add_flag(p, "--variants", "eval.variants")
     add_flag(p, "--include-base", "eval.include_base")
+    p.add_argument(
+        "--suite-file",
+        action="append",
+        default=[],
+        metavar="[SUITE=]FILE",
+        help="a suite's data file in its public format (JSONL/JSON/Parquet), e.g. --suite gsm8k --suite-file my.jsonl; "
+        "repeat as SUITE=FILE for several suites (default: eval.suite_files, else <home>/benchmarks/<public name>)",
+    )
+    add_flag(p, "--lenient", "eval.lenient")
     p.add_argument("--samples", action="store_true", help="list where the per-sample answers were written")
     p.set_defaults(func=cmd_eval)
 
@@ -653,6 +757,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--suite-file", default=None, help="the suite's data file (default: <home>/benchmarks/<file>)")
     p.add_argument("--predictions", required=True, help="JSONL: `output` and `question` (or the suite's id field)")
     p.add_argument("--out", default=None, help="write per-item rows (question, extracted, gold, correct) here")
+    add_flag(p, "--lenient", "eval.lenient")
     p.set_defaults(func=cmd_score)
 
     p = add_command(
@@ -680,14 +785,16 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = add_command("ask", help="answer one question, printing signal-tagged steps")
     p.add_argument("question")
     p.add_argument("--model", default="champion", help="model directory, or champion / challenger / version")
-    p.add_argument("--tau", type=float, default=None, help="confidence to write another step (default: the config's)")
+    add_flag(p, "--tau", "eval.decode.tau")
     p.set_defaults(func=cmd_ask)
 
     p = add_command("lineage", help="which traces trained a model / which models used a trace")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--model", help="champion / challenger / version number")
     group.add_argument("--trace", help="a trace_id")
-    p.add_argument("--show", type=int, default=10, help="how many traces to list")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--limit", type=int, default=None, help=f"list this many traces (default: {LINEAGE_SHOWN})")
+    shown.add_argument("--all", action="store_true", help="list every trace")
     p.set_defaults(func=cmd_lineage)
 
     p = add_command(

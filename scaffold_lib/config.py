@@ -27,7 +27,7 @@ from scaffold_lib.data.stages import LabellingConfig, TeacherConfig
 from scaffold_lib.evaluation.decontamination import DecontaminationConfig
 from scaffold_lib.evaluation.metrics import EvalConfig
 from scaffold_lib.evaluation.stages import PromotionConfig
-from scaffold_lib.student.model import StudentConfig
+from scaffold_lib.student.model import SignalInjection, StudentConfig
 from scaffold_lib.student.stages import ShardsConfig
 from scaffold_lib.student.training import TrainConfig
 
@@ -36,7 +36,8 @@ DEFAULT_PRESET = "demo"  # what an instance that never chose one runs
 
 
 class ExperimentConfig(BaseModel):
-    """Seeds, the τ grid and the optional β grid, both searched on validation; test is scored once."""
+    """Seeds; the grids searched on validation (τ for every seed; signal injection and β on the first seed); test is
+    scored once, the OOD suites the warehouse holds too; optional sample-efficiency fractions."""
 
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="training seeds per arm")
     taus: list[float] = Field(
@@ -46,6 +47,16 @@ class ExperimentConfig(BaseModel):
     betas: list[float] = Field(
         default_factory=list, description="β values tried on validation (first seed); empty: the train section's β"
     )
+    injections: list[SignalInjection] = Field(
+        default_factory=list,
+        description="signal injections tried on validation (first seed); empty: the student section's",
+    )
+    fractions: list[float] = Field(
+        default_factory=list,
+        description="shares of the training data both arms are also trained on (first seed) for the "
+        "sample-efficiency curve; the full data is the main run",
+    )
+    ood_limit: int | None = Field(None, ge=1, description="items per OOD suite (default: all)")
     validation_limit: int | None = Field(None, ge=1, description="validation items (default: all)")
     test_limit: int | None = Field(None, ge=1, description="test items (default: all)")
     bootstrap: int = Field(10_000, ge=100, description="paired bootstrap resamples")

@@ -1,15 +1,25 @@
-"""The experiment: does scaffolding beat CoT distillation? Both arms are trained over several seeds on the same data;
-τ (and, when asked, β) is chosen on the validation split; every variant is then scored once on the test split; the
-arms are compared item by item (paired bootstrap interval, exact McNemar test), per seed and pooled over seeds; the
-wrong answers are sorted into error categories; and the signal head's calibration is measured on validation.
+"""The experiment: does scaffolding beat CoT distillation? The protocol `docs/preregistration.md` fixes before a
+confirmatory run:
 
-Everything lands in the warehouse (`experiment_scores`, with item-level correctness in `item_scores` through the
-evaluation ids) and in MLflow (a parent run holding the report and the τ plot, the training runs as its children).
-`scaffold experiment` and the Dagster `experiment` job run this function.
+1. settings tuned on validation only: the signal injection and β (first seed, when grids are given), then τ (every
+   seed); test is scored once, with what validation chose;
+2. the bed's own diagnostics on validation (`evaluation.bed`): step execution of both arms, and the next signal as
+   four predictors see it (position, position + previous signal, the CoT-SFT student's implicit choice, the head);
+3. both arms trained over the seeds on the same traces for the same number of epochs (tokens seen are reported);
+4. every variant scored on the test split and on the out-of-distribution suites the warehouse holds;
+5. comparisons with the item as the unit: per item, correctness averaged over seeds, the arms paired over items
+   (bootstrap interval, sign-flip test); McNemar per seed as a secondary analysis;
+6. sample efficiency: both arms retrained (first seed) on fractions of the training data;
+7. wrong answers by cause, and the signal head's calibration on validation.
+
+Everything lands in the warehouse (`experiment_scores`, item-level rows in `item_scores`) and in MLflow (a parent run
+with the report and the τ plot, the training runs as its children). `scaffold experiment` and the Dagster
+`experiment` job run `run_experiment`.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
@@ -17,23 +27,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from scaffold_lib.config import PipelineConfig
 from scaffold_lib.core.ids import content_id
+from scaffold_lib.evaluation import bed
 from scaffold_lib.evaluation.errors import error_table, error_table_markdown
-from scaffold_lib.evaluation.metrics import signal_predictions
+from scaffold_lib.evaluation.metrics import EvalConfig, serving_decode, signal_predictions
 from scaffold_lib.evaluation.stages import EvaluationHandle, evaluate_models, heldout_items, load_for_eval
-from scaffold_lib.evaluation.stats import Calibration, calibration, mean_sd, paired_comparison
-from scaffold_lib.evaluation.suites import HELDOUT
+from scaffold_lib.evaluation.stats import calibration, item_comparison, mean_sd, paired_comparison
+from scaffold_lib.evaluation.suites import HELDOUT, OOD_SUITES
 from scaffold_lib.store.store import Store
-from scaffold_lib.student.stages import ModelHandle, ShardsHandle, pack_shards, train_model
+from scaffold_lib.student.stages import ModelHandle, ShardsHandle, pack_shards, train_model, training_traces
 
-COMPARISONS = (
-    ("predicted", "cot_sft"),
-    ("golden", "predicted"),
-    ("predicted", "random"),
-    ("summaries_only", "predicted"),
-    ("golden", "cot_sft"),
-)
+PRIMARY = ("predicted", "cot_sft")
+SECONDARY = (("golden", "predicted"), ("predicted", "random"), ("summaries_only", "predicted"), ("golden", "cot_sft"))
+COMPARISONS = (PRIMARY, *SECONDARY)
+Log = Callable[[str], None]
 
 
 @dataclass
@@ -41,36 +51,407 @@ class ExperimentResult:
     experiment_id: str
     tau: float
     beta: float
+    injection: str
     report: str
-    comparisons: dict[str, dict] = field(default_factory=dict)  # "predicted-cot_sft" -> pooled PairedComparison
+    # "suite:a-b" -> ItemComparison as a dict (the primary is "heldout:predicted-cot_sft")
+    comparisons: dict[str, dict] = field(default_factory=dict)
     per_seed: dict[str, dict[int, float]] = field(default_factory=dict)  # variant -> seed -> test Pass@1
+    diagnostics: dict = field(default_factory=dict)
+    efficiency: list[dict] = field(default_factory=list)
     report_path: str = ""
     plot_path: str = ""
     minutes: float = 0.0
 
+    @property
+    def primary(self) -> dict:
+        return self.comparisons.get(f"{HELDOUT}:{'-'.join(PRIMARY)}", {})
 
-def _item_correctness(store: Store, evaluation: EvaluationHandle) -> dict[tuple[str, str], dict[str, bool]]:
-    """(model name, variant) -> doc_id -> correct, for one evaluation."""
-    rows = store.warehouse.query(
-        "SELECT model_name, variant, doc_id, correct FROM item_scores WHERE evaluation_id = ?",
-        [evaluation.evaluation_id],
+
+@dataclass
+class Context:
+    """What every part of one experiment shares."""
+
+    store: Store
+    cfg: PipelineConfig
+    run_id: str
+    experiment_id: str
+    tags: dict[str, str]
+    log: Log
+    progress: bool
+    rows: list[dict] = field(default_factory=list)  # experiment_scores rows
+
+    def record(self, seed: int, evaluation: EvaluationHandle, tau: float, purpose: str) -> None:
+        self.rows += [
+            {
+                "experiment_id": self.experiment_id,
+                "seed": seed,
+                "tau": tau,
+                "purpose": purpose,
+                "evaluation_id": evaluation.evaluation_id,
+                **{k: r[k] for k in ("model_name", "version", "variant", "split", "n", "accuracy", "mean_steps")},
+            }
+            for r in evaluation.rows
+        ]
+
+    def train(self, shards: ShardsHandle, kind: str, seed: int, beta: float, fraction: float = 1.0) -> ModelHandle:
+        train = self.cfg.train.model_copy(update={"seed": seed, "beta": beta, "data_fraction": fraction})
+        serving = serving_decode(self.cfg.eval, shards.budget)
+        tags = {**self.tags, "seed": str(seed), "data_fraction": str(fraction)}
+        return train_model(
+            self.store, shards, train, kind, self.run_id, tags=tags, serving_decode=serving, progress=self.progress
+        )
+
+    def evaluate(
+        self, student: ModelHandle, baseline: ModelHandle | None, shards: ShardsHandle, **update
+    ) -> EvaluationHandle:
+        cfg: EvalConfig = self.cfg.eval.model_copy(update=update)
+        return evaluate_models(self.store, student, baseline, shards, cfg, self.run_id)
+
+    def validate(self, student: ModelHandle, shards: ShardsHandle, tau: float) -> float:
+        exp = self.cfg.experiment
+        evaluation = self.evaluate(
+            student,
+            None,
+            shards,
+            suites=[HELDOUT],
+            split="validation",
+            limit=exp.validation_limit,
+            variants=["predicted"],
+            include_base=False,
+            export_samples=False,
+            decode=self.cfg.eval.decode.model_copy(update={"tau": tau}),
+        )
+        self.record(int(student.train_config["seed"]), evaluation, tau, "validation")
+        return next(r["accuracy"] for r in evaluation.rows if r["variant"] == "predicted")
+
+
+def run_experiment(
+    store: Store,
+    cfg: PipelineConfig,
+    run_id: str | None = None,
+    *,
+    preset: str = "",
+    log: Log = print,
+    progress: bool = False,
+) -> ExperimentResult:
+    """Tune on validation, train both arms over seeds, test once, compare item by item; the data stages must have run
+    (`pipeline.run_data_stages`)."""
+    from scaffold_lib.store import registry
+
+    started = time.perf_counter()
+    run_id = run_id or f"experiment-{uuid.uuid4()}"
+    experiment_id = content_id("experiment", cfg.model_dump(mode="json"), run_id)
+    reg = store.registry
+    parent = registry.start_run(
+        reg,
+        f"experiment-{experiment_id[:8]}",
+        params={"experiment": cfg.experiment.model_dump(), "train": cfg.train.model_dump(), "preset": preset},
+        tags={"experiment_id": experiment_id, "kind": "experiment", "run_id": run_id},
     )
-    out: dict[tuple[str, str], dict[str, bool]] = {}
-    for r in rows:
-        out.setdefault((r["model_name"], r["variant"]), {})[r["doc_id"]] = r["correct"]
+    ctx = Context(
+        store, cfg, run_id, experiment_id, {"experiment_id": experiment_id, "mlflow.parentRunId": parent}, log, progress
+    )
+    try:
+        result = _run(ctx, preset)
+    except BaseException:
+        registry.finish_run(reg, parent, failed=True)
+        raise
+    result.minutes = (time.perf_counter() - started) / 60
+    registry.log_metrics(
+        reg,
+        parent,
+        0,
+        {f"{k}.difference": v["difference"] for k, v in result.comparisons.items()}
+        | {f"{k}.p_value": v["p_value"] for k, v in result.comparisons.items()}
+        | {"tau": result.tau, "beta": result.beta, "minutes": result.minutes},
+    )
+    client = registry.client(reg)
+    client.log_text(parent, result.report, "report.md")
+    client.log_artifact(parent, result.plot_path)
+    registry.finish_run(reg, parent)
+    log(f"experiment {experiment_id}: {result.minutes:.1f} min; report {result.report_path}")
+    return result
+
+
+def _run(ctx: Context, preset: str) -> ExperimentResult:
+    exp = ctx.cfg.experiment
+    shards = pack_shards(ctx.store, ctx.cfg.shards, ctx.cfg.student, ctx.run_id)
+    ctx.log(f"shards: {shards.traces} training traces, manifests {shards.manifests}")
+    shards, beta, tuning, first = tune_student(ctx, shards)
+    students, baselines = train_arms(ctx, shards, beta, first)
+    tau, sweep = choose_tau(ctx, shards, students)
+    diagnostics = diagnose_bed(ctx, students[exp.seeds[0]], baselines[exp.seeds[0]])
+    diagnostics["tuning"] = tuning
+    tests = score_on_test(ctx, shards, students, baselines, tau)
+    comparisons, per_seed, mcnemar = compare(ctx, tests)
+    efficiency = sample_efficiency(ctx, shards, beta, tau, students, baselines, tests)
+    ctx.store.warehouse.insert_new(
+        "experiment_scores", [{**r, "row_id": content_id("experiment-row", r)} for r in ctx.rows], ctx.run_id
+    )
+    out_dir = ctx.store.artifacts / "experiments" / ctx.experiment_id
+    plot = tau_plot(sweep, tau, out_dir / "tau.png")
+    result = ExperimentResult(
+        ctx.experiment_id,
+        tau,
+        beta,
+        shards.signal_injection,
+        "",
+        comparisons,
+        per_seed,
+        diagnostics,
+        efficiency,
+        str(out_dir / "report.md"),
+        str(plot),
+    )
+    errors = error_table(_error_rows(ctx.store, [e for e in tests[HELDOUT].values()]))
+    result.report = render_report(ctx, preset, shards, result, sweep, mcnemar, errors, students, baselines)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.md").write_text(result.report)
+    summary = {k: getattr(result, k) for k in ("tau", "beta", "injection", "comparisons", "per_seed", "efficiency")}
+    (out_dir / "summary.json").write_text(
+        json.dumps({**summary, "diagnostics": diagnostics, "errors": errors}, indent=2, default=str)
+    )
+    return result
+
+
+# --- 1. tuning on validation ---------------------------------------------------------------------------------------
+
+
+def tune_student(ctx: Context, shards: ShardsHandle) -> tuple[ShardsHandle, float, list[dict], ModelHandle | None]:
+    """The signal injection and β with the best validation Pass@1 (first seed, τ = the grid's first), when the
+    experiment gives grids; ties go to the listed order. Returns the shards handle carrying the chosen injection, β,
+    the grid's scores and the first seed's scaffold student of the chosen setting (not trained again)."""
+    exp = ctx.cfg.experiment
+    injections = exp.injections or [shards.signal_injection]
+    betas = exp.betas or [ctx.cfg.train.beta]
+    grid = list(itertools.product(injections, betas))
+    if len(grid) == 1:
+        return shards.model_copy(update={"signal_injection": grid[0][0]}), grid[0][1], [], None
+    scores, models = [], {}
+    for injection, beta in grid:
+        candidate = shards.model_copy(update={"signal_injection": injection})
+        models[injection, beta] = ctx.train(candidate, "scaffold", exp.seeds[0], beta)
+        accuracy = ctx.validate(models[injection, beta], candidate, exp.taus[0])
+        scores.append({"injection": injection, "beta": beta, "validation_pass_at_1": accuracy})
+        ctx.log(f"injection {injection}, β = {beta}: validation Pass@1 {100 * accuracy:.1f} %")
+    best = max(scores, key=lambda s: s["validation_pass_at_1"])  # max keeps the first of equals
+    chosen = (best["injection"], best["beta"])
+    return shards.model_copy(update={"signal_injection": chosen[0]}), chosen[1], scores, models[chosen]
+
+
+# --- 3. both arms over the seeds -----------------------------------------------------------------------------------
+
+
+def train_arms(
+    ctx: Context, shards: ShardsHandle, beta: float, first: ModelHandle | None
+) -> tuple[dict[int, ModelHandle], dict[int, ModelHandle]]:
+    students, baselines = {}, {}
+    for i, seed in enumerate(ctx.cfg.experiment.seeds):
+        students[seed] = first if i == 0 and first is not None else ctx.train(shards, "scaffold", seed, beta)
+        baselines[seed] = ctx.train(shards, "baseline", seed, beta)
+        ctx.log(
+            f"seed {seed}: scaffold v{students[seed].version} ({students[seed].steps} steps, "
+            f"{students[seed].train_tokens:,} tokens, loss {students[seed].final_loss:.3f}), baseline "
+            f"v{baselines[seed].version} ({baselines[seed].steps} steps, {baselines[seed].train_tokens:,} tokens, "
+            f"loss {baselines[seed].final_loss:.3f})"
+        )
+    return students, baselines
+
+
+def choose_tau(
+    ctx: Context, shards: ShardsHandle, students: dict[int, ModelHandle]
+) -> tuple[float, dict[float, list[float]]]:
+    """τ with the best mean validation Pass@1 over the seeds (ties to the smaller τ)."""
+    taus = ctx.cfg.experiment.taus
+    sweep: dict[float, list[float]] = {t: [] for t in taus}
+    for student in students.values():
+        for tau in taus:
+            sweep[tau].append(ctx.validate(student, shards, tau))
+    tau = max(taus, key=lambda t: (mean_sd(sweep[t])[0], -t))
+    ctx.log(
+        f"τ chosen on validation: {tau} ("
+        + ", ".join(f"{t}: {100 * mean_sd(v)[0]:.1f} %" for t, v in sweep.items())
+        + ")"
+    )
+    return tau, sweep
+
+
+# --- 2. the bed's diagnostics ----------------------------------------------------------------------------------------
+
+
+def diagnose_bed(ctx: Context, student: ModelHandle, baseline: ModelHandle) -> dict:
+    """Step execution of both arms and the four next-signal predictors, on validation (first seed's models), and the
+    signal head's calibration there."""
+    items = heldout_items(ctx.store.warehouse, "validation", ctx.cfg.experiment.validation_limit)
+    flows = [t["signals"] for t in training_traces(ctx.store.warehouse, ("train",))[0]]
+    scaffold, scaffold_fmt = load_for_eval(student.path)
+    plain, plain_fmt = load_for_eval(baseline.path)
+    probs, targets = signal_predictions(scaffold, scaffold_fmt, items)
+    conf, pred = probs.max(-1)
+    out = {
+        "step_execution": {
+            "scaffold": bed.step_execution(scaffold, scaffold_fmt, items),
+            "cot_sft": bed.step_execution(plain, plain_fmt, items),
+        },
+        "next_signal": {
+            **bed.structure_accuracy(flows, items),
+            "cot_sft_implicit": bed.implicit_signal_accuracy(plain, plain_fmt, items)["cot_sft_implicit"],
+            "signal_head": float((pred == targets).float().mean()) if len(targets) else None,
+        },
+        "signals_in_training": bed.flow_table(flows),
+        "calibration": calibration(conf.tolist(), (pred == targets).tolist()),
+    }
+    ctx.log(f"bed diagnostics: {json.dumps({k: v for k, v in out.items() if k != 'calibration'}, default=str)}")
     return out
 
 
-def _accuracy(evaluation: EvaluationHandle, variant: str) -> tuple[float, dict]:
-    row = next(r for r in evaluation.rows if r["variant"] == variant)
-    return row["accuracy"], row
+# --- 4. test, once ---------------------------------------------------------------------------------------------------
 
 
-def _forced_share(store: Store, evaluation: EvaluationHandle) -> float:
-    return store.warehouse.scalar(
-        "SELECT coalesce(avg((stopped_by = 'tau')::INT), 0) FROM item_scores WHERE evaluation_id = ? "
-        "AND variant = 'predicted'",
-        [evaluation.evaluation_id],
+def ood_suites(ctx: Context) -> list[str]:
+    """The OOD suites the warehouse holds problems of."""
+    present = {r["split"] for r in ctx.store.warehouse.query("SELECT DISTINCT split FROM problems")}
+    return [s for s in OOD_SUITES if s in present]
+
+
+def score_on_test(
+    ctx: Context,
+    shards: ShardsHandle,
+    students: dict[int, ModelHandle],
+    baselines: dict[int, ModelHandle],
+    tau: float,
+) -> dict[str, dict[int, EvaluationHandle]]:
+    """suite -> seed -> evaluation: every variant on the test split, then on each OOD suite, with the chosen τ."""
+    exp = ctx.cfg.experiment
+    decode = ctx.cfg.eval.decode.model_copy(update={"tau": tau})
+    plan = [(HELDOUT, exp.test_limit)] + [(s, exp.ood_limit) for s in ood_suites(ctx)]
+    out: dict[str, dict[int, EvaluationHandle]] = {}
+    for suite, limit in plan:
+        for i, seed in enumerate(exp.seeds):
+            evaluation = ctx.evaluate(
+                students[seed],
+                baselines[seed],
+                shards,
+                suites=[suite],
+                split="test",
+                limit=limit,
+                decode=decode,
+                include_base=ctx.cfg.eval.include_base and i == 0 and suite == HELDOUT,
+            )
+            ctx.record(seed, evaluation, tau, "test" if suite == HELDOUT else suite)
+            out.setdefault(suite, {})[seed] = evaluation
+    return out
+
+
+# --- 5. comparisons, the item as the unit -----------------------------------------------------------------------------
+
+
+def item_matrix(
+    store: Store, evaluations: dict[int, EvaluationHandle], a: str, b: str
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """[items, seeds] correctness of variants `a` and `b` over the items both answered under every seed."""
+    by = {v: {} for v in (a, b)}
+    for seed, evaluation in evaluations.items():
+        for r in store.warehouse.query(
+            "SELECT variant, doc_id, correct FROM item_scores WHERE evaluation_id = ? AND list_contains(?, variant)",
+            [evaluation.evaluation_id, [a, b]],
+        ):
+            by[r["variant"]].setdefault(r["doc_id"], {})[seed] = r["correct"]
+    seeds = sorted(evaluations)
+    items = sorted(d for d in by[a] if d in by[b] and len(by[a][d]) == len(by[b][d]) == len(seeds))
+    if not items:
+        return None
+    return tuple(np.array([[by[v][d][s] for s in seeds] for d in items], dtype=bool) for v in (a, b))
+
+
+def compare(ctx: Context, tests: dict[str, dict[int, EvaluationHandle]]) -> tuple[dict, dict, list[str]]:
+    """(comparisons "suite:a-b" -> ItemComparison dict, variant -> seed -> test Pass@1, McNemar lines per seed of the
+    primary comparison)."""
+    exp = ctx.cfg.experiment
+    comparisons, mcnemar = {}, []
+    for suite, evaluations in tests.items():
+        pairs = COMPARISONS if suite == HELDOUT else (PRIMARY, ("golden", "predicted"))
+        for a, b in pairs:
+            matrices = item_matrix(ctx.store, evaluations, a, b)
+            if matrices is None:
+                continue
+            comparisons[f"{suite}:{a}-{b}"] = item_comparison(*matrices, exp.bootstrap).as_dict()
+            if suite == HELDOUT and (a, b) == PRIMARY:
+                mcnemar = [
+                    f"- seed {seed}: "
+                    + paired_comparison(matrices[0][:, j], matrices[1][:, j], exp.bootstrap, seed).line(a, b)
+                    for j, seed in enumerate(sorted(evaluations))
+                ]
+    per_seed: dict[str, dict[int, float]] = {}
+    for seed, evaluation in tests[HELDOUT].items():
+        for r in evaluation.rows:
+            per_seed.setdefault(r["variant"], {})[seed] = r["accuracy"]
+    return comparisons, per_seed, mcnemar
+
+
+# --- 6. sample efficiency --------------------------------------------------------------------------------------------
+
+
+def sample_efficiency(
+    ctx: Context,
+    shards: ShardsHandle,
+    beta: float,
+    tau: float,
+    students: dict[int, ModelHandle],
+    baselines: dict[int, ModelHandle],
+    tests: dict[str, dict[int, EvaluationHandle]],
+) -> list[dict]:
+    """Test Pass@1 of both arms (first seed) trained on each configured fraction of the training data, the full data
+    being the main run's first seed; the difference paired over items."""
+    exp = ctx.cfg.experiment
+    seed = exp.seeds[0]
+    points = []
+    for fraction in sorted({*exp.fractions, 1.0}):
+        if fraction == 1.0:
+            evaluation = tests[HELDOUT][seed]
+            student, baseline = students[seed], baselines[seed]
+        else:
+            student = ctx.train(shards, "scaffold", seed, beta, fraction)
+            baseline = ctx.train(shards, "baseline", seed, beta, fraction)
+            evaluation = ctx.evaluate(
+                student,
+                baseline,
+                shards,
+                suites=[HELDOUT],
+                split="test",
+                limit=exp.test_limit,
+                variants=["predicted"],
+                include_base=False,
+                decode=ctx.cfg.eval.decode.model_copy(update={"tau": tau}),
+            )
+            ctx.record(seed, evaluation, tau, f"fraction-{fraction}")
+        matrices = item_matrix(ctx.store, {seed: evaluation}, *PRIMARY)
+        c = item_comparison(*matrices, exp.bootstrap).as_dict()
+        points.append(
+            {
+                "fraction": fraction,
+                "scaffold_tokens": student.train_tokens,
+                "cot_sft_tokens": baseline.train_tokens,
+                **c,
+            }
+        )
+        ctx.log(
+            f"data fraction {fraction}: predicted {100 * c['accuracy_a']:.1f} %, cot_sft {100 * c['accuracy_b']:.1f} %"
+        )
+    return points
+
+
+# --- 7. the report ---------------------------------------------------------------------------------------------------
+
+
+def _error_rows(store: Store, evaluations: list[EvaluationHandle]) -> list[dict]:
+    ids = [e.evaluation_id for e in evaluations]
+    return store.warehouse.query(
+        """
+        SELECT i.variant AS arm, p.question, i.response, i.extracted, i.stopped_by, i.correct
+        FROM item_scores i JOIN problems p ON p.problem_id = i.doc_id
+        WHERE list_contains(?, i.evaluation_id) AND list_contains(['predicted', 'cot_sft', 'golden'], i.variant)""",
+        [ids],
     )
 
 
@@ -98,350 +479,143 @@ def tau_plot(sweep: dict[float, list[float]], chosen: float, path: Path) -> Path
     return path
 
 
-def run_experiment(
-    store: Store,
-    cfg: PipelineConfig,
-    run_id: str | None = None,
-    *,
-    preset: str = "",
-    log: Callable[[str], None] = print,
-    progress: bool = False,
-) -> ExperimentResult:
-    """Train, tune on validation, test once, compare; the data stages must have run (`pipeline.run_data_stages`)."""
-    from scaffold_lib.store import registry
-
-    started = time.perf_counter()
-    run_id = run_id or f"experiment-{uuid.uuid4()}"
-    exp = cfg.experiment
-    experiment_id = content_id("experiment", cfg.model_dump(mode="json"), run_id)
-    out_dir = store.artifacts / "experiments" / experiment_id
-    reg = store.registry
-    parent = registry.start_run(
-        reg,
-        f"experiment-{experiment_id[:8]}",
-        params={"experiment": exp.model_dump(), "train": cfg.train.model_dump(), "preset": preset},
-        tags={"experiment_id": experiment_id, "kind": "experiment", "run_id": run_id},
-    )
-    try:
-        result = _run(store, cfg, run_id, experiment_id, parent, out_dir, preset, log, progress)
-    except BaseException:
-        registry.finish_run(reg, parent, failed=True)
-        raise
-    result.minutes = (time.perf_counter() - started) / 60
-    registry.log_metrics(
-        reg,
-        parent,
-        0,
-        {f"pooled.{k}.difference": v["difference"] for k, v in result.comparisons.items()}
-        | {f"pooled.{k}.p_value": v["p_value"] for k, v in result.comparisons.items()}
-        | {"tau": result.tau, "beta": result.beta, "minutes": result.minutes},
-    )
-    client = registry.client(reg)
-    client.log_text(parent, result.report, "report.md")
-    client.log_artifact(parent, result.plot_path)
-    registry.finish_run(reg, parent)
-    log(f"experiment {experiment_id}: {result.minutes:.1f} min; report {result.report_path}")
-    return result
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
 
 
-def _train(
-    store: Store,
-    shards: ShardsHandle,
-    cfg: PipelineConfig,
-    kind: str,
-    seed: int,
-    beta: float,
-    run_id: str,
-    tags: dict[str, str],
-    progress: bool,
-) -> ModelHandle:
-    train = cfg.train.model_copy(update={"seed": seed, "beta": beta})
-    serving = cfg.eval.decode.resolved(shards.budget).model_dump()
-    return train_model(
-        store, shards, train, kind, run_id, tags={**tags, "seed": str(seed)}, serving_decode=serving, progress=progress
-    )
-
-
-def _run(
-    store: Store,
-    cfg: PipelineConfig,
-    run_id: str,
-    experiment_id: str,
-    parent: str,
-    out_dir: Path,
+def render_report(
+    ctx: Context,
     preset: str,
-    log: Callable[[str], None],
-    progress: bool,
-) -> ExperimentResult:
-    exp = cfg.experiment
-    tags = {"experiment_id": experiment_id, "mlflow.parentRunId": parent}
-    shards = pack_shards(store, cfg.shards, cfg.student, run_id)
-    log(f"shards: {shards.traces} training traces, manifests {shards.manifests}")
-    validation = cfg.eval.model_copy(
-        update={
-            "suites": [HELDOUT],
-            "split": "validation",
-            "limit": exp.validation_limit,
-            "variants": ["predicted"],
-            "include_base": False,
-            "export_samples": False,
-        }
-    )
-    rows: list[dict] = []
-
-    def record(seed: int, evaluation: EvaluationHandle, tau: float, purpose: str) -> None:
-        for r in evaluation.rows:
-            rows.append(
-                {
-                    "experiment_id": experiment_id,
-                    "seed": seed,
-                    "model_name": r["model_name"],
-                    "version": r["version"],
-                    "variant": r["variant"],
-                    "split": r["split"],
-                    "tau": tau,
-                    "purpose": purpose,
-                    "n": r["n"],
-                    "accuracy": r["accuracy"],
-                    "mean_steps": r["mean_steps"],
-                    "evaluation_id": evaluation.evaluation_id,
-                }
-            )
-
-    def validate(model: ModelHandle, tau: float) -> EvaluationHandle:
-        decode = validation.decode.model_copy(update={"tau": tau})
-        return evaluate_models(store, model, None, shards, validation.model_copy(update={"decode": decode}), run_id)
-
-    # β on validation (first seed), when a grid is given
-    beta, beta_scores = cfg.train.beta, {}
-    if exp.betas:
-        for b in exp.betas:
-            candidate = _train(store, shards, cfg, "scaffold", exp.seeds[0], b, run_id, tags, progress)
-            beta_scores[b] = _accuracy(validate(candidate, 0.0), "predicted")[0]
-            log(f"β = {b}: validation Pass@1 {100 * beta_scores[b]:.1f} %")
-        beta = max(exp.betas, key=lambda b: (beta_scores[b], -b))
-    students, baselines = {}, {}
-    for seed in exp.seeds:
-        students[seed] = _train(store, shards, cfg, "scaffold", seed, beta, run_id, tags, progress)
-        baselines[seed] = _train(store, shards, cfg, "baseline", seed, beta, run_id, tags, progress)
-        log(
-            f"seed {seed}: scaffold v{students[seed].version} loss {students[seed].final_loss:.3f}, "
-            f"baseline v{baselines[seed].version} loss {baselines[seed].final_loss:.3f}"
-        )
-
-    # τ on validation, and the signal head's calibration there
-    sweep: dict[float, list[float]] = {t: [] for t in exp.taus}
-    sweep_rows = []
-    confidences, hits = [], []
-    val_items = heldout_items(store.warehouse, "validation", exp.validation_limit)
-    for seed, student in students.items():
-        model, fmt = load_for_eval(student.path)
-        probs, targets = signal_predictions(model, fmt, val_items)
-        conf, pred = probs.max(-1)
-        confidences += conf.tolist()
-        hits += (pred == targets).tolist()
-        for tau in exp.taus:
-            evaluation = validate(student, tau)
-            accuracy, row = _accuracy(evaluation, "predicted")
-            sweep[tau].append(accuracy)
-            sweep_rows.append(
-                {
-                    "seed": seed,
-                    "tau": tau,
-                    "accuracy": accuracy,
-                    "mean_steps": row["mean_steps"],
-                    "forced": _forced_share(store, evaluation),
-                }
-            )
-            record(seed, evaluation, tau, "validation")
-    tau = max(exp.taus, key=lambda t: (mean_sd(sweep[t])[0], -t))  # ties go to the smaller τ
-    log(
-        f"τ chosen on validation: {tau} ("
-        + ", ".join(f"{t}: {100 * mean_sd(v)[0]:.1f} %" for t, v in sweep.items())
-        + ")"
-    )
-    calib = calibration(confidences, hits)
-
-    # test, once
-    test = cfg.eval.model_copy(
-        update={
-            "suites": [HELDOUT],
-            "split": "test",
-            "limit": exp.test_limit,
-            "decode": cfg.eval.decode.model_copy(update={"tau": tau}),
-        }
-    )
-    by_seed: dict[int, dict[tuple[str, str], dict[str, bool]]] = {}
-    per_seed: dict[str, dict[int, float]] = {}
-    test_evaluations = {}
-    for i, seed in enumerate(exp.seeds):
-        run_cfg = test.model_copy(update={"include_base": test.include_base and i == 0})
-        evaluation = evaluate_models(store, students[seed], baselines[seed], shards, run_cfg, run_id)
-        test_evaluations[seed] = evaluation
-        record(seed, evaluation, tau, "test")
-        by_seed[seed] = _item_correctness(store, evaluation)
-        for r in evaluation.rows:
-            per_seed.setdefault(r["variant"], {})[seed] = r["accuracy"]
-    store.warehouse.insert_new(
-        "experiment_scores", [{**r, "row_id": content_id("experiment-row", r)} for r in rows], run_id
-    )
-
-    comparisons, per_seed_lines = {}, []
-    for a, b in COMPARISONS:
-        pooled_a, pooled_b = [], []
-        for seed in exp.seeds:
-            items_a = next((v for (name, variant), v in by_seed[seed].items() if variant == a), None)
-            items_b = next((v for (name, variant), v in by_seed[seed].items() if variant == b), None)
-            if not items_a or not items_b:
-                continue
-            common = sorted(set(items_a) & set(items_b))
-            pooled_a += [items_a[d] for d in common]
-            pooled_b += [items_b[d] for d in common]
-            per_seed_lines.append(
-                f"- seed {seed}: "
-                + paired_comparison(
-                    [items_a[d] for d in common], [items_b[d] for d in common], exp.bootstrap, seed
-                ).line(a, b)
-            )
-        if pooled_a:
-            comparisons[f"{a}-{b}"] = paired_comparison(pooled_a, pooled_b, exp.bootstrap).as_dict()
-
-    errors = error_table(_error_rows(store, test_evaluations))
-    plot = tau_plot(sweep, tau, out_dir / "tau.png")
-    report = _report(
-        cfg,
-        preset,
-        experiment_id,
-        shards,
-        beta,
-        beta_scores,
-        tau,
-        sweep_rows,
-        calib,
-        per_seed,
-        comparisons,
-        per_seed_lines,
-        errors,
-        students,
-        baselines,
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.md").write_text(report)
-    (out_dir / "summary.json").write_text(
-        json.dumps(
-            {
-                "tau": tau,
-                "beta": beta,
-                "comparisons": comparisons,
-                "per_seed": per_seed,
-                "errors": errors,
-                "calibration_ece": calib.ece,
-            },
-            indent=2,
-            default=str,
-        )
-    )
-    return ExperimentResult(
-        experiment_id, tau, beta, report, comparisons, per_seed, str(out_dir / "report.md"), str(plot)
-    )
-
-
-def _error_rows(store: Store, evaluations: dict[int, EvaluationHandle]) -> list[dict]:
-    ids = [e.evaluation_id for e in evaluations.values()]
-    return store.warehouse.query(
-        """
-        SELECT i.variant AS arm, p.question, i.response, i.extracted, i.stopped_by, i.correct
-        FROM item_scores i JOIN problems p ON p.problem_id = i.doc_id
-        WHERE list_contains(?, i.evaluation_id) AND list_contains(['predicted', 'cot_sft', 'golden'], i.variant)""",
-        [ids],
-    )
-
-
-def _pct(v: float) -> str:
-    return f"{100 * v:.1f}"
-
-
-def _report(
-    cfg: PipelineConfig,
-    preset: str,
-    experiment_id: str,
     shards: ShardsHandle,
-    beta: float,
-    beta_scores: dict,
-    tau: float,
-    sweep_rows: list[dict],
-    calib: Calibration,
-    per_seed: dict,
-    comparisons: dict,
-    per_seed_lines: list[str],
+    result: ExperimentResult,
+    sweep: dict[float, list[float]],
+    mcnemar: list[str],
     errors: dict,
-    students: dict,
-    baselines: dict,
+    students: dict[int, ModelHandle],
+    baselines: dict[int, ModelHandle],
 ) -> str:
-    exp = cfg.experiment
-    seeds = exp.seeds
+    """The report in markdown: the answer to the primary question first, then everything that qualifies it."""
+    seeds = ctx.cfg.experiment.seeds
+    primary = result.primary
     lines = [
-        f"# Experiment {experiment_id}",
+        f"# Experiment {result.experiment_id}",
         "",
-        f"Preset `{preset or 'custom'}`; seeds {seeds}; {shards.traces} training traces; β = {beta}"
-        + (f" (chosen on validation from {beta_scores})" if beta_scores else " (fixed)")
-        + f"; τ = {tau} (chosen on validation).",
+        f"Preset `{preset or 'custom'}`; seeds {seeds}; {shards.traces} training traces; signal injection "
+        f"`{result.injection}`, β = {result.beta}, τ = {result.tau} (chosen on validation).",
+        "",
+        "## Primary: scaffold (predicted signals) − CoT-SFT, Pass@1 on test, the item as the unit",
+        "",
+        _comparison_sentence(primary) if primary else "(not scored)",
         "",
         "## Test Pass@1 per variant (mean ± sd over seeds)",
         "",
         "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |",
         "|---|" + "---:|" * (len(seeds) + 1),
     ]
-    order = ("base", "cot_sft", "golden", "predicted", "random", "summaries_only")
-    for variant in [v for v in order if v in per_seed]:
-        values = [per_seed[variant].get(s) for s in seeds]
-        present = [v for v in values if v is not None]
-        mean, sd = mean_sd(present)
+    for variant in [
+        v for v in ("base", "cot_sft", "golden", "predicted", "random", "summaries_only") if v in result.per_seed
+    ]:
+        values = [result.per_seed[variant].get(s) for s in seeds]
+        mean, sd = mean_sd([v for v in values if v is not None])
+        lines.append(f"| {variant} | " + " | ".join(_pct(v) for v in values) + f" | {_pct(mean)} ± {_pct(sd)} |")
+    lines += [
+        "",
+        "## Paired comparisons (item means over seeds; 95 % bootstrap interval over items; sign-flip p)",
+        "",
+        "| suite | comparison | A | B | A − B (points) | 95 % CI | items better A/B | p |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for key, c in result.comparisons.items():
+        suite, pair = key.split(":")
+        a, b = pair.split("-")
         lines.append(
-            f"| {variant} | "
-            + " | ".join("–" if v is None else _pct(v) for v in values)
-            + f" | {_pct(mean)} ± {_pct(sd)} |"
+            f"| {suite} | {a} − {b} | {_pct(c['accuracy_a'])} | {_pct(c['accuracy_b'])} | {100 * c['difference']:+.1f} | "
+            f"{100 * c['ci_low']:+.1f} to {100 * c['ci_high']:+.1f} | {c['a_better']}/{c['b_better']} | {c['p_value']:.3g} |"
         )
+    lines += ["", "Secondary, the primary comparison per seed (exact McNemar):", "", *mcnemar]
+    lines += _diagnostics_section(result.diagnostics)
+    lines += _efficiency_section(result.efficiency)
+    lines += ["", "## τ on validation (predicted signals, mean over seeds)", "", "| τ | Pass@1 |", "|---:|---:|"]
+    lines += [f"| {t} | {_pct(mean_sd(v)[0])} |" for t, v in sweep.items()]
     lines += [
-        "",
-        "## Paired comparisons on test (pooled over seeds: every seed × item is a pair)",
-        "",
-        "| comparison | difference (points) | 95 % CI (paired bootstrap) | discordant A/B | McNemar p |",
-        "|---|---:|---|---:|---:|",
-    ]
-    for key, c in comparisons.items():
-        a, b = key.split("-")
-        lines.append(
-            f"| {a} − {b} | {100 * c['difference']:+.1f} | {100 * c['ci_low']:+.1f} to "
-            f"{100 * c['ci_high']:+.1f} | {c['a_only']}/{c['b_only']} | {c['p_value']:.3g} |"
-        )
-    lines += [
-        "",
-        "Per seed:",
-        "",
-        *per_seed_lines,
-        "",
-        "## τ on validation (predicted signals)",
-        "",
-        "| τ | seed | Pass@1 | mean steps | answers forced by τ |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {r['tau']} | {r['seed']} | {_pct(r['accuracy'])} | {r['mean_steps']:.2f} | {_pct(r['forced'])} % |"
-        for r in sweep_rows
-    ]
-    lines += [
-        "",
-        "## Calibration of the signal head on validation (teacher-forced step boundaries)",
-        "",
-        calib.markdown(),
         "",
         "## Wrong answers on test, by cause (pooled over seeds)",
         "",
         error_table_markdown(errors) if errors else "(no synthetic problems to analyse)",
         "",
-        "## Models",
+        "## Models and budgets",
         "",
+        "| seed | arm | model | steps | tokens seen |",
+        "|---:|---|---|---:|---:|",
     ]
-    lines += [f"- seed {s}: scaffold {students[s].model_uri}, baseline {baselines[s].model_uri}" for s in seeds]
+    for s in seeds:
+        for arm, m in (("scaffold", students[s]), ("cot_sft", baselines[s])):
+            lines.append(f"| {s} | {arm} | {m.model_uri} | {m.steps} | {m.train_tokens:,} |")
     return "\n".join(lines) + "\n"
+
+
+def _comparison_sentence(c: dict) -> str:
+    verdict = "significant" if not (c["ci_low"] <= 0 <= c["ci_high"]) else "not significant"
+    return (
+        f"**{100 * c['difference']:+.1f} points** ({_pct(c['accuracy_a'])} % against {_pct(c['accuracy_b'])} %), "
+        f"95 % CI {100 * c['ci_low']:+.1f} to {100 * c['ci_high']:+.1f}, {verdict} (sign-flip p = {c['p_value']:.3g}; "
+        f"{c['n_items']} items × {c['n_seeds']} seed(s); items better {c['a_better']}/{c['b_better']})."
+    )
+
+
+def _diagnostics_section(d: dict) -> list[str]:
+    if not d:
+        return []
+    ex, nxt = d["step_execution"], d["next_signal"]
+    lines = [
+        "",
+        "## The bed's diagnostics (validation, first seed)",
+        "",
+        "(a) step execution, teacher-forced: of the teacher's calculations, the share whose result (operands) the "
+        "student predicts exactly",
+        "",
+        "| arm | calculations | result exact | operands exact |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {arm} | {v['calculations']} | {_pct(v['result_exact'])} % | {_pct(v['operands_exact'])} % |"
+        for arm, v in ex.items()
+    ]
+    lines += [
+        "",
+        f"(b) next-signal accuracy at {nxt['boundaries']} step boundaries",
+        "",
+        "| predictor | accuracy |",
+        "|---|---:|",
+        f"| position only | {_pct(nxt['position_only'])} % |",
+        f"| position + previous signal | {_pct(nxt['position_and_previous'])} % |",
+        f"| CoT-SFT student, implicit (its opening words, labelled) | {_pct(nxt['cot_sft_implicit'])} % |",
+        f"| scaffold student's signal head | {_pct(nxt['signal_head'])} % |",
+        "",
+        "Signals in the training flows: " + ", ".join(f"{k} {v}" for k, v in d["signals_in_training"].items()),
+    ]
+    if d.get("tuning"):
+        lines += ["", "Tuning on validation (first seed, τ = the grid's first):", ""]
+        lines += [
+            f"- injection `{t['injection']}`, β = {t['beta']}: {_pct(t['validation_pass_at_1'])} %" for t in d["tuning"]
+        ]
+    lines += ["", "Calibration of the signal head on validation:", "", d["calibration"].markdown()]
+    return lines
+
+
+def _efficiency_section(points: list[dict]) -> list[str]:
+    if len(points) < 2:
+        return []
+    lines = [
+        "",
+        "## Sample efficiency (first seed; test Pass@1 against the share of training data)",
+        "",
+        "| data | scaffold tokens | predicted | CoT-SFT tokens | cot_sft | difference (95 % CI) |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
+    lines += [
+        f"| {100 * p['fraction']:.0f} % | {p['scaffold_tokens']:,} | {_pct(p['accuracy_a'])} | {p['cot_sft_tokens']:,} | "
+        f"{_pct(p['accuracy_b'])} | {100 * p['difference']:+.1f} ({100 * p['ci_low']:+.1f} to {100 * p['ci_high']:+.1f}) |"
+        for p in points
+    ]
+    return lines

@@ -13,6 +13,7 @@ from scaffold_lib.config import PipelineConfig
 from scaffold_lib.core.errors import RunFailed
 from scaffold_lib.data import stages as data_stages
 from scaffold_lib.evaluation.decontamination import decontaminate
+from scaffold_lib.evaluation.metrics import serving_decode
 from scaffold_lib.evaluation.stages import EvaluationHandle, evaluate_models, promote_challenger
 from scaffold_lib.store.handles import save_handle
 from scaffold_lib.store.registry import PromotionOutcome
@@ -44,7 +45,7 @@ def run_data_stages(
     store: Store, cfg: PipelineConfig, run_id: str, result: PipelineResult, log: Callable[[str], None] = print
 ) -> None:
     steps = (
-        ("problems", lambda: data_stages.build_problems(store, cfg.problems, run_id)),
+        ("problems", lambda: data_stages.build_problems(store, cfg.problems, run_id, cfg.teacher)),
         ("decontamination", lambda: decontaminate(store, cfg.decontamination, run_id)),
         ("teacher_traces", lambda: data_stages.write_traces(store, cfg.teacher, run_id)),
         ("segmented_steps", lambda: data_stages.segment_traces(store, cfg.segmentation, run_id)),
@@ -89,7 +90,7 @@ def run_pipeline(
     log(f"packed_shards: {result.shards.traces} traces, manifests {result.shards.manifests}")
     _gate(result, [checks.shard_fill_on_target(result.shards, result.shards.fill_target)], log)
     for kind in ("scaffold", "baseline"):
-        serving = cfg.eval.decode.resolved(result.shards.budget).model_dump()
+        serving = serving_decode(cfg.eval, result.shards.budget)
         model = train_model(store, result.shards, cfg.train, kind, run_id, serving_decode=serving, progress=progress)
         save_handle(store.home, "student_model" if kind == "scaffold" else "baseline_model", run_id, model)
         setattr(result, "student" if kind == "scaffold" else "baseline", model)

@@ -189,3 +189,91 @@ def test_verify_reads_the_last_step():
     assert verify_trace("So 3 * 4 = 12.\n\nThe answer is 13.", p) == ("13", False)
     assert verify_trace("The answer is 5?\n\nNo: 12 in the end, so 12.", p) == ("12", True)
     assert verify_trace("no numbers at all", p) == (None, False)
+
+
+# --- numbers as people write them, and explicit final answers (docs/scoring.md) -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (".25", "0.25"),
+        ("-.5", "-0.5"),
+        ("007", "7"),
+        ("00.10", "0.1"),
+        ("3/4", "0.75"),
+        ("-3/4", "-0.75"),
+        ("2 1/2", "2.5"),
+        ("1/3", "1/3"),  # not a terminating decimal: the reduced fraction, compared exactly
+        ("6/4", "1.5"),
+        ("8/4", "2"),
+        ("\\frac{3}{4}", "0.75"),
+        ("\\dfrac{1}{3}", "1/3"),
+        ("1/0", None),
+        ("1/2/3", None),
+    ],
+)
+def test_normalise_number_reads_decimals_and_fractions(raw, expected):
+    assert normalise_number(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The answer is .25", "0.25"),
+        ("She keeps 3/4 of the cake.", "0.75"),
+        ("It takes 2 1/2 hours.", "2.5"),
+        ("The answer is \\boxed{\\frac{3}{4}}.", "0.75"),
+        ("So the final answer is -\\frac{1}{2}", "-0.5"),
+        ("The answer is 12.\n\nCheck: 3 * 4 = 12, and 20 - 8 = 12, so 12 of 20.", "12"),
+        ("\\boxed{12} was wrong. The answer is 13.", "13"),  # the last explicit commitment counts
+        ("The answer is 13. Checking: \\boxed{12} would leave 1.", "12"),
+        ("Let me check my answer. 5 + 7 = 12. Then the total is 15.", "15"),  # "answer" without "is" states nothing
+        ("She answered 3 questions, then 5 more: 8 in all.", "8"),
+        ("The answer is 5? No: 7 + 5 = 12, so 12.", "12"),  # a question is not a commitment
+        ("12/4 = 3", "3"),
+    ],
+)
+def test_extract_number_reads_what_people_write(text, expected):
+    assert extract_number(text) == expected
+
+
+def test_numbers_compare_by_exact_value():
+    assert numbers_equal("3/4", "0.75") and numbers_equal(".25", "0.25") and numbers_equal("2 1/2", "5/2")
+    assert numbers_equal("1/3", "2/6") and not numbers_equal("0.33", "1/3") and not numbers_equal("0.333", "1/3")
+    assert gold_answer("… so .25 of it.\n#### .25") == ("0.25", "number")
+    assert gold_answer("#### 3/4") == ("0.75", "number") and gold_answer("#### 1/3") == ("1/3", "number")
+
+
+def test_a_trace_that_states_its_answer_and_keeps_checking_commits_to_the_statement():
+    checked = "So 3 * 4 = 12.\n\nThe answer is 12.\n\nLet me verify: 20 - 8 = 12, out of 20 apples."
+    assert committed_answer(checked, "number") == "12"
+    p = Problem("x", "s", "train", "q", "12", "number")
+    assert verify_trace(checked, p) == ("12", True)
+    # without a statement, the last paragraph still decides
+    assert committed_answer("I think 5.\n\nNo: 7 + 5 = 12, so 12.", "number") == "12"
+
+
+# Whole outputs scored three ways: ours, lm-eval's gsm8k filters (strict, flexible) and math-verify on the whole text.
+# (output, gold field, ours, lm-eval strict, lm-eval flexible, math-verify); every row where we differ from one of them
+# is a deliberate difference listed in docs/scoring.md.
+CONVENTIONS = [
+    ("#### 72", "#### 72", True, True, True, True),
+    ("#### .25", "#### 0.25", True, False, False, True),  # '.25' vs '0.25': strings for lm-eval, values for us
+    ("So she pays $18.00.\n#### $18.00", "#### 18", True, False, False, True),
+    ("The answer is 3/4.", "#### 0.75", True, False, False, True),  # lm-eval's regexes stop at '/'
+    ("It grows by 50%.", "#### 50", True, False, True, True),
+    ("It grows by 50%.", "#### 0.5", False, False, False, True),  # math-verify: 50% is also 0.5; for us it is 50
+    ("The answer is 12.\n\nCheck: 3 * 4 = 12, so 12 of 20.", "#### 12", True, False, False, True),
+    ("#### 12\nThen 15 more questions follow.", "#### 12", True, True, False, False),  # math-verify: the last number
+    ("It takes 2 1/2 hours.", "#### 2.5", True, False, False, False),  # math-verify reads '2 1/2' as 3/2
+    ("First 3, then 4, so 7", "#### 7", True, False, True, True),
+]
+
+
+@pytest.mark.parametrize("output, gold, expected, strict, flexible, mv", CONVENTIONS)
+def test_scoring_conventions_against_lm_eval_and_math_verify(output, gold, expected, strict, flexible, mv):
+    assert ours(output, gold) is expected
+    assert lm_eval_correct(output, gold) == (strict, flexible)
+    gold_value, _ = gold_answer(gold)
+    assert bool(verify(parse(f"${gold_value}$"), parse(output))) is mv

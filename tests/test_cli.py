@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,13 +19,16 @@ TRACE_A = "First, Ava has 3 apples.\n\nThen she buys 2 more, so 3 + 2 = 5.\n\nAv
 TRACE_B = "Hmm, let me think.\r\n\r\n\r\nHowever, 4 - 1 = 3.\n  \nTherefore 3."
 
 
-def scaffold(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def scaffold(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    # an empty instance unless --home says otherwise: a developer's own dagster_home must not change the results
+    home = {"DAGSTER_HOME": tempfile.mkdtemp(prefix="scaffold-cli-")}
     return subprocess.run(
         [sys.executable, "-m", "scaffold_lib.cli", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=120,
         cwd=cwd,
+        env={**os.environ, **home, **(env or {})},
     )
 
 
@@ -122,15 +129,16 @@ def test_label_output_piped_into_a_closed_reader_is_fine(write_jsonl):
 def test_data_twice_adds_nothing_the_second_time(tmp_path):
     home = tmp_path / "home"
     warehouse = home / "warehouse.duckdb"
-    first = scaffold("--home", home, "data", "--n-problems", 30)
+    no_ood = ("--set", "problems.ood.n_problems=0")  # the demo's OOD suites would add 450 problems
+    first = scaffold("--home", home, *no_ood, "data", "--n-problems", 30)
     assert first.returncode == 0, first.stderr
     assert "problems: +30 new rows (30 total)" in first.stdout
-    assert str(warehouse) in first.stdout and "# preset demo v1" in first.stdout
+    assert str(warehouse) in first.stdout and "# preset demo v2" in first.stdout
     counts = Warehouse(warehouse).counts()
     assert counts["problems"] == 30 and counts["teacher_traces"] == 30
     assert counts["segmented_steps"] > 4 * 30 and counts["signal_labels"] == counts["segmented_steps"]
 
-    second = scaffold("--home", home, "data", "--n-problems", 30)
+    second = scaffold("--home", home, *no_ood, "data", "--n-problems", 30)
     assert second.returncode == 0, second.stderr
     assert Warehouse(warehouse).counts() == counts
     for stage in ("problems", "teacher_traces", "segmented_steps", "signal_labels"):
@@ -147,8 +155,9 @@ def test_data_with_problem_file_strict_lenient_and_loud_when_nothing_is_answered
     assert_user_error(
         scaffold("--home", home, "data", "--problems-file", path, "--no-lenient"), f"{path}:2:", "invalid JSON"
     )
-    loud = scaffold("--home", home, "data", "--problems-file", path)
-    # the programmatic teacher cannot solve these: every problem failed, so the run fails and says why
+    loud = scaffold("--home", home, "data", "--problems-file", path, "--teacher", "programmatic")
+    # the programmatic teacher cannot solve these: every problem failed, so the run fails and says why (the default
+    # teacher, chosen per source, would trace the '#### 4' row from its solution: tests/test_trace_formats.py)
     assert loud.returncode == 1, (loud.stdout, loud.stderr)
     assert "Traceback" not in loud.stderr and "answered none of 2 problems" in loud.stderr
     assert "only solves the built-in synthetic problems" in loud.stderr
@@ -192,17 +201,145 @@ def test_the_command_is_found_past_global_options_and_their_values(argv, command
 
 
 def test_only_the_command_being_run_resolves_config_flags(write_jsonl, tmp_path):
-    """`scaffold label` never imports torch (resolving config flags would); `data` still has its flags, also
-    after global options whose values look like commands."""
-    path = write_jsonl([{"id": "a", "trace": TRACE_A}])
+    """A command without config flags (`import-model --help`) never resolves the configuration, which imports every
+    stage's settings and torch with them; `data` still has its flags, also after global options whose values look
+    like commands."""
     probe = (
-        "import sys; from scaffold_lib.cli import main; code = main(sys.argv[1:]); "
-        "print('torch imported:', 'torch' in sys.modules, file=sys.stderr); sys.exit(code)"
+        "import sys; from scaffold_lib.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print('torch imported:', 'torch' in sys.modules, file=sys.stderr)"
     )
-    proc = subprocess.run([sys.executable, "-c", probe, "label", path], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "torch imported: False" in proc.stderr
-    assert len(proc.stdout.splitlines()) == 4
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, "import-model", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert "usage: scaffold import-model" in proc.stdout and "torch imported: False" in proc.stderr
     proc = scaffold("--home", tmp_path / "label", "--set", "problems.synthetic.seed=1", "data", "--help")
     assert proc.returncode == 0, proc.stderr
     assert "--n-problems" in proc.stdout and "problems.synthetic.n_problems" in proc.stdout
+
+
+# --- every default is the configuration's ---------------------------------------------------------------------------
+
+# options whose default is a choice of what the command does, not a setting of the pipeline (the reason is the value)
+NOT_SETTINGS = {
+    ("train", "--kind"): "which arms to train",
+    ("ask", "--model"): "which model answers",
+    ("scores", "--model"): "whose table to print",
+    ("promote", "--reason"): "the text recorded beside a manual move",
+}
+# what each command needs to parse at all
+REQUIRED = {
+    "label": ["traces.jsonl"],
+    "ask": ["a question"],
+    "score": ["--suite", "gsm8k", "--predictions", "p.jsonl"],
+    "import-model": ["src", "out"],
+    "lineage": ["--trace", "t"],
+}
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    from scaffold_lib.cli import build_parser
+
+    return build_parser(["presets"])._subparsers._group_actions[0].choices
+
+
+def test_every_cli_default_is_the_resolved_configuration(tmp_path):
+    """Walks every subcommand's options on an instance whose settings differ from the library's (preset micro, τ
+    overridden): a config flag's default is left to the configuration (argparse.SUPPRESS) and its help shows the
+    resolved value; any other option defaults to "not given" unless listed in NOT_SETTINGS with its reason."""
+    from scaffold_lib.cli import FLAG_PREFIX, build_parser, config_value, settings
+    from scaffold_lib.config import resolve, save_instance_settings
+
+    save_instance_settings(
+        tmp_path, "micro", {"eval": {"decode": {"tau": 0.25}}, "segmentation": {"segmenter": "line"}}
+    )
+    resolved = resolve(tmp_path).config
+    config_flags = 0
+    for name in subcommands():
+        argv = ["--home", str(tmp_path), name, *REQUIRED.get(name, [])]
+        parser = build_parser(argv)
+        for action in parser._subparsers._group_actions[0].choices[name]._actions:
+            if isinstance(action, argparse._HelpAction) or not action.option_strings:
+                continue
+            flag = (name, action.option_strings[0])
+            if action.dest.startswith(FLAG_PREFIX):
+                config_flags += 1
+                assert action.default is argparse.SUPPRESS, flag
+                value = config_value(resolved, action.dest.removeprefix(FLAG_PREFIX))
+                assert f"default: {value!r}" in action.help.replace("%%", "%"), (flag, action.help)
+            else:
+                assert action.default in (None, False, []) or flag in NOT_SETTINGS, (flag, action.default)
+        args = parser.parse_args(argv)
+        assert settings(args).config == resolved, name  # no flag given: exactly the instance's configuration
+    assert config_flags > 40
+    # the ones this round fixed: label's segmenter and keyword file, ask's τ, all the configuration's
+    label = build_parser(["--home", str(tmp_path), "label", "x"])._subparsers._group_actions[0].choices["label"]
+    dests = {a.option_strings[0]: a.dest for a in label._actions if a.option_strings}
+    assert dests["--segmenter"] == FLAG_PREFIX + "segmentation.segmenter"
+    assert dests["--keywords"] == FLAG_PREFIX + "labeller.keywords_path"
+
+
+def test_help_works_for_every_subcommand(tmp_path, capsys):
+    from scaffold_lib.cli import main
+
+    for name in subcommands():
+        try:
+            main(["--home", str(tmp_path), name, "--help"])
+        except SystemExit as exc:
+            assert exc.code == 0, name
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: scaffold {name}"), (name, out[:200])
+    main_help = scaffold("train", "--help")  # the subcommand whose description has a '%' (~30 % more compute)
+    assert main_help.returncode == 0 and "~30 % more compute" in main_help.stdout, main_help.stderr
+
+
+GSM8K_STYLE = "Tom has 3 apples.\nHe buys 4 more, so 3 + 4 = 7.\nThe answer is 7."
+
+
+def test_label_takes_segmenter_and_keyword_file_from_the_configuration(write_jsonl, tmp_path):
+    path = write_jsonl([{"id": "g", "trace": GSM8K_STYLE}])
+    default = scaffold("--home", tmp_path / "plain", "label", path)  # library default: auto, a step per line here
+    assert default.returncode == 0, default.stderr
+    assert [json.loads(line)["idx"] for line in default.stdout.splitlines()] == [0, 1, 2]
+    kw = tmp_path / "kw.toml"
+    kw.write_text('[examples_illustration]\nkeywords = ["he buys"]\n', encoding="utf-8")
+    home = tmp_path / "configured"
+    assert scaffold("--home", home, "--set", "segmentation.segmenter=blank_line", "init").returncode == 0
+    one_step = scaffold("--home", home, "label", path)
+    assert [json.loads(line)["idx"] for line in one_step.stdout.splitlines()] == [0]
+    configured = scaffold("--home", home, "--set", f"labeller.keywords_path={kw}", "label", path, "--segmenter", "line")
+    assert [json.loads(line)["signal"] for line in configured.stdout.splitlines()][1] == "examples_illustration"
+
+
+def test_score_checks_the_predictions_first_and_fails_fast_without_the_hub(tmp_path, write_jsonl):
+    missing = scaffold("--home", tmp_path, "score", "--suite", "gsm8k", "--predictions", tmp_path / "nope.jsonl")
+    assert_user_error(missing, "nope.jsonl: no such file")  # the user's own file, before the suite's
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nobody listens here once the socket closes
+    predictions = write_jsonl([{"question": "q", "output": "#### 1"}], name="preds.jsonl")
+    offline = scaffold(
+        "--home",
+        tmp_path,
+        "score",
+        "--suite",
+        "gsm8k",
+        "--predictions",
+        predictions,
+        env={"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": ""},
+    )
+    assert_user_error(offline, "gsm8k_test.jsonl: no such file", f"127.0.0.1:{port} is not reachable")
+
+
+def test_score_quarantines_a_bad_suite_row_unless_strict(tmp_path, write_jsonl):
+    suite = write_jsonl(
+        [{"question": "What is half of 1?", "answer": "#### .5"}, {"question": "Bad?", "answer": "no number"}],
+        name="suite.jsonl",
+    )
+    predictions = write_jsonl([{"question": "What is half of 1?", "output": "The answer is 1/2."}], name="p.jsonl")
+    common = ("--home", tmp_path, "score", "--suite", "gsm8k", "--suite-file", suite, "--predictions", predictions)
+    lenient = scaffold(*common)
+    assert lenient.returncode == 0, lenient.stderr
+    assert "Pass@1 100.0 % (1/1" in lenient.stdout
+    assert f"1 suite rows quarantined (first: {suite}:2, field 'answer'" in lenient.stdout
+    assert_user_error(scaffold(*common, "--no-lenient"), f"{suite}:2: field 'answer' has no '#### N' number")

@@ -64,6 +64,17 @@ def test_train_registers_both_arms_with_lineage(trained):
     assert {r["dagster_run_id"][:4] for r in wh.query("SELECT dagster_run_id FROM model_versions")} == {"cli-"}
 
 
+def test_train_registers_the_serving_decode_settings_the_asset_does(trained):
+    """The same function builds them for `scaffold train`, the Dagster asset and the in-process runner: the preset's
+    τ (0.0 in micro, from demo; the library's is 0.96) and the caps resolved from the shards' budget."""
+    from scaffold_lib.config import resolve
+    from scaffold_lib.evaluation.metrics import serving_decode
+
+    written = json.loads(Path(trained["model"], "decode.json").read_text())
+    expected = serving_decode(resolve(trained["home"], "micro").config.eval, trained["info"]["budget"])
+    assert written == expected and written["tau"] == 0.0
+
+
 def test_eval_stores_scores_and_prints_the_tables(trained):
     out = scaffold("eval", "--limit", "2", "--variants", "predicted", "random", "--samples", home=trained["home"])
     assert out.returncode == 0, out.stderr
@@ -84,6 +95,7 @@ def test_eval_stores_scores_and_prints_the_tables(trained):
     assert {"doc_id", "prompt", "response", "extracted", "gold", "correct"} <= set(records[0])
     scores = scaffold("scores", "--model", "1", home=trained["home"])
     assert scores.returncode == 0 and scores.stdout.startswith("| variant | heldout (test) |")
+    assert "| base:embedded (untuned) | heldout (test) | base |" in scores.stdout and "vuntuned" not in scores.stdout
 
 
 def test_ask_prints_tagged_steps_and_an_answer(trained):
@@ -106,6 +118,11 @@ def test_promote_applies_the_rule_and_lineage_lists_the_traces(trained):
     assert "promotion of v1: yes" in out.stdout
     lineage = scaffold("lineage", "--model", "champion", home=trained["home"])
     assert lineage.returncode == 0 and "scaffold-student v1: trained on" in lineage.stdout
+    total = int(re.search(r"trained on (\d+) teacher traces", lineage.stdout).group(1))
+    assert total > 10 and lineage.stdout.count("  trace ") == 10
+    assert f"… 10 of {total:,} traces shown; --limit N for more, --all for every one" in lineage.stdout
+    every = scaffold("lineage", "--model", "champion", "--all", home=trained["home"])
+    assert every.stdout.count("  trace ") == total and "traces shown" not in every.stdout
 
 
 def test_registry_commands_explain_a_missing_registry(tmp_path):
@@ -124,3 +141,50 @@ def test_registry_commands_explain_a_missing_registry(tmp_path):
 def test_lineage_of_an_unknown_trace_is_empty(trained):
     out = scaffold("lineage", "--trace", "nope", home=trained["home"])
     assert out.returncode == 0 and "reached 0 model version(s)" in out.stdout
+
+
+# last: its evaluation (gsm8k only) becomes the newest, which `scaffold promote` would apply the rule to
+def test_eval_scores_a_benchmark_file_given_on_the_command_line(trained, tmp_path):
+    suite = tmp_path / "my_gsm8k.jsonl"
+    rows = [
+        {
+            "question": "Ava has 3 apples. Ava buys 2 more apples. How many apples does Ava have now?",
+            "answer": "#### 5",
+        },
+        {"question": "Ben has 7 pens. He gives away 3. How many pens are left?", "answer": "7 - 3 = 4\n#### 4"},
+        {"question": "Broken?", "answer": "no number here"},
+        {"question": "What is a quarter?", "answer": "#### .25"},
+    ]
+    suite.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = scaffold(
+        "eval", "--suite", "gsm8k", "--suite-file", str(suite), "--limit", "3", "--no-baseline", home=trained["home"]
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("| variant | gsm8k |")
+    assert "gsm8k: 1 rows of its file quarantined" in out.stdout
+    wh = Store.at(trained["home"]).warehouse
+    scored = wh.query(
+        "SELECT DISTINCT doc_id, gold FROM item_scores WHERE benchmark = 'gsm8k' AND variant = 'predicted' ORDER BY gold"
+    )
+    assert [r["gold"] for r in scored] == ["0.25", "4", "5"]  # the file's items, '.25' read as 0.25
+    (bad,) = wh.query("SELECT source_file, line, field FROM quarantine WHERE stage = 'suite:gsm8k'")
+    assert (bad["source_file"], bad["line"], bad["field"]) == (str(suite), 3, "answer")
+    # another file for the same suite is another column: its scores are never compared with these
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps(rows[0]) + "\n")
+    again = scaffold(
+        "eval",
+        "--suite",
+        "gsm8k",
+        "--suite-file",
+        f"gsm8k={other}",
+        "--limit",
+        "3",
+        "--no-baseline",
+        home=trained["home"],
+    )
+    assert again.returncode == 0, again.stderr
+    hashes = wh.query("SELECT DISTINCT eval_config_hash FROM benchmark_scores WHERE benchmark = 'gsm8k'")
+    assert len(hashes) == 2  # same settings, same limit: only the file's items differ
+    wrong = scaffold("eval", "--suite-file", str(other), home=trained["home"])  # micro scores heldout only
+    assert wrong.returncode == 2 and "say which suite it is for (--suite-file SUITE=FILE)" in wrong.stderr

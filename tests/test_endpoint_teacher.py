@@ -302,7 +302,7 @@ def test_dagster_assets_run_against_a_configured_endpoint(tmp_path: Path, monkey
         endpoint = {"model": "scripted-r1", "concurrency": 8}
         run_config = {
             "ops": {
-                "problems": {"config": {"problems": {"synthetic": {"n_problems": 30}}}},
+                "problems": {"config": {"problems": {"synthetic": {"n_problems": 30}, "ood": {"n_problems": 0}}}},
                 "teacher_traces": {
                     "config": {
                         "teacher": {
@@ -374,7 +374,7 @@ def test_a_partition_backfill_fans_out_over_two_endpoints_and_a_failed_shard_rer
                 "endpoint": {"base_urls": [even.base_url, odd.base_url], "model": "scripted-r1", "max_attempts": 2},
             }
             config = (
-                {"problems": {"config": {"problems": {"synthetic": {"n_problems": 64}}}}}
+                {"problems": {"config": {"problems": {"synthetic": {"n_problems": 64}, "ood": {"n_problems": 0}}}}}
                 if data_assets.problems in assets
                 else {"teacher_trace_shards": {"config": {"teacher": teacher}}}
             )

@@ -11,7 +11,7 @@ from scipy.stats import binomtest
 
 from scaffold_lib.config import load_preset
 from scaffold_lib.evaluation.stats import calibration, mcnemar_exact, paired_comparison
-from scaffold_lib.experiment import COMPARISONS, run_experiment
+from scaffold_lib.experiment import run_experiment
 from scaffold_lib.pipeline import PipelineResult, run_data_stages
 from scaffold_lib.store import registry
 from scaffold_lib.store.store import Store
@@ -54,7 +54,17 @@ def test_calibration_bins_and_expected_calibration_error():
 
 
 MICRO_EXPERIMENT = {
-    "experiment": {"seeds": [0, 1], "taus": [0.0, 0.9], "validation_limit": 4, "test_limit": 4, "bootstrap": 200},
+    "problems": {"ood": {"n_problems": 3}},
+    "experiment": {
+        "seeds": [0, 1],
+        "taus": [0.0, 0.9],
+        "injections": ["output", "input"],
+        "fractions": [0.5],
+        "validation_limit": 4,
+        "test_limit": 4,
+        "ood_limit": 3,
+        "bootstrap": 200,
+    },
     "eval": {"variants": ["predicted", "golden", "random"], "include_base": False},
 }
 
@@ -68,17 +78,30 @@ def _experiment(home) -> tuple[Store, object]:
 
 
 @pytest.mark.slow
-def test_the_experiment_runs_both_arms_over_seeds_records_everything_and_repeats_exactly(tmp_path):
+def test_the_experiment_tunes_on_validation_tests_once_compares_items_and_repeats_exactly(tmp_path):
     store, result = _experiment(tmp_path / "a")
-    assert result.tau in (0.0, 0.9)
+    assert result.tau in (0.0, 0.9) and result.injection in ("output", "input")
+    assert [t["injection"] for t in result.diagnostics["tuning"]] == ["output", "input"]
     assert set(result.per_seed) >= {"predicted", "golden", "random", "cot_sft"}
     assert all(set(by_seed) == {0, 1} for by_seed in result.per_seed.values())
-    # the comparisons whose variants were scored, each pooled over both seeds' paired items
-    assert {"predicted-cot_sft", "golden-predicted", "predicted-random"} <= set(result.comparisons)
-    assert set(result.comparisons) <= {f"{a}-{b}" for a, b in COMPARISONS}
-    for comparison in result.comparisons.values():
-        assert comparison["n"] == 2 * 4 and 0.0 <= comparison["p_value"] <= 1.0
-        assert math.isclose(comparison["difference"], comparison["accuracy_a"] - comparison["accuracy_b"])
+    # the item is the unit: every comparison pairs the same 4 test items (3 per OOD suite), averaged over both seeds
+    primary = result.primary
+    assert primary["n_items"] == 4 and primary["n_seeds"] == 2 and 0.0 < primary["p_value"] <= 1.0
+    assert math.isclose(primary["difference"], primary["accuracy_a"] - primary["accuracy_b"])
+    assert {"heldout:golden-predicted", "heldout:predicted-random"} <= set(result.comparisons)
+    for suite in ("ood_longer", "ood_distractor", "ood_shuffled"):
+        assert result.comparisons[f"{suite}:predicted-cot_sft"]["n_items"] == 3
+    diagnostics = result.diagnostics
+    assert diagnostics["step_execution"]["scaffold"]["calculations"] > 0
+    assert set(diagnostics["next_signal"]) >= {
+        "position_only",
+        "position_and_previous",
+        "cot_sft_implicit",
+        "signal_head",
+    }
+    assert [p["fraction"] for p in result.efficiency] == [0.5, 1.0]
+    half, full = result.efficiency
+    assert 0 < half["scaffold_tokens"] < full["scaffold_tokens"] and 0 < half["cot_sft_tokens"] < full["cot_sft_tokens"]
 
     wh = store.warehouse
     rows = wh.query(
@@ -87,13 +110,14 @@ def test_the_experiment_runs_both_arms_over_seeds_records_everything_and_repeats
     )
     validation = [r for r in rows if r["purpose"] == "validation"]
     test = [r for r in rows if r["purpose"] == "test"]
-    assert {(r["seed"], r["tau"]) for r in validation} == {(s, t) for s in (0, 1) for t in (0.0, 0.9)}
     assert {r["variant"] for r in validation} == {"predicted"}
+    assert {(r["seed"], r["tau"]) for r in validation} >= {(s, t) for s in (0, 1) for t in (0.0, 0.9)}
     assert {r["tau"] for r in test} == {result.tau}  # test is scored once, with the τ chosen on validation
     assert {(r["seed"], r["variant"]) for r in test} == {
         (s, v) for s in (0, 1) for v in ("predicted", "golden", "random", "cot_sft")
     }
     assert all(r["n"] == 4 for r in test)
+    assert {r["purpose"] for r in rows} >= {"ood_longer", "ood_distractor", "ood_shuffled", "fraction-0.5"}
 
     client = registry.client(store.registry)
     parents = client.search_runs(
@@ -104,13 +128,15 @@ def test_the_experiment_runs_both_arms_over_seeds_records_everything_and_repeats
     children = client.search_runs(
         [parents[0].info.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'"
     )
-    assert len(children) == 4  # two seeds x two arms
+    # two injections tuned (the chosen one is the first seed's student), the other seed's scaffold, two baselines,
+    # and both arms at half the data
+    assert len(children) == 2 + 1 + 2 + 2
     assert "report.md" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     report = (tmp_path / "a" / "artifacts" / "experiments" / result.experiment_id / "report.md").read_text()
-    assert "McNemar" in report
+    assert "the item as the unit" in report and "McNemar" in report and "step execution" in report
 
     # the same configuration on a fresh instance: the same numbers
     _, again = _experiment(tmp_path / "b")
-    assert again.tau == result.tau
+    assert (again.tau, again.injection) == (result.tau, result.injection)
     assert again.per_seed == result.per_seed
     assert again.comparisons == result.comparisons

@@ -220,7 +220,7 @@ def test_every_default_comes_from_the_library_and_the_instance_preset(tmp_path, 
     )
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout.split("\n", 1)[1]) == expected
-    assert cli.stdout.startswith(f"# preset {preset or 'demo'} v1")
+    assert cli.stdout.startswith(f"# preset {preset or 'demo'} v{load_preset(preset or 'demo').preset_version}")
 
 
 TABLE_KEYS = {
@@ -392,6 +392,28 @@ def test_first_model_is_registered_challenger_and_champion(pipeline):
     assert "no champion yet" in v1.tags["promotion_reason"]
     assert registry.alias_version(pipeline.reg, registry.CHAMPION, model_name=MODEL + "-baseline") is None
     assert str(c.get_model_version(MODEL + "-baseline", "1").version) == "1"
+
+
+def test_the_metadata_reads_well_on_a_first_visit(pipeline):
+    """Floats rounded everywhere (no 0.14666666666666667), the loss curve shown inline as text with the plot one click
+    away, links to the experiment's training runs, and how to list every trace that trained the student."""
+    from pipelines.defs.common import rounded
+
+    floats = 0
+    for mat in pipeline.result.get_asset_materialization_events():
+        for key, value in mat.step_materialization_data.materialization.metadata.items():
+            if isinstance(value.value, float):
+                floats += 1
+                assert value.value == rounded(value.value), (mat.asset_key, key, value.value)
+    for check in pipeline.result.get_asset_check_evaluations():
+        for key, value in check.metadata.items():
+            assert not isinstance(value.value, float) or value.value == rounded(value.value), (check.check_name, key)
+    assert floats > 3
+    meta = metadata(pipeline.result, "student_model")
+    assert re.fullmatch(r"\d+\.\d{3} [▁▂▃▄▅▆▇█]{2,32} \d+\.\d{3}", meta["loss_curve"]), meta["loss_curve"]
+    assert re.fullmatch(r"http://127.0.0.1:5000/get-artifact\?path=\w+\.png&run_uuid=\w+", meta["loss_plot"])
+    assert re.fullmatch(r"http://127.0.0.1:5000/#/experiments/\d+/runs", meta["mlflow_runs"])
+    assert meta["all_traces_command"] == f"scaffold lineage --model {meta['model_version']} --all"
 
 
 def test_the_champion_loads_and_answers_exactly_as_the_trained_student(pipeline, tmp_path):
@@ -669,7 +691,8 @@ def test_sensor_requests_a_run_per_new_or_changed_file(tmp_path, monkeypatch):
     incoming.mkdir()
     assert not evaluate_sensor().run_requests
     (incoming / "notes.txt").write_text("not a problem file")
-    assert not evaluate_sensor().run_requests
+    empty = evaluate_sensor()
+    assert not empty.run_requests and "no problem file (.jsonl, " in empty.skip_reason.skip_message
     path = incoming / "gsm8k_extra.jsonl"
     path.write_text('{"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7\\n#### 7"}\n')
     os.utime(path, (1_700_000_000, 1_700_000_000))
@@ -780,11 +803,12 @@ def test_teacher_accuracy_check_fails_and_blocks_downstream(tmp_path, monkeypatc
 
 
 def test_a_user_gsm8k_file_is_scored_as_its_own_suite(pipeline, tmp_path, capsys):
-    """benchmark_scores scores the student, the baseline and the base model on a GSM8K-format file the user supplied;
-    `scaffold scores` then prints the comparison table with a column per suite."""
+    """benchmark_scores scores the student, the baseline and the base model on a GSM8K-format file the user supplied
+    (the eval config's `suite_files`, as `scaffold eval --suite-file`); `scaffold scores` then prints the comparison
+    table with a column per suite."""
     suites = tmp_path / "benchmarks"
     suites.mkdir()
-    (suites / "gsm8k_test.jsonl").write_text(
+    (tmp_path / "my_gsm8k.jsonl").write_text(
         "".join(
             json.dumps(r) + "\n"
             for r in [
@@ -798,7 +822,7 @@ def test_a_user_gsm8k_file_is_scored_as_its_own_suite(pipeline, tmp_path, capsys
         )
     )
     selection = ["benchmark_scores"]
-    cfg = micro(eval={"suites": ["gsm8k"], "suites_dir": str(suites), "limit": 3})
+    cfg = micro(eval={"suites": ["gsm8k"], "suite_files": {"gsm8k": str(tmp_path / "my_gsm8k.jsonl")}, "limit": 3})
     result = dg.materialize(
         graph(),
         selection=selection,
@@ -810,7 +834,11 @@ def test_a_user_gsm8k_file_is_scored_as_its_own_suite(pipeline, tmp_path, capsys
     assert result.success, failures(result)
     meta = metadata(result, "benchmark_scores")
     assert meta["suites"] == "gsm8k" and "| variant | gsm8k |" in meta["comparison_table"]
-    first = Path(next(iter(meta["samples"].values()))).read_text().splitlines()
+    assert meta["samples"].startswith("| suite | model | file |")  # a table, not JSON of paths
+    assert "| gsm8k | base:embedded (untuned) | `" in meta["samples"]
+    assert meta["scores"].startswith("| model | suite | variant | n | Pass@1 (95 % CI) |")  # two narrow tables
+    assert meta["process_metrics"].startswith("| model | suite | variant | next-signal acc |")
+    first = Path(re.search(r"`([^`]+\.jsonl)`", meta["samples"]).group(1)).read_text().splitlines()
     assert {"doc_id", "prompt", "response", "extracted", "gold", "correct"} <= set(json.loads(first[0]))
     rows = pipeline.wh.query("SELECT variant, n FROM benchmark_scores WHERE benchmark = 'gsm8k'")
     assert {r["variant"] for r in rows} == {"base", "cot_sft", "predicted", "random", "summaries_only"}  # no golden:

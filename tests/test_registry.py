@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 
 from scaffold_lib.store import registry
@@ -209,3 +210,58 @@ def test_log_scores_puts_metrics_and_tables_on_the_run(reg, tmp_path):
         output_format="list",
     )
     assert model.name == registry.MODEL_ARTIFACT
+
+
+# ------------------------------------------------------------------------------------------------ serving input
+
+
+@pytest.mark.parametrize(
+    "given, questions",
+    [
+        ({"question": ["What is 2 + 3?"]}, ["What is 2 + 3?"]),
+        ("What is 2 + 3?", ["What is 2 + 3?"]),
+        (pd.DataFrame({"question": ["a?", "b?"]}), ["a?", "b?"]),
+        (pd.DataFrame([{"question": ["a?", "b?"]}]), ["a?", "b?"]),  # what pyfunc makes of {"question": [...]}
+    ],
+)
+def test_served_questions_are_read_from_every_input_shape(given, questions):
+    from scaffold_lib.serving.student import questions_of
+
+    assert questions_of(given) == questions
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        (pd.DataFrame({"question": ["  "]}), "field 'question' (row 0): empty"),
+        (pd.DataFrame({"question": ["ok?", ""]}), "field 'question' (row 1): empty"),
+        ({"question": [None]}, "field 'question' (row 0): missing"),
+        (pd.DataFrame({"question": [3]}), "field 'question' (row 0): must be text, got int"),
+        (pd.DataFrame({"prompt": ["x"]}), "field 'question': missing; the input has columns ['prompt']"),
+        ({"question": []}, "field 'question': no question given"),
+    ],
+)
+def test_a_missing_or_empty_question_is_a_bad_request_naming_the_field(given, message):
+    from mlflow.exceptions import MlflowException
+
+    from scaffold_lib.serving.student import questions_of
+
+    with pytest.raises(MlflowException) as caught:
+        questions_of(given)
+    assert caught.value.message == message and caught.value.get_http_status_code() == 400
+
+
+def test_serving_threads_default_to_half_the_cores_and_refuse_nonsense(monkeypatch):
+    from scaffold_lib.serving.student import serving_threads
+
+    monkeypatch.delenv("SCAFFOLD_SERVE_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert serving_threads() == 4
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert serving_threads() == 1
+    monkeypatch.setenv("SCAFFOLD_SERVE_THREADS", "3")
+    assert serving_threads() == 3
+    for bad in ("0", "two"):
+        monkeypatch.setenv("SCAFFOLD_SERVE_THREADS", bad)
+        with pytest.raises(ValueError, match=f"SCAFFOLD_SERVE_THREADS={bad!r}"):
+            serving_threads()

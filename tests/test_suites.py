@@ -20,7 +20,7 @@ from scaffold_lib.core.answers import (
     math_equal,
     numbers_equal,
 )
-from scaffold_lib.evaluation.suites import SUITES, SuiteDataError, get_suite
+from scaffold_lib.evaluation.suites import OOD_SUITES, SUITES, SuiteDataError, get_suite, hub_unreachable
 
 GSM8K, MATH, STRATEGY, CSQA, TRUTHFUL = (
     SUITES[n] for n in ("gsm8k", "math500", "strategyqa", "csqa", "truthfulqa_mc1")
@@ -176,9 +176,9 @@ def test_choice_extraction(response: str, expected: str | None) -> None:
 
 
 def test_every_suite_has_a_distinct_name_a_version_and_a_prompt_format() -> None:
-    assert len(SUITES) == 6 and all(s.version and s.prompt_format for s in SUITES.values())
+    assert len(SUITES) == 6 + len(OOD_SUITES) and all(s.version and s.prompt_format for s in SUITES.values())
     assert set(SUITES) >= {"heldout", "gsm8k", "math500", "strategyqa", "csqa", "truthfulqa_mc1"}
-    with pytest.raises(SuiteDataError, match="unknown benchmark suite 'gsm9k'; known: heldout, gsm8k"):
+    with pytest.raises(SuiteDataError, match="unknown benchmark suite 'gsm9k'; known: heldout, .*gsm8k"):
         get_suite("gsm9k")
 
 
@@ -307,3 +307,47 @@ def test_missing_and_malformed_files_name_file_line_and_field(tmp_path: Path) ->
         STRATEGY.load(array)
     with pytest.raises(SuiteDataError, match="built from the warehouse"):
         get_suite("heldout").load()
+
+
+def test_a_bad_row_is_quarantined_with_file_line_and_field_or_refused_when_strict(tmp_path: Path) -> None:
+    path = _jsonl(
+        tmp_path / "mine.jsonl",
+        [
+            {"question": "How much is a quarter?", "answer": "A quarter is .25\n#### .25"},  # no leading zero: fine
+            {"question": "x?", "answer": "blue"},
+            "{not json",
+            {"question": "Half of 3?", "answer": "#### 3/2"},
+            {"answer": "#### 4"},
+        ],
+    )
+    loaded = GSM8K.read(path, lenient=True)
+    assert [(i.answer, i.answer_type) for i in loaded.items] == [("0.25", "number"), ("1.5", "number")]
+    assert [(q.source_file, q.line, q.field) for q in loaded.quarantined] == [
+        (str(path), 2, "answer"),
+        (str(path), 3, "<row>"),
+        (str(path), 5, "question"),
+    ]
+    assert "has no '#### N' number" in loaded.quarantined[0].error and '"blue"' in loaded.quarantined[0].raw
+    with pytest.raises(SuiteDataError, match=r"mine\.jsonl:2: field 'answer' has no '#### N' number"):
+        GSM8K.read(path)  # strict, as `load` always is
+    assert GSM8K.read(path, lenient=True, limit=1).items[0].answer == "0.25"
+
+
+def test_without_a_file_the_hub_is_not_retried_when_it_cannot_be_reached(tmp_path: Path, monkeypatch) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: the connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    assert f"127.0.0.1:{port} is not reachable" in hub_unreachable()
+    with pytest.raises(
+        SuiteDataError, match=rf"gsm8k_test\.jsonl: no such file\. Put the gsm8k file there.*127\.0\.0\.1:{port}"
+    ):
+        GSM8K.load(data_dir=tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline mode: `datasets` reads its cache itself, no probe
+    assert hub_unreachable() is None

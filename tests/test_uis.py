@@ -8,8 +8,8 @@ browser over the same pages."""
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -210,8 +210,17 @@ def test_the_champion_serves_a_prediction_over_http(demo):
         (prediction,) = response.json()["predictions"]
         assert prediction["question"] == question
         assert prediction["response"].splitlines()[-1].startswith("[response_generation]")
-        for step in json.loads(prediction["steps"]):
-            assert step["signal"] in set(SIGNALS) - {ANSWER_SIGNAL}
+        assert isinstance(prediction["steps"], list)  # a JSON list, not a JSON string to parse again
+        for step in prediction["steps"]:
+            assert step["signal"] in set(SIGNALS) - {ANSWER_SIGNAL} and isinstance(step["text"], str)
+        for bad, why in ((["  "], "(row 0): empty"), ([None], "(row 0): missing")):
+            refused = httpx.post(
+                f"http://127.0.0.1:{port}/invocations",
+                timeout=60,
+                json={"dataframe_split": {"columns": ["question"], "data": [bad]}},
+            )
+            assert refused.status_code == 400, refused.text
+            assert f"field 'question' {why}" in refused.json()["message"]
     finally:
         stop(proc)
 
@@ -224,5 +233,51 @@ def test_the_champion_loads_through_pyfunc_and_predicts(demo):
     model = mlflow.pyfunc.load_model("models:/scaffold-student@champion")
     out = model.predict({"question": ["Ava has 3 apples. Ava buys 2 more apples. How many apples does Ava have now?"]})
     assert list(out.columns) == ["question", "answer", "steps", "response"] and len(out) == 1
+    assert out["question"][0].startswith("Ava has 3 apples") and isinstance(out["steps"][0], list)
     version = registry.client(reg).get_model_version("scaffold-student", registry.resolve_version(reg, "champion"))
     assert "student trained" in version.description and "promotion" in version.description.lower()
+
+
+def test_make_ui_started_in_the_background_stops_on_sigterm(tmp_path):
+    """`make ui &` from a script: the children inherit an ignored SIGINT, and a SIGTERM reaches make alone. Both
+    servers, with everything they started, must be gone afterwards, and the printed MLflow link opens the runs."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    dagster_port, mlflow_port = free_port(), free_port()
+    make = subprocess.Popen(
+        [
+            "make",
+            "-s",
+            "-o",
+            ".venv/.installed",
+            "ui",
+            f"UI_ARGS=--dagster-port {dagster_port} --mlflow-port {mlflow_port}",
+        ],
+        cwd=REPO,
+        env={**os.environ, "DAGSTER_HOME": str(home)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # what a non-interactive `&` does
+    )
+    try:
+        first = next(line for line in make.stdout if line.startswith("Dagster:"))
+        second = make.stdout.readline()
+        # the experiment's training runs, not MLflow's landing page (its GenAI overview)
+        assert re.search(rf"MLflow \(training runs\): http://127.0.0.1:{mlflow_port}/#/experiments/\d+/runs$", first)
+        pids = [int(part.split()[-1]) for part in second.split("pids: ", 1)[1].split(";")[0].split(", ")]
+        wait_for(f"http://127.0.0.1:{dagster_port}/server_info", timeout_s=240)
+        wait_for(f"http://127.0.0.1:{mlflow_port}/health")
+        os.kill(make.pid, signal.SIGTERM)  # `kill $!`: make only, not its process group
+        make.wait(timeout=90)
+    finally:
+        if make.poll() is None:
+            os.killpg(make.pid, signal.SIGKILL)
+    for pid in pids:  # each server ran in its own session: nothing of it may remain
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)
+    for port in (dagster_port, mlflow_port):
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=5)

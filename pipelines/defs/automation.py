@@ -4,7 +4,7 @@ import dagster as dg
 
 from pipelines.defs.common import DATA_GROUP, EXPERIMENT_GROUP, FLEET_GROUP
 from scaffold_lib.core import paths
-from scaffold_lib.data.problems import problem_files
+from scaffold_lib.data.problems import PROBLEM_SUFFIXES, problem_files
 
 # the sharded teacher is for partition backfills over a fleet of endpoints (its own job): the other jobs trace
 # every problem in one step through `teacher_traces`
@@ -64,9 +64,14 @@ weekly_retrain = dg.ScheduleDefinition(
 def new_problem_file_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     folder = paths.dagster_home() / "incoming"
     if not folder.exists():
-        return dg.SensorResult(skip_reason=f"{folder} does not exist yet")
+        return dg.SensorResult(
+            skip_reason=f"{folder} does not exist yet: create it and drop a problem file there to start a data refresh"
+        )
+    files = problem_files(folder)
+    if not files:  # say so: "0 runs requested" alone reads as a sensor that does not work
+        return dg.SensorResult(skip_reason=f"no problem file ({', '.join(PROBLEM_SUFFIXES)}) in {folder}")
     requests = []
-    for path in problem_files(folder):
+    for path in files:
         stat = path.stat()
         # one run per (file, size, mtime): a file that changes is picked up again, an unchanged one never twice
         requests.append(

@@ -79,11 +79,30 @@ def stage_failure(exc: Exception) -> dg.Failure:
     return dg.Failure(" ".join(str(exc).split()), allow_retries=False)
 
 
+def rounded(value):
+    """Floats as a reader wants them in the UI (0.1467, not 0.14666666666666667), inside dicts, lists and JSON
+    metadata too; everything else unchanged."""
+    if isinstance(value, float):
+        return round(value, 4) if value == 0 or abs(value) >= 1e-3 else float(f"{value:.3g}")
+    if isinstance(value, dg.JsonMetadataValue):
+        return dg.MetadataValue.json(rounded(value.data))
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if type(value) in (list, tuple):  # plain ones only: Dagster's metadata values are tuple-like records
+        return [rounded(v) for v in value]
+    return value
+
+
+def materialized(metadata: dict) -> dg.MaterializeResult:
+    """An asset's result with its metadata `rounded`."""
+    return dg.MaterializeResult(metadata=rounded(metadata))
+
+
 def check_result(check: Check) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=check.passed,
         description=check.description,
-        metadata=check.metadata,
+        metadata=rounded(check.metadata),
         severity=dg.AssetCheckSeverity.ERROR if check.blocking else dg.AssetCheckSeverity.WARN,
     )
 
@@ -96,6 +115,24 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def run_id(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> str:
     return context.run.run_id
+
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 32) -> str:
+    """A curve as one line of text (`2.77 █▇▆▅▄▃▃▂▂▁ 0.91`): the metadata table shows text inline, where a markdown
+    image waits behind "[Show Markdown]". Each character is the mean of its share of the values."""
+    if not values:
+        return ""
+    width = min(width, len(values))
+    means = [
+        sum(chunk) / len(chunk)
+        for chunk in (values[i * len(values) // width : (i + 1) * len(values) // width] for i in range(width))
+    ]
+    low, high = min(means), max(means)
+    scale = (len(SPARKS) - 1) / (high - low) if high > low else 0.0
+    return f"{values[0]:.3f} {''.join(SPARKS[round((m - low) * scale)] for m in means)} {values[-1]:.3f}"
 
 
 def png_markdown(path: str, alt: str) -> str:

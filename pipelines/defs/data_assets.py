@@ -10,6 +10,7 @@ from pipelines.defs.common import (
     check_result,
     library_config,
     markdown_table,
+    materialized,
     run_id,
     section_config,
     stage_failure,
@@ -21,7 +22,8 @@ from scaffold_lib.data import stages
 from scaffold_lib.data.endpoint import EndpointConfigError
 from scaffold_lib.evaluation.decontamination import decontaminate
 
-ProblemsRunConfig = section_config("problems")
+# the teacher section too: an imported trace file brings its own problems and gold answers
+ProblemsRunConfig = section_config("problems", "teacher")
 TeacherRunConfig = section_config("teacher")
 SegmentationRunConfig = section_config("segmentation")
 LabellerRunConfig = section_config("labeller")
@@ -32,15 +34,19 @@ def problems(
     context: dg.AssetExecutionContext, config: ProblemsRunConfig, store: StoreResource
 ) -> dg.MaterializeResult:
     """Questions with gold answers: the configured source (synthetic generator, reasoning-gym, or problem files) plus
-    any problem file dropped into the watched folder; keyed by content, split train/validation/test by group."""
+    any problem file dropped into the watched folder, plus an imported trace file's own problems; keyed by content,
+    split train/validation/test by group."""
     s = store.open()
     try:
-        report = stages.build_problems(s, library_config(config, "problems"), run_id(context))
+        report = stages.build_problems(
+            s, library_config(config, "problems"), run_id(context), library_config(config, "teacher")
+        )
     except (stages.StageFailed, DataFileError) as exc:
         raise stage_failure(exc) from exc
+    context.log.info(report.summary())  # says which format an imported trace file was read as
     by_source = s.warehouse.query("SELECT source, split, count(*) AS n FROM problems GROUP BY ALL ORDER BY ALL")
     sample = s.warehouse.query("SELECT question, answer FROM problems ORDER BY problem_id LIMIT 3")
-    return dg.MaterializeResult(
+    return materialized(
         metadata={
             "dagster/row_count": report.total_rows,
             "new_rows": report.new_rows,
@@ -48,6 +54,7 @@ def problems(
             "quarantined_rows": report.details["quarantined"],
             **{f"split_{k}": v for k, v in report.details["splits"].items()},
             "groups_shared_between_splits": sum(report.details["split_overlap"].values()),
+            **{k: report.details[k] for k in ("import_format", "traces_without_gold") if k in report.details},
             "by_source": dg.MetadataValue.md(
                 markdown_table(["source", "split", "problems"], [[r["source"], r["split"], r["n"]] for r in by_source])
             ),
@@ -88,7 +95,7 @@ def decontamination(
     except DataFileError as exc:
         raise stage_failure(exc) from exc
     d = report.details
-    return dg.MaterializeResult(
+    return materialized(
         metadata={
             "dagster/row_count": report.total_rows,
             "new_rows": report.new_rows,
@@ -118,7 +125,7 @@ def trace(
     context.log.info(report.summary())
     d = dict(report.details)
     run = d.pop("run")
-    return dg.MaterializeResult(
+    return materialized(
         metadata={
             "dagster/row_count": report.total_rows,
             "new_rows": report.new_rows,
@@ -192,7 +199,7 @@ def segmented_steps(
     except stages.StageFailed as exc:
         raise stage_failure(exc) from exc
     d = dict(report.details)
-    return dg.MaterializeResult(
+    return materialized(
         metadata={
             "dagster/row_count": report.total_rows,
             "new_rows": report.new_rows,
@@ -222,7 +229,7 @@ def signal_labels(
         raise stage_failure(exc) from exc
     d = report.details
     validation = d.get("validation", {})
-    return dg.MaterializeResult(
+    return materialized(
         metadata={
             "dagster/row_count": report.total_rows,
             "new_rows": report.new_rows,

@@ -3,6 +3,7 @@
 the same run (through the IO manager) and adds Dagster metadata."""
 
 import os
+from pathlib import Path
 
 import dagster as dg
 
@@ -15,14 +16,18 @@ from pipelines.defs.common import (
     library_config,
     markdown_table,
     png_markdown,
+    rounded,
     run_id,
     section_config,
+    sparkline,
     stage_failure,
 )
 from pipelines.defs.resources import StoreResource
 from scaffold_lib import checks
+from scaffold_lib.evaluation.metrics import PASS_COLUMNS, PROCESS_COLUMNS, score_table_markdown, serving_decode
 from scaffold_lib.evaluation.stages import EvaluationHandle, evaluate_models, promote_challenger
 from scaffold_lib.evaluation.suites import HELDOUT, SuiteDataError
+from scaffold_lib.store import registry
 from scaffold_lib.store.lineage import traces_of_model
 from scaffold_lib.student.model import StudentLoadError
 from scaffold_lib.student.stages import ModelHandle, ShardsHandle, ShardTokenizerMismatch, pack_shards, train_model
@@ -37,9 +42,8 @@ def dagster_ui() -> str:
     return os.environ.get("SCAFFOLD_DAGSTER_UI", "http://127.0.0.1:3000").rstrip("/")
 
 
-def mlflow_ui() -> str:
-    """Where `make ui` serves MLflow (links in the metadata point there)."""
-    return os.environ.get("SCAFFOLD_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
+def mlflow_run_url(model: ModelHandle) -> str:
+    return f"{registry.ui_url()}/#/experiments/{model.mlflow_experiment_id}/runs/{model.mlflow_run_id}"
 
 
 @dg.asset(
@@ -77,24 +81,26 @@ def packed_shards(context: dg.AssetExecutionContext, config: ShardsRunConfig, st
         for kind, st in handle.stats.items()
     ]
     context.add_output_metadata(
-        {
-            "dagster/row_count": sum(len(v) for v in handle.shard_ids.values()),
-            "scaffold_manifest": handle.manifests["scaffold"],
-            "baseline_manifest": handle.manifests["baseline"],
-            "base_model": handle.source_model,
-            "prepared_backbone": dg.MetadataValue.path(handle.base_model),
-            "tokenizer_hash": handle.tokenizer_hash,
-            "training_traces": handle.traces,
-            "traces_skipped_unlabelled": handle.skipped_incomplete,
-            "min_fill_ratio": min(st["fill_ratio"] for st in handle.stats.values()),
-            "min_fill_target": handle.fill_target,
-            "rows_read_back": stored_rows,
-            "storage": handle.storage,
-            "decoding_budget": dg.MetadataValue.json(handle.budget),
-            "packing": dg.MetadataValue.md(
-                markdown_table(["kind", "examples", "rows", "tokens", "fill", "split (too long)", "dropped"], rows)
-            ),
-        }
+        rounded(
+            {
+                "dagster/row_count": sum(len(v) for v in handle.shard_ids.values()),
+                "scaffold_manifest": handle.manifests["scaffold"],
+                "baseline_manifest": handle.manifests["baseline"],
+                "base_model": handle.source_model,
+                "prepared_backbone": dg.MetadataValue.path(handle.base_model),
+                "tokenizer_hash": handle.tokenizer_hash,
+                "training_traces": handle.traces,
+                "traces_skipped_unlabelled": handle.skipped_incomplete,
+                "min_fill_ratio": min(st["fill_ratio"] for st in handle.stats.values()),
+                "min_fill_target": handle.fill_target,
+                "rows_read_back": stored_rows,
+                "storage": handle.storage,
+                "decoding_budget": dg.MetadataValue.json(handle.budget),
+                "packing": dg.MetadataValue.md(
+                    markdown_table(["kind", "examples", "rows", "tokens", "fill", "split (too long)", "dropped"], rows)
+                ),
+            }
+        )
     )
     return handle
 
@@ -133,7 +139,7 @@ def train(
         dg.PipesSubprocessClient().run(command=command, context=context, env=env)
 
     s = store.open()
-    serving = instance_config().config.eval.decode.resolved(shards.budget).model_dump()
+    serving = serving_decode(instance_config().config.eval, shards.budget)
     try:
         model = train_model(
             s,
@@ -149,36 +155,44 @@ def train(
         )
     except (ShardTokenizerMismatch, StudentLoadError, FloatingPointError) as exc:
         raise stage_failure(exc) from exc
-    ui = mlflow_ui()
+    ui = registry.ui_url()
     traces = traces_of_model(s.warehouse, model.model_name, model.version)
     # an Output, not a bare value: after a Pipes launch Dagster requires a typed event stream
     return dg.Output(
         model,
-        metadata={
-            "model_name": model.model_name,
-            "model_version": model.version,
-            "mlflow_run": dg.MetadataValue.url(
-                f"{ui}/#/experiments/{model.mlflow_experiment_id}/runs/{model.mlflow_run_id}"
-            ),
-            "model_version_page": dg.MetadataValue.url(f"{ui}/#/models/{model.model_name}/versions/{model.version}"),
-            "model_uri": model.model_uri,
-            "manifest_hash": model.manifest_hash,
-            "device": model.device,
-            "world_size": model.world_size,
-            "steps": model.steps,
-            "resumed_from_step": model.resumed_from,
-            "first_loss": round(model.first_loss, 4),
-            "final_loss_last10_mean": round(model.final_loss, 4),
-            "tokens_per_s": round(model.tokens_per_s, 1),
-            "train_tokens": model.train_tokens,
-            "trained_on_traces": len(traces),
-            "sample_trace_ids": ", ".join(t["trace_id"] for t in traces[:5]),
-            "all_traces_command": f"scaffold lineage --model {model.version} --show {len(traces)}"
-            if kind == "scaffold"
-            else f"scaffold lineage --trace <id> (baseline: {model.model_name} v{model.version})",
-            "loss": dg.MetadataValue.md(loss_table(model)),
-            "loss_curve": dg.MetadataValue.md(png_markdown(model.loss_plot, f"{kind} loss")),
-        },
+        metadata=rounded(
+            {
+                "model_name": model.model_name,
+                "model_version": model.version,
+                "mlflow_run": dg.MetadataValue.url(mlflow_run_url(model)),
+                "mlflow_runs": dg.MetadataValue.url(f"{ui}/#/experiments/{model.mlflow_experiment_id}/runs"),
+                "model_version_page": dg.MetadataValue.url(
+                    f"{ui}/#/models/{model.model_name}/versions/{model.version}"
+                ),
+                "model_uri": model.model_uri,
+                "manifest_hash": model.manifest_hash,
+                "device": model.device,
+                "world_size": model.world_size,
+                "steps": model.steps,
+                "resumed_from_step": model.resumed_from,
+                "first_loss": round(model.first_loss, 4),
+                "final_loss_last10_mean": round(model.final_loss, 4),
+                "tokens_per_s": round(model.tokens_per_s, 1),
+                "train_tokens": model.train_tokens,
+                "trained_on_traces": len(traces),
+                "sample_trace_ids": ", ".join(t["trace_id"] for t in traces[:5]),
+                "all_traces_command": f"scaffold lineage --model {model.version} --all"
+                if kind == "scaffold"
+                else f"scaffold lineage --trace <id> (baseline: {model.model_name} v{model.version})",
+                # the curve in the metadata table itself, the plot one click away (MLflow serves it), and both as markdown
+                "loss_curve": dg.MetadataValue.text(sparkline(model.losses)),
+                "loss_plot": dg.MetadataValue.url(
+                    f"{ui}/get-artifact?path={Path(model.loss_plot).name}&run_uuid={model.mlflow_run_id}"
+                ),
+                "loss": dg.MetadataValue.md(loss_table(model)),
+                "loss_curve_png": dg.MetadataValue.md(png_markdown(model.loss_plot, f"{kind} loss")),
+            }
+        ),
     )
 
 
@@ -228,21 +242,33 @@ def benchmark_scores(
         )
     except (SuiteDataError, StudentLoadError, ValueError) as exc:
         raise stage_failure(exc) from exc
+    samples = [[*key.split(": ", 1), f"`{path}`"] for key, path in evaluation.samples.items()]
     context.add_output_metadata(
-        {
-            "dagster/row_count": len(evaluation.rows),
-            "suites": ", ".join(evaluation.suites),
-            "split": evaluation.split,
-            "challenger_version": evaluation.version,
-            "evaluation_id": evaluation.evaluation_id,
-            "items_per_suite": dg.MetadataValue.json(evaluation.items),
-            "comparison_table": dg.MetadataValue.md(evaluation.comparison_table),
-            "scores": dg.MetadataValue.md(evaluation.score_table),
-            "mlflow_run": dg.MetadataValue.url(
-                f"{mlflow_ui()}/#/experiments/{student_model.mlflow_experiment_id}/runs/{student_model.mlflow_run_id}"
-            ),
-            **({"samples": dg.MetadataValue.json(evaluation.samples)} if evaluation.samples else {}),
-        }
+        rounded(
+            {
+                "dagster/row_count": len(evaluation.rows),
+                "suites": ", ".join(evaluation.suites),
+                "split": evaluation.split,
+                "challenger_version": evaluation.version,
+                "evaluation_id": evaluation.evaluation_id,
+                "items_per_suite": dg.MetadataValue.json(evaluation.items),
+                **(
+                    {"quarantined_suite_rows": dg.MetadataValue.json(evaluation.quarantined)}
+                    if evaluation.quarantined
+                    else {}
+                ),
+                "comparison_table": dg.MetadataValue.md(evaluation.comparison_table),
+                # two narrow tables: the one wide table wrapped and was cut off in the metadata panel
+                "scores": dg.MetadataValue.md(score_table_markdown(evaluation.rows, PASS_COLUMNS)),
+                "process_metrics": dg.MetadataValue.md(score_table_markdown(evaluation.rows, PROCESS_COLUMNS)),
+                "mlflow_run": dg.MetadataValue.url(mlflow_run_url(student_model)),
+                **(
+                    {"samples": dg.MetadataValue.md(markdown_table(["suite", "model", "file"], samples))}
+                    if samples
+                    else {}
+                ),
+            }
+        )
     )
     return evaluation
 
@@ -303,12 +329,14 @@ def model_promotion(
         f"promotion of v{benchmark_scores.version}: {'yes' if outcome.promoted else 'no'} — {outcome.reason}"
     )
     return dg.MaterializeResult(
-        metadata={
-            "challenger_version": benchmark_scores.version,
-            "previous_champion": outcome.previous_champion or "none",
-            "promoted": outcome.promoted,
-            "champion_version": outcome.champion or "none",
-            "reason": outcome.reason,
-            "champion_uri": f"models:/{s.model_name}@champion",
-        }
+        metadata=rounded(
+            {
+                "challenger_version": benchmark_scores.version,
+                "previous_champion": outcome.previous_champion or "none",
+                "promoted": outcome.promoted,
+                "champion_version": outcome.champion or "none",
+                "reason": outcome.reason,
+                "champion_uri": f"models:/{s.model_name}@champion",
+            }
+        )
     )

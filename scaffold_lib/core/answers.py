@@ -5,43 +5,78 @@ another.
 Answer types: `number` (GSM8K style), `math` (MATH style, LaTeX), `yes_no`, `choice` (an option letter) and `text`.
 
 Numbers follow lm-evaluation-harness's GSM8K task where it is right: a `#### N` marker is the commitment (its
-strict-match filter), else the last number (its flexible-extract filter); before falling back to the last number
-we also honour `\\boxed{}` and an answer statement ("The answer is 6 + 7 = 13." commits to 13). We compare numbers by
-value, so `$18.00` equals 18 (lm-eval's exact match after stripping `$`, `,` and a final period does not).
-MATH answers are compared with math-verify, the grader open-r1 and lighteval use.
+strict-match filter), else the last number (its flexible-extract filter). Before falling back to the last number we
+honour an explicit final-answer statement: the last `\\boxed{}` or "The answer is …" sentence ("The answer is 6 + 7 =
+13." commits to 13), so numbers mentioned after it (a check, a recap) do not replace it. Numbers are read as people
+write them (`.25`, `1,000`, `$18.00`, `50%`, `3/4`, `2 1/2`, `\\frac{3}{4}`) and compared by value, so `$18.00`
+equals 18 (lm-eval's exact match after stripping `$`, `,` and a final period does not). MATH answers are compared
+with math-verify, the grader open-r1 and lighteval use. docs/scoring.md lists every deliberate difference from both.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+from decimal import Decimal
+from fractions import Fraction
 
 ANSWER_TYPES = ("number", "math", "yes_no", "choice", "text")
 LETTERS = "ABCDEFGHIJ"
 
-_NUM = r"-?\$?\s?\d[\d,]*(?:\.\d+)?"
-_ANSWER_IS = r"(?:final answer|answer)\s*(?:is|:|=)?\s*[:*\s]*"
-# an answer statement runs to the end of its sentence: a period before a space or the end, or a line break
-_STATEMENT = re.compile(_ANSWER_IS + r"(.+?)(?:\.(?=\s|$)|\n|$)", re.I)
+# a number as written: `-$1,234.50`, `.25`, `3/4`, `2 1/2` (a mixed number before a plain one: `2 1/2` is 2.5)
+_NUM = r"-?\$?\s?(?:\d+\s+\d+/\d+|(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+)?)"
+# an explicit statement needs its verb or colon: "answer" alone ("let me check my answer") commits to nothing
+_ANSWER_IS = r"\b(?:final answer|answer)\b(?:\s+to\s+[^.:\n]{1,60}?)?\s*\**\s*(?:is|was|would be|will be|:|=)\s*[:*\s]*"
+# an answer statement runs to the end of its sentence (a period, "!" or "?" before a space or the end, or a line
+# break); the terminator is captured so that a question ("The answer is 5?") is not taken as a commitment
+_STATEMENT = re.compile(_ANSWER_IS + r"(.+?)([.!?](?=\s|$)|\n|$)", re.I)
 _GSM8K_MARK = re.compile(r"####\s*(" + _NUM + ")")
 _GOLD_MARK = re.compile(r"####\s*(.+?)\s*$", re.S)
 # compiled once: normalise_number runs several times per trace, millions of times on an imported corpus
 _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3})")
-_SPACED_NUMBER = re.compile(r"-?\s?\d+(?:\.\d+)?")
-_PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_SPACED_NUMBER = re.compile(r"-?\s?(?:\d+(?:\.\d+)?|\.\d+)")
+_PLAIN_NUMBER = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)")
+_FRACTION = re.compile(r"(-?)(?:(\d+)\s+)?(\d+)/(\d+)")
+_LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\}")
+_MAX_DIGITS = 4300  # Python's int() limit for decimal strings; a longer "number" is not an answer
+
+
+def _canonical(value: Fraction) -> str:
+    """A value as one string: an integer, a terminating decimal ('0.75'), else the reduced fraction ('1/3')."""
+    den = value.denominator
+    while den % 2 == 0:
+        den //= 2
+    while den % 5 == 0:
+        den //= 5
+    if den != 1:
+        return f"{value.numerator}/{value.denominator}"
+    text = format(Decimal(value.numerator) / Decimal(value.denominator), "f")
+    text = text.rstrip("0").rstrip(".") if "." in text else text
+    return "0" if text in ("-0", "") else text
 
 
 def normalise_number(text: str) -> str | None:
-    """'1,000' -> '1000', '$18.00' -> '18', '50%' -> '50', '-3.50' -> '-3.5', '1{,}000' / '1,\\!000' -> '1000';
-    None when the text is not one number."""
-    t = text.strip().replace("{,}", ",").replace("\\!", "").replace("\\,", "").replace("\\$", "$")
+    """'1,000' -> '1000', '$18.00' -> '18', '50%' -> '50', '-3.50' -> '-3.5', '.25' -> '0.25', '3/4' -> '0.75',
+    '2 1/2' -> '2.5', '1/3' -> '1/3', '\\frac{3}{4}' -> '0.75', '1{,}000' / '1,\\!000' -> '1000'; None when the text
+    is not one number."""
+    t = _latex_digits(text.strip().replace("\\,", "").replace("\\$", "$"))
     t = _THOUSANDS_COMMA.sub("", t).replace("$", "").replace("\\%", "").rstrip(".%").strip()
+    if len(t) > _MAX_DIGITS:
+        return None
+    if fraction := _FRACTION.fullmatch(t):
+        sign, whole, num, den = fraction.groups()
+        if int(den) == 0:
+            return None
+        value = int(whole or 0) + Fraction(int(num), int(den))
+        return _canonical(-value if sign else value)
     t = t.replace(" ", "") if _SPACED_NUMBER.fullmatch(t) else t
     if not _PLAIN_NUMBER.fullmatch(t):
         return None
-    if "." in t:
-        t = t.rstrip("0").rstrip(".")
-    return "0" if t in ("-0", "") else t
+    # string operations, not Fraction: this is the hot path. One spelling per value: '007' is 7, '.50' is 0.5, '-0' is 0
+    whole, _, frac = t.lstrip("-").partition(".")
+    whole, frac = whole.lstrip("0") or "0", frac.rstrip("0")
+    value = whole + ("." + frac if frac else "")
+    return "-" + value if t.startswith("-") and value != "0" else value
 
 
 def gold_answer(raw: str) -> tuple[str, str]:
@@ -54,22 +89,30 @@ def gold_answer(raw: str) -> tuple[str, str]:
     return (number, "number") if number is not None else (text, "text")
 
 
-def boxed_contents(text: str) -> list[str]:
-    """The contents of every `\\boxed{…}` / `\\fbox{…}`, with nested braces balanced (`\\boxed{\\frac{1}{2}}`)."""
+def _boxes(text: str) -> list[tuple[int, str]]:
+    """(position, contents) of every `\\boxed{…}` / `\\fbox{…}`, nested braces balanced (`\\boxed{\\frac{1}{2}}`)."""
     out = []
     for match in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
         depth, start = 1, match.end()
         for i in range(start, len(text)):
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             if depth == 0:
-                out.append(text[start:i])
+                out.append((match.start(), text[start:i]))
                 break
     return out
 
 
+def boxed_contents(text: str) -> list[str]:
+    """The contents of every `\\boxed{…}` / `\\fbox{…}`, with nested braces balanced (`\\boxed{\\frac{1}{2}}`)."""
+    return [contents for _, contents in _boxes(text)]
+
+
 def _latex_digits(text: str) -> str:
-    """LaTeX spellings of a thousands separator (`1{,}000`, `1,\\!000`) as plain commas."""
-    return text.replace("{,}", ",").replace("\\!", "") if "{,}" in text or "\\!" in text else text
+    """LaTeX spellings of numbers as plain text: a thousands separator (`1{,}000`, `1,\\!000`) as a comma, a
+    fraction of two integers (`\\frac{3}{4}`, `\\dfrac`, `\\tfrac`) as `3/4`."""
+    if "{,}" in text or "\\!" in text:
+        text = text.replace("{,}", ",").replace("\\!", "")
+    return _LATEX_FRAC.sub(r"\1/\2", text) if "frac" in text else text
 
 
 def last_number(text: str) -> str | None:
@@ -79,31 +122,49 @@ def last_number(text: str) -> str | None:
     return None
 
 
+def _statements(text: str) -> list[tuple[int, str]]:
+    """(position, what it says) of every "The answer is …" / "Answer: …" sentence that is not a question."""
+    return [(m.start(), m.group(1).strip()) for m in _STATEMENT.finditer(text) if m.group(2) != "?"]
+
+
 def answer_statement(text: str) -> str | None:
     """What the last "The answer is …" / "Answer: …" sentence says, or None."""
-    statements = _STATEMENT.findall(text)
-    return statements[-1].strip() if statements else None
+    statements = _statements(text)
+    return statements[-1][1] if statements else None
 
 
-def extract_number(text: str) -> str | None:
-    """The number a response commits to: `#### N` (first, as lm-eval's strict match), else the last `\\boxed{}` holding a
-    number, else the last number of the last answer statement, else the last number anywhere (flexible match)."""
+def has_commitment(text: str) -> bool:
+    """Whether the text states its answer explicitly: `#### N`, `\\boxed{}` or an answer statement."""
+    return bool(_GSM8K_MARK.search(text) or "\\boxed" in text or "\\fbox" in text or _statements(text))
+
+
+def explicit_number(text: str) -> str | None:
+    """The number a text explicitly commits to, or None: `#### N` (the first, as lm-eval's strict match), else the
+    last `\\boxed{}` or answer statement holding a number (its last number: "The answer is 6 + 7 = 13." is 13)."""
     text = _latex_digits(text)
     mark = _GSM8K_MARK.search(text)
     if mark and (value := normalise_number(mark.group(1))) is not None:
         return value
-    for boxed in reversed(boxed_contents(text)):
-        if (value := last_number(boxed)) is not None:
+    for _, said in sorted(_boxes(text) + _statements(text), reverse=True):
+        if (value := last_number(said)) is not None:
             return value
-    statement = answer_statement(text)
-    if statement is not None and (value := last_number(statement)) is not None:
-        return value
-    return last_number(text)
+    return None
+
+
+def extract_number(text: str) -> str | None:
+    """The number a response commits to: an explicit commitment (`explicit_number`), numbers mentioned after it
+    notwithstanding; else the last number anywhere (lm-eval's flexible match)."""
+    value = explicit_number(text)
+    return value if value is not None else last_number(text)
 
 
 def numbers_equal(predicted: str | None, gold: str) -> bool:
+    """Equal by value (exact fractions: '3/4' equals '0.75', '1/3' does not equal '0.33')."""
     p, g = normalise_number(predicted or ""), normalise_number(gold)
-    return p is not None and g is not None and abs(float(p) - float(g)) <= 1e-9 * max(1.0, abs(float(g)))
+    if p is None or g is None:
+        return False
+    p_value, g_value = Fraction(p), Fraction(g)
+    return abs(p_value - g_value) <= Fraction(1, 10**9) * max(1, abs(g_value))
 
 
 def extract_math(text: str) -> str | None:
@@ -211,9 +272,11 @@ def is_correct(extracted: str | None, gold: str, answer_type: str) -> bool:
 
 
 def committed_answer(text: str, answer_type: str, answer_text: str | None = None) -> str | None:
-    """What a whole trace commits to: its separate final answer when it has one, else its last paragraph, else
-    anything in it (a trace may state its answer early and keep checking)."""
-    for part in (answer_text, text.strip().rsplit("\n\n", 1)[-1], text):
+    """What a whole trace commits to: its separate final answer when it has one; else its explicit statement (a trace
+    may state its answer and keep checking: the numbers of the check are not the answer); else its last paragraph;
+    else anything in it."""
+    parts = (answer_text, text if has_commitment(text) else None, text.strip().rsplit("\n\n", 1)[-1], text)
+    for part in parts:
         if part and (value := extract(part, answer_type)) is not None:
             return value
     return None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from scaffold_lib.core.errors import UserError
@@ -13,10 +13,13 @@ class DataFileError(UserError):
     """A data file cannot be used; the message names the file, the line and the field."""
 
 
-def iter_file_rows(path: Path) -> Iterator[tuple[int, dict | None, str, str | None]]:
+def iter_file_rows(
+    path: Path, columns: Sequence[str] | None = None
+) -> Iterator[tuple[int, dict | None, str, str | None]]:
     """(line number, row or None, raw text, error) for JSONL or Parquet, streamed (bounded memory). A bad line is
     yielded with its error (the caller decides between stopping and quarantining); an unreadable file raises
-    `DataFileError`. Raw text is the line for JSONL and empty for Parquet (see `raw_of`)."""
+    `DataFileError`. Raw text is the line for JSONL and empty for Parquet (see `raw_of`). `columns`: the only Parquet
+    columns to read, those the file has (a trace file's long texts need not be read to take its questions)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -26,7 +29,8 @@ def iter_file_rows(path: Path) -> Iterator[tuple[int, dict | None, str, str | No
         except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError
             raise DataFileError(f"{path}: cannot read as Parquet: {exc}") from exc
         line = 0
-        for batch in parquet.iter_batches(batch_size=4096):  # bounded memory whatever the file's size
+        wanted = [c for c in parquet.schema_arrow.names if c in columns] if columns is not None else None
+        for batch in parquet.iter_batches(batch_size=4096, columns=wanted):  # bounded memory whatever the file's size
             for row in batch.to_pylist():
                 line += 1
                 yield line, row, "", None  # raw text only when a row is quarantined: raw_of(row)

@@ -73,6 +73,7 @@ def trace_from_record(record: dict, problem: Problem | Gold, teacher: str) -> Tr
         record.get("attempts"),
         record.get("endpoint"),
         record.get("finish_reason"),
+        record.get("recorded_correct"),
     )
 
 

@@ -13,15 +13,17 @@ from __future__ import annotations
 import os
 import re
 import threading
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 
 from scaffold_lib.core.ids import step_id
+
+if TYPE_CHECKING:
+    import duckdb
 
 Segmenter = Literal["blank_line", "line", "auto"]
 SEGMENTERS: tuple[str, ...] = ("blank_line", "line", "auto")
@@ -146,6 +148,8 @@ def _kernel() -> duckdb.DuckDBPyConnection:
 
 
 def _new_kernel() -> duckdb.DuckDBPyConnection:
+    import duckdb  # here, not at the top: the GPU machine's device check segments traces without duckdb
+
     con = duckdb.connect(config={"memory_limit": "1GB"})
     ws = _sql_literal(PY_WHITESPACE)
     # str.strip(): the common case (printable ASCII at both ends) needs no work, and trim() with a set of characters

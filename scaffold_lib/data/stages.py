@@ -29,6 +29,7 @@ from scaffold_lib.data.endpoint import TRANSPORT_ERRORS, EndpointConfig
 from scaffold_lib.data.label_validation import LabelValidator, ValidatorConfig, Verdict, decide
 from scaffold_lib.data.llm_teachers import EndpointTeacher, HFTeacher, HFTeacherConfig, PromptConfig
 from scaffold_lib.data.problems import (
+    OOD_SPLITS,
     SPLITS,
     Problem,
     ProblemsConfig,
@@ -37,6 +38,7 @@ from scaffold_lib.data.problems import (
     generate_problems,
     iter_problem_file,
     load_reasoning_gym,
+    ood_problems,
     problem_files,
     shard_of,
 )
@@ -51,6 +53,7 @@ from scaffold_lib.data.signals import (
     keyword_table,
     label_column,
 )
+from scaffold_lib.data.teacher_routing import PerSourceTeacher
 from scaffold_lib.data.teachers import (
     ProgrammaticTeacher,
     ProgrammaticTeacherConfig,
@@ -58,11 +61,19 @@ from scaffold_lib.data.teachers import (
     Teacher,
     TeacherResult,
 )
-from scaffold_lib.data.trace_import import ImportedTeacher, TodoProblems, TraceFieldMap
+from scaffold_lib.data.trace_formats import TraceFormat
+from scaffold_lib.data.trace_import import (
+    ImportedTeacher,
+    TodoProblems,
+    TraceFieldMap,
+    TraceSource,
+    iter_trace_problems,
+    trace_sources,
+)
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.warehouse import ROW_GROUP_ROWS, TRACE_ROW_GROUP_ROWS, WRITE_ROWS
 
-TeacherBackend = Literal["programmatic", "reference", "openai", "hf", "import"]
+TeacherBackend = Literal["auto", "programmatic", "reference", "openai", "hf", "import"]
 
 
 def in_session(stage):
@@ -145,19 +156,22 @@ PROBLEM_BATCH = 10_000
 
 
 def problem_sources(
-    cfg: ProblemsConfig, incoming: Path | None = None, loaded_before: Callable[[str], bool] = lambda key: False
+    cfg: ProblemsConfig,
+    incoming: Path | None = None,
+    loaded_before: Callable[[str], bool] = lambda key: False,
+    from_traces: bool = False,
 ) -> tuple[list[Problem], dict[Path, str | None]]:
     """(problems of the configured generator, if any; file key per problem file to read): the configured files plus
     every problem file in the watched folder, except files already loaded unchanged (a missing file is kept, with no
-    key, to fail when read)."""
+    key, to fail when read). `from_traces`: an imported trace file brings problems, so source 'files' needs no file."""
     problems: list[Problem] = []
     if cfg.source == "synthetic":
-        problems = generate_problems(cfg.synthetic, cfg.split)
+        problems = generate_problems(cfg.synthetic, cfg.split) + ood_problems(cfg.synthetic, cfg.ood, cfg.split)
     elif cfg.source == "reasoning_gym":
         problems = load_reasoning_gym(cfg.reasoning_gym, cfg.split)
     watched = Path(cfg.watch_dir) if cfg.watch_dir else incoming
     files = [Path(f) for f in cfg.files] + (problem_files(watched) if watched and watched.exists() else [])
-    if cfg.source == "files" and not files:
+    if cfg.source == "files" and not files and not from_traces:
         raise StageFailed(
             f"problems source 'files' but no problem file: set problems.files or drop files into {watched}"
         )
@@ -166,41 +180,103 @@ def problem_sources(
     return problems, {f: key for f, key in keys.items() if key is None or not loaded_before(key)}
 
 
+def _load_problem_items(
+    store: Store, name: str, items: Iterator[Problem | Quarantined], run_id: str | None
+) -> tuple[int, int, int]:
+    """(new, rows, quarantined) of one file's problems, written in batches of `PROBLEM_BATCH`; a file whose every row
+    was quarantined fails with the first one's line and field."""
+    wh = store.warehouse
+    new, rows, bad, first_bad = 0, 0, 0, None
+    while batch := list(itertools.islice(items, PROBLEM_BATCH)):
+        loaded = collect_problems(batch)  # a repeat in a later batch is not new: the warehouse skips it
+        new += wh.insert_new("problems", [p.as_row() for p in loaded.problems], run_id)
+        wh.insert_new("quarantine", quarantine_rows("problems", loaded.quarantined), run_id)
+        rows += len(loaded.problems)
+        bad += len(loaded.quarantined)
+        first_bad = first_bad or next(iter(loaded.quarantined), None)
+    if not rows and first_bad:
+        raise StageFailed(
+            f"{name}: every row was quarantined ({bad}), e.g. line {first_bad.line}, field {first_bad.field!r}: "
+            f"{first_bad.error}"
+        )
+    return new, rows, bad
+
+
+def _trace_file_record(src: TraceSource, teacher: TeacherConfig, split: BaseModel) -> dict:
+    """The `source_files` row of a trace source read for its problems: keyed by where it is, its size and time, and
+    how it was read (a hub dataset by its name: read once per settings)."""
+    how = [teacher.import_format, teacher.import_fields.model_dump(), teacher.import_split, split.model_dump()]
+    stat = src.path.stat() if src.path is not None else None
+    size, mtime = (stat.st_size, stat.st_mtime_ns) if stat else (0, 0)
+    where = str(src.path.resolve()) if src.path is not None else src.name
+    key = content_id("trace-problems", where, size, mtime, how)
+    return {"file_key": key, "stage": "problems", "path": where, "size": size, "mtime_ns": mtime}
+
+
 @in_session
-def build_problems(store: Store, cfg: ProblemsConfig, run_id: str | None = None) -> StageReport:
-    """Questions with gold answers, from the configured source and problem files, split by group. Files are streamed
-    in batches of `PROBLEM_BATCH` problems, each file recorded once read whole; a file already loaded, unchanged, is
+def build_problems(
+    store: Store, cfg: ProblemsConfig, run_id: str | None = None, teacher: TeacherConfig | None = None
+) -> StageReport:
+    """Questions with gold answers, from the configured source and problem files, split by group, and (with a
+    `teacher` importing traces) from the trace source's own problem and gold-answer columns. Files are streamed in
+    batches of `PROBLEM_BATCH` problems, each file recorded once read whole; a file already loaded, unchanged, is
     not read again (a refresh reads the new files only)."""
     wh = store.warehouse
-    generated, files = problem_sources(
-        cfg, store.incoming, lambda key: wh.scalar("SELECT count(*) FROM source_files WHERE file_key = ?", [key]) > 0
-    )
+
+    def loaded_before(key: str) -> bool:
+        return wh.scalar("SELECT count(*) FROM source_files WHERE file_key = ?", [key]) > 0
+
+    importing = teacher is not None and teacher.backend == "import" and bool(teacher.import_source)
+    generated, files = problem_sources(cfg, store.incoming, loaded_before, from_traces=importing)
     new = wh.insert_new("problems", [p.as_row() for p in generated], run_id)
     offered, quarantined = len(generated), 0
     for path, key in files.items():
-        rows, bad, first_bad = 0, 0, None
         items = iter_problem_file(path, cfg.fields, split=cfg.split, lenient=cfg.lenient)
-        while batch := list(itertools.islice(items, PROBLEM_BATCH)):
-            loaded = collect_problems(batch)  # a repeat in a later batch is not new: the warehouse skips it
-            new += wh.insert_new("problems", [p.as_row() for p in loaded.problems], run_id)
-            wh.insert_new("quarantine", quarantine_rows("problems", loaded.quarantined), run_id)
-            rows += len(loaded.problems)
-            bad += len(loaded.quarantined)
-            first_bad = first_bad or next(iter(loaded.quarantined), None)
-        if not rows and first_bad:
-            raise StageFailed(
-                f"{path}: every row was quarantined ({bad}), e.g. line {first_bad.line}, field {first_bad.field!r}: "
-                f"{first_bad.error}"
-            )
+        added, rows, bad = _load_problem_items(store, str(path), items, run_id)
         stat = path.stat()
         record = {"file_key": key, "stage": "problems", "path": str(path), "size": stat.st_size}
         record.update(mtime_ns=stat.st_mtime_ns, rows=rows, quarantined=bad)
         wh.insert_new("source_files", [record], run_id)  # read whole: not read again while unchanged
-        offered, quarantined = offered + rows, quarantined + bad
+        new, offered, quarantined = new + added, offered + rows, quarantined + bad
+    formats: dict[str, str] = {}
+    without_gold: list[str] = []
+    for src in trace_sources(teacher.import_source) if importing else []:
+        record = _trace_file_record(src, teacher, cfg.split)
+        if loaded_before(record["file_key"]):
+            continue
+        info: dict = {}
+        items = iter_trace_problems(
+            src,
+            teacher.import_fields,
+            format=teacher.import_format,
+            split=cfg.split,
+            hf_split=teacher.import_split,
+            lenient=cfg.lenient,
+            info=info,
+        )
+        added, rows, bad = _load_problem_items(store, src.name, items, run_id)
+        formats[src.name] = info["format"]
+        if info["gold_column"] is None:
+            without_gold.append(src.name)
+        wh.insert_new("source_files", [{**record, "rows": rows, "quarantined": bad}], run_id)
+        new, offered, quarantined = new + added, offered + rows, quarantined + bad
     if not wh.scalar("SELECT count(*) FROM problems"):
-        raise StageFailed(f"no problems: source {cfg.source!r} produced none and no problem file had any")
+        hint = (
+            f"; the trace source {', '.join(without_gold)} has no gold-answer column (looked for answer, solution): "
+            "give a problem file (--problems-file) or name its column (--fields gold=COLUMN)"
+            if without_gold
+            else ""
+        )
+        raise StageFailed(f"no problems: source {cfg.source!r} produced none and no problem file had any{hint}")
     report = problems_report(store, new, offered, quarantined)
-    report.details["files_loaded"] = len(files)
+    report.details["files_loaded"] = len(files) + len(formats)
+    if formats:  # which format each trace source was read as (`auto` says what it detected)
+        labels = sorted(set(formats.values()))
+        report.details["import_format"] = (
+            labels[0] if len(labels) == 1 else "; ".join(f"{k}: {v}" for k, v in formats.items())
+        )
+    if without_gold:
+        report.details["traces_without_gold"] = ", ".join(without_gold)
     return report
 
 
@@ -225,7 +301,7 @@ def problems_report(store: Store, new: int, offered: int, quarantined: int) -> S
             "offered": offered,
             "files_loaded": 0,
             "quarantined": quarantined,
-            "splits": {s: splits.get(s, 0) for s in SPLITS},
+            "splits": {s: splits.get(s, 0) for s in SPLITS} | {s: n for s, n in splits.items() if s in OOD_SPLITS},
             "split_overlap": split_overlap(store),
         },
     )
@@ -233,11 +309,17 @@ def problems_report(store: Store, new: int, offered: int, quarantined: int) -> S
 
 def split_overlap(store: Store) -> dict[str, int]:
     """Groups found in more than one split (0 everywhere when the split is by group; a file's own `split` column may
-    break that, and this says so)."""
-    rows = store.warehouse.query("""
+    break that, and this says so). The OOD suites are drawn from the test split's groups on purpose: a group shared
+    by test and an OOD split is not an overlap."""
+    tested = ["test", *OOD_SPLITS]
+    rows = store.warehouse.query(
+        """
         SELECT a.split || '/' || b.split AS pair, count(DISTINCT a.group_id) AS n
         FROM problems a JOIN problems b ON a.group_id = b.group_id AND a.split < b.split
-        WHERE a.group_id IS NOT NULL GROUP BY ALL""")
+        WHERE a.group_id IS NOT NULL AND NOT (list_contains(?, a.split) AND list_contains(?, b.split))
+        GROUP BY ALL""",
+        [tested, tested],
+    )
     return {r["pair"]: r["n"] for r in rows}
 
 
@@ -248,19 +330,30 @@ class TeacherConfig(BaseModel):
     """Which teacher writes the traces, and how."""
 
     backend: TeacherBackend = Field(
-        "programmatic",
-        description="programmatic: the built-in teacher of the synthetic problems; reference: the "
-        "worked solutions shipped with the problems; openai: any OpenAI-compatible endpoint; hf: a local causal LM; "
-        "import: an existing trace file or HF dataset",
+        "auto",
+        description="auto: per source (programmatic for the built-in problems; for the others the configured "
+        "endpoint or local model, else their worked solutions); programmatic: the built-in teacher of the synthetic "
+        "problems; reference: the worked solutions shipped with the problems; openai: any OpenAI-compatible endpoint; "
+        "hf: a local causal LM; import: an existing trace file or HF dataset",
     )
     programmatic: ProgrammaticTeacherConfig = Field(default_factory=ProgrammaticTeacherConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
     hf: HFTeacherConfig = Field(default_factory=HFTeacherConfig)
-    import_source: str = Field("", description="a .jsonl/.parquet path or HF dataset name, for backend 'import'")
+    import_source: str = Field(
+        "",
+        description="for backend 'import': a .jsonl/.parquet file or a folder of them, a dataset saved with "
+        "save_to_disk, or an HF dataset name; its problems and gold answers are loaded too when it has them",
+    )
+    import_format: TraceFormat = Field(
+        "auto",
+        description="the shape of the import: openr1 (generations lists), s1k (thinking/attempt columns), columns "
+        "(one trace column), messages (role/content chats), sharegpt (from/value chats), or auto (detected, and said)",
+    )
     import_fields: TraceFieldMap = Field(default_factory=TraceFieldMap)
+    import_split: str = Field("train", description="the split of a saved or hub dataset to import")
     splits: list[str] = Field(
-        default_factory=lambda: list(SPLITS),
+        default_factory=lambda: [*SPLITS, *OOD_SPLITS],
         description="problems of these splits are traced (held-out traces give golden signals)",
     )
     journal_dir: str | None = Field(None, description="completions are journalled here; default <home>/journals")
@@ -274,6 +367,13 @@ def build_teacher(cfg: TeacherConfig, journal_dir: str | Path, shard: tuple[int,
     """The configured teacher; for shard k of n, an endpoint teacher talks to base URL k mod len(base_urls) only, so
     partitions fan out over the servers and each trace names its server."""
     journals = cfg.journal_dir or journal_dir
+    if cfg.backend == "auto":
+        model = None
+        if cfg.endpoint.base_urls and cfg.endpoint.model:
+            model = build_teacher(cfg.model_copy(update={"backend": "openai"}), journal_dir, shard)
+        elif cfg.hf.model:
+            model = build_teacher(cfg.model_copy(update={"backend": "hf"}), journal_dir, shard)
+        return PerSourceTeacher(ProgrammaticTeacher(cfg.programmatic), ReferenceTeacher(), model)
     if cfg.backend == "programmatic":
         return ProgrammaticTeacher(cfg.programmatic)
     if cfg.backend == "reference":
@@ -293,7 +393,7 @@ def build_teacher(cfg: TeacherConfig, journal_dir: str | Path, shard: tuple[int,
         raise StageFailed(
             "teacher backend 'import' needs teacher.import_source (a .jsonl/.parquet path or an HF dataset name)"
         )
-    return ImportedTeacher(cfg.import_source, cfg.import_fields)
+    return ImportedTeacher(cfg.import_source, cfg.import_fields, split=cfg.import_split, format=cfg.import_format)
 
 
 # imported traces written together: one row group of the import session, each written straight into the file
@@ -310,7 +410,9 @@ def _untraced_problems(store: Store, teacher: Teacher, splits: Sequence[str], ba
         batch_rows=batch,
     ):
         problems = [Problem(**r) for r in rows]
-        wanted = {teacher.trace_id_for(p, s): p.problem_id for p in problems for s in range(teacher.samples)}
+        # a per-source teacher asks each problem's own teacher for as many samples as that one writes
+        samples = getattr(teacher, "samples_for", lambda p: teacher.samples)
+        wanted = {teacher.trace_id_for(p, s): p.problem_id for p in problems for s in range(samples(p))}
         todo = {wanted[t] for t in store.warehouse.missing("teacher_traces", "trace_id", list(wanted))}
         yield [p for p in problems if p.problem_id in todo]
 
@@ -354,12 +456,17 @@ def write_traces(
     # importer in row groups of its batches (`TRACE_ROW_GROUP_ROWS`)
     if isinstance(teacher, ImportedTeacher):
         session = wh.session(row_group_rows=TRACE_ROW_GROUP_ROWS)
-    elif isinstance(teacher, (ProgrammaticTeacher, ReferenceTeacher)):
+    elif isinstance(teacher, (ProgrammaticTeacher, ReferenceTeacher)) or (
+        isinstance(teacher, PerSourceTeacher) and teacher.model is None
+    ):
         session = wh.session()
     else:
         session = nullcontext()
     with session:
         return _write_traces(store, teacher, cfg, run_id, shard)
+
+
+IMPORT_DETAILS = ("import_format", "verdicts_recorded", "verdict_disagreements", "verdicts_unreadable")
 
 
 def _write_traces(
@@ -399,9 +506,13 @@ def _write_traces(
         "not_covered": not_covered,
         "quarantined": quarantined,
         "skipped_existing": in_splits - asked[0] if shard is None else None,
+        # an import says which format it read and how the dataset's own verdicts compare with ours
+        **{k: stats[k] for k in IMPORT_DETAILS if k in stats},
+        **({"teacher_by_source": teacher.by_source()} if isinstance(teacher, PerSourceTeacher) else {}),
         "run": stats,
     }
-    total = wh.scalar("SELECT count(*) FROM teacher_traces WHERE teacher = ?", [teacher.identity])
+    identities = list(getattr(teacher, "identities", [teacher.identity]))  # a per-source teacher writes as several
+    total = wh.scalar("SELECT count(*) FROM teacher_traces WHERE list_contains(?, teacher)", [identities])
     # nothing useful: problems were asked and every one failed, or the teacher covers none of them at all (problems a
     # trace file leaves out, beside ones it covered, are its normal steady state)
     if asked[0] and not new and (failures or total == 0):
@@ -417,8 +528,8 @@ def _write_traces(
         raise StageFailed(f"teacher {teacher.identity} answered none of {asked[0]} problems: " + "; ".join(reasons))
     row = wh.query(
         "SELECT count(*) AS n, avg(is_correct::INT) AS acc, avg(completion_tokens) AS toks "
-        "FROM teacher_traces WHERE teacher = ?",
-        [teacher.identity],
+        "FROM teacher_traces WHERE list_contains(?, teacher)",
+        [identities],
     )[0]
     details.update(teacher_accuracy=round(row["acc"] or 0.0, 4), mean_completion_tokens=round(row["toks"] or 0.0, 1))
     return StageReport("teacher_traces", new, row["n"], details)

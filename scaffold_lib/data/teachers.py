@@ -40,6 +40,7 @@ class Trace:
     attempts: int | None = None
     endpoint: str | None = None
     finish_reason: str | None = None
+    recorded_correct: bool | None = None  # an imported dataset's own verdict, kept beside ours (`is_correct`)
 
     def as_row(self) -> dict:
         return dict(vars(self))  # flat fields: asdict() would deep-copy each (a corpus of long traces)
@@ -138,6 +139,9 @@ class ProgrammaticTeacherConfig(BaseModel):
     verify_prob: float = Field(1.0, ge=0, le=1, description="flow: chance a product or quotient is checked")
     summary_every: int = Field(
         2, ge=0, description="flow: a running summary after every N operations of a long problem (0: none)"
+    )
+    illustrate_products: bool = Field(
+        False, description='flow: a product is checked with an example ("For example, 3 piles of 4 …") instead'
     )
     signal_noise: float = Field(0.0, ge=0, le=1, description="chance an operation step uses the other opening kind")
     mistake_prob: float = Field(0.2, ge=0, le=1, description="v1: chance of a corrected mistake at a random step")
@@ -317,6 +321,10 @@ def write_trace(parsed: ParsedQuestion, rng: random.Random, cfg: ProgrammaticTea
     return "\n\n".join(steps)
 
 
+def _on(day: str | None) -> str:
+    return f"on {day}, " if day else ""
+
+
 # The flow style (default): the next step depends on the state of the solution, as in R1 traces.
 FLOW_OPENINGS = {
     "addition_elaboration": ("Then", "Next,", "After that,", "Then,"),
@@ -326,21 +334,24 @@ FLOW_OPENINGS = {
 
 def write_flow_trace(parsed: ParsedQuestion, rng: random.Random, cfg: ProgrammaticTeacherConfig) -> str:
     """An R1-style trace whose flow follows the solution: an operation step (an addition step elaborates, the other
-    operations are analysis); after a product or a quotient a check ("Hmm, let me check: …"); a slip is always followed
-    by the check that catches it ("Wait, …"), so a contrast step means the step before it was wrong; a fact about
-    something else is set aside ("But … does not matter"); in long problems a running summary every few operations
-    ("So far, …"), so summaries-only decoding keeps what the rest needs; then a conclusion and the answer."""
+    operations are analysis); after a product or a quotient a check ("Hmm, let me check: …", or for a product with
+    `illustrate_products` an example); a slip is always followed by the check that catches it ("Wait, …"), so a
+    contrast step means the step before it was wrong; a fact about something else is set aside ("But … does not
+    matter"); in long problems a running summary every few operations ("So far, …"), so summaries-only decoding keeps
+    what the rest needs; then a conclusion and the answer. The facts of a timeline problem are taken day by day, each
+    step naming its day, so which step comes next is read off the question's dates."""
     name, item = parsed.name, parsed.item
     ops = [s for s in parsed.steps if s.kind not in ("start", "distractor")]
     # a trace wrong on purpose: one slip that no check catches (the teacher's own accuracy is then below 1)
     uncaught = rng.randrange(len(ops)) if ops and rng.random() < cfg.wrong_fraction else -1
     start = parsed.steps[0].n
+    first_day = _on(parsed.steps[0].day)
     steps = [
         rng.choice(
             (
-                f"First, {name} has {start} {item}.",
-                f"Okay, {name} starts with {start} {item}.",
-                f"Let me start with what we know: {name} has {start} {item}.",
+                f"First, {first_day}{name} has {start} {item}.",
+                f"Okay, {first_day}{name} starts with {start} {item}.",
+                f"Let me start with what we know: {first_day}{name} has {start} {item}.",
             )
         )
     ]
@@ -349,6 +360,8 @@ def write_flow_trace(parsed: ParsedQuestion, rng: random.Random, cfg: Programmat
         if step.kind == "distractor":
             fact = step.sentence.rstrip(".")
             fact = "a" + fact[1:] if fact.startswith("A ") else fact
+            if step.day:  # "On Friday, Olga has 7 marbles" -> "on Friday, Olga has 7 marbles"
+                fact = "o" + fact[1:]
             steps.append(
                 rng.choice(
                     (
@@ -366,10 +379,13 @@ def write_flow_trace(parsed: ParsedQuestion, rng: random.Random, cfg: Programmat
         signal = "addition_elaboration" if op == "add" else "reasoning_analysis"
         if rng.random() < cfg.signal_noise:
             signal = "reasoning_analysis" if signal == "addition_elaboration" else "addition_elaboration"
-        steps.append(f"{rng.choice(FLOW_OPENINGS[signal])} {phrase}.")
+        opening = rng.choice(FLOW_OPENINGS[signal])
+        steps.append(f"{opening} {_on(step.day).rstrip(', ') + ', ' if step.day else ''}{phrase}.")
         if slip and op_i != uncaught:
             steps.append(f"Wait, {a} {SYMBOL[op]} {n} is {right}, not {shown}. Let me fix that.")
             shown = right
+        elif op == "mul" and not slip and cfg.illustrate_products and rng.random() < cfg.verify_prob:
+            steps.append(f"For example, {n} piles of {a} {item} make {shown} {item}.")
         elif op in ("mul", "div") and not slip and rng.random() < cfg.verify_prob:
             inverse = f"{shown} / {n} = {a}" if op == "mul" else f"{shown} * {n} = {a}"
             steps.append(f"Hmm, let me check: {inverse}, so {shown} is right.")

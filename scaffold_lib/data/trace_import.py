@@ -1,5 +1,6 @@
-"""Import existing teacher traces (JSONL / Parquet files, a folder of them, or an HF `datasets` name) instead of
-generating them.
+"""Import existing teacher traces (JSONL / Parquet files, a folder of them, a dataset saved with `save_to_disk`, or an
+HF `datasets` name, streamed) instead of generating them, in any of the public shapes of `trace_formats` (`openr1`,
+`s1k`, `columns`, `messages`, `sharegpt`, or `auto`: detected from the columns, and said).
 
 Import is file-driven and streamed: the trace stage hands the importer the problems that still lack a trace from it
 (`TodoProblems`, by id and by normalised question) and the importer reads the files batch by batch, keeping only
@@ -8,41 +9,57 @@ the rows that match one of them. Memory is bounded by a batch plus the table of 
 For Parquet, only the key column (question or problem id) is read for a row group whose rows are all already
 imported, so a refresh after a new file arrives costs little more than reading that file.
 
-Rows are joined to problems by problem id (when the file carries ours) or else by the question text (whitespace-
-and case-normalised), and verified against the gold answer like any teacher's. The thinking column may hold
-`<think>…</think>` with the answer after it, or the answer may be its own column. Bad rows are quarantined with
-file, line and field (or raise, with `lenient=False`); problems no file covers are counted as `not_covered`.
+Problems and gold answers come from the trace file itself when it has a gold column (`iter_trace_problems`, read by
+the problems stage, split by the usual seeded group split); a separate problem file stays optional. Rows are joined
+to problems by problem id (when the file carries ours) or else by the question text (whitespace- and case-
+normalised), and verified against the gold answer like any teacher's; a verdict the dataset recorded is kept beside
+ours and disagreements are counted. Bad rows (or one bad sample of a row) are quarantined with file, line and field
+(or raise, with `lenient=False`); problems no file covers are counted as `not_covered`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import re
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
-
-from scaffold_lib.core.files import DataFileError, iter_file_rows, raw_of, text_error
-from scaffold_lib.data.endpoint import split_reasoning
+from scaffold_lib.core.files import DataFileError, iter_file_rows, raw_of
+from scaffold_lib.core.ids import content_id
 from scaffold_lib.data.llm_teachers import trace_from_record
-from scaffold_lib.data.problems import Gold, Problem, Quarantined, normalise_question
+from scaffold_lib.data.problems import (
+    Gold,
+    Problem,
+    Quarantined,
+    SplitConfig,
+    make_problem_id,
+    normalise_question,
+    split_of,
+)
 from scaffold_lib.data.teachers import TeacherResult, make_trace_id
+from scaffold_lib.data.trace_formats import (
+    Columns,
+    RowError,
+    TraceFieldMap,
+    resolve_columns,
+    row_gold,
+    row_problem_id,
+    row_question,
+    row_samples,
+    trace_gold,
+)
+
+__all__ = ["ImportedRow", "ImportedTeacher", "TodoProblems", "TraceFieldMap", "read_trace_rows", "trace_sources"]
 
 TRACE_FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
-
-
-class TraceFieldMap(BaseModel):
-    """Which columns hold what. Defaults fit open-r1-style datasets (`problem`, `generation` with <think>)."""
-
-    model_config = ConfigDict(extra="forbid")  # a misspelt mapping key must not be ignored
-
-    question: str = "problem"
-    thinking: str = "generation"
-    answer: str | None = None  # a separate final-answer column, if the file has one
-    problem_id: str | None = None  # a column holding our problem ids, if the traces were made from our export
+# what `Dataset.save_to_disk` / `DatasetDict.save_to_disk` leave in their folder
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,10 @@ class ImportedRow:
     question: str
     thinking: str
     answer: str
+    verdict: bool | None = None  # the dataset's own verdict on this sample
+    verdict_unreadable: bool = False
+    finish_reason: str | None = None
+    incomplete: bool = False
 
 
 def question_key(question: str) -> bytes:
@@ -84,48 +105,92 @@ class TodoProblems:
         return None if found is None else self.by_id[found]
 
 
-def source_files(source: str) -> list[Path] | None:
-    """The files of a source (one file, or every trace file in a folder, sorted), or None for an HF dataset name."""
+# --- sources -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TraceSource:
+    """One thing to read: a JSONL/Parquet file, a dataset saved with `save_to_disk`, or a hub dataset (streamed)."""
+
+    name: str
+    kind: Literal["file", "saved", "hub"]
+    path: Path | None = None
+
+    @property
+    def label(self) -> str:
+        """The `source` of problems taken from it: the file's stem, the folder's name, the hub name."""
+        return self.name if self.path is None else (self.path.name if self.kind == "saved" else self.path.stem)
+
+
+def trace_sources(source: str) -> list[TraceSource]:
+    """What `source` names: a file, every trace file of a folder (sorted), a saved dataset's folder, or a hub name."""
     path = Path(source)
     if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.suffix.lower() in TRACE_FILE_SUFFIXES)
+        if any((path / name).exists() for name in SAVED_DATASET_FILES):
+            return [TraceSource(str(path), "saved", path)]
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in TRACE_FILE_SUFFIXES)
+        if not files:
+            raise DataFileError(f"{source}: no .jsonl/.parquet trace file and no dataset saved with save_to_disk here")
+        return [TraceSource(str(f), "file", f) for f in files]
     if path.exists():
-        return [path]
-    if path.suffix or "/" not in source:
-        raise DataFileError(f"{source}: no such file (give a .jsonl/.parquet path, a folder or an HF dataset name)")
-    return None
+        return [TraceSource(source, "file", path)]
+    if path.suffix.lower() in TRACE_FILE_SUFFIXES or not HUB_NAME.match(source):
+        raise DataFileError(
+            f"{source}: no such file (give a .jsonl/.parquet path, a folder, a saved dataset or an HF dataset name)"
+        )
+    return [TraceSource(source, "hub")]
 
 
-def _hf_rows(source: str, split: str) -> Iterator[tuple[int, dict | None, str, str | None]]:
+Rows = Iterator[tuple[int, dict | None, str, str | None]]
+
+
+def _hub_rows(source: str, split: str) -> Rows:
     try:
         import datasets
 
         dataset = datasets.load_dataset(source, split=split, streaming=True)
     except Exception as exc:  # hub unreachable, unknown name, bad split: all mean "cannot read this source"
-        raise DataFileError(f"{source}: cannot load the HF dataset (split {split!r}): {exc}") from exc
+        raise DataFileError(f"{source}: no such file here, nor an HF dataset to load (split {split!r}): {exc}") from exc
     for i, row in enumerate(dataset, start=1):
         yield i, row, "", None
 
 
-def _parquet_rows(path: Path, fields: TraceFieldMap, wanted) -> Iterator[tuple[int, dict | None, str, str | None]]:
+def _saved_rows(path: Path, split: str, columns: list[str] | None) -> Rows:
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as exc:  # not a saved dataset after all, or written by an incompatible version
+        raise DataFileError(f"{path}: cannot load the dataset saved there: {exc}") from exc
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise DataFileError(f"{path}: no split {split!r} in the saved dataset (it has {', '.join(dataset)})")
+        dataset = dataset[split]
+    if columns is not None:  # Arrow files are memory-mapped: unread columns cost nothing
+        dataset = dataset.select_columns([c for c in dataset.column_names if c in columns])
+    for i, row in enumerate(dataset, start=1):
+        yield i, row, "", None
+
+
+def _parquet_rows(path: Path, cols: Columns, wanted: Callable[[str | None, str | None], bool]) -> Rows:
     """Rows of a Parquet file; a row group is read whole only if its key column names a wanted problem (or a key
     is unusable, so the row is quarantined), otherwise only that column is read."""
     import pyarrow.parquet as pq
 
-    try:
-        parquet = pq.ParquetFile(path)
-    except (OSError, ValueError) as exc:
-        raise DataFileError(f"{path}: cannot read as Parquet: {exc}") from exc
-    key_column = fields.problem_id or fields.question
+    parquet = pq.ParquetFile(path)  # opened (and its errors reported) by `_parquet_names` already
     names = set(parquet.schema_arrow.names)
+    by_id = cols.key is not None and cols.key == cols.problem_id
     line = 0
     for group in range(parquet.num_row_groups):
-        if key_column in names:
-            keys = parquet.read_row_group(group, columns=[key_column]).column(0).to_pylist()
-            by_id = key_column == fields.problem_id
-            hits = [i for i, k in enumerate(keys) if not isinstance(k, str) or wanted(k if by_id else None, k)]
+        if cols.key in names:
+            keys = parquet.read_row_group(group, columns=[cols.key]).column(0).to_pylist()
+            hits = [
+                i
+                for i, k in enumerate(keys)
+                if not isinstance(k, str) or wanted(k if by_id else None, None if by_id else k)
+            ]
         else:
-            keys, hits = None, None  # the key column is missing: every row is quarantined below
+            keys, hits = None, None  # no key column (a chat's question is inside it, or it is missing): read all
         n = len(keys) if keys is not None else parquet.metadata.row_group(group).num_rows
         if hits == []:
             line += n
@@ -137,85 +202,158 @@ def _parquet_rows(path: Path, fields: TraceFieldMap, wanted) -> Iterator[tuple[i
         line += n
 
 
+def _parquet_names(path: Path) -> set[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        return set(pq.ParquetFile(path).schema_arrow.names)
+    except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError
+        raise DataFileError(f"{path}: cannot read as Parquet: {exc}") from exc
+
+
+def _with_names(rows: Rows) -> tuple[set[str], Rows]:
+    """The column names of the first readable row (what a JSONL file or a stream says of its columns), and every row."""
+    head = []
+    for item in rows:
+        head.append(item)
+        if item[1] is not None:
+            return set(item[1]), itertools.chain(head, rows)
+    return set(), iter(head)
+
+
+def open_source(
+    src: TraceSource,
+    fmt: str,
+    fields: TraceFieldMap,
+    split: str = "train",
+    *,
+    wanted: Callable[[str | None, str | None], bool] | None = None,
+    problems_only: bool = False,
+) -> tuple[Columns, Rows]:
+    """The format and columns of a source, and its rows (`problems_only`: only what problems need, where a reader can
+    leave the rest unread; `wanted`: Parquet row groups with no wanted key are not read whole)."""
+    if src.kind == "file" and src.path.suffix.lower() == ".parquet":
+        cols = resolve_columns(fmt, _parquet_names(src.path), fields)
+        if problems_only or wanted is None:
+            return cols, iter_file_rows(src.path, cols.problem_columns() if problems_only else None)
+        return cols, _parquet_rows(src.path, cols, wanted)
+    if src.kind == "file":
+        rows = iter_file_rows(src.path)
+    elif src.kind == "saved":
+        rows = _saved_rows(src.path, split, None)
+    else:
+        rows = _hub_rows(src.name, split)
+    names, rows = _with_names(rows)
+    return resolve_columns(fmt, names, fields), rows
+
+
+# --- rows ----------------------------------------------------------------------------------------------------------
+
+
+def _quarantine(name: str, line: int, row: dict | None, raw: str, error: RowError, lenient: bool) -> Quarantined:
+    if not lenient:
+        raise DataFileError(f"{name}:{line}: field {error.field!r}: {error.error}")
+    return Quarantined(name, line, error.field, error.error, error.raw or raw_of(row or {}, raw))
+
+
 def read_trace_rows(
     source: str,
     fields: TraceFieldMap = TraceFieldMap(),
     *,
+    format: str = "auto",
     split: str = "train",
     lenient: bool = True,
     wanted=None,
+    chosen: dict[str, str] | None = None,
 ) -> Iterator[ImportedRow | Quarantined]:
-    """Valid rows and quarantined ones, streamed file by file. `wanted(problem_id, question)` (default: all) lets a
-    reader skip rows for problems nobody asks about before validating them (Parquet: before reading them)."""
+    """A valid row per sample and quarantined rows (or samples), streamed file by file. `wanted(problem_id,
+    question)` (default: all) lets a reader skip rows for problems nobody asks about before validating their traces
+    (Parquet: before reading them). `chosen` receives each source's format (`openr1 (auto)`)."""
     wanted = wanted or (lambda problem_id, question: True)
-    files = source_files(source)
-    readers = (
-        [
-            (str(f), _parquet_rows(f, fields, wanted) if f.suffix.lower() == ".parquet" else iter_file_rows(f))
-            for f in files
-        ]
-        if files is not None
-        else [(source, _hf_rows(source, split))]
-    )
-    for name, rows in readers:
+    for src in trace_sources(source):
+        cols, rows = open_source(src, format, fields, split, wanted=wanted)
+        if chosen is not None:
+            chosen[src.name] = cols.label
         for line, row, raw, error in rows:
             if error is not None:
-                if not lenient:
-                    raise DataFileError(f"{name}:{line}: field '<row>': {error}")
-                yield Quarantined(name, line, "<row>", error, raw)
+                yield _quarantine(src.name, line, row, raw, RowError("<row>", error), lenient)
                 continue
-            key_pid = row.get(fields.problem_id) if fields.problem_id else None
-            key_question = row.get(fields.question)
-            if isinstance(key_question, str) and not wanted(
-                key_pid if isinstance(key_pid, str) else None, key_question
-            ):
+            question, problem_id = row_question(row, cols), row_problem_id(row, cols)
+            bad = next((v for v in (question, problem_id) if isinstance(v, RowError)), None)
+            if bad is not None:
+                yield _quarantine(src.name, line, row, raw, bad, lenient)
                 continue
-            yield _validated(name, line, row, raw, fields, lenient)
+            if not wanted(problem_id, question):
+                continue
+            samples = row_samples(row, cols)
+            if isinstance(samples, RowError):
+                yield _quarantine(src.name, line, row, raw, samples, lenient)
+                continue
+            for s in samples:
+                if isinstance(s, RowError):
+                    yield _quarantine(src.name, line, row, raw, s, lenient)
+                else:
+                    yield ImportedRow(
+                        src.name,
+                        line,
+                        problem_id,
+                        question,
+                        s.thinking,
+                        s.answer,
+                        s.verdict,
+                        s.verdict_unreadable,
+                        s.finish_reason,
+                        s.incomplete,
+                    )
 
 
-def _validated(name: str, line: int, row: dict, raw: str, fields: TraceFieldMap, lenient: bool):
-    values = {}
-    for column in (fields.question, fields.thinking, fields.answer, fields.problem_id):
-        if column is None:
+def iter_trace_problems(
+    src: TraceSource,
+    fields: TraceFieldMap = TraceFieldMap(),
+    *,
+    format: str = "auto",
+    split: SplitConfig = SplitConfig(),
+    hf_split: str = "train",
+    lenient: bool = True,
+    info: dict | None = None,
+) -> Iterator[Problem | Quarantined]:
+    """The problems of a trace source that has a gold-answer column: question and gold from each row, grouped by
+    question and split by the seeded group split, ids content hashes as for problem files (a problem answered by
+    several rows or generations is one problem, repeated). `info` receives the format and the gold column. A source
+    without a gold column, or whose rows carry our problem ids, gives none (its traces join problems from files)."""
+    cols, rows = open_source(src, format, fields, hf_split, problems_only=True)
+    if info is not None:
+        info.update(format=cols.label, gold_column=cols.gold)
+    if cols.gold is None or cols.problem_id is not None:
+        return
+    for line, row, raw, error in rows:
+        if error is not None:
+            yield _quarantine(src.name, line, row, raw, RowError("<row>", error), lenient)
             continue
-        value = row.get(column)
-        required = column in (fields.question, fields.thinking)
-        if value is None and not required:
+        question, gold = row_question(row, cols), row_gold(row, cols)
+        bad = next((v for v in (question, gold) if isinstance(v, RowError)), None)
+        if bad is not None:
+            yield _quarantine(src.name, line, row, raw, bad, lenient)
             continue
-        problem = (
-            "missing"
-            if value is None
-            else f"must be a string, got {type(value).__name__}"
-            if not isinstance(value, str)
-            else "is empty"
-            if required and not value.strip()
-            else text_error(value)
+        answer, answer_type = trace_gold(gold)
+        group_id = content_id("question", normalise_question(question))  # as a problem file without a group column
+        yield Problem(
+            make_problem_id(question, answer),
+            src.label,
+            split_of(group_id, split),
+            question.strip(),
+            answer,
+            answer_type,
+            group_id,
         )
-        if problem:
-            if not lenient:
-                raise DataFileError(f"{name}:{line}: field {column!r}: {problem}")
-            return Quarantined(name, line, column, problem, raw_of(row, raw))
-        values[column] = value
-    thinking, answer = split_reasoning(values[fields.thinking])
-    if fields.answer and values.get(fields.answer, "").strip():
-        # with its own answer column, the thinking column is all reasoning even without <think> tags
-        # (split_reasoning would have taken untagged text for the answer, which the column then replaced)
-        if not thinking:
-            thinking = values[fields.thinking].strip()
-        answer = values[fields.answer].strip()
-    return ImportedRow(
-        name,
-        line,
-        values.get(fields.problem_id) if fields.problem_id else None,
-        values[fields.question],
-        thinking,
-        answer,
-    )
+
+
+# --- the teacher ---------------------------------------------------------------------------------------------------
 
 
 class ImportedTeacher:
     """Traces read from files instead of written by a model. The trace stage calls `import_batches` with the problems
-    still to trace; several rows for one problem become samples 0, 1, … in file order."""
+    still to trace; several rows (or generations) for one problem become samples 0, 1, … in file order."""
 
     samples = 1  # what the stage asks for: a problem is done once any row of it was imported
 
@@ -227,10 +365,11 @@ class ImportedTeacher:
         name: str | None = None,
         split: str = "train",
         lenient: bool = True,
+        format: str = "auto",
     ) -> None:
-        self.source, self.fields, self.split, self.lenient = source, fields, split, lenient
+        self.source, self.fields, self.split, self.lenient, self.format = source, fields, split, lenient, format
         self.identity = f"import:{name or Path(source).stem}"
-        source_files(source)  # a missing file fails here, before any work
+        trace_sources(source)  # a missing file fails here, before any work
 
     def trace_id_for(self, problem: Problem | Gold, sample: int = 0) -> str:
         return make_trace_id(problem.problem_id, self.identity, "", {"sample": sample})
@@ -239,18 +378,21 @@ class ImportedTeacher:
         """Traces for the `todo` problems, `batch_rows` file rows at a time; the last result's `not_covered` counts
         the problems no row matched and its `stats` hold the totals."""
         samples: Counter[str] = Counter()
-        matched_rows = quarantined = 0
+        counts: Counter[str] = Counter()
+        chosen: dict[str, str] = {}
         batch = TeacherResult()
         for item in read_trace_rows(
             self.source,
             self.fields,
+            format=self.format,
             split=self.split,
             lenient=self.lenient,
             wanted=lambda pid, question: todo.match(pid, question) is not None,
+            chosen=chosen,
         ):
             if isinstance(item, Quarantined):
                 batch.quarantined.append(item)
-                quarantined += 1
+                counts["rows_quarantined"] += 1
             elif (problem := todo.match(item.problem_id, item.question)) is not None:
                 sample = samples[problem.problem_id]
                 samples[problem.problem_id] += 1
@@ -262,17 +404,29 @@ class ImportedTeacher:
                     "prompt_tokens": len(item.question.split()),
                     # words, as the two texts joined by a space would split (without copying a long trace to join it)
                     "completion_tokens": len(item.thinking.split()) + len(item.answer.split()),
+                    "finish_reason": item.finish_reason,
+                    "recorded_correct": item.verdict,
                 }
-                batch.traces.append(trace_from_record(record, problem, self.identity))
-                matched_rows += 1
+                trace = trace_from_record(record, problem, self.identity)
+                batch.traces.append(trace)
+                counts["rows_imported"] += 1
+                counts["verdicts_recorded"] += item.verdict is not None
+                # the dataset's grader and ours read the same answer differently: counted, both kept
+                counts["verdict_disagreements"] += item.verdict is not None and item.verdict != trace.is_correct
+                counts["verdicts_unreadable"] += item.verdict_unreadable
+                counts["incomplete_reasoning"] += item.incomplete
             if len(batch.traces) + len(batch.quarantined) >= batch_rows:
                 yield batch
                 batch = TeacherResult()
         batch.not_covered = len(todo) - len(samples)
+        formats = sorted(set(chosen.values()))
         batch.stats = {
-            "rows_imported": matched_rows,
-            "rows_quarantined": quarantined,
+            "rows_imported": counts["rows_imported"],
+            "rows_quarantined": counts["rows_quarantined"],
             "problems_matched": len(samples),
             "not_covered": batch.not_covered,
+            "import_format": formats[0] if len(formats) == 1 else "; ".join(f"{k}: {v}" for k, v in chosen.items()),
+            **{k: counts[k] for k in ("verdicts_recorded", "verdict_disagreements") if counts["verdicts_recorded"]},
+            **{k: counts[k] for k in ("verdicts_unreadable", "incomplete_reasoning") if counts[k]},
         }
         yield batch

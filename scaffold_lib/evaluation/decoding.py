@@ -1,7 +1,8 @@
 """Scaffolded decoding (paper §3.3): predict the next signal with its confidence; if it is at least τ, write
-the step conditioned on it (signal embedding at every position + the signal's text prefix) up to the blank-line
-boundary; otherwise, or when the signal is `response_generation`, write the answer. The KV cache is kept
-across steps; greedy by default; guards on steps and tokens.
+the step conditioned on it (the signal's text prefix, and its embedding at every position of the step where the
+student's `signal_injection` adds it) up to the blank-line boundary; otherwise, or when the signal is
+`response_generation`, write the answer. The KV cache is kept across steps; greedy by default; guards on steps and
+tokens.
 
 Variants for the ablations: predicted signals, golden signals (the teacher's labels), random signals (each
 predicted step signal replaced by a uniform draw), and summaries-only (the context keeps the question, the
@@ -10,6 +11,7 @@ predicted step signal replaced by a uniform draw), and summaries-only (the conte
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from scaffold_lib.core.answers import extract_number
 from scaffold_lib.data.signals import ANSWER_SIGNAL, CONCLUSION_SIGNAL, SIGNAL_INDEX, SIGNALS
 from scaffold_lib.student.examples import STEP_SEPARATOR, Formatter, signal_tags
-from scaffold_lib.student.model import ScaffoldStudent
+from scaffold_lib.student.model import NO_SIGNAL, ScaffoldStudent
 
 Variant = Literal["predicted", "golden", "random", "summaries_only"]
 STEP_SIGNALS = [s for s in SIGNALS if s != ANSWER_SIGNAL]
@@ -193,14 +195,15 @@ class ScaffoldDecoder:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.backbone.config)
+        kw = _cache_keyword(model.decoder)
         out = model.decoder(
             input_ids=ids.to(dev),
             attention_mask=mask.to(dev),
             position_ids=positions.to(dev),
-            cache=cache,
             use_cache=True,
+            **{kw: cache},
         )
-        cache, hidden = out.cache, out.last_hidden_state[:, -1]
+        cache, hidden = getattr(out, kw), out.last_hidden_state[:, -1]
         next_pos = torch.tensor([len(p) for p in prompts])
         seqs = [_Sequence(Generation(), goldens[i] if goldens else None) for i in range(len(prompts))]
         probs = torch.softmax(model.signal_head(hidden).float(), -1)
@@ -220,16 +223,18 @@ class ScaffoldDecoder:
                     s.written.append(greedy[i])
                     s.gen.new_tokens += 1
                     feed.append(greedy[i])
+            # the fed token belongs to the current step (its tag or its text): input injection adds that signal
+            fed_signals = torch.where(torch.tensor(active, device=dev), signal_ids, NO_SIGNAL)
             column = mask.size(1)
             mask = torch.cat([mask, torch.tensor(active, dtype=torch.long)[:, None]], dim=1)
             out = model.decoder(
-                input_ids=torch.tensor(feed, device=dev)[:, None],
+                **model.decoder_inputs(torch.tensor(feed, device=dev)[:, None], fed_signals[:, None]),
                 attention_mask=mask.to(dev),
                 position_ids=next_pos[:, None].to(dev),
-                cache=cache,
                 use_cache=True,
+                **{kw: cache},
             )
-            cache, hidden = out.cache, out.last_hidden_state[:, -1]
+            cache, hidden = getattr(out, kw), out.last_hidden_state[:, -1]
             next_pos += torch.tensor(active, dtype=torch.long)
             probs = None
             for i, s in enumerate(seqs):
@@ -252,6 +257,12 @@ class ScaffoldDecoder:
                     probs = torch.softmax(model.signal_head(hidden).float(), -1)
                 self._begin_step(s, probs[i], variant, rngs[i], column + 1)
         return [s.gen for s in seqs]
+
+
+def _cache_keyword(decoder: torch.nn.Module) -> str:
+    """The KV cache's argument and output name: `cache` in recent transformers, `past_key_values` before 5.2x (5.17 on
+    the GPU machine); the old name still works but warns on every call where the new one exists."""
+    return "cache" if "cache" in inspect.signature(type(decoder).forward).parameters else "past_key_values"
 
 
 def plain_generate_batch(

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from scaffold_lib.core.ids import content_id
 from scaffold_lib.data.stages import StageReport
-from scaffold_lib.evaluation.suites import HELDOUT, SUITES, SuiteDataError, get_suite
+from scaffold_lib.evaluation.suites import SUITES, SuiteDataError, from_warehouse, get_suite
 from scaffold_lib.store.store import Store
 
 _WORD = re.compile(r"\w+")
@@ -67,7 +67,7 @@ def decontaminate(store: Store, cfg: DecontaminationConfig, run_id: str | None =
     """Check the configured splits' problems against each suite; write one `contamination` row per (problem, suite).
     An explicitly named suite whose file is missing is an error; a default one is listed as not checked."""
     folder = Path(cfg.suites_dir) if cfg.suites_dir else store.benchmarks
-    names = cfg.suites if cfg.suites is not None else [s for s in SUITES if s != HELDOUT]
+    names = cfg.suites if cfg.suites is not None else [s for s in SUITES if not from_warehouse(s)]
     wh = store.warehouse
     problems = [
         (r["problem_id"], r["question"])

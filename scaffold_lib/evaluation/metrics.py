@@ -26,9 +26,10 @@ from scaffold_lib.core import answers
 from scaffold_lib.core.ids import content_id
 from scaffold_lib.data.signals import CONCLUSION_SIGNAL, keyword_table, label_step
 from scaffold_lib.evaluation.decoding import DecodeConfig, Generation, ScaffoldDecoder, plain_generate_batch
-from scaffold_lib.evaluation.suites import HELDOUT, EvalItem, Suite, get_suite
+from scaffold_lib.evaluation.stats import item_comparison
+from scaffold_lib.evaluation.suites import HELDOUT, EvalItem, Suite, from_warehouse, get_suite
 from scaffold_lib.student.examples import Formatter
-from scaffold_lib.student.model import ScaffoldStudent
+from scaffold_lib.student.model import ScaffoldStudent, input_signal_ids
 
 SCAFFOLD_VARIANTS = ("predicted", "golden", "random", "summaries_only")
 BASELINE_VARIANT = "cot_sft"
@@ -54,6 +55,20 @@ class EvalConfig(BaseModel):
     include_base: bool = Field(True, description="also score the untuned backbone (the table's first row)")
     export_samples: bool = Field(True, description="write per-sample answers (lm-evaluation-harness style JSONL)")
     suites_dir: str | None = Field(None, description="where suite files are looked for; default <home>/benchmarks")
+    suite_files: dict[str, str] = Field(
+        default_factory=dict,
+        description="suite -> its data file (JSONL/JSON/Parquet in the public format), e.g. {gsm8k = 'my.jsonl'}; "
+        "a suite not named here is read from suites_dir under its public file name",
+    )
+    lenient: bool = Field(
+        True, description="quarantine a suite file's bad rows (file, line, field) instead of refusing the file"
+    )
+
+
+def serving_decode(cfg: EvalConfig, budget: dict[str, int] | None) -> dict:
+    """The decoding settings a registered student is served with (`mlflow models serve`, `scaffold ask`): those its
+    evaluation decodes with, caps resolved from its training data's budget. Every trainer calls this one function."""
+    return cfg.decode.resolved(budget).model_dump()
 
 
 @dataclass(frozen=True)
@@ -68,16 +83,23 @@ class SuiteRun:
     config_hash: str
 
 
-def suite_run(cfg: EvalConfig, suite_name: str, budget: dict[str, int] | None = None) -> SuiteRun:
+def suite_run(
+    cfg: EvalConfig,
+    suite_name: str,
+    budget: dict[str, int] | None = None,
+    items: Sequence[EvalItem] | None = None,
+) -> SuiteRun:
     """What makes two scores comparable: suite + version + split, prompt format, the resolved decoding settings (τ,
-    caps, guards) and the item limit. Every variant of one evaluation shares the hash (the variant is the table's
-    row); batch size is left out, since greedy results do not depend on it."""
+    caps, guards) and the item limit; for a suite read from a file, the items it gave (two gsm8k files are two
+    columns, wherever they lie). Every variant of one evaluation shares the hash (the variant is the table's row);
+    batch size is left out, since greedy results do not depend on it."""
     suite = get_suite(suite_name)
-    split = cfg.split if suite.name == HELDOUT else "test"
+    split = cfg.split if suite.name == HELDOUT else suite.name if from_warehouse(suite.name) else "test"
     decode = cfg.decode.resolved(budget)
-    config_hash = content_id(
-        "eval", suite.name, suite.version, split, suite.prompt_format, decode.model_dump(), cfg.limit
-    )
+    parts: list = [suite.name, suite.version, split, suite.prompt_format, decode.model_dump(), cfg.limit]
+    if items is not None and suite.row_to_item is not None:
+        parts.append(content_id("suite-items", [(i.doc_id, i.answer) for i in items]))
+    config_hash = content_id("eval", *parts)
     return SuiteRun(suite, split, decode, tuple(cfg.variants), cfg.batch_size, config_hash)
 
 
@@ -154,7 +176,8 @@ def signal_predictions(
         if not item.golden_signals:
             continue
         ex = fmt.scaffold(item.doc_id, item.question, item.golden_steps, item.golden_signals)
-        hidden = model.hidden_states(torch.from_numpy(ex.input_ids).long()[None].to(device))[0]
+        signals = input_signal_ids(torch.from_numpy(ex.signal_ids).long()[None].to(device))
+        hidden = model.hidden_states(torch.from_numpy(ex.input_ids).long()[None].to(device), None, signals)[0]
         logits = model.signal_head(hidden[torch.from_numpy(ex.signal_positions).long().to(device)]).float()
         probs.append(torch.softmax(logits, -1).cpu())
         targets.append(torch.from_numpy(ex.signal_targets).long())
@@ -340,21 +363,56 @@ def comparison_table_markdown(rows: Sequence[dict]) -> str:
     return "\n".join(lines + ["", f"Pass@1 (n, 95 % Wilson interval); eval config {hashes}"])
 
 
-def score_table_markdown(rows: Sequence[dict]) -> str:
-    """Markdown table of score rows (dicts with the ScoreRow fields and optionally `model`)."""
+PAIRED = (("predicted", "cot_sft"), ("golden", "predicted"), ("predicted", "random"))
 
-    def pct(v):
-        return "–" if v is None else f"{100 * v:.1f} %"
 
-    lines = [
-        "| model | suite | variant | n | Pass@1 (95 % CI) | next-signal acc | signal fidelity | answer consistency "
-        "| mean steps |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.get('model', '')} | {_column(r)} | {r['variant']} | {r['n']} | {pct(r['accuracy'])} "
-            f"({100 * r['ci_low']:.0f}–{100 * r['ci_high']:.0f}) | {pct(r['next_signal_acc'])} | "
-            f"{pct(r['signal_fidelity'])} | {pct(r['answer_consistency'])} | {r.get('mean_steps', 0):.1f} |"
-        )
+def paired_differences_markdown(correct: dict[str, dict[str, dict[str, bool]]]) -> str:
+    """The comparisons that matter, paired over the items both variants answered (suite -> variant -> item ->
+    right): the difference with its 95 % bootstrap interval over items, and "not significant" when it contains 0."""
+    lines = []
+    for suite, by_variant in sorted(correct.items()):
+        for a, b in PAIRED:
+            if a not in by_variant or b not in by_variant:
+                continue
+            items = sorted(set(by_variant[a]) & set(by_variant[b]))
+            if items:
+                c = item_comparison([by_variant[a][i] for i in items], [by_variant[b][i] for i in items])
+                lines.append(f"- {suite}: {c.line(a, b)}")
+    return "Paired over items:\n\n" + "\n".join(lines) if lines else ""
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f} %"
+
+
+# (header, alignment, cell) of the score table's columns; the Dagster UI shows them as two narrower tables
+_KEY_COLUMNS = (
+    ("model", "---", lambda r: r.get("model", "")),
+    ("suite", "---", _column),
+    ("variant", "---", lambda r: r["variant"]),
+)
+PASS_COLUMNS = (
+    *_KEY_COLUMNS,
+    ("n", "---:", lambda r: r["n"]),
+    (
+        "Pass@1 (95 % CI)",
+        "---",
+        lambda r: f"{_pct(r['accuracy'])} ({100 * r['ci_low']:.0f}–{100 * r['ci_high']:.0f})",
+    ),
+)
+PROCESS_COLUMNS = (
+    *_KEY_COLUMNS,
+    ("next-signal acc", "---:", lambda r: _pct(r["next_signal_acc"])),
+    ("signal fidelity", "---:", lambda r: _pct(r["signal_fidelity"])),
+    ("answer consistency", "---:", lambda r: _pct(r["answer_consistency"])),
+    ("mean steps", "---:", lambda r: f"{r.get('mean_steps', 0):.1f}"),
+)
+SCORE_COLUMNS = (*PASS_COLUMNS, *PROCESS_COLUMNS[len(_KEY_COLUMNS) :])
+
+
+def score_table_markdown(rows: Sequence[dict], columns: Sequence[tuple] = SCORE_COLUMNS) -> str:
+    """Markdown table of score rows (dicts with the ScoreRow fields and optionally `model`): every column, or those
+    given (`PASS_COLUMNS`, `PROCESS_COLUMNS`)."""
+    lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "|".join(c[1] for c in columns) + "|"]
+    lines += ["| " + " | ".join(str(c[2](r)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from scaffold_lib.core import answers
 from scaffold_lib.core.files import DataFileError, iter_file_rows
 from scaffold_lib.data.problems import normalise_question
 from scaffold_lib.evaluation.metrics import wilson_interval
-from scaffold_lib.evaluation.suites import HELDOUT, EvalItem, get_suite
+from scaffold_lib.evaluation.suites import EvalItem, from_warehouse, get_suite
 
 ID_FIELDS = ("doc_id", "id", "unique_id", "qid")
 
@@ -31,17 +31,23 @@ def score_predictions(
     suite_file: str | Path | None = None,
     out: str | Path | None = None,
     data_dir: str | Path | None = None,
+    lenient: bool = False,
 ) -> str:
     """Pass@1 of the predictions (a summary line); per-item rows (question, doc_id, extracted, gold, correct) to `out`.
-    A prediction without `output`, or matching no item, is an error naming its line: nothing is silently skipped."""
-    if suite_name == HELDOUT:
-        raise ValueError("scoring predictions needs a benchmark file suite (gsm8k, math500, …), not 'heldout'")
-    items = get_suite(suite_name).load(suite_file, data_dir=data_dir)
+    A prediction without `output`, or matching no item, is an error naming its line: nothing is silently skipped.
+    A bad row of the suite file stops the scoring, or with `lenient` is left out and reported (file, line, field)."""
+    if from_warehouse(suite_name):
+        raise ValueError(
+            f"scoring predictions needs a benchmark file suite (gsm8k, math500, …), not {suite_name!r}, whose "
+            "items are the warehouse's problems"
+        )
+    path = Path(predictions)
+    if not path.exists():  # the user's own file first: before a suite that may need the hub
+        raise DataFileError(f"{path}: no such file")
+    loaded = get_suite(suite_name).read(suite_file, data_dir=data_dir, lenient=lenient)
+    items = loaded.items
     by_id = {i.doc_id: i for i in items}
     by_text = {normalise_question(i.raw_question or i.question): i for i in items}
-    path = Path(predictions)
-    if not path.exists():
-        raise DataFileError(f"{path}: no such file")
     results, seen = [], set()
     for line, row, _, error in iter_file_rows(path):
         if error is not None:
@@ -77,5 +83,11 @@ def score_predictions(
     return (
         f"{suite_name}: Pass@1 {100 * k / n:.1f} % ({k}/{n}, 95 % CI {100 * lo:.1f}–{100 * hi:.1f})"
         + (f"; {missing} suite items had no prediction" if missing else "")
+        + (
+            f"; {len(loaded.quarantined)} suite rows quarantined (first: {first.source_file}:{first.line}, "
+            f"field {first.field!r}: {first.error})"
+            if (first := next(iter(loaded.quarantined), None))
+            else ""
+        )
         + (f"; per-item rows: {out}" if out else "")
     )

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from scaffold_lib.core import paths
 from scaffold_lib.core.ids import content_id
+from scaffold_lib.data.stages import quarantine_rows
 from scaffold_lib.evaluation.decontamination import suite_contamination
 from scaffold_lib.evaluation.metrics import (
     BASE_VARIANT,
@@ -24,10 +25,19 @@ from scaffold_lib.evaluation.metrics import (
     evaluate_plain,
     evaluate_scaffold,
     export_samples,
+    paired_differences_markdown,
     score_table_markdown,
     suite_run,
 )
-from scaffold_lib.evaluation.suites import HELDOUT, EvalItem, get_suite
+from scaffold_lib.evaluation.suites import (
+    HELDOUT,
+    OOD_SUITES,
+    EvalItem,
+    SuiteDataError,
+    SuiteLoad,
+    from_warehouse,
+    get_suite,
+)
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.warehouse import Warehouse
 from scaffold_lib.student.examples import Formatter
@@ -35,6 +45,11 @@ from scaffold_lib.student.model import ScaffoldStudent, check_tokenizer, load_to
 from scaffold_lib.student.stages import ModelHandle, ShardsHandle, training_traces
 
 UNTUNED = "untuned"  # the version name of the backbone's score rows (it is no registered version)
+
+
+def model_label(name: str, version: str) -> str:
+    """How a scored model is named in tables and lists: `scaffold-student v3`, `base:embedded (untuned)`."""
+    return f"{name} (untuned)" if version == UNTUNED else f"{name} v{version}"
 
 
 class EvaluationHandle(BaseModel):
@@ -53,6 +68,8 @@ class EvaluationHandle(BaseModel):
     # suite -> {"overlapping": training problems sharing an n-gram with it, "trained_on": of those, in the student's shards}
     contamination: dict[str, dict] = Field(default_factory=dict)
     samples: dict[str, str] = Field(default_factory=dict)
+    # suite -> rows of its file quarantined (eval.lenient), each in the warehouse's `quarantine` table with file and line
+    quarantined: dict[str, int] = Field(default_factory=dict)
     comparison_table: str
     score_table: str
 
@@ -80,11 +97,23 @@ def heldout_items(wh: Warehouse, split: str = "test", limit: int | None = None) 
     ]
 
 
-def suite_items(store: Store, suite: str, cfg: EvalConfig) -> list[EvalItem]:
+def suite_items(store: Store, suite: str, cfg: EvalConfig, run_id: str | None = None) -> SuiteLoad:
+    """A suite's items: the warehouse's held-out (or OOD) problems, or the suite's file (`eval.suite_files`, else
+    its public file name in `eval.suites_dir`), whose bad rows are quarantined to the warehouse when lenient."""
     if suite == HELDOUT:
-        return heldout_items(store.warehouse, cfg.split, cfg.limit)
+        return SuiteLoad(heldout_items(store.warehouse, cfg.split, cfg.limit), [])
+    if suite in OOD_SUITES:
+        items = heldout_items(store.warehouse, suite, cfg.limit)
+        if not items:
+            raise SuiteDataError(
+                f"suite {suite!r}: the warehouse has no {suite} problems; set problems.ood.n_problems (the "
+                "synthetic generator draws them) and run the data stages"
+            )
+        return SuiteLoad(items, [])
     folder = Path(cfg.suites_dir) if cfg.suites_dir else store.benchmarks
-    return get_suite(suite).load(data_dir=folder, limit=cfg.limit)
+    loaded = get_suite(suite).read(cfg.suite_files.get(suite), data_dir=folder, limit=cfg.limit, lenient=cfg.lenient)
+    store.warehouse.insert_new("quarantine", quarantine_rows(f"suite:{suite}", loaded.quarantined), run_id)
+    return loaded
 
 
 def paired_items(items: list[EvalItem], variants: Sequence[str]) -> tuple[list[EvalItem], int]:
@@ -130,7 +159,11 @@ def evaluate_models(
     from scaffold_lib.store import registry
 
     wh = store.warehouse
-    runs = {suite: suite_run(cfg, suite, shards.budget) for suite in cfg.suites}
+    unknown = sorted(set(cfg.suite_files) - set(cfg.suites))
+    if unknown:  # a file given for a suite that is not scored is a typo, not a wish
+        raise SuiteDataError(f"eval.suite_files names {unknown}, which eval.suites {cfg.suites} does not score")
+    loaded = {suite: suite_items(store, suite, cfg, run_id) for suite in cfg.suites}
+    runs = {suite: suite_run(cfg, suite, shards.budget, loaded[suite].items) for suite in cfg.suites}
     evaluation_id = content_id(
         "evaluation",
         student.model_name,
@@ -164,8 +197,9 @@ def evaluate_models(
         )
     all_rows: list[dict] = []
     counts, dropped, samples = {}, {}, {}
+    correct: dict[str, dict[str, dict[str, bool]]] = {}  # suite -> variant -> item -> right
     for suite, run in runs.items():
-        items, left_out = paired_items(suite_items(store, suite, cfg), run.variants)
+        items, left_out = paired_items(loaded[suite].items, run.variants)
         if not items:
             raise ValueError(
                 f"suite {suite!r} has no items to score"
@@ -185,10 +219,16 @@ def evaluate_models(
                     model, fmt, items, run, "cot_sft" if role == "baseline" else BASE_VARIANT, progress
                 )
             all_rows += _store_scores(wh, evaluation_id, name, version, mlflow_run, rows, records, run_id)
+            for r in records:
+                correct.setdefault(suite, {}).setdefault(r.variant, {})[r.doc_id] = r.correct
             if cfg.export_samples and records:
-                out = paths.inside(store.artifacts / "samples", suite, f"{name.replace('/', '_')}-v{version}.jsonl")
-                samples[f"{suite}: {name} v{version}"] = str(export_samples(records, out))
+                label = model_label(name, version)
+                out = paths.inside(
+                    store.artifacts / "samples", suite, label.replace("/", "_").replace(" ", "-") + ".jsonl"
+                )
+                samples[f"{suite}: {label}"] = str(export_samples(records, out))
     table, detail = comparison_table_markdown(all_rows), score_table_markdown(all_rows)
+    table += "\n\n" + paired_differences_markdown(correct)
     reg = store.registry
     for mlflow_run in {r["mlflow_run_id"] for r in all_rows if r["mlflow_run_id"]}:
         own = [r for r in all_rows if r["mlflow_run_id"] == mlflow_run]
@@ -212,9 +252,10 @@ def evaluate_models(
         items=counts,
         dropped_without_golden=dropped,
         contamination=suite_contamination(
-            store, [s for s in runs if s != HELDOUT], student.model_name, student.version
+            store, [s for s in runs if not from_warehouse(s)], student.model_name, student.version
         ),
         samples=samples,
+        quarantined={s: len(load.quarantined) for s, load in loaded.items() if load.quarantined},
         comparison_table=table,
         score_table=detail,
     )
@@ -266,8 +307,7 @@ def _store_scores(
         ],
         run_id,
     )
-    label = f"{name} (untuned)" if version == UNTUNED else f"{name} v{version}"
-    return [{**r, "model": label} for r in dict_rows]
+    return [{**r, "model": model_label(name, version)} for r in dict_rows]
 
 
 # --- promotion -----------------------------------------------------------------------------------------------------

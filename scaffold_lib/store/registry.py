@@ -14,6 +14,7 @@ import fcntl
 import getpass
 import hashlib
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -64,6 +65,16 @@ def experiment_id(cfg: RegistryConfig) -> str:
     if default.lifecycle_stage == "active" and not c.search_runs(["0"], max_results=1):
         c.delete_experiment("0")
     return created
+
+
+def ui_url() -> str:
+    """Where the MLflow UI is served (`make ui`); links in prints and Dagster metadata point there."""
+    return os.environ.get("SCAFFOLD_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
+
+
+def runs_page(cfg: RegistryConfig, ui: str | None = None) -> str:
+    """The experiment's training-runs view: MLflow's own landing page is its GenAI overview, empty for this project."""
+    return f"{(ui or ui_url()).rstrip('/')}/#/experiments/{experiment_id(cfg)}/runs"
 
 
 def git_commit() -> str:
@@ -163,10 +174,15 @@ STUDENT_ARTIFACT = "student"  # the model directory inside a logged pyfunc model
 def serving_signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array, Object, Property
 
+    step = Object([Property("signal", "string"), Property("text", "string"), Property("confidence", "double", False)])
     return ModelSignature(
         inputs=Schema([ColSpec("string", "question")]),
-        outputs=Schema([ColSpec("string", n) for n in ("question", "answer", "steps", "response")]),
+        outputs=Schema(
+            [ColSpec("string", "question"), ColSpec("string", "answer"), ColSpec(Array(step), "steps")]
+            + [ColSpec("string", "response")]
+        ),
         params=ParamSchema([ParamSpec("tau", "double", 0.0)]),
     )
 

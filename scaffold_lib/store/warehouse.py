@@ -26,7 +26,8 @@ SCHEMA: dict[str, str] = {
     "teacher_traces": """
         trace_id VARCHAR PRIMARY KEY, problem_id VARCHAR NOT NULL, teacher VARCHAR NOT NULL, text VARCHAR NOT NULL,
         final_answer VARCHAR, is_correct BOOLEAN NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER,
-        sample INTEGER, answer_text VARCHAR, latency_s DOUBLE, attempts INTEGER, endpoint VARCHAR, finish_reason VARCHAR""",
+        sample INTEGER, answer_text VARCHAR, latency_s DOUBLE, attempts INTEGER, endpoint VARCHAR, finish_reason VARCHAR,
+        recorded_correct BOOLEAN""",
     "teacher_failures": """
         failure_id VARCHAR PRIMARY KEY, trace_id VARCHAR NOT NULL, problem_id VARCHAR NOT NULL, teacher VARCHAR NOT NULL,
         error VARCHAR NOT NULL""",
@@ -52,7 +53,7 @@ SCHEMA: dict[str, str] = {
     "manifests": """
         manifest_hash VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, pack_key VARCHAR NOT NULL, parent VARCHAR,
         traces INTEGER NOT NULL, split_examples INTEGER NOT NULL, dropped_examples INTEGER NOT NULL,
-        budget_json VARCHAR NOT NULL""",
+        budget_json VARCHAR NOT NULL, masked_steps INTEGER, excluded_traces INTEGER""",
     "manifest_shards": """
         manifest_hash VARCHAR NOT NULL, shard_id VARCHAR NOT NULL, PRIMARY KEY (manifest_hash, shard_id)""",
     "shard_members": """

@@ -5,13 +5,11 @@ block-diagonal mask transformers builds from those position ids) computes every 
 and masks most of it away: on the CPU, with rows of 1,024 tokens and examples of ~100, that is ten times the work.
 `packed_documents` runs causal SDPA on each example's slice instead (no mask, the CPU's fused causal kernel), so the
 cost is the sum of the examples' squares, not the row's. Registered with transformers' attention interface; the
-trainer selects it on the CPU. On CUDA, flash-attention's varlen kernel does the same from the position ids
-(`flash_attention_2`, chosen automatically when the `flash-attn` package is installed).
+trainer selects it on the CPU (`gpu_attention.document_attention` chooses for every device: flash-attention's varlen
+kernel or FlexAttention with a document mask on CUDA).
 """
 
 from __future__ import annotations
-
-import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -79,13 +77,3 @@ def packed_documents_attention(
 
 
 AttentionInterface.register(PACKED_DOCUMENTS, packed_documents_attention)
-
-
-def training_attention(device: torch.device, configured: str | None) -> str | None:
-    """The attention implementation for training on packed rows: the configured one, else flash-attention's varlen
-    kernel on CUDA when installed, else `packed_documents` on the CPU (None: the backbone's own)."""
-    if configured:
-        return configured
-    if device.type == "cuda":
-        return "flash_attention_2" if importlib.util.find_spec("flash_attn") else None
-    return PACKED_DOCUMENTS if device.type == "cpu" else None

@@ -11,8 +11,10 @@ prediction made at this position, i.e. of the step the *next* token belongs to; 
 
 from __future__ import annotations
 
+import ast
 import itertools
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,44 @@ from scaffold_lib.student.model import NO_SIGNAL
 
 STEP_SEPARATOR = "\n\n"
 QUESTION_TEMPLATE = "Question: {question}"
+
+
+# a chain of numbers and operators, "=", a number: "48 / 2 = 24", "3 * 4 * 2 = 24", "$1,200 x 3 = $3,600"
+_NUMBER = r"\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_CALCULATION = re.compile(rf"(?<![\d.,$])((?:{_NUMBER}\s*[-+*/×x÷]\s*)+{_NUMBER})\s*=\s*(-?{_NUMBER})(?!\d|[.,]\d)")
+
+
+def false_calculation(step: str) -> bool:
+    """The step states a calculation whose result is wrong ("5 + 3 = 9": a teacher's slip). A stated result rounded to
+    its own decimals counts as right ("10 / 3 = 3.33"); a chain is evaluated whole, left to right with precedence."""
+    for expression, stated in _CALCULATION.findall(step):
+        try:
+            tree = ast.parse(expression.translate(str.maketrans("×x÷", "**/", ",$")), mode="eval")
+            value = _evaluate(tree.body)
+        except (SyntaxError, ZeroDivisionError, ValueError):
+            continue
+        stated = stated.translate(str.maketrans("", "", ",$"))
+        decimals = len(stated.partition(".")[2])
+        if abs(value - float(stated)) > 0.5 * 10**-decimals + 1e-9:
+            return True
+    return False
+
+
+def _evaluate(node: ast.AST) -> float:
+    """Numbers and + - * / only (the calculation pattern admits nothing else)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+        return float(node.value)
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+        return _OPERATORS[type(node.op)](_evaluate(node.left), _evaluate(node.right))
+    raise ValueError(f"not a calculation: {ast.dump(node)}")
+
+
+_OPERATORS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+}
 
 
 def signal_tags(keywords_path: str | None = None) -> dict[str, str]:
@@ -142,9 +182,16 @@ class Formatter:
         return self.build(trace_id, self.question_ids(question), self._encode(steps) if steps else [], None)
 
     def build(
-        self, trace_id: str, q_ids: list[int], step_ids: Sequence[Sequence[int]], signals: list[str] | None
+        self,
+        trace_id: str,
+        q_ids: list[int],
+        step_ids: Sequence[Sequence[int]],
+        signals: list[str] | None,
+        masked: Sequence[bool] | None = None,
     ) -> Example:
-        """The example of already tokenised question and steps: scaffold format with `signals`, plain CoT without."""
+        """The example of already tokenised question and steps: scaffold format with `signals`, plain CoT without.
+        The text of a `masked` step and its separator are no training target (a wrong line stays in the context the
+        next step reads, its signal stays a target)."""
         with_signals = signals is not None
         if with_signals and len(signals) != len(step_ids):
             raise ValueError(f"trace {trace_id}: {len(step_ids)} steps but {len(signals)} signals")
@@ -167,6 +214,9 @@ class Formatter:
         targets = np.asarray(owners[1::3], dtype=np.int8) if with_signals else np.zeros(0, np.int8)
         labels = np.full(len(input_ids), -100, dtype=np.int32)
         labels[len(q_ids) - 1 : -1] = input_ids[len(q_ids) :]
+        for i in np.flatnonzero(np.asarray(masked, dtype=bool)) if masked is not None else ():
+            text, sep = 3 * i + 2, 3 * i + 3  # the step's pieces: tag, text, separator
+            labels[starts[text] - 1 : starts[sep] + lengths[sep] - 1] = -100
         signal_ids = np.full(len(input_ids), NO_SIGNAL, dtype=np.int8)
         signal_ids[:-1] = owner[1:]
         return Example(trace_id, input_ids, labels, signal_ids, positions.astype(np.int32), targets)

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from scaffold_lib.core.devices import pick_device
 from scaffold_lib.store.warehouse import Warehouse
+from scaffold_lib.student.model import SignalInjection
 from scaffold_lib.student.stages import fit_student
 from scaffold_lib.student.training import TrainConfig, init_distributed
 
@@ -32,6 +33,7 @@ class LaunchJob(BaseModel):
     base_model: str
     manifest_hash: str
     train: TrainConfig
+    signal_injection: SignalInjection = "output"
 
 
 def run(job: LaunchJob) -> dict:
@@ -58,6 +60,7 @@ def run(job: LaunchJob) -> dict:
             job.train,
             on_log=on_log,
             progress=False,
+            injection=job.signal_injection,
         )
         summary = {
             "student_path": trained.path,

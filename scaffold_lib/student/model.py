@@ -1,6 +1,9 @@
 """The scaffold student (paper §3.2): a causal LM backbone plus
-(a) a signal embedding, one vector per signal, added to the last hidden state before the LM head for every
-    token of a step, so the step is generated conditioned on its signal, and
+(a) a signal embedding, one vector per signal, added for every token of a step, so the step is generated
+    conditioned on its signal. Where it is added is `signal_injection` (the paper does not say): `output`, to the
+    last hidden state before the LM head (after the final norm this is only a bias on the vocabulary logits);
+    `input`, to the input embedding of each token of the step, so every layer is conditioned; `both`; or `none`
+    (the signal reaches the step only through its tag token in the text: an ablation);
 (b) a signal head, a classifier over the seven signals that predicts the *next* step's signal from the hidden
     state just before that step starts.
 
@@ -16,6 +19,7 @@ import json
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
@@ -31,6 +35,7 @@ HEADS_FILE = "scaffold_heads.safetensors"
 SCAFFOLD_CONFIG = "scaffold.json"
 NO_SIGNAL = -1  # signal id of tokens outside any step (the question, padding)
 EOS_TOKEN = "<|endoftext|>"
+SignalInjection = Literal["output", "input", "both", "none"]
 
 
 class StudentConfig(BaseModel):
@@ -47,6 +52,11 @@ class StudentConfig(BaseModel):
     num_key_value_heads: int = 2
     max_position_embeddings: int = 1024
     seed: int = 0
+    signal_injection: SignalInjection = Field(
+        "output",
+        description="where the scaffold student adds its signal embedding: output (the last hidden state before the "
+        "LM head), input (the input embedding of every token of the step), both, or none (the tag token only)",
+    )
     chat_template: bool | None = Field(
         None,
         description="wrap the question in the tokenizer's chat template; "
@@ -165,15 +175,28 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def input_signal_ids(signal_ids: torch.Tensor) -> torch.Tensor:
+    """The signal of the step each *input* token belongs to, from `signal_ids` (the signal of the step the *next*
+    token belongs to): shifted right by one. Input injection must use these: with `signal_ids` the token before a
+    step would carry that step's signal, and the signal head, which reads that position, would see its own target.
+    An example's last token has no signal, so the shift never carries one across packed examples."""
+    shifted = torch.full_like(signal_ids, NO_SIGNAL)
+    shifted[..., 1:] = signal_ids[..., :-1]
+    return shifted
+
+
 class ScaffoldStudent(nn.Module):
     """Backbone + signal embedding + signal head. `kind="baseline"` is the same backbone with the heads unused
     (the CoT-SFT baseline); it saves as a plain HF checkpoint."""
 
-    def __init__(self, backbone: nn.Module, kind: str = "scaffold") -> None:
+    def __init__(self, backbone: nn.Module, kind: str = "scaffold", injection: SignalInjection = "output") -> None:
         super().__init__()
         if kind not in ("scaffold", "baseline"):
             raise ValueError(f"kind must be 'scaffold' or 'baseline', got {kind!r}")
+        if injection not in ("output", "input", "both", "none"):
+            raise ValueError(f"signal injection must be output, input, both or none, got {injection!r}")
         self.kind = kind
+        self.injection: SignalInjection = injection
         self.backbone = backbone
         hidden = backbone.config.hidden_size
         # row NUM_SIGNALS is "no signal": fixed at zero, so question and padding tokens get nothing added
@@ -196,16 +219,37 @@ class ScaffoldStudent(nn.Module):
     def signal_vectors(self, signal_ids: torch.Tensor) -> torch.Tensor:
         return self.signal_embedding(torch.where(signal_ids < 0, NUM_SIGNALS, signal_ids))
 
+    @property
+    def injects_input(self) -> bool:
+        return self.kind == "scaffold" and self.injection in ("input", "both")
+
+    @property
+    def injects_output(self) -> bool:
+        return self.kind == "scaffold" and self.injection in ("output", "both")
+
+    def decoder_inputs(self, input_ids: torch.Tensor, step_signal_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """What the decoder is fed: the token ids, or with input injection their embeddings plus the signal vector
+        of the step each token belongs to (`step_signal_ids`, see `input_signal_ids`)."""
+        if not self.injects_input or step_signal_ids is None:
+            return {"input_ids": input_ids}
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        return {"inputs_embeds": embeds + self.signal_vectors(step_signal_ids).to(embeds.dtype)}
+
     def hidden_states(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, **kwargs
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        step_signal_ids: torch.Tensor | None = None,
+        **kwargs,
     ) -> torch.Tensor:
         # use_cache=False matters for packed rows: with a cache (HF's default, config.use_cache=True) the backbone
         # skips its packed-sequence detection from position_ids and every token attends across example borders
         kwargs.setdefault("use_cache", False)
-        return self.decoder(input_ids=input_ids, position_ids=position_ids, **kwargs).last_hidden_state
+        inputs = self.decoder_inputs(input_ids, step_signal_ids)
+        return self.decoder(**inputs, position_ids=position_ids, **kwargs).last_hidden_state
 
     def token_logits(self, hidden: torch.Tensor, signal_ids: torch.Tensor | None) -> torch.Tensor:
-        if self.kind == "scaffold" and signal_ids is not None:
+        if self.injects_output and signal_ids is not None:
             hidden = hidden + self.signal_vectors(signal_ids).to(hidden.dtype)
         return self.lm_head(hidden)
 
@@ -223,7 +267,8 @@ class ScaffoldStudent(nn.Module):
         """Summed (not averaged) losses and their counts, so the trainer can normalise each term by its own count
         over the whole accumulated batch. `labels[t]` is the target of position t (already shifted).
         `signal_positions` are flat indices into batch*seq; -1 entries are padding."""
-        hidden = self.hidden_states(input_ids, position_ids)
+        step_signals = input_signal_ids(signal_ids) if self.injects_input and signal_ids is not None else None
+        hidden = self.hidden_states(input_ids, position_ids, step_signals)
         out: dict[str, torch.Tensor] = {}
         if token_loss:
             logits = _at_least_fp32(self.token_logits(hidden, signal_ids))
@@ -261,6 +306,7 @@ class ScaffoldStudent(nn.Module):
             )
         meta = {
             "kind": self.kind,
+            **({"signal_injection": self.injection} if self.kind == "scaffold" else {}),
             "signals": list(SIGNALS),
             "hidden_size": self.backbone.config.hidden_size,
             **({"format": text_format} if text_format else {}),
@@ -271,7 +317,13 @@ class ScaffoldStudent(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, kind: str | None = None, *, fresh_heads: bool = False, **model_kwargs
+        cls,
+        path: str | Path,
+        kind: str | None = None,
+        *,
+        fresh_heads: bool = False,
+        injection: SignalInjection | None = None,
+        **model_kwargs,
     ) -> ScaffoldStudent:
         """Any HF causal LM path/id; a saved scaffold student also gets its heads back. Weights load from
         safetensors only (`use_safetensors=True`): a pickled checkpoint is refused.
@@ -287,7 +339,14 @@ class ScaffoldStudent(nn.Module):
                 f"{meta_path}: trained with signals {meta['signals']}, this build has {list(SIGNALS)}"
             )
         backbone = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, **model_kwargs)
-        student = cls(backbone, kind=kind or meta.get("kind", "scaffold"))
+        saved_injection = meta.get("signal_injection", "output" if meta.get("kind") == "scaffold" else None)
+        if injection and saved_injection and injection != saved_injection and not fresh_heads:
+            raise StudentLoadError(
+                f"{meta_path}: trained with signal injection {saved_injection!r}, asked to load it with {injection!r}"
+            )
+        student = cls(
+            backbone, kind=kind or meta.get("kind", "scaffold"), injection=injection or saved_injection or "output"
+        )
         heads = path_obj / HEADS_FILE
         saved_scaffold = meta.get("kind") == "scaffold"
         if student.kind != "scaffold":

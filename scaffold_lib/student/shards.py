@@ -199,7 +199,11 @@ def load_rows(paths: Sequence[str | Path]) -> dict[str, torch.Tensor]:
             tables.append(pq.read_table(fh))
     if not tables:
         raise ValueError("no shards given")
-    table = pa.concat_tables(tables)
+    return rows_tensors(pa.concat_tables(tables))
+
+
+def rows_tensors(table: pa.Table) -> dict[str, torch.Tensor]:
+    """Packed rows (a `rows_table`) as the tensors the trainer takes; ragged signal positions padded with -1."""
     n = table.num_rows
 
     def dense(column: str) -> torch.Tensor:  # rows of one length: the flat values reshaped, no Python lists

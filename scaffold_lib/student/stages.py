@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import duckdb
 import numpy as np
@@ -35,6 +36,7 @@ from scaffold_lib.student.examples import (
     FORMAT_FILE,
     STEP_SEPARATOR,
     Formatter,
+    false_calculation,
     signal_tags,
     text_format,
     training_corpus,
@@ -42,6 +44,7 @@ from scaffold_lib.student.examples import (
 from scaffold_lib.student.model import (
     EMBEDDED,
     ScaffoldStudent,
+    SignalInjection,
     StudentConfig,
     build_embedded_base,
     load_tokenizer,
@@ -69,6 +72,11 @@ class ShardsConfig(BaseModel):
         "shards, with s3fs installed); default <artifacts>/shards",
     )
     min_fill: float = Field(0.99, ge=0, le=1, description="the blocking fill check's threshold")
+    wrong_arithmetic: Literal["mask", "exclude", "keep"] = Field(
+        "mask",
+        description="a step stating a wrong calculation (a teacher's slip, e.g. '5 + 3 = 9') is no training target "
+        "(mask), its trace is left out (exclude), or it is trained on like any step (keep)",
+    )
 
 
 class ShardsHandle(BaseModel):
@@ -89,6 +97,9 @@ class ShardsHandle(BaseModel):
     fill_target: float = 0.0
     excluded_contaminated: int = 0  # training problems left out because they overlap a benchmark
     shard_ids: dict[str, list[str]] = Field(default_factory=dict)
+    # how the scaffold student built on these shards adds its signal embedding (student.signal_injection); not part
+    # of the shards' identity: every injection trains on the same shards
+    signal_injection: SignalInjection = "output"
 
 
 class ModelHandle(BaseModel):
@@ -275,7 +286,11 @@ def prepare_base_model(
         digest = hashlib.sha256()
         for i, text in enumerate(corpus()):
             digest.update(("\x1e" if i else "").encode() + text.encode())
-        out = artifacts / "base_models" / content_id("base", cfg.model_dump(), digest.hexdigest()[:16], atomic)
+        out = (
+            artifacts
+            / "base_models"
+            / content_id("base", cfg.model_dump(exclude={"signal_injection"}), digest.hexdigest()[:16], atomic)
+        )
         if not (out / "config.json").exists():
             build_embedded_base(cfg, corpus(), out, atomic)
         chat = False
@@ -362,7 +377,7 @@ def _pack_shards(store: Store, cfg: ShardsConfig, student: StudentConfig, run_id
     tok_hash = tokenizer_hash(tokenizer)
     formatter = Formatter(tokenizer, tags, fmt["chat_template"])
     storage = cfg.storage_url.rstrip("/") if cfg.storage_url else str(store.artifacts / "shards")
-    pack_keys = {k: content_id("pack", k, tok_hash, fmt, cfg.pack.model_dump(), cfg.include_incorrect) for k in KINDS}
+    pack_keys = {k: pack_key(k, tok_hash, fmt, cfg) for k in KINDS}
     previous = _previous_manifests(wh, pack_keys, eligible, params)
     shard_ids = {
         k: [
@@ -375,7 +390,7 @@ def _pack_shards(store: Store, cfg: ShardsConfig, student: StudentConfig, run_id
     split, dropped = Counter(), Counter()
     lengths: dict[str, list[int]] = {"step": [], "answer": [], "reply": [], "steps": []}
     packed_before = previous["scaffold"]["traces"] if previous else 0
-    new_traces = 0
+    new_traces = masked_steps = excluded_traces = 0
     with tqdm(total=traces - packed_before, unit="trace", desc="packing", disable=None) as bar:
         for batch in stream_training_traces(
             wh,
@@ -384,11 +399,19 @@ def _pack_shards(store: Store, cfg: ShardsConfig, student: StudentConfig, run_id
             drop_contaminated=True,
             packed_in=previous["scaffold"]["manifest_hash"] if previous else None,
         ):
+            offered = len(batch)
+            wrong = [[false_calculation(s) for s in t["steps"]] for t in batch]
+            if cfg.wrong_arithmetic == "exclude":
+                batch, wrong = [t for t, w in zip(batch, wrong) if not any(w)], [w for w in wrong if not any(w)]
+                excluded_traces += offered - len(batch)
+            elif cfg.wrong_arithmetic == "mask":
+                masked_steps += sum(map(sum, wrong))
+            masks = wrong if cfg.wrong_arithmetic == "mask" else [None] * len(batch)
             encoded = formatter.encode([(t["question"], t["steps"]) for t in batch])
             for kind in KINDS:  # one arm's examples at a time: packed rows copy them, so they are freed after
                 examples = [
-                    formatter.build(t["trace_id"], q, ids, t["signals"] if kind == "scaffold" else None)
-                    for t, (q, ids) in zip(batch, encoded)
+                    formatter.build(t["trace_id"], q, ids, t["signals"] if kind == "scaffold" else None, m)
+                    for t, (q, ids), m in zip(batch, encoded, masks)
                 ]
                 if kind == "scaffold" and len(lengths["reply"]) < BUDGET_SAMPLE:
                     add_lengths(lengths, [ids for _, ids in encoded], examples)
@@ -405,7 +428,7 @@ def _pack_shards(store: Store, cfg: ShardsConfig, student: StudentConfig, run_id
                 split[kind] += stats.split_examples
                 dropped[kind] += stats.dropped_examples
             new_traces += len(batch)
-            bar.update(len(batch))
+            bar.update(offered)
     before = json.loads(previous["scaffold"]["budget_json"]) if previous else {}
     now = token_budget(lengths) if lengths["reply"] else {}
     # appended: the caps only grow (the p99 of the new traces against the earlier p99)
@@ -418,12 +441,13 @@ def _pack_shards(store: Store, cfg: ShardsConfig, student: StudentConfig, run_id
         text_format=fmt,
         manifests={},
         storage=storage,
-        traces=traces,
+        traces=packed_before + new_traces,
         skipped_incomplete=_unlabelled_traces(wh, ("train",), cfg.include_incorrect),
         stats={},
         budget=budget,
         fill_target=cfg.min_fill,
         excluded_contaminated=excluded,
+        signal_injection=student.signal_injection,
     )
     for kind in KINDS:
         ids = shard_ids[kind] + [i.shard_id for i in infos[kind]]
@@ -438,6 +462,8 @@ def _pack_shards(store: Store, cfg: ShardsConfig, student: StudentConfig, run_id
             "traces": packed_before + new_traces,
             "split_examples": parent.get("split_examples", 0) + split[kind],
             "dropped_examples": parent.get("dropped_examples", 0) + dropped[kind],
+            "masked_steps": (parent.get("masked_steps") or 0) + masked_steps,
+            "excluded_traces": (parent.get("excluded_traces") or 0) + excluded_traces,
             "budget_json": json.dumps(budget),
         }
         if manifest != parent.get("manifest_hash"):
@@ -459,10 +485,18 @@ def _pack_shards(store: Store, cfg: ShardsConfig, student: StudentConfig, run_id
             "fill_ratio": round(totals["tokens"] / (totals["rows"] * cfg.pack.row_len), 5),
             "split_examples": record["split_examples"],
             "dropped_examples": record["dropped_examples"],
+            "wrong_arithmetic": cfg.wrong_arithmetic,
+            "masked_steps": record.get("masked_steps") or 0,
+            "excluded_traces": record.get("excluded_traces") or 0,
             "appended_traces": new_traces if previous else 0,
             "appended_to": parent.get("manifest_hash"),
         }
     return handle
+
+
+def pack_key(kind: str, tok_hash: str, fmt: dict, cfg: ShardsConfig) -> str:
+    """What makes two packings of the same traces the same shards: a change of any of these repacks everything."""
+    return content_id("pack", kind, tok_hash, fmt, cfg.pack.model_dump(), cfg.include_incorrect, cfg.wrong_arithmetic)
 
 
 def add_lengths(lengths: dict[str, list[int]], step_ids: list[list[list[int]]], examples: list) -> None:
@@ -530,6 +564,13 @@ def check_shards_fit(wh: Warehouse, manifest_hash: str, base_model: str) -> list
     return shards
 
 
+def student_key(cfg: TrainConfig, base_model: str, manifest_hash: str, injection: SignalInjection) -> str:
+    """The identity of a training run (its checkpoints and student directory): the baseline has no injection, and a
+    scaffold student with the original `output` injection keeps the key it had before the setting existed."""
+    extra = [injection] if cfg.kind == "scaffold" and injection != "output" else []
+    return content_id("student", cfg.kind, base_model, manifest_hash, cfg.model_dump(), *extra)
+
+
 def fit_student(
     wh: Warehouse,
     artifacts: str | Path,
@@ -538,18 +579,20 @@ def fit_student(
     cfg: TrainConfig,
     on_log: Callable[[int, dict], None] | None = None,
     progress: bool = True,
+    injection: SignalInjection = "output",
 ) -> TrainedStudent:
     """Train on the shards of one manifest (this process, or one rank under torchrun); checkpoints are keyed by (base,
     manifest, config), so a retried run resumes where the killed one stopped. Writes the student directory; no
     registry or warehouse writes (the stage does those, in one process)."""
     artifacts = Path(artifacts)
     shards = check_shards_fit(wh, manifest_hash, base_model)
-    key = content_id("student", cfg.kind, base_model, manifest_hash, cfg.model_dump())
+    key = student_key(cfg, base_model, manifest_hash, injection)
     data = load_rows([s["path"] for s in shards])
     torch.manual_seed(cfg.seed)  # the new signal head and embedding: the same seed gives the same student
     model = ScaffoldStudent.from_pretrained(
         base_model,
         kind=cfg.kind,
+        injection=injection,
         **({"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}),
     )
     result = train(model, data, cfg, checkpoint_dir=artifacts / "checkpoints" / key, on_log=on_log, progress=progress)
@@ -558,7 +601,7 @@ def fit_student(
     if cfg.fsdp and dist.world > 1:  # gather the shards; rank 0 saves them as a plain student
         state = full_model_state(model, sharded=True)
         if dist.is_main:
-            model = ScaffoldStudent.from_pretrained(base_model, kind=cfg.kind)
+            model = ScaffoldStudent.from_pretrained(base_model, kind=cfg.kind, injection=injection)
             model.load_state_dict(state)
     if dist.is_main:  # under torchrun every rank holds the same weights: one writes them
         tmp = out.with_name(out.name + ".tmp")
@@ -633,7 +676,12 @@ def _run_subprocess(command: list[str], env: dict[str, str]) -> None:
 
 
 def fit_under_torchrun(
-    store: Store, base_model: str, manifest_hash: str, cfg: TrainConfig, run_command: RunCommand | None = None
+    store: Store,
+    base_model: str,
+    manifest_hash: str,
+    cfg: TrainConfig,
+    run_command: RunCommand | None = None,
+    injection: SignalInjection = "output",
 ) -> TrainedStudent:
     """Train under `torchrun` (DDP, or FSDP with `cfg.fsdp`): writes the job file, runs the command (`run_command`:
     Dagster passes one that streams the ranks' logs through Pipes), then reads what rank 0 wrote."""
@@ -645,13 +693,14 @@ def fit_under_torchrun(
         base_model=base_model,
         manifest_hash=manifest_hash,
         train=cfg,
+        signal_injection=injection,
     )
     job_file = store.artifacts / "launch" / f"{content_id('launch', job.model_dump())}.json"
     job_file.parent.mkdir(parents=True, exist_ok=True)
     job_file.write_text(job.model_dump_json())
     env = {"OMP_NUM_THREADS": "1"} if cfg.device != "cuda" and not torch.cuda.is_available() else {}
     (run_command or _run_subprocess)(torchrun_command(job_file, cfg.nproc), env)
-    key = content_id("student", cfg.kind, base_model, manifest_hash, cfg.model_dump())
+    key = student_key(cfg, base_model, manifest_hash, injection)
     student = store.artifacts / "students" / key
     record = json.loads((student / "training.json").read_text())
     shards = shards_of_manifest(store.warehouse, manifest_hash)
@@ -687,7 +736,7 @@ def train_model(
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    cfg = cfg.model_copy(update={"kind": kind}).resolved(shards.pretrained)
+    cfg = cfg.model_copy(update={"kind": kind}).for_rows(shards.stats[kind]["rows"]).resolved(shards.pretrained)
     device = str(pick_device(cfg.device))
     manifest = shards.manifests[kind]
     shard_rows = check_shards_fit(store.warehouse, manifest, shards.base_model)
@@ -701,6 +750,7 @@ def train_model(
         params={
             "train": cfg.model_dump(),
             "base_model": shards.source_model,
+            **({"signal_injection": shards.signal_injection} if kind == "scaffold" else {}),
             "manifest_hash": manifest,
             "tokenizer_hash": shards.tokenizer_hash,
             **({"dagster_run_id": run_id} if run_id else {}),
@@ -722,11 +772,20 @@ def train_model(
 
     try:
         if cfg.launcher == "torchrun":
-            trained = fit_under_torchrun(store, shards.base_model, manifest, cfg, run_command)
+            trained = fit_under_torchrun(store, shards.base_model, manifest, cfg, run_command, shards.signal_injection)
             for step, loss in enumerate(trained.result.losses, start=1):  # the ranks do not write MLflow
                 registry.log_metrics(reg, mlflow_run, step, {"loss": loss})
         else:
-            trained = fit_student(store.warehouse, store.artifacts, shards.base_model, manifest, cfg, log, progress)
+            trained = fit_student(
+                store.warehouse,
+                store.artifacts,
+                shards.base_model,
+                manifest,
+                cfg,
+                log,
+                progress,
+                shards.signal_injection,
+            )
         result = trained.result
         if not result.losses or not all(math.isfinite(x) for x in result.losses):
             raise FloatingPointError(f"training {kind} produced no finite loss")

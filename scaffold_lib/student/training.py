@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from scaffold_lib.core.devices import pick_device
-from scaffold_lib.student.attention import training_attention
+from scaffold_lib.student.gpu_attention import document_attention
 from scaffold_lib.student.model import ScaffoldStudent
 
 EMBEDDED_LR, PRETRAINED_LR = 3e-3, 5e-5  # from scratch vs fine-tuning (3e-3 wrecks a pretrained model in 30 steps)
@@ -47,6 +47,12 @@ class TrainConfig(BaseModel):
         None, ge=0, description="default: a tenth of the steps, at most 20 (from scratch) or 50 (pretrained)"
     )
     max_steps: int = Field(200, ge=1)
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        description="passes over the arm's packed rows: when set, each arm's max_steps is derived from its own rows, so "
+        "both arms see every trace equally often (the scaffold's tag tokens make its rows more numerous)",
+    )
     batch_size: int = Field(8, ge=1, description="rows per micro-batch")
     grad_accum: int = Field(1, ge=1)
     max_grad_norm: float = 1.0
@@ -58,8 +64,9 @@ class TrainConfig(BaseModel):
     )
     attn_implementation: str | None = Field(
         None,
-        description="attention while training on packed rows; default: attention within each packed example "
-        "(packed_documents) on the CPU, flash_attention_2 on CUDA when flash-attn is installed, else sdpa",
+        description="attention while training on packed rows; default: attention within each packed example: "
+        "packed_documents on the CPU; on CUDA flash_attention_2 when flash-attn is installed, else flex_documents "
+        "(FlexAttention, compute capability 8.0+), else sdpa",
     )
     fsdp: bool = Field(
         False,
@@ -83,6 +90,24 @@ class TrainConfig(BaseModel):
         "inprocess", description="torchrun: a DDP (or FSDP) job of `nproc` processes"
     )
     nproc: int = Field(1, ge=1, description="processes per node under torchrun (GPUs, or CPU processes on gloo)")
+
+    data_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="train on this share of the packed rows (a random subset of the traces: rows are packed in a "
+        "seeded random order), for sample-efficiency curves",
+    )
+
+    def rows_used(self, rows: int) -> int:
+        return max(1, math.ceil(self.data_fraction * rows))
+
+    def for_rows(self, rows: int) -> TrainConfig:
+        """The config with max_steps derived from `epochs` over the rows it trains on (unchanged without epochs)."""
+        if self.epochs is None:
+            return self
+        per_step = self.batch_size * self.grad_accum * (self.nproc if self.launcher == "torchrun" else 1)
+        return self.model_copy(update={"max_steps": max(1, math.ceil(self.epochs * self.rows_used(rows) / per_step))})
 
     def resolved(self, pretrained: bool) -> TrainConfig:
         """The config with the backbone-dependent defaults filled in (what is recorded and trained with)."""
@@ -182,9 +207,11 @@ def train(
     # attention within each packed example (the backbone's own is restored below, before the model is saved)
     backbone_config = model.decoder.config
     own_attention = backbone_config._attn_implementation
-    backbone_config._attn_implementation = training_attention(device, cfg.attn_implementation) or own_attention
+    backbone_config._attn_implementation = cfg.attn_implementation or document_attention(device) or own_attention
     if cfg.gradient_checkpointing:
-        model.backbone.activation_checkpointing_enable({"use_reentrant": False})
+        # transformers 5.17 (the GPU machine's) names it gradient_checkpointing_enable
+        enable = getattr(model.backbone, "activation_checkpointing_enable", None)
+        (enable or model.backbone.gradient_checkpointing_enable)({"use_reentrant": False})
     if cfg.lora_r:
         from peft import LoraConfig, get_peft_model
 
@@ -239,7 +266,7 @@ def train(
     )
     if cfg.compile:
         forward = torch.compile(forward, backend=cfg.compile_backend)
-    n_rows = data["input_ids"].size(0)
+    n_rows = cfg.rows_used(data["input_ids"].size(0))
     bar = tqdm(
         total=cfg.max_steps,
         initial=start_step,

@@ -205,11 +205,16 @@ def test_model_loading_refuses_pickled_weights_without_running_them(tmp_path: Pa
     assert not marker.exists()
 
 
-def test_the_uis_the_readme_starts_bind_to_localhost() -> None:
+def test_the_uis_the_readme_starts_bind_to_localhost(tmp_path) -> None:
+    from pipelines.ui import commands
+
     makefile = (REPO_ROOT / "Makefile").read_text()
     ui = makefile.split("\nui:", 1)[1].split("\n\n", 1)[0]
-    assert "mlflow server" in ui and "--host 127.0.0.1" in ui
-    assert "dagster dev" in ui and "-h 127.0.0.1" in ui
+    assert "python -m pipelines.ui" in ui
+    started = commands(tmp_path, 3000, 5000)
+    mlflow, dagster = started["mlflow"], started["dagster"]
+    assert mlflow[1] == "server" and mlflow[mlflow.index("--host") + 1] == "127.0.0.1"
+    assert dagster[1] == "dev" and dagster[dagster.index("-h") + 1] == "127.0.0.1"
     assert "0.0.0.0" not in makefile
 
 

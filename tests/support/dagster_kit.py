@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent.parent
 
 # the sections of PipelineConfig each asset's run config holds (see pipelines/defs/*_assets.py)
 ASSET_SECTIONS = {
-    "problems": ("problems",),
+    "problems": ("problems", "teacher"),
     "decontamination": ("decontamination",),
     "teacher_traces": ("teacher",),
     "teacher_trace_shards": ("teacher",),
