@@ -15,7 +15,8 @@ from transformers.utils import logging as hf_logging
 
 from bench.common import tiny_student
 from scaffold_lib.data.signals import ANSWER_SIGNAL
-from scaffold_lib.evaluation.decoding import DecodeConfig, ScaffoldDecoder, plain_generate_batch
+from scaffold_lib.evaluation.config import DecodeConfig
+from scaffold_lib.evaluation.decoding import ScaffoldDecoder, plain_generate_batch
 from scaffold_lib.student.model import ScaffoldStudent
 
 

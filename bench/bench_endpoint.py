@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from scaffold_lib.data.endpoint import EndpointConfig
+from scaffold_lib.data.config import EndpointConfig
 from scaffold_lib.data.llm_teachers import EndpointTeacher
-from scaffold_lib.data.problems import GeneratorConfig, generate_problems
+from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -94,8 +94,9 @@ def build_backbone(work: Path) -> Path:
     """A tiny backbone with a tokenizer trained on a sample of the corpus: fixed from now on, like a pretrained one."""
     import pyarrow.parquet as pq
 
+    from scaffold_lib.student.config import StudentConfig
     from scaffold_lib.student.examples import STEP_SEPARATOR, signal_tags
-    from scaffold_lib.student.model import StudentConfig, build_embedded_base
+    from scaffold_lib.student.model import build_embedded_base
 
     out = work / "backbone"
     if not (out / "config.json").exists():
@@ -113,7 +114,7 @@ def driver(home: Path, work: Path, refresh: bool, pack: bool) -> dict:
     """One pass of the data stages and the pack stage through the library at hand (this repository or the
     baseline's); prints a JSON line of timings."""
     from scaffold_lib.data import stages
-    from scaffold_lib.data.problems import ProblemsConfig
+    from scaffold_lib.data.config import ProblemsConfig
     from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap
     from scaffold_lib.store.store import Store
 
@@ -142,9 +143,8 @@ def driver(home: Path, work: Path, refresh: bool, pack: bool) -> dict:
     timed("segment", lambda: stages.segment_traces(store))
     timed("label", lambda: stages.label_signals(store))
     if pack:  # torch and transformers are imported for packing only: a --no-pack run's peak is the data stages'
-        from scaffold_lib.student.model import StudentConfig
-        from scaffold_lib.student.shards import PackConfig
-        from scaffold_lib.student.stages import ShardsConfig, pack_shards
+        from scaffold_lib.student.config import PackConfig, ShardsConfig, StudentConfig
+        from scaffold_lib.student.stages import pack_shards
 
         student = StudentConfig(base_model=str(work / "backbone"), chat_template=False)
         timed(

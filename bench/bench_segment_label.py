@@ -25,9 +25,9 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from scaffold_lib.data.problems import GeneratorConfig, generate_problems
 from scaffold_lib.data.segmentation import segment, segment_batch
-from scaffold_lib.data.signals import LabellerConfig, LabelStats, keyword_table, label_column, label_steps
+from scaffold_lib.data.signals import KeywordLabellerConfig, LabelStats, keyword_table, label_column, label_steps
+from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.data.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig
 
 TARGET_STEPS_PER_S = 200_000
@@ -91,7 +91,7 @@ class NaiveLabeller:
 
 
 def run_ours(traces: list[str]) -> tuple[list, float, LabelStats]:
-    config = LabellerConfig()
+    config = KeywordLabellerConfig()
     keyword_table(config.keywords_path)  # load the keyword file outside the timed loop (it is cached)
     stats = LabelStats()
     labels = []

@@ -17,9 +17,10 @@ from transformers.utils import logging as hf_logging
 
 from bench.common import tiny_student
 from scaffold_lib.student.attention import PACKED_DOCUMENTS
+from scaffold_lib.student.config import PackConfig, TrainConfig
 from scaffold_lib.student.model import ScaffoldStudent
-from scaffold_lib.student.shards import PackConfig, pack_rows
-from scaffold_lib.student.training import TrainConfig, train
+from scaffold_lib.student.shards import pack_rows
+from scaffold_lib.student.training import train
 
 
 def main() -> None:

@@ -3,12 +3,13 @@
 import tempfile
 from pathlib import Path
 
-from scaffold_lib.data.problems import GeneratorConfig, generate_problems
 from scaffold_lib.data.segmentation import segment
 from scaffold_lib.data.signals import label_steps
+from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.data.teachers import ProgrammaticTeacher
+from scaffold_lib.student.config import StudentConfig
 from scaffold_lib.student.examples import Formatter, signal_tags, training_corpus
-from scaffold_lib.student.model import StudentConfig, build_embedded_base, load_tokenizer
+from scaffold_lib.student.model import build_embedded_base, load_tokenizer
 
 STUDENT = StudentConfig(hidden_size=192, num_attention_heads=6, intermediate_size=512)
 

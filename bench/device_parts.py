@@ -22,13 +22,11 @@ import os
 import platform
 import tempfile
 import time
-import tomllib
 import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -48,25 +46,23 @@ from transformers import (
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.utils import logging as hf_logging
 
-from scaffold_lib.data.problems import SPLITS, GeneratorConfig, SplitConfig, generate_problems
+from scaffold_lib.config import load_preset
+from scaffold_lib.data.problems import SPLITS, SplitConfig
 from scaffold_lib.data.segmentation import segment
-from scaffold_lib.data.signals import LabellerConfig, label_steps
+from scaffold_lib.data.signals import KeywordLabellerConfig, label_steps
+from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.data.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig
-from scaffold_lib.evaluation.decoding import DecodeConfig, ScaffoldDecoder, plain_generate_batch
-from scaffold_lib.evaluation.metrics import EvalConfig, evaluate_plain, evaluate_scaffold, suite_run
+from scaffold_lib.evaluation.config import DecodeConfig, EvalConfig
+from scaffold_lib.evaluation.decoding import ScaffoldDecoder, plain_generate_batch
+from scaffold_lib.evaluation.metrics import evaluate_plain, evaluate_scaffold, suite_run
 from scaffold_lib.evaluation.suites import HELDOUT, EvalItem
 from scaffold_lib.student.attention import PACKED_DOCUMENTS
+from scaffold_lib.student.config import EMBEDDED, PackConfig, StudentConfig, TrainConfig
 from scaffold_lib.student.examples import STEP_SEPARATOR, Formatter, signal_tags, training_corpus
 from scaffold_lib.student.gpu_attention import FLEX_DOCUMENTS, document_attention, document_ids, flex_supported
-from scaffold_lib.student.model import (
-    ScaffoldStudent,
-    StudentConfig,
-    build_embedded_base,
-    count_parameters,
-    load_tokenizer,
-)
-from scaffold_lib.student.shards import PackConfig, pack_rows, rows_table, rows_tensors
-from scaffold_lib.student.training import TrainConfig, micro_batch_indices, train
+from scaffold_lib.student.model import ScaffoldStudent, build_embedded_base, count_parameters, load_tokenizer
+from scaffold_lib.student.shards import pack_rows, rows_table, rows_tensors
+from scaffold_lib.student.training import micro_batch_indices, train
 
 KINDS = ("scaffold", "baseline")
 SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
@@ -173,29 +169,6 @@ def say(*lines: str) -> None:
 
 
 # --- the bed's settings from a preset -----------------------------------------------------------------------------
-# scaffold_lib.config.load_preset would import the stage modules, and with them duckdb: the preset files are read here
-# directly, `extends` followed, each section validated by the library's own config class.
-# tests/test_device_check.py checks that the result equals load_preset's.
-
-
-def preset_settings(name: str) -> dict:
-    """A preset's settings over those of what it extends; `name` is a preset name or a path to a preset .toml."""
-    path = Path(name) if name.endswith(".toml") else None
-    text = (
-        path.read_text("utf-8")
-        if path
-        else resources.files("scaffold_lib").joinpath(f"presets/{name}.toml").read_text("utf-8")
-    )
-    data = tomllib.loads(text)
-    own = {k: v for k, v in data.items() if k not in ("description", "version", "extends")}
-    return _merge(preset_settings(data["extends"]), own) if data.get("extends") else own
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 @dataclass
@@ -208,7 +181,7 @@ class Bed:
     teacher: ProgrammaticTeacherConfig
     teacher_splits: list[str]  # of the splits the bed makes (train, validation, test)
     segmenter: str
-    labeller: LabellerConfig
+    labeller: KeywordLabellerConfig
     student: StudentConfig
     pack: PackConfig
     include_incorrect: bool
@@ -219,39 +192,27 @@ class Bed:
 
 
 def load_bed(preset: str) -> Bed:
-    s = preset_settings(preset)
-
-    def section(*path: str) -> dict:
-        node = s
-        for key in path:
-            node = node.get(key, {})
-        return node
-
-    problems, teacher = section("problems"), section("teacher")
-    if problems.get("source", "synthetic") != "synthetic" or teacher.get("backend", "programmatic") != "programmatic":
+    """The bed's settings as `scaffold_lib.config.load_preset` resolves `preset` (a name or a preset .toml)."""
+    cfg = load_preset(preset).config
+    if cfg.problems.source != "synthetic" or cfg.teacher.backend not in ("auto", "programmatic"):
         raise ValueError(f"preset {preset}: the bed runs the synthetic problems and the programmatic teacher")
-    student = StudentConfig.model_validate(section("student"))
-    if student.base_model != "embedded":
+    if cfg.student.base_model != EMBEDDED:
         raise ValueError(f"preset {preset}: the bed trains the embedded student from scratch")
-    teacher_cfg = ProgrammaticTeacherConfig.model_validate(section("teacher", "programmatic"))
-    segmentation = section("segmentation")
-    identity = ProgrammaticTeacher(teacher_cfg).identity
-    labeller = section("labeller")
     return Bed(
         preset=preset,
-        generator=GeneratorConfig.model_validate(section("problems", "synthetic")),
-        split=SplitConfig.model_validate(section("problems", "split")),
-        teacher=teacher_cfg,
-        teacher_splits=[name for name in teacher.get("splits", SPLITS) if name in SPLITS],
-        segmenter=segmentation.get("per_teacher", {}).get(identity, segmentation.get("segmenter", "auto")),
-        labeller=LabellerConfig.model_validate({k: v for k, v in labeller.items() if k in LabellerConfig.model_fields}),
-        student=student,
-        pack=PackConfig.model_validate(section("shards", "pack")),
-        include_incorrect=bool(section("shards").get("include_incorrect", False)),
-        train=TrainConfig.model_validate(section("train")),
-        decode=DecodeConfig.model_validate(section("eval", "decode")),
-        test_limit=section("eval").get("limit"),
-        validation_limit=section("experiment").get("validation_limit"),
+        generator=cfg.problems.synthetic,
+        split=cfg.problems.split,
+        teacher=cfg.teacher.programmatic,
+        teacher_splits=[name for name in cfg.teacher.splits if name in SPLITS],
+        segmenter=cfg.segmentation.for_teacher(ProgrammaticTeacher(cfg.teacher.programmatic).identity),
+        labeller=cfg.labeller,
+        student=cfg.student,
+        pack=cfg.shards.pack,
+        include_incorrect=cfg.shards.include_incorrect,
+        train=cfg.train,
+        decode=cfg.eval.decode,
+        test_limit=cfg.eval.limit,
+        validation_limit=cfg.experiment.validation_limit,
     )
 
 

@@ -1,10 +1,14 @@
 """One configuration for the whole pipeline: every stage's settings in one typed object (`PipelineConfig`) whose
 defaults are the library's own, and named presets that override some of them.
 
-Presets are versioned TOML files in `scaffold_lib/presets/` (`micro`, `demo`, …); a preset may `extends` another.
+Presets are versioned TOML files in `scaffold_lib/presets/` (`micro`, `demo`, …), or a file of one's own given by its
+path; a preset may `extends` another.
 The Dagster definitions, the `scaffold` CLI and the demo all resolve their settings here, so the same preset gives
 the same numbers from any entry point. An instance (a `$DAGSTER_HOME`) records the preset it was set up with in
 `scaffold.toml` — scheduled and sensor-started runs use it — until the user changes it (`scaffold init`).
+
+The sections' classes live in `data/config.py`, `student/config.py` and `evaluation/config.py`, which import pydantic
+and light modules only: reading a configuration never imports torch, a database or an HTTP client.
 """
 
 from __future__ import annotations
@@ -21,15 +25,9 @@ from pydantic import BaseModel, Field, ValidationError
 
 from scaffold_lib.core.errors import UserError
 from scaffold_lib.core.ids import content_id
-from scaffold_lib.data.problems import ProblemsConfig
-from scaffold_lib.data.segmentation import SegmentationConfig
-from scaffold_lib.data.stages import LabellingConfig, TeacherConfig
-from scaffold_lib.evaluation.decontamination import DecontaminationConfig
-from scaffold_lib.evaluation.metrics import EvalConfig
-from scaffold_lib.evaluation.stages import PromotionConfig
-from scaffold_lib.student.model import SignalInjection, StudentConfig
-from scaffold_lib.student.stages import ShardsConfig
-from scaffold_lib.student.training import TrainConfig
+from scaffold_lib.data.config import LabellerConfig, ProblemsConfig, SegmentationConfig, TeacherConfig
+from scaffold_lib.evaluation.config import DecontaminationConfig, EvalConfig, PromotionConfig
+from scaffold_lib.student.config import ShardsConfig, SignalInjection, StudentConfig, TrainConfig
 
 INSTANCE_FILE = "scaffold.toml"
 DEFAULT_PRESET = "demo"  # what an instance that never chose one runs
@@ -68,7 +66,7 @@ class PipelineConfig(BaseModel):
     problems: ProblemsConfig = Field(default_factory=ProblemsConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig)
-    labeller: LabellingConfig = Field(default_factory=LabellingConfig)
+    labeller: LabellerConfig = Field(default_factory=LabellerConfig)
     decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
     shards: ShardsConfig = Field(default_factory=ShardsConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
@@ -116,18 +114,26 @@ def preset_names() -> list[str]:
 
 
 def preset_info(name: str) -> dict:
-    """The raw preset: description, version, extends and its settings."""
+    """The raw preset: description, version, extends and its settings. `name` is a preset's name, or the path of a
+    preset file of one's own (a `.toml`, which may extend a named preset)."""
     files = _preset_files()
-    if name not in files:
+    if name.endswith(".toml"):
+        source, label = Path(name), name
+    elif name in files:
+        source, label = files[name], f"presets/{name}.toml"
+    else:
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(files))}")
     try:
-        data = tomllib.loads(files[name].read_text("utf-8"))
+        data = tomllib.loads(source.read_text("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot read: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"presets/{name}.toml: not valid TOML: {exc}") from exc
-    for key in ("description", "version"):
-        if key not in data:
-            raise ConfigError(f"presets/{name}.toml: missing {key!r}")
-    return data
+        raise ConfigError(f"{label}: not valid TOML: {exc}") from exc
+    if not name.endswith(".toml"):  # one of ours: described and versioned; a file of one's own need not be
+        for key in ("description", "version"):
+            if key not in data:
+                raise ConfigError(f"{label}: missing {key!r}")
+    return {"description": f"the preset file {name}", "version": 0, **data}
 
 
 def preset_settings(name: str, _seen: tuple[str, ...] = ()) -> tuple[dict, int]:
@@ -136,7 +142,7 @@ def preset_settings(name: str, _seen: tuple[str, ...] = ()) -> tuple[dict, int]:
         raise ConfigError(f"presets extend each other in a circle: {' -> '.join((*_seen, name))}")
     data = preset_info(name)
     own = {k: v for k, v in data.items() if k not in ("description", "version", "extends")}
-    check_keys(PipelineConfig, own, f"presets/{name}.toml")
+    check_keys(PipelineConfig, own, name if name.endswith(".toml") else f"presets/{name}.toml")
     if data.get("extends"):
         below, _ = preset_settings(data["extends"], (*_seen, name))
         own = deep_merge(below, own)
@@ -166,6 +172,16 @@ def deep_merge(base: dict, top: dict) -> dict:
     for key, value in top.items():
         out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+def set_path(tree: dict, path: str, value: Any) -> dict:
+    """Put `value` at the dotted `path` (`train.max_steps`) of a nested dict, creating the sections on the way."""
+    *parents, last = path.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return tree
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
@@ -205,11 +221,7 @@ def parse_assignments(assignments: list[str]) -> dict:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw
-        node = out
-        *parents, last = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
+        set_path(out, path, value)
     return out
 
 
@@ -230,7 +242,9 @@ def instance_settings(home: str | Path) -> tuple[str, dict]:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the instance settings: {exc}") from exc
     preset = data.get("preset", DEFAULT_PRESET)
-    overrides = _unflatten(data.get("overrides", {}))
+    overrides: dict = {}
+    for key, value in data.get("overrides", {}).items():
+        set_path(overrides, key, value)
     check_keys(PipelineConfig, overrides, str(path))
     return preset, overrides
 
@@ -252,17 +266,6 @@ def save_instance_settings(home: str | Path, preset: str, overrides: dict | None
     tmp.write_text("\n".join(lines) + "\n", "utf-8")
     tmp.replace(path)
     return path
-
-
-def _unflatten(data: dict) -> dict:
-    out: dict = {}
-    for key, value in data.items():
-        node = out
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return out
 
 
 def resolve(home: str | Path, preset: str | None = None, overrides: dict | None = None) -> Resolved:

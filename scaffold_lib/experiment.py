@@ -32,8 +32,9 @@ import numpy as np
 from scaffold_lib.config import PipelineConfig
 from scaffold_lib.core.ids import content_id
 from scaffold_lib.evaluation import bed
+from scaffold_lib.evaluation.config import EvalConfig
 from scaffold_lib.evaluation.errors import error_table, error_table_markdown
-from scaffold_lib.evaluation.metrics import EvalConfig, serving_decode, signal_predictions
+from scaffold_lib.evaluation.metrics import serving_decode, signal_predictions
 from scaffold_lib.evaluation.stages import EvaluationHandle, evaluate_models, heldout_items, load_for_eval
 from scaffold_lib.evaluation.stats import calibration, item_comparison, mean_sd, paired_comparison
 from scaffold_lib.evaluation.suites import HELDOUT, OOD_SUITES

@@ -13,19 +13,14 @@ from pathlib import Path
 
 import torch
 
-from scaffold_lib.data.problems import GeneratorConfig, generate_problems
 from scaffold_lib.data.segmentation import segment
 from scaffold_lib.data.signals import label_steps
+from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.data.teachers import ProgrammaticTeacher
+from scaffold_lib.student.config import PackConfig, StudentConfig
 from scaffold_lib.student.examples import STEP_SEPARATOR, Example, Formatter, signal_tags, training_corpus
-from scaffold_lib.student.model import (
-    ScaffoldStudent,
-    StudentConfig,
-    build_embedded_base,
-    load_tokenizer,
-    tokenizer_hash,
-)
-from scaffold_lib.student.shards import PackConfig, load_rows, pack_rows, write_shards
+from scaffold_lib.student.model import ScaffoldStudent, build_embedded_base, load_tokenizer, tokenizer_hash
+from scaffold_lib.student.shards import load_rows, pack_rows, write_shards
 
 # Two threads fighting another process for two cores make a 25 ms step take a second (OpenMP spin-waits).
 torch.set_num_threads(1)

@@ -8,8 +8,9 @@ import json
 import torch
 
 from scaffold_lib.student.attention import PACKED_DOCUMENTS, example_bounds
+from scaffold_lib.student.config import TrainConfig
 from scaffold_lib.student.model import ScaffoldStudent, build_embedded_base
-from scaffold_lib.student.training import TrainConfig, train
+from scaffold_lib.student.training import train
 from student_kit import TINY
 
 LENGTHS = [(5, 9, 2), (12, 4)]  # two rows: three examples, two examples, then padding to 16

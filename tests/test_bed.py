@@ -7,25 +7,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scaffold_lib.data.problems import (
+from scaffold_lib.data.problems import SplitConfig
+from scaffold_lib.data.segmentation import segment
+from scaffold_lib.data.signals import label_steps
+from scaffold_lib.data.synthetic import (
     DAYS,
     GeneratorConfig,
     OODConfig,
-    SplitConfig,
     generate_problems,
     ood_problems,
     parse_question,
     skeleton_of,
     solve,
 )
-from scaffold_lib.data.segmentation import segment
-from scaffold_lib.data.signals import label_steps
 from scaffold_lib.data.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig
 from scaffold_lib.evaluation import bed
 from scaffold_lib.evaluation.suites import EvalItem
+from scaffold_lib.student.config import TrainConfig
 from scaffold_lib.student.examples import false_calculation
 from scaffold_lib.student.token_classes import DIGIT, TAG, TEXT, token_loss_by_class, vocabulary_classes
-from scaffold_lib.student.training import TrainConfig, train
+from scaffold_lib.student.training import train
 from student_kit import TinyWorld, tiny_world
 
 TIMELINE = GeneratorConfig(

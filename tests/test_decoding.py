@@ -10,19 +10,15 @@ import torch
 from pydantic import ValidationError
 
 from scaffold_lib.data.signals import ANSWER_SIGNAL, CONCLUSION_SIGNAL, SIGNAL_INDEX, SIGNALS
-from scaffold_lib.evaluation.decoding import STEP_SIGNALS, DecodeConfig, ScaffoldDecoder, plain_generate
-from scaffold_lib.evaluation.metrics import (
-    EvalConfig,
-    evaluate_plain,
-    evaluate_scaffold,
-    next_signal_accuracy,
-    suite_run,
-)
+from scaffold_lib.evaluation.config import DecodeConfig, EvalConfig
+from scaffold_lib.evaluation.decoding import STEP_SIGNALS, ScaffoldDecoder, plain_generate
+from scaffold_lib.evaluation.metrics import evaluate_plain, evaluate_scaffold, next_signal_accuracy, suite_run
 from scaffold_lib.evaluation.suites import EvalItem
+from scaffold_lib.student.config import PackConfig, TrainConfig
 from scaffold_lib.student.examples import STEP_SEPARATOR
 from scaffold_lib.student.model import ScaffoldStudent
-from scaffold_lib.student.shards import PackConfig, load_rows, pack_rows, write_shards
-from scaffold_lib.student.training import TrainConfig, train
+from scaffold_lib.student.shards import load_rows, pack_rows, write_shards
+from scaffold_lib.student.training import train
 from student_kit import TinyWorld, tiny_world
 
 

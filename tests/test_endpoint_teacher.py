@@ -15,12 +15,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from scaffold_lib.data.endpoint import EndpointConfig, EndpointConfigError
+from scaffold_lib.data.config import EndpointConfig, EndpointConfigError, PromptConfig
 from scaffold_lib.data.label_validation import LabelValidator, ValidatorConfig
-from scaffold_lib.data.llm_teachers import EndpointTeacher, PromptConfig
-from scaffold_lib.data.problems import GeneratorConfig, generate_problems
+from scaffold_lib.data.llm_teachers import EndpointTeacher
 from scaffold_lib.data.signals import FALLBACK, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE, PATTERN
 from scaffold_lib.data.stages import StageFailed, label_statistics, validate_signal_labels
+from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.store.warehouse import Warehouse
 from support.scripted_endpoint import FaultPlan, Reply, ScriptedEndpoint, prompt_key
 from support.stages import generate_teacher_traces, label_signals, segment_traces, store_of, store_problems
@@ -356,7 +356,7 @@ def test_a_partition_backfill_fans_out_over_two_endpoints_and_a_failed_shard_rer
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pipelines.defs import data_assets
-    from scaffold_lib.data.problems import shard_of
+    from scaffold_lib.data.problems import partition_of
 
     home = tmp_path / "home"
     monkeypatch.setenv("DAGSTER_HOME", str(home))
@@ -399,9 +399,9 @@ def test_a_partition_backfill_fans_out_over_two_endpoints_and_a_failed_shard_rer
     wh = Warehouse(home / "warehouse.duckdb")
     rows = wh.query("SELECT t.problem_id, t.endpoint FROM teacher_traces t")
     assert len(rows) == len(before) + sum(
-        1 for p in wh.query("SELECT problem_id FROM problems") if shard_of(p["problem_id"], 8) == 1
+        1 for p in wh.query("SELECT problem_id FROM problems") if partition_of(p["problem_id"], 8) == 1
     )
     for r in rows:  # every trace names the server of its shard
-        assert r["endpoint"] == (even.base_url if shard_of(r["problem_id"], 8) % 2 == 0 else odd.base_url)
+        assert r["endpoint"] == (even.base_url if partition_of(r["problem_id"], 8) % 2 == 0 else odd.base_url)
     failed = wh.scalar("SELECT count(DISTINCT problem_id) FROM teacher_failures")
-    assert failed == sum(1 for p in wh.query("SELECT problem_id FROM problems") if shard_of(p["problem_id"], 8) % 2)
+    assert failed == sum(1 for p in wh.query("SELECT problem_id FROM problems") if partition_of(p["problem_id"], 8) % 2)

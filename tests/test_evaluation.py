@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from scaffold_lib.evaluation.decoding import DecodeConfig, GeneratedStep, Generation
+from scaffold_lib.evaluation.config import DecodeConfig, EvalConfig
+from scaffold_lib.evaluation.decoding import GeneratedStep, Generation
 from scaffold_lib.evaluation.metrics import (
-    EvalConfig,
     IncomparableScores,
     ScoreRow,
     answer_consistency,

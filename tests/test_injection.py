@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from scaffold_lib.data.signals import ANSWER_SIGNAL, SIGNAL_INDEX
-from scaffold_lib.evaluation.decoding import DecodeConfig, ScaffoldDecoder
+from scaffold_lib.evaluation.config import DecodeConfig
+from scaffold_lib.evaluation.decoding import ScaffoldDecoder
+from scaffold_lib.student.config import TrainConfig
 from scaffold_lib.student.model import NO_SIGNAL, ScaffoldStudent, StudentLoadError, input_signal_ids
-from scaffold_lib.student.training import TrainConfig, train
+from scaffold_lib.student.training import train
 from student_kit import TinyWorld, tiny_world
 
 

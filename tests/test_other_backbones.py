@@ -3,15 +3,15 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from scaffold_lib.data.problems import GeneratorConfig, generate_problems
+from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.data.teachers import ProgrammaticTeacher
-from scaffold_lib.evaluation.decoding import DecodeConfig, ScaffoldDecoder
+from scaffold_lib.evaluation.config import DecodeConfig
+from scaffold_lib.evaluation.decoding import ScaffoldDecoder
 from scaffold_lib.evaluation.stages import load_for_eval
 from scaffold_lib.store.store import Store
-from scaffold_lib.student.model import StudentConfig, load_tokenizer
-from scaffold_lib.student.shards import PackConfig
-from scaffold_lib.student.stages import ShardsConfig, fit_student, pack_shards
-from scaffold_lib.student.training import TrainConfig
+from scaffold_lib.student.config import PackConfig, ShardsConfig, StudentConfig, TrainConfig
+from scaffold_lib.student.model import load_tokenizer
+from scaffold_lib.student.stages import fit_student, pack_shards
 from student_kit import tiny_world
 from support.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
 

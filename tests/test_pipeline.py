@@ -540,7 +540,7 @@ def test_growing_the_problem_set_adds_only_the_new_ones(pipeline, tmp_path):
     before = wh.counts()
     old_ids = {r["problem_id"] for r in wh.query("SELECT problem_id FROM problems")}
     grown_cfg = micro(problems={"synthetic": {"n_problems": 70}})
-    from scaffold_lib.data.problems import generate_problems
+    from scaffold_lib.data.synthetic import generate_problems
 
     grown = {p.problem_id for p in generate_problems(grown_cfg.problems.synthetic, grown_cfg.problems.split)}
     assert old_ids < grown

@@ -11,19 +11,15 @@ import pytest
 
 from scaffold_lib.core.answers import gold_answer as normalise_gold_answer
 from scaffold_lib.core.ids import content_id
-from scaffold_lib.data.problems import (
+from scaffold_lib.data.problem_files import FieldMap, ProblemFileError, load_problem_file
+from scaffold_lib.data.problems import SplitConfig, make_problem_id, split_of
+from scaffold_lib.data.synthetic import (
     SYNTHETIC_SOURCE,
-    FieldMap,
     GeneratorConfig,
-    ProblemFileError,
-    SplitConfig,
     generate_problems,
-    load_problem_file,
-    make_problem_id,
     parse_question,
     skeleton_of,
     solve,
-    split_of,
 )
 
 # ----------------------------------------------------------------------------------------------------------

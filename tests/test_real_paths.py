@@ -16,17 +16,17 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from scaffold_lib.config import load_preset
-from scaffold_lib.data.problems import GeneratorConfig, generate_problems
 from scaffold_lib.data.segmentation import segment
 from scaffold_lib.data.signals import label_steps
 from scaffold_lib.data.stages import StageFailed
+from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.data.teachers import ProgrammaticTeacher
 from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap
 from scaffold_lib.pipeline import run_pipeline
 from scaffold_lib.store.store import Store
+from scaffold_lib.student.config import ShardsConfig, TrainConfig
 from scaffold_lib.student.model import load_tokenizer, prepare_pretrained_base
-from scaffold_lib.student.stages import ShardsConfig, ShardTokenizerMismatch, fit_student, pack_shards
-from scaffold_lib.student.training import TrainConfig
+from scaffold_lib.student.stages import ShardTokenizerMismatch, fit_student, pack_shards
 from student_kit import TINY
 from support.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
 

@@ -17,7 +17,7 @@ import pytest
 
 from scaffold_lib.core.answers import extract_number, is_correct
 from scaffold_lib.data.endpoint import is_retryable
-from scaffold_lib.data.problems import GeneratorConfig, generate_problems
+from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.data.teachers import DEFAULT_PROMPT
 from support.scripted_endpoint import FaultPlan, ScriptedEndpoint, prompt_key
 

@@ -12,15 +12,8 @@ from hypothesis import strategies as st
 
 from scaffold_lib.core.ids import step_id
 from scaffold_lib.data import segmentation
-from scaffold_lib.data.segmentation import (
-    PY_WHITESPACE,
-    SEGMENTERS,
-    SegmentationConfig,
-    clean,
-    resolve,
-    segment,
-    segment_batch,
-)
+from scaffold_lib.data.config import SEGMENTERS, SegmentationConfig
+from scaffold_lib.data.segmentation import PY_WHITESPACE, clean, resolve, segment, segment_batch
 
 
 @pytest.mark.parametrize(
@@ -234,7 +227,7 @@ def _cut_in(sql: bool):
 @pytest.mark.parametrize("in_sql", [True, False])
 def test_segment_batch_on_teacher_traces_matches_segment(in_sql):
     """A corpus the programmatic teacher wrote (blank-line paragraphs, an answer step), in one batch."""
-    from scaffold_lib.data.problems import GeneratorConfig, generate_problems
+    from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
     from scaffold_lib.data.teachers import ProgrammaticTeacher
 
     traces = ProgrammaticTeacher().generate(generate_problems(GeneratorConfig(n_problems=300, seed=3))).traces

@@ -15,9 +15,9 @@ from scaffold_lib.data.signals import (
     PATTERN,
     SIGNALS,
     KeywordFileError,
+    KeywordLabellerConfig,
     KeywordTable,
     Label,
-    LabellerConfig,
     LabelStats,
     keyword_table,
     label_column,
@@ -200,13 +200,13 @@ def test_label_steps_marks_only_the_last_step_final():
     ]
     assert label_steps([]) == []
     assert label_steps(["Hmm."]) == [Label(ANSWER_SIGNAL, FINAL_STEP, None, 1.0)]
-    labels = label_steps(["Ava buys 2.", "5"], LabellerConfig(fallback_signal="opinion_recall"))
+    labels = label_steps(["Ava buys 2.", "5"], KeywordLabellerConfig(fallback_signal="opinion_recall"))
     assert labels[0] == Label("opinion_recall", FALLBACK, None, 0.0)
 
 
 def test_labeller_config_rejects_unknown_fallback():
     with pytest.raises(ValueError, match="nonsense"):
-        LabellerConfig(fallback_signal="nonsense")
+        KeywordLabellerConfig(fallback_signal="nonsense")
 
 
 def test_default_table_source_and_prefixes(table):
@@ -228,7 +228,7 @@ def test_custom_keyword_file_replaces_default(tmp_path):
         '[response_generation]\nkeywords = ["result"]\n',
         encoding="utf-8",
     )
-    config = LabellerConfig(keywords_path=str(path))
+    config = KeywordLabellerConfig(keywords_path=str(path))
     labels = label_steps(["Zorp, it is 3.", "Blue moon rising.", "So 3 + 4 = 7.", "Result: 7"], config)
     assert labels == [
         Label("opinion_recall", KEYWORD, "Zorp", 1.0),
@@ -262,7 +262,7 @@ def test_malformed_keyword_files(tmp_path, content, needle):
         KeywordTable.load(path)
     assert str(path) in str(err.value) and needle in str(err.value)
     with pytest.raises(KeywordFileError):
-        label_steps(["x"], LabellerConfig(keywords_path=str(path)))
+        label_steps(["x"], KeywordLabellerConfig(keywords_path=str(path)))
 
 
 def test_unreadable_keyword_files(tmp_path):

@@ -10,10 +10,12 @@ import pyarrow as pa
 import pytest
 
 from scaffold_lib.core.errors import UserError
-from scaffold_lib.data.problems import GeneratorConfig, Problem, generate_problems, load_problem_file, make_problem_id
+from scaffold_lib.data.problem_files import load_problem_file
+from scaffold_lib.data.problems import Problem, make_problem_id
 from scaffold_lib.data.segmentation import segment
 from scaffold_lib.data.signals import SIGNALS
 from scaffold_lib.data.stages import StageFailed, signal_distribution_markdown
+from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.data.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig
 from scaffold_lib.store.warehouse import Warehouse
 from support.stages import generate_teacher_traces, label_signals, segment_traces, store_problems

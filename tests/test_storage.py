@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import fsspec
 
-from scaffold_lib.data.problems import GeneratorConfig, generate_problems
+from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.data.teachers import ProgrammaticTeacher
 from scaffold_lib.store.store import Store
-from scaffold_lib.student.model import StudentConfig
-from scaffold_lib.student.shards import PackConfig, load_rows
-from scaffold_lib.student.stages import ShardsConfig, fit_student, pack_shards
-from scaffold_lib.student.training import TrainConfig
+from scaffold_lib.student.config import PackConfig, ShardsConfig, StudentConfig, TrainConfig
+from scaffold_lib.student.shards import load_rows
+from scaffold_lib.student.stages import fit_student, pack_shards
 from support.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
 
 TINY = StudentConfig(

@@ -14,15 +14,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from scaffold_lib.data import stages
-from scaffold_lib.data.problems import GeneratorConfig, Gold, Problem, ProblemsConfig, generate_problems
+from scaffold_lib.data.config import LabellerConfig, ProblemsConfig
+from scaffold_lib.data.problems import Gold, Problem
 from scaffold_lib.data.signals import ANSWER_SIGNAL, SIGNALS
+from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.data.trace_import import ImportedTeacher, TodoProblems, TraceFieldMap
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.warehouse import ROW_GROUP_ROWS, Warehouse
+from scaffold_lib.student.config import PackConfig, ShardsConfig, StudentConfig
 from scaffold_lib.student.examples import STEP_SEPARATOR, signal_tags, training_corpus
-from scaffold_lib.student.model import StudentConfig, build_embedded_base
-from scaffold_lib.student.shards import PackConfig
-from scaffold_lib.student.stages import ShardsConfig, pack_shards, shards_of_manifest, training_traces
+from scaffold_lib.student.model import build_embedded_base
+from scaffold_lib.student.stages import pack_shards, shards_of_manifest, training_traces
 from student_kit import TINY
 from support.stages import ALL_SPLITS, generate_teacher_traces, store_problems
 
@@ -83,7 +85,7 @@ def test_a_changed_keyword_table_relabels_every_step_and_an_unchanged_one_nothin
     other = next(s for s in SIGNALS if s not in (signal, ANSWER_SIGNAL))
     custom = tmp_path / "keywords.toml"
     custom.write_text(f'[{other}]\nkeywords = ["{keyword}"]\n')
-    cfg = stages.LabellingConfig(keywords_path=str(custom))
+    cfg = LabellerConfig(keywords_path=str(custom))
     assert stages.label_signals(store, cfg).new_rows == steps  # every step labelled again, under the new table
     assert wh.scalar("SELECT count(*) FROM signal_labels") == steps
     moved = wh.query("SELECT DISTINCT signal FROM signal_labels WHERE keyword = ? AND labeller = 'keyword'", [keyword])

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from scaffold_lib.data.signals import NUM_SIGNALS, SIGNALS
+from scaffold_lib.student.config import PackConfig, TrainConfig
 from scaffold_lib.student.examples import Example
 from scaffold_lib.student.model import HEADS_FILE, SCAFFOLD_CONFIG, ScaffoldStudent, StudentLoadError, tokenizer_hash
-from scaffold_lib.student.shards import PackConfig, load_rows, pack_rows, write_shards
-from scaffold_lib.student.training import TrainConfig, latest_checkpoint, micro_batch_indices, train
+from scaffold_lib.student.shards import load_rows, pack_rows, write_shards
+from scaffold_lib.student.training import latest_checkpoint, micro_batch_indices, train
 from student_kit import TINY, TinyWorld, tiny_world
 
 
@@ -403,11 +404,12 @@ def test_tiny_config_is_tiny(world):
 
 
 def test_student_stages_on_a_tiny_warehouse(tmp_path):
-    from scaffold_lib.data.problems import GeneratorConfig, generate_problems
+    from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
     from scaffold_lib.data.teachers import ProgrammaticTeacher
     from scaffold_lib.evaluation.stages import heldout_items
     from scaffold_lib.store.store import Store
-    from scaffold_lib.student.stages import ShardsConfig, fit_student, pack_shards
+    from scaffold_lib.student.config import ShardsConfig
+    from scaffold_lib.student.stages import fit_student, pack_shards
     from support.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
 
     store = Store.at(tmp_path)

@@ -8,8 +8,9 @@ from collections import Counter
 
 import pytest
 
-from scaffold_lib.data.problems import GeneratorConfig, Problem, generate_problems, make_problem_id
+from scaffold_lib.data.problems import Problem, make_problem_id
 from scaffold_lib.data.segmentation import segment
+from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.data.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig
 
 CORRECTIONS = ("Wait", "Actually", "But that is not right")

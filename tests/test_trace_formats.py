@@ -16,7 +16,7 @@ from scaffold_lib.cli import main
 from scaffold_lib.core.errors import UserError
 from scaffold_lib.core.ids import content_id
 from scaffold_lib.data import stages
-from scaffold_lib.data.endpoint import EndpointConfig
+from scaffold_lib.data.config import EndpointConfig
 from scaffold_lib.data.llm_teachers import EndpointTeacher
 from scaffold_lib.data.problems import SPLITS, Problem, SplitConfig, normalise_question, split_of
 from scaffold_lib.data.teacher_routing import PerSourceTeacher

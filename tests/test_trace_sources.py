@@ -10,11 +10,12 @@ import duckdb
 import pandas as pd
 import pytest
 
-from scaffold_lib.data.endpoint import split_reasoning
 from scaffold_lib.data.journal import Journal
 from scaffold_lib.data.label_validation import Verdict, decide, parse_signal
-from scaffold_lib.data.problems import GeneratorConfig, ProblemFileError, generate_problems, parse_question, solve
+from scaffold_lib.data.problem_files import ProblemFileError
 from scaffold_lib.data.signals import FALLBACK, FINAL_STEP, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE
+from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems, parse_question, solve
+from scaffold_lib.data.trace_formats import split_reasoning
 from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap, read_trace_rows
 from scaffold_lib.store.warehouse import Warehouse
 from support.stages import generate_teacher_traces, segment_traces, store_problems
@@ -215,8 +216,10 @@ def test_an_older_warehouse_file_gains_the_new_columns(tmp_path: Path) -> None:
 def test_hf_teacher_generates_from_a_saved_checkpoint_and_resumes_from_its_journal(
     tmp_path: Path, warehouse_path: Path
 ) -> None:
-    from scaffold_lib.data.llm_teachers import HFTeacher, HFTeacherConfig
-    from scaffold_lib.student.model import StudentConfig, build_embedded_base
+    from scaffold_lib.data.config import HFTeacherConfig
+    from scaffold_lib.data.llm_teachers import HFTeacher
+    from scaffold_lib.student.config import StudentConfig
+    from scaffold_lib.student.model import build_embedded_base
 
     problems = _synthetic(5)
     checkpoint = build_embedded_base(

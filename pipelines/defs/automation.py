@@ -4,7 +4,7 @@ import dagster as dg
 
 from pipelines.defs.common import DATA_GROUP, EXPERIMENT_GROUP, FLEET_GROUP
 from scaffold_lib.core import paths
-from scaffold_lib.data.problems import PROBLEM_SUFFIXES, problem_files
+from scaffold_lib.data.problem_files import PROBLEM_SUFFIXES, problem_files
 
 # the sharded teacher is for partition backfills over a fleet of endpoints (its own job): the other jobs trace
 # every problem in one step through `teacher_traces`

@@ -19,7 +19,7 @@ from pipelines.defs.resources import SecretsResource, StoreResource
 from scaffold_lib import checks
 from scaffold_lib.core.files import DataFileError
 from scaffold_lib.data import stages
-from scaffold_lib.data.endpoint import EndpointConfigError
+from scaffold_lib.data.config import EndpointConfigError
 from scaffold_lib.evaluation.decontamination import decontaminate
 
 # the teacher section too: an imported trace file brings its own problems and gold answers

@@ -19,72 +19,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import openai
-from pydantic import BaseModel, Field, SecretStr
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 from tqdm.auto import tqdm
 
-from scaffold_lib.core.errors import UserError
+from scaffold_lib.data.config import EndpointConfig, EndpointConfigError
+from scaffold_lib.data.trace_formats import split_reasoning
 
 T = TypeVar("T")
-
-
-class EndpointConfig(BaseModel):
-    """Where and how to call the endpoint. The API key is a secret: it comes from the environment variable named by
-    `api_key_env` (or is handed in at run time as `api_key`, e.g. from a Dagster `EnvVar`), is excluded from every
-    dump of this config, and never enters ids, params or logs."""
-
-    base_urls: list[str] = Field(
-        default_factory=list, description="one or more /v1 base URLs; requests are spread over them"
-    )
-    model: str = Field("", description="the model name the endpoint serves")
-    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
-    api_key: SecretStr | None = Field(None, exclude=True, repr=False)
-    concurrency: int = Field(64, ge=1, description="requests in flight at once, over all base URLs")
-    timeout_s: float = Field(600.0, gt=0, description="per request")
-    max_attempts: int = Field(6, ge=1, description="tries per request, the first included")
-    backoff_initial_s: float = Field(1.0, ge=0)
-    backoff_max_s: float = Field(60.0, ge=0)
-    stream: bool = Field(False, description="stream tokens (keeps long generations alive behind proxies)")
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_tokens: int = Field(4096, ge=1)
-    seed: int | None = None
-
-    def require(self, what: str) -> EndpointConfig:
-        """This config, or a clear error when it cannot reach anything."""
-        if not self.base_urls or not self.model:
-            raise EndpointConfigError(
-                f"{what}: set endpoint.base_urls and endpoint.model (e.g. "
-                "base_urls=['http://127.0.0.1:8000/v1'], model='deepseek-ai/DeepSeek-R1-Distill-Qwen-7B')"
-            )
-        return self
-
-    def secret(self) -> str:
-        """The API key: handed in, else from the environment, else "EMPTY" (local servers accept any)."""
-        if self.api_key is not None:
-            return self.api_key.get_secret_value()
-        return os.environ.get(self.api_key_env) or "EMPTY"
-
-    def sampling(self) -> dict[str, Any]:
-        """What decides the output, for content ids: never the URL (any replica serves the same model) nor the key."""
-        return {
-            "model": self.model,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "max_tokens": self.max_tokens,
-            "seed": self.seed,
-        }
-
-
-class EndpointConfigError(UserError):
-    """The endpoint refuses every request (bad key, unknown model, wrong URL): stop instead of failing each one."""
 
 
 class EmptyCompletion(RuntimeError):
@@ -101,21 +48,6 @@ class Completion:
     latency_s: float
     attempts: int
     endpoint: str
-
-
-def split_reasoning(content: str | None, reasoning: str | None = None) -> tuple[str, str]:
-    """(thinking, answer) from a reasoning model's message: the separate field wins, else `<think>` tags, else
-    the content is all answer. An unterminated `<think>` (generation cut by max_tokens) is all thinking."""
-    content = content or ""
-    if reasoning and reasoning.strip():
-        return reasoning.strip(), content.strip()
-    body = content.lstrip()
-    if body.startswith("<think>"):  # string search, not a regex: a trace can be tens of kilobytes
-        end = body.find("</think>")
-        if end < 0:
-            return body[len("<think>") :].strip(), ""
-        return body[len("<think>") : end].strip(), body[end + len("</think>") :].strip()
-    return "", content.strip()
 
 
 def _retry_after_s(exc: BaseException) -> float | None:

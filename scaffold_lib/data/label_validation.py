@@ -19,7 +19,8 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from scaffold_lib.core.ids import content_id
-from scaffold_lib.data.endpoint import EndpointClient, EndpointConfig, EndpointConfigError, error_summary
+from scaffold_lib.data.config import EndpointConfig, EndpointConfigError
+from scaffold_lib.data.endpoint import EndpointClient, error_summary
 from scaffold_lib.data.journal import Journal
 from scaffold_lib.data.signals import FALLBACK, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE, PATTERN, SIGNALS
 

@@ -17,37 +17,14 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import BaseModel, Field, field_validator
 from tqdm.auto import tqdm
 
-from scaffold_lib.data.endpoint import (
-    Completion,
-    EndpointClient,
-    EndpointConfig,
-    EndpointConfigError,
-    error_summary,
-    split_reasoning,
-)
+from scaffold_lib.data.config import EndpointConfig, EndpointConfigError, HFTeacherConfig, PromptConfig
+from scaffold_lib.data.endpoint import Completion, EndpointClient, error_summary
 from scaffold_lib.data.journal import Journal
 from scaffold_lib.data.problems import Gold, Problem
-from scaffold_lib.data.teachers import DEFAULT_PROMPT, TeacherFailure, TeacherResult, Trace, make_trace_id, verify
-
-
-class PromptConfig(BaseModel):
-    system_prompt: str | None = None
-    user_template: str = Field(DEFAULT_PROMPT, description="must contain {question}")
-    samples: int = Field(1, ge=1, description="traces per problem (one request each, so each resumes alone)")
-
-    @field_validator("user_template")
-    @classmethod
-    def _has_question(cls, value: str) -> str:
-        if "{question}" not in value:
-            raise ValueError("user_template must contain the placeholder {question}")
-        return value
-
-    def messages(self, problem: Problem) -> list[dict[str, str]]:
-        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return system + [{"role": "user", "content": self.user_template.replace("{question}", problem.question)}]
+from scaffold_lib.data.teachers import TeacherFailure, TeacherResult, Trace, make_trace_id, verify
+from scaffold_lib.data.trace_formats import split_reasoning
 
 
 def _slug(text: str) -> str:
@@ -196,16 +173,6 @@ class EndpointTeacher(_JournalledTeacher):
             result.traces, result.failures, progress.done, len(kept), time.perf_counter() - started
         )
         return result
-
-
-class HFTeacherConfig(BaseModel):
-    model: str = Field("", description="hub id or local path of a causal LM")
-    batch_size: int = Field(8, ge=1)
-    max_new_tokens: int = Field(1024, ge=1)
-    temperature: float = Field(0.0, ge=0, description="0 = greedy")
-    top_p: float = 1.0
-    device: str = "auto"
-    seed: int = 0
 
 
 class HFTeacher(_JournalledTeacher):

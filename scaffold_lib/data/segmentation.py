@@ -13,35 +13,23 @@ from __future__ import annotations
 import os
 import re
 import threading
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, Field
 
 from scaffold_lib.core.ids import step_id
+from scaffold_lib.data.config import SEGMENTERS, SegmentationConfig
 
 if TYPE_CHECKING:
     import duckdb
 
-Segmenter = Literal["blank_line", "line", "auto"]
-SEGMENTERS: tuple[str, ...] = ("blank_line", "line", "auto")
 
 _BLANK = re.compile(r"\n[ \t\f\v]*(?:\n[ \t\f\v]*)+")
 _LINE = re.compile(r"\n")
 _HAS_BLANK = re.compile(r"\n[ \t\f\v]*\n")
 _OPENERS = ("```", "$$", "\\[")
-
-
-class SegmentationConfig(BaseModel):
-    """How traces are cut into steps: one segmenter for all teachers, or one per teacher identity."""
-
-    segmenter: Segmenter = Field("auto", description="blank_line (the paper, R1-style), line (GSM8K-style), or auto")
-    per_teacher: dict[str, Segmenter] = Field(default_factory=dict, description="teacher identity -> segmenter")
-
-    def for_teacher(self, teacher: str) -> str:
-        return self.per_teacher.get(teacher, self.segmenter)
 
 
 def clean(trace: str) -> str:

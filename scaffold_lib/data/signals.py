@@ -201,10 +201,12 @@ class Label:
     confidence: float
 
 
-class LabellerConfig(BaseModel):
+class KeywordLabellerConfig(BaseModel):
     """The keyword labeller: which keyword table, and the signal of a step no keyword matches (counted as fallback)."""
 
-    keywords_path: str | None = Field(None, description="a TOML keyword table; default: the built-in one")
+    keywords_path: str | None = Field(
+        None, description="a TOML keyword table; default: the built-in one", json_schema_extra={"flag": "keywords"}
+    )
     fallback_signal: str = "reasoning_analysis"
 
     @field_validator("fallback_signal")
@@ -235,7 +237,7 @@ def label_step(step: str, is_final: bool, table: KeywordTable, fallback_signal: 
     return _label(fallback_signal, FALLBACK, None, 0.0)
 
 
-def label_steps(steps: list[str], config: LabellerConfig = LabellerConfig()) -> list[Label]:
+def label_steps(steps: list[str], config: KeywordLabellerConfig = KeywordLabellerConfig()) -> list[Label]:
     table = keyword_table(config.keywords_path)
     last = len(steps) - 1
     return [label_step(s, i == last, table, config.fallback_signal) for i, s in enumerate(steps)]

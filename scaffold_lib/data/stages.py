@@ -16,64 +16,48 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from scaffold_lib.core.errors import RunFailed
 from scaffold_lib.core.ids import content_id
-from scaffold_lib.data.endpoint import TRANSPORT_ERRORS, EndpointConfig
+from scaffold_lib.data.config import LabellerConfig, ProblemsConfig, SegmentationConfig, TeacherConfig
+from scaffold_lib.data.endpoint import TRANSPORT_ERRORS
 from scaffold_lib.data.label_validation import LabelValidator, ValidatorConfig, Verdict, decide
-from scaffold_lib.data.llm_teachers import EndpointTeacher, HFTeacher, HFTeacherConfig, PromptConfig
-from scaffold_lib.data.problems import (
-    OOD_SPLITS,
-    SPLITS,
-    Problem,
-    ProblemsConfig,
-    Quarantined,
-    collect_problems,
-    generate_problems,
-    iter_problem_file,
-    load_reasoning_gym,
-    ood_problems,
-    problem_files,
-    shard_of,
-)
-from scaffold_lib.data.segmentation import SegmentationConfig, segment_batch
+from scaffold_lib.data.llm_teachers import EndpointTeacher, HFTeacher
+from scaffold_lib.data.problem_files import iter_problem_file, problem_files
+from scaffold_lib.data.problems import OOD_SPLITS, SPLITS, Problem, Quarantined, collect_problems, partition_of
+from scaffold_lib.data.reasoning_gym_problems import load_reasoning_gym
+from scaffold_lib.data.segmentation import segment_batch
 from scaffold_lib.data.signals import (
     FALLBACK,
     KEYWORD,
     PATTERN,
     SIGNALS,
-    LabellerConfig,
     LabelStats,
     keyword_table,
     label_column,
 )
+from scaffold_lib.data.synthetic import generate_problems, ood_problems
 from scaffold_lib.data.teacher_routing import PerSourceTeacher
 from scaffold_lib.data.teachers import (
     ProgrammaticTeacher,
-    ProgrammaticTeacherConfig,
     ReferenceTeacher,
     Teacher,
     TeacherResult,
 )
-from scaffold_lib.data.trace_formats import TraceFormat
 from scaffold_lib.data.trace_import import (
     ImportedTeacher,
     TodoProblems,
-    TraceFieldMap,
     TraceSource,
     iter_trace_problems,
     trace_sources,
 )
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.warehouse import ROW_GROUP_ROWS, TRACE_ROW_GROUP_ROWS, WRITE_ROWS
-
-TeacherBackend = Literal["auto", "programmatic", "reference", "openai", "hf", "import"]
 
 
 def in_session(stage):
@@ -326,43 +310,6 @@ def split_overlap(store: Store) -> dict[str, int]:
 # --- teacher traces -------------------------------------------------------------------------------------------------
 
 
-class TeacherConfig(BaseModel):
-    """Which teacher writes the traces, and how."""
-
-    backend: TeacherBackend = Field(
-        "auto",
-        description="auto: per source (programmatic for the built-in problems; for the others the configured "
-        "endpoint or local model, else their worked solutions); programmatic: the built-in teacher of the synthetic "
-        "problems; reference: the worked solutions shipped with the problems; openai: any OpenAI-compatible endpoint; "
-        "hf: a local causal LM; import: an existing trace file or HF dataset",
-    )
-    programmatic: ProgrammaticTeacherConfig = Field(default_factory=ProgrammaticTeacherConfig)
-    prompt: PromptConfig = Field(default_factory=PromptConfig)
-    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
-    hf: HFTeacherConfig = Field(default_factory=HFTeacherConfig)
-    import_source: str = Field(
-        "",
-        description="for backend 'import': a .jsonl/.parquet file or a folder of them, a dataset saved with "
-        "save_to_disk, or an HF dataset name; its problems and gold answers are loaded too when it has them",
-    )
-    import_format: TraceFormat = Field(
-        "auto",
-        description="the shape of the import: openr1 (generations lists), s1k (thinking/attempt columns), columns "
-        "(one trace column), messages (role/content chats), sharegpt (from/value chats), or auto (detected, and said)",
-    )
-    import_fields: TraceFieldMap = Field(default_factory=TraceFieldMap)
-    import_split: str = Field("train", description="the split of a saved or hub dataset to import")
-    splits: list[str] = Field(
-        default_factory=lambda: [*SPLITS, *OOD_SPLITS],
-        description="problems of these splits are traced (held-out traces give golden signals)",
-    )
-    journal_dir: str | None = Field(None, description="completions are journalled here; default <home>/journals")
-    batch_problems: int = Field(
-        10_000, ge=1, description="problems per batch (traces are written as each batch completes; bounds memory)"
-    )
-    progress: bool = True
-
-
 def build_teacher(cfg: TeacherConfig, journal_dir: str | Path, shard: tuple[int, int] | None = None) -> Teacher:
     """The configured teacher; for shard k of n, an endpoint teacher talks to base URL k mod len(base_urls) only, so
     partitions fan out over the servers and each trace names its server."""
@@ -423,7 +370,7 @@ def _teacher_batches(
     """Results batch by batch: a model teacher answers each batch of untraced problems; an importer streams its
     files against all of them (it is driven by its files, not by the problems). `asked` counts the problems."""
     batches = (
-        [p for p in problems if shard is None or shard_of(p.problem_id, shard[1]) == shard[0]]
+        [p for p in problems if shard is None or partition_of(p.problem_id, shard[1]) == shard[0]]
         for problems in _untraced_problems(store, teacher, cfg.splits, cfg.batch_problems)
     )
     if isinstance(teacher, ImportedTeacher):
@@ -632,20 +579,9 @@ def segment_traces(
 # --- signal labels -------------------------------------------------------------------------------------------------
 
 
-class LabellingConfig(LabellerConfig):
-    """The keyword labeller (always), then, with `validate_with_llm`, an LLM through an endpoint that confirms or
-    corrects each keyword label and labels the steps no keyword matched (the paper's second stage)."""
-
-    validate_with_llm: bool = False
-    endpoint: EndpointConfig = Field(default_factory=lambda: EndpointConfig(temperature=0.0, max_tokens=64))
-    max_reasks: int = Field(2, ge=0)
-    structured_output: bool = False
-    progress: bool = True
-
-
 @in_session
 def label_signals(
-    store: Store, cfg: LabellingConfig = LabellingConfig(), run_id: str | None = None, batch_steps: int = WRITE_ROWS
+    store: Store, cfg: LabellerConfig = LabellerConfig(), run_id: str | None = None, batch_steps: int = WRITE_ROWS
 ) -> StageReport:
     """Keyword-label every step without a label under this keyword table and fallback (final step of a trace =
     answer), streamed in batches written as they are labelled; then the LLM stage when configured. A refresh reads

@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from scaffold_lib.data.problems import SYNTHETIC_SOURCE, Problem
+from scaffold_lib.data.problems import Problem
+from scaffold_lib.data.synthetic import SYNTHETIC_SOURCE
 from scaffold_lib.data.teachers import (
     ProgrammaticTeacher,
     ReferenceTeacher,

@@ -16,7 +16,8 @@ from pydantic import BaseModel, Field
 
 from scaffold_lib.core.answers import committed_answer, is_correct
 from scaffold_lib.core.ids import content_id
-from scaffold_lib.data.problems import Gold, ParsedQuestion, Problem, Quarantined, parse_question
+from scaffold_lib.data.problems import Gold, Problem, Quarantined
+from scaffold_lib.data.synthetic import ParsedQuestion, parse_question
 
 DEFAULT_PROMPT = (
     "Solve the problem. Think step by step in short paragraphs separated by blank lines, "

@@ -26,7 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from scaffold_lib.core.answers import boxed_contents, gold_answer, normalise_number
 from scaffold_lib.core.files import text_error
-from scaffold_lib.data.endpoint import split_reasoning
 
 FORMATS = ("openr1", "s1k", "columns", "messages", "sharegpt")  # the order `auto` tries them in
 TraceFormat = Literal["auto", "openr1", "s1k", "columns", "messages", "sharegpt"]
@@ -43,6 +42,21 @@ IGNORED_ROLES = ("system", "tool")
 # Bespoke-Stratos / OpenThoughts wrap the reasoning and the answer in these instead of <think>
 THOUGHT = ("<|begin_of_thought|>", "<|end_of_thought|>")
 SOLUTION = ("<|begin_of_solution|>", "<|end_of_solution|>")
+
+
+def split_reasoning(content: str | None, reasoning: str | None = None) -> tuple[str, str]:
+    """(thinking, answer) from a reasoning model's message: the separate field wins, else `<think>` tags, else
+    the content is all answer. An unterminated `<think>` (generation cut by max_tokens) is all thinking."""
+    content = content or ""
+    if reasoning and reasoning.strip():
+        return reasoning.strip(), content.strip()
+    body = content.lstrip()
+    if body.startswith("<think>"):  # string search, not a regex: a trace can be tens of kilobytes
+        end = body.find("</think>")
+        if end < 0:
+            return body[len("<think>") :].strip(), ""
+        return body[len("<think>") : end].strip(), body[end + len("</think>") :].strip()
+    return "", content.strip()
 
 
 class TraceFieldMap(BaseModel):

@@ -18,51 +18,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
 from transformers import PreTrainedTokenizerBase
 
 from scaffold_lib.core.answers import extract_number
 from scaffold_lib.data.signals import ANSWER_SIGNAL, CONCLUSION_SIGNAL, SIGNAL_INDEX, SIGNALS
+from scaffold_lib.evaluation.config import DecodeConfig
 from scaffold_lib.student.examples import STEP_SEPARATOR, Formatter, signal_tags
 from scaffold_lib.student.model import NO_SIGNAL, ScaffoldStudent
 
 Variant = Literal["predicted", "golden", "random", "summaries_only"]
 STEP_SIGNALS = [s for s in SIGNALS if s != ANSWER_SIGNAL]
-
-
-BUDGET_SLACK = 1.25  # decoding caps are the training data's 99th percentiles with this much room
-
-
-class DecodeConfig(BaseModel):
-    """Scaffolded decoding. The token caps default to the training data's distribution (99th percentile of a step,
-    an answer step and a whole reply, with 25 % room), and the baseline gets the same total budget."""
-
-    tau: float = Field(0.96, ge=0.0, le=1.0, description="confidence needed to write another step (paper: 0.96)")
-    max_steps: int | None = Field(None, ge=0, description="steps before the answer is forced; default: from the data")
-    max_step_tokens: int | None = Field(None, ge=1, description="default: from the training data")
-    max_answer_tokens: int | None = Field(None, ge=1, description="default: from the training data")
-    max_tokens: int | None = Field(
-        None, ge=1, description="new tokens over the whole generation, both arms; default: from the training data"
-    )
-    seed: int = 0
-
-    def resolved(self, budget: dict[str, int] | None) -> DecodeConfig:
-        """Caps left unset are filled from the training data's token budget (see `ShardsHandle.budget`)."""
-        budget = budget or {}
-
-        def cap(value: int | None, key: str, fallback: int) -> int:
-            if value is not None:
-                return value
-            return max(1, int(budget[key] * BUDGET_SLACK + 0.999)) if budget.get(key) else fallback
-
-        return self.model_copy(
-            update={
-                "max_steps": cap(self.max_steps, "steps_p99", 16),
-                "max_step_tokens": cap(self.max_step_tokens, "step_tokens_p99", 64),
-                "max_answer_tokens": cap(self.max_answer_tokens, "answer_tokens_p99", 64),
-                "max_tokens": cap(self.max_tokens, "reply_tokens_p99", 512),
-            }
-        )
 
 
 @dataclass

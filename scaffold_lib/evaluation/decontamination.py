@@ -11,34 +11,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, Field
 
 from scaffold_lib.core.ids import content_id
 from scaffold_lib.data.stages import StageReport
+from scaffold_lib.evaluation.config import DecontaminationConfig
 from scaffold_lib.evaluation.suites import SUITES, SuiteDataError, from_warehouse, get_suite
 from scaffold_lib.store.store import Store
 
 _WORD = re.compile(r"\w+")
-
-
-class DecontaminationConfig(BaseModel):
-    """Which benchmark suites training problems are checked against, and what happens to an overlap."""
-
-    suites: list[str] | None = Field(None, description="default: every benchmark suite whose file is present")
-    ngram: int = Field(8, ge=3, description="words in a shared n-gram (lm-eval: 13, open-r1: 8)")
-    action: Literal["exclude", "report"] = Field(
-        "exclude",
-        description="exclude: overlapping problems are not "
-        "trained on; report: trained on, and promotion "
-        "on that suite is blocked",
-    )
-    splits: list[str] = Field(
-        default_factory=lambda: ["train", "validation"],
-        description="problems of these splits are checked (what trains or tunes the model)",
-    )
-    suites_dir: str | None = Field(None, description="default <home>/benchmarks")
 
 
 def ngrams(text: str, n: int) -> set[str]:

@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 
-from scaffold_lib.data.problems import parse_question
+from scaffold_lib.data.synthetic import parse_question
 
 CATEGORIES = ("no_answer", "used_distractor", "arithmetic_slip", "stopped_early", "wrong_operation", "other")
 _EQUATION = re.compile(r"(-?\d+)\s*([-+*/×x÷])\s*(\d+)\s*=\s*(-?\d+)")

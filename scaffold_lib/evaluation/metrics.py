@@ -16,53 +16,23 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from scaffold_lib.core import answers
 from scaffold_lib.core.ids import content_id
 from scaffold_lib.data.signals import CONCLUSION_SIGNAL, keyword_table, label_step
-from scaffold_lib.evaluation.decoding import DecodeConfig, Generation, ScaffoldDecoder, plain_generate_batch
+from scaffold_lib.evaluation.config import SCAFFOLD_VARIANTS, DecodeConfig, EvalConfig
+from scaffold_lib.evaluation.decoding import Generation, ScaffoldDecoder, plain_generate_batch
 from scaffold_lib.evaluation.stats import item_comparison
 from scaffold_lib.evaluation.suites import HELDOUT, EvalItem, Suite, from_warehouse, get_suite
 from scaffold_lib.student.examples import Formatter
 from scaffold_lib.student.model import ScaffoldStudent, input_signal_ids
 
-SCAFFOLD_VARIANTS = ("predicted", "golden", "random", "summaries_only")
 BASELINE_VARIANT = "cot_sft"
 BASE_VARIANT = "base"  # the untuned backbone, plain generation
 TABLE_ROWS = (BASE_VARIANT, BASELINE_VARIANT, "golden", "predicted", "random", "summaries_only")
-
-
-class EvalConfig(BaseModel):
-    """What is evaluated and how: suites, which split of the warehouse's held-out problems, variants, decoding."""
-
-    suites: list[str] = Field(
-        default_factory=lambda: [HELDOUT],
-        description="heldout (the warehouse's held-out "
-        "problems) and/or gsm8k, math500, strategyqa, csqa, truthfulqa_mc1 (files)",
-    )
-    split: Literal["validation", "test"] = Field(
-        "test", description="the held-out split scored as `heldout`: tune on validation, report test once"
-    )
-    variants: list[str] = Field(default_factory=lambda: list(SCAFFOLD_VARIANTS))
-    decode: DecodeConfig = Field(default_factory=DecodeConfig)
-    limit: int | None = Field(None, ge=1, description="evaluate on the first N items of each suite only")
-    batch_size: int = Field(32, ge=1, description="questions decoded together")
-    include_base: bool = Field(True, description="also score the untuned backbone (the table's first row)")
-    export_samples: bool = Field(True, description="write per-sample answers (lm-evaluation-harness style JSONL)")
-    suites_dir: str | None = Field(None, description="where suite files are looked for; default <home>/benchmarks")
-    suite_files: dict[str, str] = Field(
-        default_factory=dict,
-        description="suite -> its data file (JSONL/JSON/Parquet in the public format), e.g. {gsm8k = 'my.jsonl'}; "
-        "a suite not named here is read from suites_dir under its public file name",
-    )
-    lenient: bool = Field(
-        True, description="quarantine a suite file's bad rows (file, line, field) instead of refusing the file"
-    )
 
 
 def serving_decode(cfg: EvalConfig, budget: dict[str, int] | None) -> dict:

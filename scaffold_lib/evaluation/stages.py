@@ -14,11 +14,11 @@ from pydantic import BaseModel, Field
 
 from scaffold_lib.core import paths
 from scaffold_lib.core.ids import content_id
-from scaffold_lib.data.stages import quarantine_rows
+from scaffold_lib.data.problems import quarantine_rows
+from scaffold_lib.evaluation.config import EvalConfig, PromotionConfig
 from scaffold_lib.evaluation.decontamination import suite_contamination
 from scaffold_lib.evaluation.metrics import (
     BASE_VARIANT,
-    EvalConfig,
     SampleRecord,
     ScoreRow,
     comparison_table_markdown,
@@ -311,14 +311,6 @@ def _store_scores(
 
 
 # --- promotion -----------------------------------------------------------------------------------------------------
-
-
-class PromotionConfig(BaseModel):
-    """When a challenger takes the `champion` alias."""
-
-    margin: float = Field(0.0, description="Pass@1 a challenger must add over the champion")
-    suite: str = Field(HELDOUT, description="the suite whose score decides")
-    variant: str = Field("predicted", description="the variant whose score decides")
 
 
 def promote_challenger(

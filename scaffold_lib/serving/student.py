@@ -75,7 +75,7 @@ class ScaffoldStudentModel(mlflow.pyfunc.PythonModel):
 
         import torch
 
-        from scaffold_lib.evaluation.decoding import DecodeConfig
+        from scaffold_lib.evaluation.config import DecodeConfig
         from scaffold_lib.evaluation.stages import load_for_eval
 
         torch.set_num_threads(serving_threads())

@@ -22,9 +22,9 @@ from pydantic import BaseModel
 
 from scaffold_lib.core.devices import pick_device
 from scaffold_lib.store.warehouse import Warehouse
-from scaffold_lib.student.model import SignalInjection
+from scaffold_lib.student.config import SignalInjection, TrainConfig
 from scaffold_lib.student.stages import fit_student
-from scaffold_lib.student.training import TrainConfig, init_distributed
+from scaffold_lib.student.training import init_distributed
 
 
 class LaunchJob(BaseModel):

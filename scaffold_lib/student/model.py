@@ -19,49 +19,20 @@ import json
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from scaffold_lib.core.errors import UserError
 from scaffold_lib.data.signals import NUM_SIGNALS, SIGNALS
+from scaffold_lib.student.config import SignalInjection, StudentConfig
 
-EMBEDDED = "embedded"
 HEADS_FILE = "scaffold_heads.safetensors"
 SCAFFOLD_CONFIG = "scaffold.json"
 NO_SIGNAL = -1  # signal id of tokens outside any step (the question, padding)
 EOS_TOKEN = "<|endoftext|>"
-SignalInjection = Literal["output", "input", "both", "none"]
-
-
-class StudentConfig(BaseModel):
-    """Which backbone the student starts from: "embedded" (a tiny Qwen2 built from these sizes with a tokenizer
-    trained on the traces), a hub id or a local model directory (`scaffold import-model` makes one from a GGUF)."""
-
-    base_model: str = EMBEDDED
-    # sizes of the embedded default (about 2 M parameters)
-    vocab_size: int = Field(768, ge=260)
-    hidden_size: int = 192
-    intermediate_size: int = 512
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 6
-    num_key_value_heads: int = 2
-    max_position_embeddings: int = 1024
-    seed: int = 0
-    signal_injection: SignalInjection = Field(
-        "output",
-        description="where the scaffold student adds its signal embedding: output (the last hidden state before the "
-        "LM head), input (the input embedding of every token of the step), both, or none (the tag token only)",
-    )
-    chat_template: bool | None = Field(
-        None,
-        description="wrap the question in the tokenizer's chat template; "
-        "default: when the backbone is a pretrained model that has one",
-    )
 
 
 class StudentLoadError(UserError):

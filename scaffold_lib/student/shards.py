@@ -12,26 +12,18 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, Field
 
 from scaffold_lib.core.ids import content_id
+from scaffold_lib.student.config import PackConfig
 from scaffold_lib.student.examples import Example
 from scaffold_lib.student.model import NO_SIGNAL
 from scaffold_lib.student.packing import pack_bfd
-
-
-class PackConfig(BaseModel):
-    row_len: int = Field(512, ge=8)
-    rows_per_shard: int = Field(256, ge=1)
-    too_long: Literal["split", "drop"] = "split"
-    seed: int = 0
 
 
 @dataclass

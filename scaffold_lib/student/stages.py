@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import duckdb
 import numpy as np
@@ -32,6 +31,7 @@ from scaffold_lib.core.ids import content_id
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.warehouse import Warehouse
 from scaffold_lib.student.backbones import local_backbone
+from scaffold_lib.student.config import EMBEDDED, ShardsConfig, SignalInjection, StudentConfig, TrainConfig
 from scaffold_lib.student.examples import (
     FORMAT_FILE,
     STEP_SEPARATOR,
@@ -42,41 +42,20 @@ from scaffold_lib.student.examples import (
     training_corpus,
 )
 from scaffold_lib.student.model import (
-    EMBEDDED,
     ScaffoldStudent,
-    SignalInjection,
-    StudentConfig,
     build_embedded_base,
     load_tokenizer,
     prepare_pretrained_base,
     tokenizer_hash,
 )
-from scaffold_lib.student.shards import PackConfig, load_rows, pack_rows, write_shards
-from scaffold_lib.student.training import TrainConfig, TrainResult, full_model_state, init_distributed, train
+from scaffold_lib.student.shards import load_rows, pack_rows, write_shards
+from scaffold_lib.student.training import TrainResult, full_model_state, init_distributed, train
 
 KINDS = ("scaffold", "baseline")
 # a registered student is served by this "model from code" file (named, not imported: serving sits above this layer)
 SERVING_MODEL_CODE = Path(__file__).resolve().parent.parent / "serving" / "pyfunc_model.py"
 SERVING_DECODE = "decode.json"  # decoding settings a served student uses (read by scaffold_lib.serving.student)
 BASELINE_SUFFIX = "-baseline"  # the CoT-SFT baseline is registered as <model name>-baseline
-
-
-class ShardsConfig(BaseModel):
-    """How training traces become packed Parquet shards."""
-
-    pack: PackConfig = Field(default_factory=PackConfig)
-    include_incorrect: bool = Field(False, description="train on traces whose answer is wrong too")
-    storage_url: str | None = Field(
-        None,
-        description="where shards go: a folder or an fsspec URL (s3://bucket/"
-        "shards, with s3fs installed); default <artifacts>/shards",
-    )
-    min_fill: float = Field(0.99, ge=0, le=1, description="the blocking fill check's threshold")
-    wrong_arithmetic: Literal["mask", "exclude", "keep"] = Field(
-        "mask",
-        description="a step stating a wrong calculation (a teacher's slip, e.g. '5 + 3 = 9') is no training target "
-        "(mask), its trace is left out (exclude), or it is trained on like any step (keep)",
-    )
 
 
 class ShardsHandle(BaseModel):

@@ -14,7 +14,7 @@ import dagster as dg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scaffold_lib.data.problems import FieldMap, ProblemFileError, load_problem_file
+from scaffold_lib.data.problem_files import FieldMap, ProblemFileError, load_problem_file
 from scaffold_lib.data.segmentation import segment
 from scaffold_lib.data.signals import SIGNALS, KeywordFileError, KeywordTable, label_steps
 from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap
@@ -73,7 +73,7 @@ def test_segmentation_and_labelling_never_raise_on_any_string(text: str) -> None
 
 def test_huge_nul_and_whitespace_traces_are_segmented_or_quarantined_not_crashed(tmp_path: Path) -> None:
     wh = Warehouse(tmp_path / "wh.duckdb")
-    from scaffold_lib.data.problems import GeneratorConfig, generate_problems
+    from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 
     problems = generate_problems(GeneratorConfig(n_problems=4, seed=1))
     store_problems(wh, problems)

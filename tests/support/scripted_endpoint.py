@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from scaffold_lib.data.problems import parse_question
+from scaffold_lib.data.synthetic import parse_question
 from scaffold_lib.data.teachers import ProgrammaticTeacherConfig, write_trace
 
 FAULT_KINDS = ("rate_limit", "server_error", "slow", "drop", "malformed_json", "empty_content")
