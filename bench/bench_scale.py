@@ -113,8 +113,11 @@ DATA_STAGES = ("problems", "import", "segment", "label")
 def driver(home: Path, work: Path, refresh: bool, pack: bool) -> dict:
     """One pass of the data stages and the pack stage through the library at hand (this repository or the
     baseline's); prints a JSON line of timings."""
-    from scaffold_lib.data import stages
-    from scaffold_lib.data.config import ProblemsConfig
+    from scaffold_lib.data.collect import build_problems
+    from scaffold_lib.data.config import ProblemsConfig, TeacherConfig
+    from scaffold_lib.data.label import label_signals
+    from scaffold_lib.data.segment import segment_traces
+    from scaffold_lib.data.trace import write_traces
     from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap
     from scaffold_lib.store.store import Store
 
@@ -137,11 +140,11 @@ def driver(home: Path, work: Path, refresh: bool, pack: bool) -> dict:
 
     # every problem in train: the pack stage then packs every trace
     problems = ProblemsConfig(source="files", files=files, split={"validation_fraction": 0, "test_fraction": 0})
-    timed("problems", lambda: stages.build_problems(store, problems))
+    timed("problems", lambda: build_problems(store, problems))
     teacher = ImportedTeacher(str(dump), TraceFieldMap(question="problem", thinking="generation"))
-    timed("import", lambda: stages.write_traces(store, stages.TeacherConfig(), teacher=teacher))
-    timed("segment", lambda: stages.segment_traces(store))
-    timed("label", lambda: stages.label_signals(store))
+    timed("import", lambda: write_traces(store, TeacherConfig(), teacher=teacher))
+    timed("segment", lambda: segment_traces(store))
+    timed("label", lambda: label_signals(store))
     if pack:  # torch and transformers are imported for packing only: a --no-pack run's peak is the data stages'
         from scaffold_lib.student.config import PackConfig, ShardsConfig, StudentConfig
         from scaffold_lib.student.stages import pack_shards

@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from scaffold_lib.data.collect import split_overlap
+from scaffold_lib.data.label import label_statistics
 from scaffold_lib.data.signals import SIGNALS
-from scaffold_lib.data.stages import label_statistics, split_overlap
 from scaffold_lib.evaluation.stages import EvaluationHandle
 from scaffold_lib.store.store import Store
 from scaffold_lib.student.stages import ModelHandle, ShardsHandle

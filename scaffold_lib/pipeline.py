@@ -11,11 +11,14 @@ from dataclasses import dataclass, field
 from scaffold_lib import checks
 from scaffold_lib.config import PipelineConfig
 from scaffold_lib.core.errors import RunFailed
-from scaffold_lib.data import stages as data_stages
+from scaffold_lib.data.collect import build_problems
+from scaffold_lib.data.label import label_signals
+from scaffold_lib.data.segment import segment_traces
+from scaffold_lib.data.trace import write_traces
 from scaffold_lib.evaluation.decontamination import decontaminate
 from scaffold_lib.evaluation.metrics import serving_decode
 from scaffold_lib.evaluation.stages import EvaluationHandle, evaluate_models, promote_challenger
-from scaffold_lib.store.handles import save_handle
+from scaffold_lib.store.handles import StageReport, save_handle
 from scaffold_lib.store.registry import PromotionOutcome
 from scaffold_lib.store.store import Store
 from scaffold_lib.student.stages import ModelHandle, ShardsHandle, pack_shards, train_model
@@ -28,7 +31,7 @@ class GateFailed(RunFailed):
 @dataclass
 class PipelineResult:
     run_id: str
-    reports: dict[str, data_stages.StageReport] = field(default_factory=dict)
+    reports: dict[str, StageReport] = field(default_factory=dict)
     checks: list[checks.Check] = field(default_factory=list)
     shards: ShardsHandle | None = None
     student: ModelHandle | None = None
@@ -45,11 +48,11 @@ def run_data_stages(
     store: Store, cfg: PipelineConfig, run_id: str, result: PipelineResult, log: Callable[[str], None] = print
 ) -> None:
     steps = (
-        ("problems", lambda: data_stages.build_problems(store, cfg.problems, run_id, cfg.teacher)),
+        ("problems", lambda: build_problems(store, cfg.problems, run_id, cfg.teacher)),
         ("decontamination", lambda: decontaminate(store, cfg.decontamination, run_id)),
-        ("teacher_traces", lambda: data_stages.write_traces(store, cfg.teacher, run_id)),
-        ("segmented_steps", lambda: data_stages.segment_traces(store, cfg.segmentation, run_id)),
-        ("signal_labels", lambda: data_stages.label_signals(store, cfg.labeller, run_id)),
+        ("teacher_traces", lambda: write_traces(store, cfg.teacher, run_id)),
+        ("segmented_steps", lambda: segment_traces(store, cfg.segmentation, run_id)),
+        ("signal_labels", lambda: label_signals(store, cfg.labeller, run_id)),
     )
     gates = {
         "problems": [checks.problems_without_quarantine, checks.splits_disjoint_by_group],

@@ -15,11 +15,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from scaffold_lib.core.errors import StageFailed
 from scaffold_lib.data.config import EndpointConfig, EndpointConfigError, PromptConfig
+from scaffold_lib.data.label import label_statistics, validate_signal_labels
 from scaffold_lib.data.label_validation import LabelValidator, ValidatorConfig
 from scaffold_lib.data.llm_teachers import EndpointTeacher
 from scaffold_lib.data.signals import FALLBACK, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE, PATTERN
-from scaffold_lib.data.stages import StageFailed, label_statistics, validate_signal_labels
 from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.store.warehouse import Warehouse
 from support.scripted_endpoint import FaultPlan, Reply, ScriptedEndpoint, prompt_key

@@ -16,9 +16,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from scaffold_lib.config import load_preset
+from scaffold_lib.core.errors import StageFailed
 from scaffold_lib.data.segmentation import segment
 from scaffold_lib.data.signals import label_steps
-from scaffold_lib.data.stages import StageFailed
 from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.data.teachers import ProgrammaticTeacher
 from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap

@@ -9,12 +9,12 @@ import sys
 import pyarrow as pa
 import pytest
 
-from scaffold_lib.core.errors import UserError
+from scaffold_lib.core.errors import StageFailed, UserError
+from scaffold_lib.data.label import signal_distribution_markdown
 from scaffold_lib.data.problem_files import load_problem_file
 from scaffold_lib.data.problems import Problem, make_problem_id
 from scaffold_lib.data.segmentation import segment
 from scaffold_lib.data.signals import SIGNALS
-from scaffold_lib.data.stages import StageFailed, signal_distribution_markdown
 from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.data.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig
 from scaffold_lib.store.warehouse import Warehouse
@@ -363,7 +363,7 @@ def test_text_compression_is_a_setting(tmp_path, monkeypatch, setting):
 
 
 def test_behind_writer_writes_in_order_and_surfaces_a_failed_write():
-    from scaffold_lib.data.stages import BehindWriter
+    from scaffold_lib.store.writing import BehindWriter
 
     done = []
     with BehindWriter() as writer:

@@ -13,11 +13,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from scaffold_lib.data import stages
-from scaffold_lib.data.config import LabellerConfig, ProblemsConfig
+from scaffold_lib.data import collect
+from scaffold_lib.data.collect import build_problems
+from scaffold_lib.data.config import LabellerConfig, ProblemsConfig, TeacherConfig
+from scaffold_lib.data.label import label_signals
 from scaffold_lib.data.problems import Gold, Problem
+from scaffold_lib.data.segment import segment_traces, trace_start
 from scaffold_lib.data.signals import ANSWER_SIGNAL, SIGNALS
 from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
+from scaffold_lib.data.trace import IMPORT_BATCH, write_traces
 from scaffold_lib.data.trace_import import ImportedTeacher, TodoProblems, TraceFieldMap
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.warehouse import ROW_GROUP_ROWS, Warehouse
@@ -33,10 +37,10 @@ TABLES = {"segmented_steps": "step_id", "signal_labels": "step_id", "teacher_tra
 
 def _data(store: Store, n: int, seed: int, batch: int | None = None) -> None:
     store_problems(store.warehouse, generate_problems(GeneratorConfig(n_problems=n, seed=seed)))
-    cfg = stages.TeacherConfig(splits=list(ALL_SPLITS), **({"batch_problems": batch} if batch else {}))
-    stages.write_traces(store, cfg)
-    stages.segment_traces(store, **({"batch_traces": batch, "write_rows": batch * 4} if batch else {}))
-    stages.label_signals(store, **({"batch_steps": batch * 3} if batch else {}))
+    cfg = TeacherConfig(splits=list(ALL_SPLITS), **({"batch_problems": batch} if batch else {}))
+    write_traces(store, cfg)
+    segment_traces(store, **({"batch_traces": batch, "write_rows": batch * 4} if batch else {}))
+    label_signals(store, **({"batch_steps": batch * 3} if batch else {}))
 
 
 def _rows(store: Store, table: str, key: str) -> list[tuple]:
@@ -61,9 +65,9 @@ def test_a_refresh_reads_only_new_problems_and_traces(tmp_path):
     store = Store.at(tmp_path)
     _data(store, 30, seed=1)
     before = store.warehouse.counts()
-    report = stages.write_traces(store, stages.TeacherConfig(splits=list(ALL_SPLITS), batch_problems=4))
+    report = write_traces(store, TeacherConfig(splits=list(ALL_SPLITS), batch_problems=4))
     assert report.new_rows == 0 and report.details["asked"] == 0 and report.details["skipped_existing"] == 30
-    assert stages.segment_traces(store).new_rows == 0 and stages.label_signals(store).new_rows == 0
+    assert segment_traces(store).new_rows == 0 and label_signals(store).new_rows == 0
     _data(store, 5, seed=99)
     after = store.warehouse.counts()
     assert after["problems"] == before["problems"] + 5
@@ -77,7 +81,7 @@ def test_a_changed_keyword_table_relabels_every_step_and_an_unchanged_one_nothin
     _data(store, 20, seed=4)
     wh = store.warehouse
     steps = wh.scalar("SELECT count(*) FROM segmented_steps")
-    assert stages.label_signals(store).new_rows == 0
+    assert label_signals(store).new_rows == 0
     # the most used keyword, moved to another signal by a custom table
     keyword, signal = wh.query(
         "SELECT keyword, signal FROM signal_labels WHERE labeller = 'keyword' GROUP BY ALL ORDER BY count(*) DESC LIMIT 1"
@@ -86,13 +90,13 @@ def test_a_changed_keyword_table_relabels_every_step_and_an_unchanged_one_nothin
     custom = tmp_path / "keywords.toml"
     custom.write_text(f'[{other}]\nkeywords = ["{keyword}"]\n')
     cfg = LabellerConfig(keywords_path=str(custom))
-    assert stages.label_signals(store, cfg).new_rows == steps  # every step labelled again, under the new table
+    assert label_signals(store, cfg).new_rows == steps  # every step labelled again, under the new table
     assert wh.scalar("SELECT count(*) FROM signal_labels") == steps
     moved = wh.query("SELECT DISTINCT signal FROM signal_labels WHERE keyword = ? AND labeller = 'keyword'", [keyword])
     assert [r["signal"] for r in moved] == [other]
-    assert stages.label_signals(store, cfg).new_rows == 0
+    assert label_signals(store, cfg).new_rows == 0
     # back to the built-in table: relabelled once more, as before
-    assert stages.label_signals(store).new_rows == steps
+    assert label_signals(store).new_rows == steps
     back = wh.query("SELECT DISTINCT signal FROM signal_labels WHERE keyword = ? AND labeller = 'keyword'", [keyword])
     assert [r["signal"] for r in back] == [signal]
 
@@ -105,15 +109,15 @@ def test_problem_files_are_read_once_unless_they_change(tmp_path):
         path, orient="records", lines=True
     )
     cfg = ProblemsConfig(source="files", files=[str(path)])
-    first = stages.build_problems(store, cfg)
+    first = build_problems(store, cfg)
     assert first.new_rows == 4 and first.details["files_loaded"] == 1
-    again = stages.build_problems(store, cfg)
+    again = build_problems(store, cfg)
     assert again.new_rows == 0 and again.details["files_loaded"] == 0  # unchanged: not read
     pd.DataFrame([{"question": p.question, "answer": p.answer} for p in problems]).to_json(
         path, orient="records", lines=True
     )
     os.utime(path, ns=(1, 1))  # a new size and mtime: the file is read again
-    changed = stages.build_problems(store, cfg)
+    changed = build_problems(store, cfg)
     assert changed.new_rows == 2 and changed.details["files_loaded"] == 1
 
 
@@ -127,10 +131,10 @@ def test_a_problem_file_streams_in_batches_that_write_what_one_batch_would(tmp_p
     path = tmp_path / "problems.jsonl"
     pd.DataFrame(rows).to_json(path, orient="records", lines=True)
     cfg = ProblemsConfig(source="files", files=[str(path)], lenient=True)
-    whole = stages.build_problems(Store.at(tmp_path / "whole"), cfg)
-    monkeypatch.setattr(stages, "PROBLEM_BATCH", 3)
+    whole = build_problems(Store.at(tmp_path / "whole"), cfg)
+    monkeypatch.setattr(collect, "PROBLEM_BATCH", 3)
     batched_store = Store.at(tmp_path / "batched")
-    batched = stages.build_problems(batched_store, cfg)
+    batched = build_problems(batched_store, cfg)
     assert whole.new_rows == batched.new_rows == 8 and whole.total_rows == batched.total_rows == 8
     assert whole.details["quarantined"] == batched.details["quarantined"] == 1
     columns = "problem_id, source, split, question, answer, answer_type, group_id"
@@ -174,20 +178,20 @@ def test_trace_import_writes_traces_in_row_groups_of_its_batches(tmp_path):
     """The importer's session writes each batch of `IMPORT_BATCH` traces as its own row group, straight into the file
     (DuckDB's default row group would hold 120 times as many, through the write-ahead log)."""
     store = Store.at(tmp_path)
-    n = stages.IMPORT_BATCH + 50
+    n = IMPORT_BATCH + 50
     rows = [{"question": f"How many apples does shop {i} hold?", "answer": str(i)} for i in range(n)]
     pd.DataFrame(rows).to_parquet(tmp_path / "problems.parquet")
-    stages.build_problems(store, ProblemsConfig(source="files", files=[str(tmp_path / "problems.parquet")]))
+    build_problems(store, ProblemsConfig(source="files", files=[str(tmp_path / "problems.parquet")]))
     traces = [{"problem": r["question"], "generation": f"So it is {r['answer']}.\n\n{r['answer']}"} for r in rows]
     pd.DataFrame(traces).to_parquet(tmp_path / "traces.parquet")
-    cfg = stages.TeacherConfig(splits=list(ALL_SPLITS))
-    report = stages.write_traces(store, cfg, teacher=ImportedTeacher(str(tmp_path / "traces.parquet"), TraceFieldMap()))
+    cfg = TeacherConfig(splits=list(ALL_SPLITS))
+    report = write_traces(store, cfg, teacher=ImportedTeacher(str(tmp_path / "traces.parquet"), TraceFieldMap()))
     assert report.new_rows == n
     sizes = store.warehouse.query(
         "SELECT row_group_id, max(count) AS n FROM pragma_storage_info('teacher_traces') WHERE column_name = 'trace_id' "
         "GROUP BY row_group_id ORDER BY row_group_id"
     )
-    assert [r["n"] for r in sizes] == [stages.IMPORT_BATCH, 50]
+    assert [r["n"] for r in sizes] == [IMPORT_BATCH, 50]
 
 
 def _pretrained_like_base(tmp_path: Path) -> StudentConfig:
@@ -306,7 +310,7 @@ def test_training_traces_stream_in_windows_of_whole_traces(tmp_path):
 
 def test_a_write_of_steps_ends_where_a_trace_starts():
     idx = pa.chunked_array([[0, 1, 2], [0, 1, 0]])  # traces of 3, 2 and 1 steps over two chunks
-    assert [stages.trace_start(idx, at) for at in range(7)] == [0, 3, 3, 3, 5, 5, 6]
+    assert [trace_start(idx, at) for at in range(7)] == [0, 3, 3, 3, 5, 5, 6]
 
 
 def test_segmentation_writes_whole_traces_when_a_row_group_cuts_one(tmp_path, monkeypatch):
@@ -317,14 +321,14 @@ def test_segmentation_writes_whole_traces_when_a_row_group_cuts_one(tmp_path, mo
     assert ROW_GROUP_ROWS % steps_per_trace
     rows = [{"question": f"How many apples does shop {i} hold?", "answer": str(i)} for i in range(n)]
     pd.DataFrame(rows).to_parquet(tmp_path / "problems.parquet")
-    stages.build_problems(store, ProblemsConfig(source="files", files=[str(tmp_path / "problems.parquet")]))
+    build_problems(store, ProblemsConfig(source="files", files=[str(tmp_path / "problems.parquet")]))
     text = "\n\n".join(f"Then shop {{i}} gets {j} more apples." for j in range(steps_per_trace - 1))
     traces = [
         {"problem": r["question"], "generation": text.format(i=i) + f"\n\n{r['answer']}"} for i, r in enumerate(rows)
     ]
     pd.DataFrame(traces).to_parquet(tmp_path / "traces.parquet")
-    cfg = stages.TeacherConfig(splits=list(ALL_SPLITS))
-    stages.write_traces(store, cfg, teacher=ImportedTeacher(str(tmp_path / "traces.parquet"), TraceFieldMap()))
+    cfg = TeacherConfig(splits=list(ALL_SPLITS))
+    write_traces(store, cfg, teacher=ImportedTeacher(str(tmp_path / "traces.parquet"), TraceFieldMap()))
     writes: list[pa.Table] = []
     append = Warehouse.append
 
@@ -334,7 +338,7 @@ def test_segmentation_writes_whole_traces_when_a_row_group_cuts_one(tmp_path, mo
         return append(self, table, rows, dagster_run_id)
 
     monkeypatch.setattr(Warehouse, "append", recording)
-    report = stages.segment_traces(store, batch_traces=500, write_rows=ROW_GROUP_ROWS)
+    report = segment_traces(store, batch_traces=500, write_rows=ROW_GROUP_ROWS)
     assert report.new_rows == n * steps_per_trace
     assert [w.num_rows for w in writes] == [
         ROW_GROUP_ROWS + steps_per_trace - ROW_GROUP_ROWS % steps_per_trace,
@@ -364,7 +368,7 @@ def test_labelling_restores_steps_left_unlabelled_anywhere_with_the_same_labels(
         "WHERE s.idx = (SELECT max(idx) FROM segmented_steps t WHERE t.trace_id = s.trace_id)"
     )
     assert removed > 20 and finals > 0
-    assert stages.label_signals(store).new_rows == removed
+    assert label_signals(store).new_rows == removed
     assert _rows(store, "signal_labels", "step_id") == full
 
 

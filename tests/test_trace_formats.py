@@ -13,15 +13,17 @@ import pandas as pd
 import pytest
 
 from scaffold_lib.cli import main
-from scaffold_lib.core.errors import UserError
+from scaffold_lib.core.errors import StageFailed, UserError
 from scaffold_lib.core.ids import content_id
-from scaffold_lib.data import stages
+from scaffold_lib.data.collect import build_problems
 from scaffold_lib.data.config import EndpointConfig
 from scaffold_lib.data.llm_teachers import EndpointTeacher
 from scaffold_lib.data.problems import SPLITS, Problem, SplitConfig, normalise_question, split_of
 from scaffold_lib.data.teacher_routing import PerSourceTeacher
+from scaffold_lib.data.trace import build_teacher, write_traces
 from scaffold_lib.data.trace_formats import TraceFieldMap, detect, resolve_columns, trace_gold
 from scaffold_lib.data.trace_import import trace_sources
+from scaffold_lib.store.data_tables import PROBLEM_COLUMNS
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.warehouse import Warehouse
 from support.dagster_kit import definitions, failures, metadata, micro, new_instance, resources, run_config
@@ -356,8 +358,8 @@ def test_auto_routes_each_source_to_its_teacher(tmp_path: Path) -> None:
     plain = tmp_path / "plain.jsonl"
     plain.write_text(json.dumps({"question": "What is 6 times 7?", "answer": "42"}))
     cfg = micro(problems={"files": [str(gsm8k)], "synthetic": {"n_problems": 5}})
-    stages.build_problems(store, cfg.problems)
-    report = stages.write_traces(store, cfg.teacher)
+    build_problems(store, cfg.problems)
+    report = write_traces(store, cfg.teacher)
     builtin = store.warehouse.scalar("SELECT count(*) FROM problems WHERE source = 'synthetic-arith'")  # OOD too
     assert report.details["teacher"] == "auto" and builtin >= 5
     assert report.details["teacher_by_source"] == (
@@ -366,14 +368,14 @@ def test_auto_routes_each_source_to_its_teacher(tmp_path: Path) -> None:
     rows = store.warehouse.query("SELECT teacher, count(*) AS n FROM teacher_traces GROUP BY ALL ORDER BY ALL")
     assert [(r["teacher"], r["n"]) for r in rows] == [("programmatic-flow", builtin), ("reference", 1)]
     # a source with neither a worked solution nor an endpoint fails loudly, saying what to configure
-    stages.build_problems(store, cfg.problems.model_copy(update={"files": [str(plain)]}))
-    with pytest.raises(stages.StageFailed, match=r"no teacher for source 'plain'.*teacher\.endpoint\.base_urls"):
-        stages.write_traces(store, cfg.teacher)
+    build_problems(store, cfg.problems.model_copy(update={"files": [str(plain)]}))
+    with pytest.raises(StageFailed, match=r"no teacher for source 'plain'.*teacher\.endpoint\.base_urls"):
+        write_traces(store, cfg.teacher)
     # with an endpoint configured, the files' problems go to it and the built-in ones stay programmatic
     endpoint = EndpointConfig(base_urls=["http://127.0.0.1:9/v1"], model="r1")  # never called: routing only
-    teacher = stages.build_teacher(cfg.teacher.model_copy(update={"endpoint": endpoint}), tmp_path / "journals")
+    teacher = build_teacher(cfg.teacher.model_copy(update={"endpoint": endpoint}), tmp_path / "journals")
     assert isinstance(teacher, PerSourceTeacher) and isinstance(teacher.model, EndpointTeacher)
-    problems = {p["source"]: p for p in store.warehouse.query(f"SELECT {stages.PROBLEM_COLUMNS} FROM problems p")}
+    problems = {p["source"]: p for p in store.warehouse.query(f"SELECT {PROBLEM_COLUMNS} FROM problems p")}
     assert teacher.route(Problem(**problems["gsm8k_extra"])) is teacher.model
     assert teacher.route(Problem(**problems["synthetic-arith"])) is teacher.builtin
 

@@ -17,9 +17,13 @@ from pipelines.defs.common import (
 )
 from pipelines.defs.resources import SecretsResource, StoreResource
 from scaffold_lib import checks
+from scaffold_lib.core.errors import StageFailed
 from scaffold_lib.core.files import DataFileError
-from scaffold_lib.data import stages
+from scaffold_lib.data.collect import build_problems
 from scaffold_lib.data.config import EndpointConfigError
+from scaffold_lib.data.label import label_signals, signal_distribution_markdown
+from scaffold_lib.data.segment import segment_traces
+from scaffold_lib.data.trace import write_traces
 from scaffold_lib.evaluation.decontamination import decontaminate
 
 # the teacher section too: an imported trace file brings its own problems and gold answers
@@ -38,10 +42,10 @@ def problems(
     split train/validation/test by group."""
     s = store.open()
     try:
-        report = stages.build_problems(
+        report = build_problems(
             s, library_config(config, "problems"), run_id(context), library_config(config, "teacher")
         )
-    except (stages.StageFailed, DataFileError) as exc:
+    except (StageFailed, DataFileError) as exc:
         raise stage_failure(exc) from exc
     context.log.info(report.summary())  # says which format an imported trace file was read as
     by_source = s.warehouse.query("SELECT source, split, count(*) AS n FROM problems GROUP BY ALL ORDER BY ALL")
@@ -119,8 +123,8 @@ def trace(
     cfg = library_config(config, "teacher")
     cfg = cfg.model_copy(update={"endpoint": secrets.apply(cfg.endpoint, secrets.teacher_api_key)})
     try:
-        report = stages.write_traces(store.open(), cfg, run_id(context), shard)
-    except (stages.StageFailed, EndpointConfigError, DataFileError) as exc:
+        report = write_traces(store.open(), cfg, run_id(context), shard)
+    except (StageFailed, EndpointConfigError, DataFileError) as exc:
         raise stage_failure(exc) from exc
     context.log.info(report.summary())
     d = dict(report.details)
@@ -195,8 +199,8 @@ def segmented_steps(
     """Each trace cut into steps by its teacher's segmenter (blank lines for R1-style traces, lines for GSM8K-style
     solutions; recorded on each step); a trace with no step is quarantined and counted."""
     try:
-        report = stages.segment_traces(store.open(), library_config(config, "segmentation"), run_id(context))
-    except stages.StageFailed as exc:
+        report = segment_traces(store.open(), library_config(config, "segmentation"), run_id(context))
+    except StageFailed as exc:
         raise stage_failure(exc) from exc
     d = dict(report.details)
     return materialized(
@@ -224,8 +228,8 @@ def signal_labels(
     cfg = library_config(config, "labeller")
     cfg = cfg.model_copy(update={"endpoint": secrets.apply(cfg.endpoint, secrets.labeller_api_key)})
     try:
-        report = stages.label_signals(store.open(), cfg, run_id(context))
-    except (stages.StageFailed, EndpointConfigError) as exc:
+        report = label_signals(store.open(), cfg, run_id(context))
+    except (StageFailed, EndpointConfigError) as exc:
         raise stage_failure(exc) from exc
     d = report.details
     validation = d.get("validation", {})
@@ -238,7 +242,7 @@ def signal_labels(
             "fallback_share": d["fallback_share"],
             **({"llm_agreement": d["llm_agreement"]} if d["llm_agreement"] is not None else {}),
             "keywords_file": d["keywords_file"],
-            "label_distribution": dg.MetadataValue.md(stages.signal_distribution_markdown(d["by_signal"])),
+            "label_distribution": dg.MetadataValue.md(signal_distribution_markdown(d["by_signal"])),
             "by_labeller": dg.MetadataValue.json(d["by_labeller"]),
             "keyword_coverage_by_source": dg.MetadataValue.json(d["coverage_by_source"]),
             **({"validation": dg.MetadataValue.json(validation)} if validation else {}),

@@ -9,3 +9,8 @@ class UserError(ValueError):
 
 class RunFailed(RuntimeError):
     """A stage or a quality gate did nothing useful; the message says why and what to change."""
+
+
+class StageFailed(RunFailed):
+    """A stage did nothing useful (every item failed, was quarantined or was not covered); the message says why and
+    what to change. What it did write (failures, quarantined rows) stays written."""

@@ -22,36 +22,13 @@ from tqdm.auto import tqdm
 from scaffold_lib.data.config import EndpointConfig, EndpointConfigError, HFTeacherConfig, PromptConfig
 from scaffold_lib.data.endpoint import Completion, EndpointClient, error_summary
 from scaffold_lib.data.journal import Journal
-from scaffold_lib.data.problems import Gold, Problem
-from scaffold_lib.data.teachers import TeacherFailure, TeacherResult, Trace, make_trace_id, verify
+from scaffold_lib.data.problems import Problem
+from scaffold_lib.data.teachers import TeacherFailure, TeacherResult, Trace, make_trace_id, trace_from_record
 from scaffold_lib.data.trace_formats import split_reasoning
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "teacher"
-
-
-def trace_from_record(record: dict, problem: Problem | Gold, teacher: str) -> Trace:
-    thinking, answer = record["thinking"], record["answer"]
-    text, answer_text = (thinking, answer or None) if thinking else (answer, None)
-    final_answer, correct = verify(text, problem, answer_text)
-    return Trace(
-        record["trace_id"],
-        problem.problem_id,
-        teacher,
-        text,
-        final_answer,
-        correct,
-        record["prompt_tokens"],
-        record["completion_tokens"],
-        record["sample"],
-        answer_text,
-        record.get("latency_s"),
-        record.get("attempts"),
-        record.get("endpoint"),
-        record.get("finish_reason"),
-        record.get("recorded_correct"),
-    )
 
 
 def run_stats(

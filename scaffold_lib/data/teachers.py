@@ -91,6 +91,29 @@ def verify(text: str, problem: Problem | Gold, answer_text: str | None = None) -
     return answer, is_correct(answer, problem.answer, problem.answer_type)
 
 
+def trace_from_record(record: dict, problem: Problem | Gold, teacher: str) -> Trace:
+    thinking, answer = record["thinking"], record["answer"]
+    text, answer_text = (thinking, answer or None) if thinking else (answer, None)
+    final_answer, correct = verify(text, problem, answer_text)
+    return Trace(
+        record["trace_id"],
+        problem.problem_id,
+        teacher,
+        text,
+        final_answer,
+        correct,
+        record["prompt_tokens"],
+        record["completion_tokens"],
+        record["sample"],
+        answer_text,
+        record.get("latency_s"),
+        record.get("attempts"),
+        record.get("endpoint"),
+        record.get("finish_reason"),
+        record.get("recorded_correct"),
+    )
+
+
 # GSM8K's calculator annotations (`<<48/2=24>>`) are its annotators' tool calls, not reasoning
 _CALCULATOR = re.compile(r"<<[^<>\n]*>>")
 

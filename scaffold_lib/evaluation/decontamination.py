@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 
 from scaffold_lib.core.ids import content_id
-from scaffold_lib.data.stages import StageReport
 from scaffold_lib.evaluation.config import DecontaminationConfig
 from scaffold_lib.evaluation.suites import SUITES, SuiteDataError, from_warehouse, get_suite
+from scaffold_lib.store.handles import StageReport
 from scaffold_lib.store.store import Store
 
 _WORD = re.compile(r"\w+")

@@ -1,19 +1,47 @@
-"""Stage handles on disk: what one stage hands the next (ids, paths, hashes, figures as a small JSON document), kept
-per run below `<home>/handles/<stage>/`. Dagster's IO manager and the `scaffold` CLI read and write the same files, so
-`scaffold train` can pick up the shards a Dagster run packed and the other way round; a run always reads its own
-stage's output, never another run's by accident."""
+"""What stages hand on. Handles: what one stage hands the next (ids, paths, hashes, figures as a small JSON document),
+kept per run below `<home>/handles/<stage>/`. Dagster's IO manager and the `scaffold` CLI read and write the same files,
+so `scaffold train` can pick up the shards a Dagster run packed and the other way round; a run always reads its own
+stage's output, never another run's by accident. The handle classes live with their stages (`student/handles.py`,
+`evaluation/handles.py`); a stage that writes tables only returns a `StageReport`, the promotion a
+`PromotionOutcome`."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 from pydantic import BaseModel
 
 H = TypeVar("H", bound=BaseModel)
+
+
+@dataclass
+class StageReport:
+    """What a stage that writes tables only did, for logs, the CLI and Dagster metadata."""
+
+    stage: str
+    new_rows: int
+    total_rows: int
+    details: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in self.details.items() if not isinstance(v, (dict, list)))
+        return f"{self.stage}: +{self.new_rows} new rows ({self.total_rows} total){'; ' + extra if extra else ''}"
+
+
+@dataclass(frozen=True)
+class PromotionOutcome:
+    promoted: bool
+    reason: str
+    previous_champion: str | None
+    champion: str | None
+
+    def summary(self) -> str:
+        return f"promotion: {'yes' if self.promoted else 'no'} — {self.reason}"
 
 
 class HandleNotFound(LookupError):

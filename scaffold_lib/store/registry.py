@@ -19,7 +19,6 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -29,6 +28,7 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
 from scaffold_lib.core.paths import REPO_ROOT
+from scaffold_lib.store.handles import PromotionOutcome
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_ARTIFACT = "student"
@@ -323,14 +323,6 @@ def promotion_lock(cfg: RegistryConfig) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-@dataclass(frozen=True)
-class PromotionOutcome:
-    promoted: bool
-    reason: str
-    previous_champion: str | None
-    champion: str | None
 
 
 def promote_if_better(

@@ -396,6 +396,12 @@ class Warehouse:
         with self.connect() as con:
             return con.execute(sql, params or []).fetchone()[0]
 
+    def count(self, table: str) -> int:
+        """Rows of one of the warehouse's tables."""
+        if table not in SCHEMA:
+            raise KeyError(f"unknown table {table!r}")
+        return self.scalar(f"SELECT count(*) FROM {table}")
+
     def counts(self) -> dict[str, int]:
         with self.connect() as con:
             return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in SCHEMA}

@@ -1,11 +1,14 @@
-"""The library's data stages called on a bare `Warehouse` (tests build warehouses directly; the stages take a Store)."""
+"""The library's data stages called on a bare `Warehouse` (tests build warehouses directly; the stages take a Store).
+Problems are written the way the problems stage writes every source's (`collect.write_problems`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from scaffold_lib.data import stages
+from scaffold_lib.data import collect, label, segment, trace
+from scaffold_lib.data.config import TeacherConfig
 from scaffold_lib.data.problems import Problem, Quarantined
+from scaffold_lib.store.handles import StageReport
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.warehouse import Warehouse
 
@@ -18,8 +21,10 @@ def store_of(wh: Warehouse) -> Store:
 
 def store_problems(
     wh: Warehouse, problems: Sequence[Problem], quarantined: Sequence[Quarantined] = (), run_id: str | None = None
-) -> stages.StageReport:
-    return stages.store_problems(store_of(wh), problems, quarantined, run_id)
+) -> StageReport:
+    store = store_of(wh)
+    new, rows, bad = collect.write_problems(store, [*problems, *quarantined], run_id, "test problems")
+    return collect.problems_report(store, new, rows, bad)
 
 
 def generate_teacher_traces(
@@ -27,14 +32,14 @@ def generate_teacher_traces(
     teacher,
     splits: Sequence[str] = ALL_SPLITS,
     run_id: str | None = None,
-    shard: tuple[int, int] | None = None,
-) -> stages.StageReport:
-    return stages.write_traces(store_of(wh), stages.TeacherConfig(splits=list(splits)), run_id, shard, teacher=teacher)
+    partition: tuple[int, int] | None = None,
+) -> StageReport:
+    return trace.write_traces(store_of(wh), TeacherConfig(splits=list(splits)), run_id, partition, teacher=teacher)
 
 
-def segment_traces(wh: Warehouse, run_id: str | None = None) -> stages.StageReport:
-    return stages.segment_traces(store_of(wh), run_id=run_id)
+def segment_traces(wh: Warehouse, run_id: str | None = None) -> StageReport:
+    return segment.segment_traces(store_of(wh), run_id=run_id)
 
 
-def label_signals(wh: Warehouse, run_id: str | None = None) -> stages.StageReport:
-    return stages.label_signals(store_of(wh), run_id=run_id)
+def label_signals(wh: Warehouse, run_id: str | None = None) -> StageReport:
+    return label.label_signals(store_of(wh), run_id=run_id)
