@@ -35,10 +35,11 @@ import torch
 from scaffold_lib.config import load_preset
 from scaffold_lib.pipeline import PipelineResult, run_data_stages
 from scaffold_lib.store.store import Store
+from scaffold_lib.store.training_data import training_traces
 from scaffold_lib.student.examples import Formatter, text_format
 from scaffold_lib.student.model import ScaffoldStudent, load_tokenizer
+from scaffold_lib.student.pack import pack_shards
 from scaffold_lib.student.shards import pack_rows, rows_table, rows_tensors
-from scaffold_lib.student.stages import pack_shards, training_traces
 from scaffold_lib.student.token_classes import token_loss_by_class, vocabulary_classes
 from scaffold_lib.student.training import train
 

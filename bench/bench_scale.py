@@ -147,7 +147,7 @@ def driver(home: Path, work: Path, refresh: bool, pack: bool) -> dict:
     timed("label", lambda: label_signals(store))
     if pack:  # torch and transformers are imported for packing only: a --no-pack run's peak is the data stages'
         from scaffold_lib.student.config import PackConfig, ShardsConfig, StudentConfig
-        from scaffold_lib.student.stages import pack_shards
+        from scaffold_lib.student.pack import pack_shards
 
         student = StudentConfig(base_model=str(work / "backbone"), chat_template=False)
         timed(

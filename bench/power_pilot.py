@@ -21,7 +21,7 @@ from scaffold_lib.evaluation.suites import HELDOUT
 from scaffold_lib.experiment import Context, diagnose_bed, item_matrix
 from scaffold_lib.pipeline import PipelineResult, run_data_stages
 from scaffold_lib.store.store import Store
-from scaffold_lib.student.stages import pack_shards
+from scaffold_lib.student.pack import pack_shards
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from scaffold_lib.data.label import label_statistics
 from scaffold_lib.data.signals import SIGNALS
 from scaffold_lib.evaluation.stages import EvaluationHandle
 from scaffold_lib.store.store import Store
-from scaffold_lib.student.stages import ModelHandle, ShardsHandle
+from scaffold_lib.student.handles import ModelHandle, ShardsHandle
 
 TEACHER_ACCURACY_FLOOR = 0.5
 MIN_KEYWORD_COVERAGE, MAX_FALLBACK_SHARE = 0.5, 0.3

@@ -267,7 +267,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 def cmd_pack(args: argparse.Namespace) -> None:
     from scaffold_lib.pipeline import new_run_id
     from scaffold_lib.store.handles import save_handle
-    from scaffold_lib.student.stages import pack_shards
+    from scaffold_lib.student.pack import pack_shards
 
     resolved = settings(args)
     store, run_id = store_of(args), new_run_id()
@@ -290,7 +290,7 @@ def cmd_pack(args: argparse.Namespace) -> None:
 
 def _shards_handle(args: argparse.Namespace):
     from scaffold_lib.store.handles import HandleNotFound, load_handle
-    from scaffold_lib.student.stages import ShardsHandle
+    from scaffold_lib.student.handles import ShardsHandle
 
     try:
         return load_handle(args.home, "packed_shards", ShardsHandle, args.shards_run)
@@ -302,7 +302,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from scaffold_lib.evaluation.metrics import serving_decode
     from scaffold_lib.pipeline import new_run_id
     from scaffold_lib.store.handles import save_handle
-    from scaffold_lib.student.stages import train_model
+    from scaffold_lib.student.train import train_model
 
     resolved = settings(args)
     store, run_id, shards = store_of(args), new_run_id(), _shards_handle(args)
@@ -321,7 +321,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _model_handle(args: argparse.Namespace, stage: str, ref: str | None):
     """The newest trained model of `stage`, or the registered version `ref` (champion / challenger / N)."""
     from scaffold_lib.store.handles import HandleNotFound, all_handles, load_handle
-    from scaffold_lib.student.stages import BASELINE_SUFFIX, ModelHandle
+    from scaffold_lib.student.handles import BASELINE_SUFFIX, ModelHandle
 
     if ref is None:
         try:
@@ -343,7 +343,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from scaffold_lib.evaluation.suites import SuiteDataError
     from scaffold_lib.pipeline import new_run_id
     from scaffold_lib.store.handles import all_handles, save_handle
-    from scaffold_lib.student.stages import ShardsHandle
+    from scaffold_lib.student.handles import ShardsHandle
 
     resolved = settings(args, _suite_file_overrides(args))
     store, run_id = store_of(args), new_run_id()

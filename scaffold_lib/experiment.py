@@ -39,7 +39,10 @@ from scaffold_lib.evaluation.stages import EvaluationHandle, evaluate_models, he
 from scaffold_lib.evaluation.stats import calibration, item_comparison, mean_sd, paired_comparison
 from scaffold_lib.evaluation.suites import HELDOUT, OOD_SUITES
 from scaffold_lib.store.store import Store
-from scaffold_lib.student.stages import ModelHandle, ShardsHandle, pack_shards, train_model, training_traces
+from scaffold_lib.store.training_data import training_traces
+from scaffold_lib.student.handles import ModelHandle, ShardsHandle
+from scaffold_lib.student.pack import pack_shards
+from scaffold_lib.student.train import train_model
 
 PRIMARY = ("predicted", "cot_sft")
 SECONDARY = (("golden", "predicted"), ("predicted", "random"), ("summaries_only", "predicted"), ("golden", "cot_sft"))

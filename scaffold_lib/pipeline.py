@@ -21,7 +21,9 @@ from scaffold_lib.evaluation.stages import EvaluationHandle, evaluate_models, pr
 from scaffold_lib.store.handles import StageReport, save_handle
 from scaffold_lib.store.registry import PromotionOutcome
 from scaffold_lib.store.store import Store
-from scaffold_lib.student.stages import ModelHandle, ShardsHandle, pack_shards, train_model
+from scaffold_lib.student.handles import ModelHandle, ShardsHandle
+from scaffold_lib.student.pack import pack_shards
+from scaffold_lib.student.train import train_model
 
 
 class GateFailed(RunFailed):

@@ -11,7 +11,8 @@ from scaffold_lib.evaluation.stages import load_for_eval
 from scaffold_lib.store.store import Store
 from scaffold_lib.student.config import PackConfig, ShardsConfig, StudentConfig, TrainConfig
 from scaffold_lib.student.model import load_tokenizer
-from scaffold_lib.student.stages import fit_student, pack_shards
+from scaffold_lib.student.pack import pack_shards
+from scaffold_lib.student.train import fit_student
 from student_kit import tiny_world
 from support.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
 

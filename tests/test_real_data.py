@@ -14,7 +14,8 @@ from scaffold_lib.evaluation.stages import evaluate_models, load_for_eval
 from scaffold_lib.pipeline import PipelineResult, run_data_stages
 from scaffold_lib.store.store import Store
 from scaffold_lib.student.model import load_tokenizer
-from scaffold_lib.student.stages import pack_shards, train_model
+from scaffold_lib.student.pack import pack_shards
+from scaffold_lib.student.train import train_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 

@@ -26,7 +26,8 @@ from scaffold_lib.pipeline import run_pipeline
 from scaffold_lib.store.store import Store
 from scaffold_lib.student.config import ShardsConfig, TrainConfig
 from scaffold_lib.student.model import load_tokenizer, prepare_pretrained_base
-from scaffold_lib.student.stages import ShardTokenizerMismatch, fit_student, pack_shards
+from scaffold_lib.student.pack import pack_shards
+from scaffold_lib.student.train import ShardTokenizerMismatch, fit_student
 from student_kit import TINY
 from support.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
 

@@ -14,7 +14,7 @@ import pytest
 
 from scaffold_lib.store import registry
 from scaffold_lib.store.store import Store
-from scaffold_lib.student.stages import SERVING_MODEL_CODE
+from scaffold_lib.student.register import SERVING_MODEL_CODE
 
 # ---------------------------------------------------------------------------------------------------- pure rule
 

@@ -9,8 +9,9 @@ from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.data.teachers import ProgrammaticTeacher
 from scaffold_lib.store.store import Store
 from scaffold_lib.student.config import PackConfig, ShardsConfig, StudentConfig, TrainConfig
+from scaffold_lib.student.pack import pack_shards
 from scaffold_lib.student.shards import load_rows
-from scaffold_lib.student.stages import fit_student, pack_shards
+from scaffold_lib.student.train import fit_student
 from support.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
 
 TINY = StudentConfig(

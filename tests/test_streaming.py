@@ -24,11 +24,12 @@ from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.data.trace import IMPORT_BATCH, write_traces
 from scaffold_lib.data.trace_import import ImportedTeacher, TodoProblems, TraceFieldMap
 from scaffold_lib.store.store import Store
+from scaffold_lib.store.training_data import shards_of_manifest, training_traces
 from scaffold_lib.store.warehouse import ROW_GROUP_ROWS, Warehouse
 from scaffold_lib.student.config import PackConfig, ShardsConfig, StudentConfig
 from scaffold_lib.student.examples import STEP_SEPARATOR, signal_tags, training_corpus
 from scaffold_lib.student.model import build_embedded_base
-from scaffold_lib.student.stages import pack_shards, shards_of_manifest, training_traces
+from scaffold_lib.student.pack import pack_shards
 from student_kit import TINY
 from support.stages import ALL_SPLITS, generate_teacher_traces, store_problems
 
@@ -294,7 +295,7 @@ def test_batch_encoding_gives_the_examples_of_one_trace_at_a_time(tmp_path):
 
 
 def test_training_traces_stream_in_windows_of_whole_traces(tmp_path):
-    from scaffold_lib.student.stages import stream_training_traces
+    from scaffold_lib.store.training_data import stream_training_traces
 
     store = Store.at(tmp_path)
     _data(store, 20, seed=8)
@@ -396,7 +397,7 @@ def test_the_importers_table_of_problems_to_trace_keeps_digests_not_question_tex
 def test_training_traces_read_a_long_question_once_per_trace_not_once_per_step(tmp_path, monkeypatch):
     """Real questions are often longer than all their steps together: the per-part query once repeated the question
     on every step row, so a 2,000-character question over 65 steps needed 10x the part's size of DuckDB memory."""
-    from scaffold_lib.student.stages import stream_training_traces
+    from scaffold_lib.store.training_data import stream_training_traces
 
     store = Store.at(tmp_path)
     _data(store, 30, seed=8)

@@ -322,6 +322,7 @@ def test_save_and_load_round_trip(world, tmp_path):
         "signals": list(SIGNALS),
         "hidden_size": TINY.hidden_size,
         "tokenizer_hash": tokenizer_hash(world.tokenizer),
+        "signal_injection": "output",
     }
     assert not list(out.glob("*.bin"))
     torch.manual_seed(999)
@@ -409,7 +410,8 @@ def test_student_stages_on_a_tiny_warehouse(tmp_path):
     from scaffold_lib.evaluation.stages import heldout_items
     from scaffold_lib.store.store import Store
     from scaffold_lib.student.config import ShardsConfig
-    from scaffold_lib.student.stages import fit_student, pack_shards
+    from scaffold_lib.student.pack import pack_shards
+    from scaffold_lib.student.train import fit_student
     from support.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
 
     store = Store.at(tmp_path)

@@ -29,8 +29,10 @@ from scaffold_lib.evaluation.stages import EvaluationHandle, evaluate_models, pr
 from scaffold_lib.evaluation.suites import HELDOUT, SuiteDataError
 from scaffold_lib.store import registry
 from scaffold_lib.store.lineage import traces_of_model
+from scaffold_lib.student.handles import ModelHandle, ShardsHandle
 from scaffold_lib.student.model import StudentLoadError
-from scaffold_lib.student.stages import ModelHandle, ShardsHandle, ShardTokenizerMismatch, pack_shards, train_model
+from scaffold_lib.student.pack import pack_shards
+from scaffold_lib.student.train import ShardTokenizerMismatch, train_model
 
 ShardsRunConfig = section_config("shards", "student")
 TrainRunConfig = section_config("train")

@@ -39,10 +39,11 @@ from scaffold_lib.evaluation.suites import (
     get_suite,
 )
 from scaffold_lib.store.store import Store
+from scaffold_lib.store.training_data import training_traces
 from scaffold_lib.store.warehouse import Warehouse
 from scaffold_lib.student.examples import Formatter
+from scaffold_lib.student.handles import ModelHandle, ShardsHandle
 from scaffold_lib.student.model import ScaffoldStudent, check_tokenizer, load_tokenizer
-from scaffold_lib.student.stages import ModelHandle, ShardsHandle, training_traces
 
 UNTUNED = "untuned"  # the version name of the backbone's score rows (it is no registered version)
 

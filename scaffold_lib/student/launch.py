@@ -18,22 +18,11 @@ import os
 import sys
 from pathlib import Path
 
-from pydantic import BaseModel
-
 from scaffold_lib.core.devices import pick_device
 from scaffold_lib.store.warehouse import Warehouse
-from scaffold_lib.student.config import SignalInjection, TrainConfig
-from scaffold_lib.student.stages import fit_student
+from scaffold_lib.student.handles import LaunchJob
+from scaffold_lib.student.train import fit_student
 from scaffold_lib.student.training import init_distributed
-
-
-class LaunchJob(BaseModel):
-    warehouse: str
-    artifacts: str
-    base_model: str
-    manifest_hash: str
-    train: TrainConfig
-    signal_injection: SignalInjection = "output"
 
 
 def run(job: LaunchJob) -> dict:

@@ -23,9 +23,14 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from scaffold_lib.core.devices import pick_device
+from scaffold_lib.core.errors import RunFailed
 from scaffold_lib.student.config import TrainConfig
 from scaffold_lib.student.gpu_attention import document_attention
 from scaffold_lib.student.model import ScaffoldStudent
+
+
+class LossNotFinite(RunFailed, FloatingPointError):
+    """Training met a loss that is no finite number: nothing useful to register."""
 
 
 @dataclass
@@ -237,7 +242,7 @@ def train(
             cfg.beta * sig_total if use_signal else 0.0
         )
         if not math.isfinite(total):
-            raise FloatingPointError(f"loss became {total} at step {step + 1}; lower the learning rate")
+            raise LossNotFinite(f"loss became {total} at step {step + 1}; lower the learning rate")
         result.losses.append(total)
         result.token_losses.append(tok_total)
         result.signal_losses.append(sig_total)
