@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     import dagster as dg
 
     from scaffold_lib.config import instance_settings, save_instance_settings
-    from scaffold_lib.evaluation.stages import EvaluationHandle
+    from scaffold_lib.evaluation.handles import EvaluationHandle
     from scaffold_lib.pipeline import summary
     from scaffold_lib.store import registry
     from scaffold_lib.store.handles import load_handle

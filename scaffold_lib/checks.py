@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from scaffold_lib.data.collect import split_overlap
 from scaffold_lib.data.label import label_statistics
 from scaffold_lib.data.signals import SIGNALS
-from scaffold_lib.evaluation.stages import EvaluationHandle
+from scaffold_lib.evaluation.handles import EvaluationHandle
 from scaffold_lib.store.store import Store
 from scaffold_lib.student.handles import ModelHandle, ShardsHandle
 

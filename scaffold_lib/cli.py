@@ -339,7 +339,7 @@ def _model_handle(args: argparse.Namespace, stage: str, ref: str | None):
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Score the newest trained pair (or --model/--baseline versions) and store the scores, as the asset does."""
-    from scaffold_lib.evaluation.stages import evaluate_models
+    from scaffold_lib.evaluation.evaluate import evaluate_models
     from scaffold_lib.evaluation.suites import SuiteDataError
     from scaffold_lib.pipeline import new_run_id
     from scaffold_lib.store.handles import all_handles, save_handle
@@ -460,7 +460,7 @@ def _version(args: argparse.Namespace, ref: str, name: str | None = None) -> str
 
 def cmd_ask(args: argparse.Namespace) -> None:
     from scaffold_lib.evaluation.decoding import ScaffoldDecoder, plain_generate
-    from scaffold_lib.evaluation.stages import load_for_eval
+    from scaffold_lib.evaluation.evaluate import load_for_eval
 
     resolved = settings(args)
     model, fmt = load_for_eval(_model_dir(args, args.model))
@@ -515,7 +515,8 @@ def cmd_promote(args: argparse.Namespace) -> None:
     from scaffold_lib.store import registry
 
     if args.version is None:  # the rule, as the model_promotion asset applies it, to the newest evaluation
-        from scaffold_lib.evaluation.stages import EvaluationHandle, promote_challenger
+        from scaffold_lib.evaluation.handles import EvaluationHandle
+        from scaffold_lib.evaluation.promote import promote_challenger
         from scaffold_lib.store.handles import HandleNotFound, load_handle
 
         try:
@@ -535,8 +536,8 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 
 def cmd_scores(args: argparse.Namespace) -> None:
+    from scaffold_lib.evaluation.handles import model_label
     from scaffold_lib.evaluation.metrics import IncomparableScores, comparison_table_markdown, score_table_markdown
-    from scaffold_lib.evaluation.stages import model_label
 
     store = store_of(args)
     version = _version(args, args.model)

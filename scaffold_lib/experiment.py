@@ -33,11 +33,13 @@ from scaffold_lib.config import PipelineConfig
 from scaffold_lib.core.ids import content_id
 from scaffold_lib.evaluation import bed
 from scaffold_lib.evaluation.config import EvalConfig
-from scaffold_lib.evaluation.errors import error_table, error_table_markdown
+from scaffold_lib.evaluation.error_analysis import error_table, error_table_markdown
+from scaffold_lib.evaluation.evaluate import evaluate_models, heldout_items, load_for_eval
+from scaffold_lib.evaluation.handles import EvaluationHandle
 from scaffold_lib.evaluation.metrics import serving_decode, signal_predictions
-from scaffold_lib.evaluation.stages import EvaluationHandle, evaluate_models, heldout_items, load_for_eval
 from scaffold_lib.evaluation.stats import calibration, item_comparison, mean_sd, paired_comparison
 from scaffold_lib.evaluation.suites import HELDOUT, OOD_SUITES
+from scaffold_lib.store import data_tables, scores
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.training_data import training_traces
 from scaffold_lib.student.handles import ModelHandle, ShardsHandle
@@ -314,7 +316,7 @@ def diagnose_bed(ctx: Context, student: ModelHandle, baseline: ModelHandle) -> d
 
 def ood_suites(ctx: Context) -> list[str]:
     """The OOD suites the warehouse holds problems of."""
-    present = {r["split"] for r in ctx.store.warehouse.query("SELECT DISTINCT split FROM problems")}
+    present = data_tables.splits_present(ctx.store.warehouse)
     return [s for s in OOD_SUITES if s in present]
 
 
@@ -356,10 +358,7 @@ def item_matrix(
     """[items, seeds] correctness of variants `a` and `b` over the items both answered under every seed."""
     by = {v: {} for v in (a, b)}
     for seed, evaluation in evaluations.items():
-        for r in store.warehouse.query(
-            "SELECT variant, doc_id, correct FROM item_scores WHERE evaluation_id = ? AND list_contains(?, variant)",
-            [evaluation.evaluation_id, [a, b]],
-        ):
+        for r in scores.item_correctness(store.warehouse, evaluation.evaluation_id, [a, b]):
             by[r["variant"]].setdefault(r["doc_id"], {})[seed] = r["correct"]
     seeds = sorted(evaluations)
     items = sorted(d for d in by[a] if d in by[b] and len(by[a][d]) == len(by[b][d]) == len(seeds))
@@ -450,13 +449,7 @@ def sample_efficiency(
 
 def _error_rows(store: Store, evaluations: list[EvaluationHandle]) -> list[dict]:
     ids = [e.evaluation_id for e in evaluations]
-    return store.warehouse.query(
-        """
-        SELECT i.variant AS arm, p.question, i.response, i.extracted, i.stopped_by, i.correct
-        FROM item_scores i JOIN problems p ON p.problem_id = i.doc_id
-        WHERE list_contains(?, i.evaluation_id) AND list_contains(['predicted', 'cot_sft', 'golden'], i.variant)""",
-        [ids],
-    )
+    return scores.answers_with_questions(store.warehouse, ids, ["predicted", "cot_sft", "golden"])
 
 
 def tau_plot(sweep: dict[float, list[float]], chosen: float, path: Path) -> Path:

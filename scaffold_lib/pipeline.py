@@ -15,9 +15,11 @@ from scaffold_lib.data.collect import build_problems
 from scaffold_lib.data.label import label_signals
 from scaffold_lib.data.segment import segment_traces
 from scaffold_lib.data.trace import write_traces
-from scaffold_lib.evaluation.decontamination import decontaminate
+from scaffold_lib.evaluation.decontaminate import decontaminate
+from scaffold_lib.evaluation.evaluate import evaluate_models
+from scaffold_lib.evaluation.handles import EvaluationHandle
 from scaffold_lib.evaluation.metrics import serving_decode
-from scaffold_lib.evaluation.stages import EvaluationHandle, evaluate_models, promote_challenger
+from scaffold_lib.evaluation.promote import promote_challenger
 from scaffold_lib.store.handles import StageReport, save_handle
 from scaffold_lib.store.registry import PromotionOutcome
 from scaffold_lib.store.store import Store

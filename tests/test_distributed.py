@@ -172,7 +172,7 @@ def test_student_model_launches_torchrun_through_pipes(tmp_path, monkeypatch) ->
     # the ranks' step logs came back through Pipes into this run's event log
     logs = [e.message for e in instance.all_logs(result.run_id) if "step" in (e.message or "")]
     assert any("(world 2)" in m for m in logs)
-    from scaffold_lib.evaluation.stages import load_for_eval
+    from scaffold_lib.evaluation.evaluate import load_for_eval
 
     model, _ = load_for_eval(registry.download_model(Store.at(home).registry, "1"))
     assert model.kind == "scaffold"

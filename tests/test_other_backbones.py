@@ -7,7 +7,7 @@ from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.data.teachers import ProgrammaticTeacher
 from scaffold_lib.evaluation.config import DecodeConfig
 from scaffold_lib.evaluation.decoding import ScaffoldDecoder
-from scaffold_lib.evaluation.stages import load_for_eval
+from scaffold_lib.evaluation.evaluate import load_for_eval
 from scaffold_lib.store.store import Store
 from scaffold_lib.student.config import PackConfig, ShardsConfig, StudentConfig, TrainConfig
 from scaffold_lib.student.model import load_tokenizer

@@ -26,7 +26,8 @@ import pytest
 from pipelines.defs import automation
 from scaffold_lib.config import load_preset, save_instance_settings
 from scaffold_lib.evaluation.decoding import ScaffoldDecoder
-from scaffold_lib.evaluation.stages import EvaluationHandle, load_for_eval
+from scaffold_lib.evaluation.evaluate import load_for_eval
+from scaffold_lib.evaluation.handles import EvaluationHandle
 from scaffold_lib.store import registry
 from scaffold_lib.store.handles import load_handle
 from scaffold_lib.store.store import Store

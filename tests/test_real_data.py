@@ -10,7 +10,7 @@ import math
 import pytest
 
 from scaffold_lib.config import load_preset
-from scaffold_lib.evaluation.stages import evaluate_models, load_for_eval
+from scaffold_lib.evaluation.evaluate import evaluate_models, load_for_eval
 from scaffold_lib.pipeline import PipelineResult, run_data_stages
 from scaffold_lib.store.store import Store
 from scaffold_lib.student.model import load_tokenizer

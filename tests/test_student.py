@@ -407,7 +407,7 @@ def test_tiny_config_is_tiny(world):
 def test_student_stages_on_a_tiny_warehouse(tmp_path):
     from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
     from scaffold_lib.data.teachers import ProgrammaticTeacher
-    from scaffold_lib.evaluation.stages import heldout_items
+    from scaffold_lib.evaluation.evaluate import heldout_items
     from scaffold_lib.store.store import Store
     from scaffold_lib.student.config import ShardsConfig
     from scaffold_lib.student.pack import pack_shards

@@ -24,7 +24,7 @@ from scaffold_lib.data.config import EndpointConfigError
 from scaffold_lib.data.label import label_signals, signal_distribution_markdown
 from scaffold_lib.data.segment import segment_traces
 from scaffold_lib.data.trace import write_traces
-from scaffold_lib.evaluation.decontamination import decontaminate
+from scaffold_lib.evaluation.decontaminate import decontaminate
 
 # the teacher section too: an imported trace file brings its own problems and gold answers
 ProblemsRunConfig = section_config("problems", "teacher")

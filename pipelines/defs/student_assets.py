@@ -24,8 +24,10 @@ from pipelines.defs.common import (
 )
 from pipelines.defs.resources import StoreResource
 from scaffold_lib import checks
+from scaffold_lib.evaluation.evaluate import evaluate_models
+from scaffold_lib.evaluation.handles import EvaluationHandle
 from scaffold_lib.evaluation.metrics import PASS_COLUMNS, PROCESS_COLUMNS, score_table_markdown, serving_decode
-from scaffold_lib.evaluation.stages import EvaluationHandle, evaluate_models, promote_challenger
+from scaffold_lib.evaluation.promote import promote_challenger
 from scaffold_lib.evaluation.suites import HELDOUT, SuiteDataError
 from scaffold_lib.store import registry
 from scaffold_lib.store.lineage import traces_of_model

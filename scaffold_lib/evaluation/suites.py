@@ -228,7 +228,7 @@ class Suite:
         if self.row_to_item is None:
             raise SuiteDataError(
                 f"suite {self.name!r} is built from the warehouse's held-out problems "
-                "(scaffold_lib.evaluation.stages.heldout_items), not from a file"
+                "(scaffold_lib.evaluation.evaluate.heldout_items), not from a file"
             )
         file = self.local_file(path, data_dir)
         if file is not None and file.exists():

@@ -76,7 +76,7 @@ class ScaffoldStudentModel(mlflow.pyfunc.PythonModel):
         import torch
 
         from scaffold_lib.evaluation.config import DecodeConfig
-        from scaffold_lib.evaluation.stages import load_for_eval
+        from scaffold_lib.evaluation.evaluate import load_for_eval
 
         torch.set_num_threads(serving_threads())
         path = Path(context.artifacts[STUDENT_ARTIFACT])

@@ -1,6 +1,6 @@
-"""Decontamination: training problems whose question shares a word n-gram with a benchmark question (lm-eval flags
-13-grams, open-r1 drops 8-grams; 8 by default here) are recorded in the `contamination` table and, by default,
-left out of training. reasoning-gym's `gsm_symbolic` templates were written from GSM8K *test* questions: training on
+"""The decontamination stage: training problems whose question shares a word n-gram with a benchmark question
+(lm-eval flags 13-grams, open-r1 drops 8-grams; 8 by default here) are recorded in the `contamination` table and, by
+default, left out of training. reasoning-gym's `gsm_symbolic` templates were written from GSM8K *test* questions: training on
 them and then scoring GSM8K is exactly what this catches.
 
 Every benchmark suite whose file is present is checked (a suite without a file is listed as not checked, never
@@ -15,6 +15,7 @@ from pathlib import Path
 from scaffold_lib.core.ids import content_id
 from scaffold_lib.evaluation.config import DecontaminationConfig
 from scaffold_lib.evaluation.suites import SUITES, SuiteDataError, from_warehouse, get_suite
+from scaffold_lib.store import data_tables, scores
 from scaffold_lib.store.handles import StageReport
 from scaffold_lib.store.store import Store
 
@@ -49,13 +50,7 @@ def decontaminate(store: Store, cfg: DecontaminationConfig, run_id: str | None =
     folder = Path(cfg.suites_dir) if cfg.suites_dir else store.benchmarks
     names = cfg.suites if cfg.suites is not None else [s for s in SUITES if not from_warehouse(s)]
     wh = store.warehouse
-    problems = [
-        (r["problem_id"], r["question"])
-        for r in wh.query(
-            "SELECT problem_id, question FROM problems WHERE list_contains(?, split) ORDER BY problem_id",
-            [list(cfg.splits)],
-        )
-    ]
+    problems = [(r["problem_id"], r["question"]) for r in data_tables.questions_of_splits(wh, cfg.splits)]
     checked, not_checked, rows = {}, {}, []
     for name in names:
         suite = get_suite(name)
@@ -89,7 +84,7 @@ def decontaminate(store: Store, cfg: DecontaminationConfig, run_id: str | None =
     return StageReport(
         "decontamination",
         len(rows),
-        wh.scalar("SELECT count(*) FROM contamination"),
+        wh.count("contamination"),
         {
             "checked": checked,
             "not_checked": not_checked,
@@ -103,17 +98,4 @@ def decontaminate(store: Store, cfg: DecontaminationConfig, run_id: str | None =
 
 def suite_contamination(store: Store, suites: list[str], model_name: str, version: str) -> dict[str, dict]:
     """Per suite: problems recorded as overlapping it, and how many of those trained this model version."""
-    out = {}
-    for name in suites:
-        out[name] = store.warehouse.query(
-            """
-            SELECT count(DISTINCT c.problem_id) AS overlapping,
-                   count(DISTINCT CASE WHEN ms.shard_id IS NOT NULL THEN c.problem_id END) AS trained_on
-            FROM contamination c
-            LEFT JOIN teacher_traces t USING (problem_id)
-            LEFT JOIN shard_members m USING (trace_id)
-            LEFT JOIN model_shards ms ON ms.shard_id = m.shard_id AND ms.model_name = ? AND ms.version = ?
-            WHERE c.suite = ?""",
-            [model_name, version, name],
-        )[0]
-    return out
+    return {name: scores.suite_overlap(store.warehouse, name, model_name, version) for name in suites}

@@ -1,22 +1,22 @@
-"""The evaluation stages, each one function over the store: benchmark scores of a trained pair (scaffold student and
-CoT-SFT baseline, plus the untuned backbone) on every configured suite, and the promotion of the challenger.
-
-Scores go to the warehouse (one row per model × suite × variant, and one row per item so comparisons can be paired)
-and to the students' MLflow runs; the Dagster assets and the `scaffold` CLI call exactly these functions.
+"""The evaluation stage: benchmark scores of a trained pair (scaffold student and CoT-SFT baseline, plus the untuned
+backbone) on every configured suite — the warehouse's held-out (or OOD) problems, or a benchmark's file — with the
+process metrics. Every variant answers the same items; scores go to the warehouse (one row per model × suite ×
+variant, one per answer so comparisons can be paired) and to the students' MLflow runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, Field
-
 from scaffold_lib.core import paths
+from scaffold_lib.core.errors import StageFailed
 from scaffold_lib.core.ids import content_id
 from scaffold_lib.data.problems import quarantine_rows
-from scaffold_lib.evaluation.config import EvalConfig, PromotionConfig
-from scaffold_lib.evaluation.decontamination import suite_contamination
+from scaffold_lib.evaluation.config import EvalConfig
+from scaffold_lib.evaluation.decontaminate import suite_contamination
+from scaffold_lib.evaluation.handles import UNTUNED, EvaluationHandle, model_label
 from scaffold_lib.evaluation.metrics import (
     BASE_VARIANT,
     SampleRecord,
@@ -38,6 +38,7 @@ from scaffold_lib.evaluation.suites import (
     from_warehouse,
     get_suite,
 )
+from scaffold_lib.store import data_tables, registry
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.training_data import training_traces
 from scaffold_lib.store.warehouse import Warehouse
@@ -45,42 +46,11 @@ from scaffold_lib.student.examples import Formatter
 from scaffold_lib.student.handles import ModelHandle, ShardsHandle
 from scaffold_lib.student.model import ScaffoldStudent, check_tokenizer, load_tokenizer
 
-UNTUNED = "untuned"  # the version name of the backbone's score rows (it is no registered version)
-
-
-def model_label(name: str, version: str) -> str:
-    """How a scored model is named in tables and lists: `scaffold-student v3`, `base:embedded (untuned)`."""
-    return f"{name} (untuned)" if version == UNTUNED else f"{name} v{version}"
-
-
-class EvaluationHandle(BaseModel):
-    """One evaluation of a student (and its baseline): ids, the rows, the tables."""
-
-    evaluation_id: str
-    model_name: str
-    version: str
-    baseline: str | None  # "<name> v<version>"
-    suites: list[str]
-    split: str
-    eval_config_hashes: dict[str, str]
-    rows: list[dict]
-    items: dict[str, int]  # suite -> items scored (paired: every variant answered these)
-    dropped_without_golden: dict[str, int] = Field(default_factory=dict)
-    # suite -> {"overlapping": training problems sharing an n-gram with it, "trained_on": of those, in the student's shards}
-    contamination: dict[str, dict] = Field(default_factory=dict)
-    samples: dict[str, str] = Field(default_factory=dict)
-    # suite -> rows of its file quarantined (eval.lenient), each in the warehouse's `quarantine` table with file and line
-    quarantined: dict[str, int] = Field(default_factory=dict)
-    comparison_table: str
-    score_table: str
-
 
 def heldout_items(wh: Warehouse, split: str = "test", limit: int | None = None) -> list[EvalItem]:
     """Held-out problems of `split`, with the teacher's steps and signals as golden where the teacher traced the
     problem (its correct trace when it has one)."""
-    problems = wh.query(
-        "SELECT problem_id, question, answer, answer_type FROM problems WHERE split = ? ORDER BY problem_id", [split]
-    )[:limit]
+    problems = data_tables.problems_of_split(wh, split)[:limit]
     golden: dict[str, dict] = {}
     traces, _ = training_traces(wh, (split,), include_incorrect=True, only_problems=[p["problem_id"] for p in problems])
     for t in sorted(traces, key=lambda t: (not t["is_correct"], t["trace_id"])):
@@ -130,19 +100,28 @@ def load_for_eval(path: str | Path, kind: str | None = None) -> tuple[ScaffoldSt
     """A student (or backbone) and its formatter, after checking its tokenizer and heads (loud on a mismatch)."""
     model = ScaffoldStudent.from_pretrained(path, kind=kind)
     tokenizer = load_tokenizer(path)
-    fmt = Formatter.for_model(path, tokenizer)
+    formatter = Formatter.for_model(path, tokenizer)
     if model.kind == "scaffold":
-        check_tokenizer(path, tokenizer, fmt.tags)
-    return model.eval(), fmt
+        check_tokenizer(path, tokenizer, formatter.tags)
+    return model.eval(), formatter
 
 
 def _local_or_registered(store: Store, handle: ModelHandle) -> Path:
     path = Path(handle.path)
     if (path / "config.json").exists():
         return path
-    from scaffold_lib.store import registry
-
     return registry.download_model(store.registry, handle.version, model_name=handle.model_name)
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """A model an evaluation scores: its registered name and version, its MLflow run, where it is, and its role."""
+
+    name: str
+    version: str
+    mlflow_run: str | None
+    path: Path
+    role: str  # scaffold, baseline or the untuned backbone (BASE_VARIANT)
 
 
 def evaluate_models(
@@ -157,9 +136,6 @@ def evaluate_models(
     """Pass@1 per suite for the student (every scaffold variant), the CoT-SFT baseline and the untuned backbone, with
     next-signal accuracy, signal fidelity and answer consistency; decoding caps from the training data's budget, the
     same for both arms. Rows (and per-item results) go to the warehouse and to the students' MLflow runs."""
-    from scaffold_lib.store import registry
-
-    wh = store.warehouse
     unknown = sorted(set(cfg.suite_files) - set(cfg.suites))
     if unknown:  # a file given for a suite that is not scored is a typo, not a wish
         raise SuiteDataError(f"eval.suite_files names {unknown}, which eval.suites {cfg.suites} does not score")
@@ -173,74 +149,35 @@ def evaluate_models(
         sorted((s, r.config_hash) for s, r in runs.items()),
         cfg.include_base,
     )
-    models: list[tuple[str, str, str | None, Path, str]] = [
-        (student.model_name, student.version, student.mlflow_run_id, _local_or_registered(store, student), "scaffold")
-    ]
-    if baseline is not None:
-        models.append(
-            (
-                baseline.model_name,
-                baseline.version,
-                baseline.mlflow_run_id,
-                _local_or_registered(store, baseline),
-                "baseline",
-            )
-        )
-    if cfg.include_base:  # the backbone is no registered version: named by what the config named, never an MLflow run
-        models.append(
-            (
-                f"base:{Path(shards.source_model).name or shards.source_model}",
-                UNTUNED,
-                None,
-                Path(shards.base_model),
-                BASE_VARIANT,
-            )
-        )
+    models = _models_scored(store, student, baseline, shards, cfg.include_base)
     all_rows: list[dict] = []
     counts, dropped, samples = {}, {}, {}
     correct: dict[str, dict[str, dict[str, bool]]] = {}  # suite -> variant -> item -> right
     for suite, run in runs.items():
         items, left_out = paired_items(loaded[suite].items, run.variants)
         if not items:
-            raise ValueError(
-                f"suite {suite!r} has no items to score"
-                + (
-                    f" in the {cfg.split} split: run the data stages (problems with a {cfg.split} split)"
-                    if suite == HELDOUT
-                    else ""
-                )
-            )
+            where = f" in the {cfg.split} split: run the data stages (problems with a {cfg.split} split)"
+            raise StageFailed(f"suite {suite!r} has no items to score" + (where if suite == HELDOUT else ""))
         counts[suite], dropped[suite] = len(items), left_out
-        for name, version, mlflow_run, path, role in models:
-            model, fmt = load_for_eval(path, kind="baseline" if role == BASE_VARIANT else None)
-            if role == "scaffold":
-                rows, records = evaluate_scaffold(model, fmt, items, run, progress)
+        for scored in models:
+            model, formatter = load_for_eval(scored.path, kind="baseline" if scored.role == BASE_VARIANT else None)
+            if scored.role == "scaffold":
+                rows, records = evaluate_scaffold(model, formatter, items, run, progress)
             else:
-                rows, records = evaluate_plain(
-                    model, fmt, items, run, "cot_sft" if role == "baseline" else BASE_VARIANT, progress
-                )
-            all_rows += _store_scores(wh, evaluation_id, name, version, mlflow_run, rows, records, run_id)
+                variant = "cot_sft" if scored.role == "baseline" else BASE_VARIANT
+                rows, records = evaluate_plain(model, formatter, items, run, variant, progress)
+            all_rows += _store_scores(store.warehouse, evaluation_id, scored, rows, records, run_id)
             for r in records:
                 correct.setdefault(suite, {}).setdefault(r.variant, {})[r.doc_id] = r.correct
             if cfg.export_samples and records:
-                label = model_label(name, version)
-                out = paths.inside(
-                    store.artifacts / "samples", suite, label.replace("/", "_").replace(" ", "-") + ".jsonl"
+                label = model_label(scored.name, scored.version)
+                name = label.replace("/", "_").replace(" ", "-") + ".jsonl"
+                samples[f"{suite}: {label}"] = str(
+                    export_samples(records, paths.inside(store.artifacts / "samples", suite, name))
                 )
-                samples[f"{suite}: {label}"] = str(export_samples(records, out))
     table, detail = comparison_table_markdown(all_rows), score_table_markdown(all_rows)
     table += "\n\n" + paired_differences_markdown(correct)
-    reg = store.registry
-    for mlflow_run in {r["mlflow_run_id"] for r in all_rows if r["mlflow_run_id"]}:
-        own = [r for r in all_rows if r["mlflow_run_id"] == mlflow_run]
-        whole = mlflow_run == student.mlflow_run_id  # the student's run gets the whole comparison
-        registry.log_scores(
-            reg,
-            mlflow_run,
-            all_rows if whole else own,
-            table + "\n\n" + detail if whole else score_table_markdown(own),
-            "scores-" + "-".join(runs),
-        )
+    _log_scores(store, student, all_rows, table, detail, "scores-" + "-".join(runs))
     return EvaluationHandle(
         evaluation_id=evaluation_id,
         model_name=student.model_name,
@@ -262,16 +199,49 @@ def evaluate_models(
     )
 
 
+def _models_scored(
+    store: Store, student: ModelHandle, baseline: ModelHandle | None, shards: ShardsHandle, include_base: bool
+) -> list[_Scored]:
+    """The student, its baseline when given, and the untuned backbone when asked for (no registered version: named
+    by what the config named, never an MLflow run)."""
+    models = [
+        _Scored(
+            student.model_name, student.version, student.mlflow_run_id, _local_or_registered(store, student), "scaffold"
+        )
+    ]
+    if baseline is not None:
+        path = _local_or_registered(store, baseline)
+        models.append(_Scored(baseline.model_name, baseline.version, baseline.mlflow_run_id, path, "baseline"))
+    if include_base:
+        name = f"base:{Path(shards.source_model).name or shards.source_model}"
+        models.append(_Scored(name, UNTUNED, None, Path(shards.base_model), BASE_VARIANT))
+    return models
+
+
+def _log_scores(store: Store, student: ModelHandle, rows: list[dict], table: str, detail: str, artifact: str) -> None:
+    """Each scored model's MLflow run gets its rows; the student's run gets the whole comparison."""
+    for mlflow_run in {r["mlflow_run_id"] for r in rows if r["mlflow_run_id"]}:
+        own = [r for r in rows if r["mlflow_run_id"] == mlflow_run]
+        whole = mlflow_run == student.mlflow_run_id
+        registry.log_scores(
+            store.registry,
+            mlflow_run,
+            rows if whole else own,
+            table + "\n\n" + detail if whole else score_table_markdown(own),
+            artifact,
+        )
+
+
 def _store_scores(
     wh: Warehouse,
     evaluation_id: str,
-    name: str,
-    version: str,
-    mlflow_run: str | None,
+    scored: _Scored,
     rows: list[ScoreRow],
     records: list[SampleRecord],
     run_id: str | None,
 ) -> list[dict]:
+    """One model's score rows and answers into the warehouse; the rows as the tables show them."""
+    name, version, mlflow_run = scored.name, scored.version, scored.mlflow_run
     dict_rows = [
         {
             **r.as_row(),
@@ -309,45 +279,3 @@ def _store_scores(
         run_id,
     )
     return [{**r, "model": model_label(name, version)} for r in dict_rows]
-
-
-# --- promotion -----------------------------------------------------------------------------------------------------
-
-
-def promote_challenger(
-    store: Store,
-    evaluation: EvaluationHandle,
-    cfg: PromotionConfig,
-    failed_gates: Sequence[str] = (),
-    who: str = "scaffold",
-):
-    """Move `champion` to the evaluated student when every gate passed and its score on the promotion suite beats the
-    current champion's (same eval config) by the margin; otherwise record why on the version."""
-    from scaffold_lib.store import registry
-
-    wh, reg = store.warehouse, store.registry
-    config_hash = evaluation.eval_config_hashes.get(cfg.suite)
-    failed = list(failed_gates)
-    if config_hash is None:
-        failed.append(f"the evaluation did not score the promotion suite {cfg.suite!r}")
-    contaminated = evaluation.contamination.get(cfg.suite, {}).get("trained_on", 0)
-    if contaminated:
-        failed.append(
-            f"{contaminated} training problems of v{evaluation.version} overlap the promotion suite "
-            f"{cfg.suite!r} (decontamination.action = 'exclude' leaves them out)"
-        )
-
-    def accuracy(version: str) -> float | None:
-        return wh.scalar(
-            "SELECT max(accuracy) FROM benchmark_scores WHERE model_name = ? AND version = ? "
-            "AND variant = ? AND eval_config_hash = ?",
-            [reg.model_name, version, cfg.variant, config_hash],
-        )
-
-    outcome = registry.promote_if_better(reg, evaluation.version, accuracy, cfg.margin, failed, who=who)
-    registry.append_description(
-        reg,
-        evaluation.version,
-        f"Promotion: {'yes' if outcome.promoted else 'no'} — {outcome.reason}\n\n{evaluation.comparison_table}",
-    )
-    return outcome
