@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from scaffold_lib.config import load_preset
-from scaffold_lib.pipeline import PipelineResult, run_data_stages
+from scaffold_lib.runner import run_data_stages
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.training_data import training_traces
 from scaffold_lib.student.examples import Formatter, text_format
@@ -122,7 +122,7 @@ def main() -> None:
     out_file = store.home / args.out
     results = json.loads(out_file.read_text()) if out_file.exists() else {}
     if not store.warehouse_path.exists():
-        run_data_stages(store, cfg, "ablation-data", PipelineResult("ablation-data"), print)
+        run_data_stages(store, cfg, "ablation-data", print)
     shards = pack_shards(store, cfg.shards, cfg.student, "ablation-pack")
     base = shards.base_model
     tokenizer = load_tokenizer(base)

@@ -25,8 +25,9 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from scaffold_lib.data.label_stats import LabelStats
 from scaffold_lib.data.segmentation import segment, segment_batch
-from scaffold_lib.data.signals import KeywordLabellerConfig, LabelStats, keyword_table, label_column, label_steps
+from scaffold_lib.data.signals import KeywordLabellerConfig, keyword_table, label_column, label_steps
 from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.data.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig
 

@@ -19,7 +19,7 @@ from scaffold_lib.config import load_preset, parse_assignments
 from scaffold_lib.evaluation.stats import item_comparison, required_items
 from scaffold_lib.evaluation.suites import HELDOUT
 from scaffold_lib.experiment import Context, diagnose_bed, item_matrix
-from scaffold_lib.pipeline import PipelineResult, run_data_stages
+from scaffold_lib.runner import run_data_stages
 from scaffold_lib.store.store import Store
 from scaffold_lib.student.pack import pack_shards
 
@@ -41,7 +41,7 @@ def main() -> None:
     store = Store.at(Path(args.work).resolve())
     started = time.perf_counter()
     if not store.warehouse_path.exists():
-        run_data_stages(store, cfg, "pilot-data", PipelineResult("pilot-data"), print)
+        run_data_stages(store, cfg, "pilot-data", print)
     shards = pack_shards(store, cfg.shards, cfg.student, "pilot")
     ctx = Context(store, cfg, "pilot", "pilot", {}, print, progress=False)
     limit = args.validation_limit or cfg.experiment.validation_limit

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from scaffold_lib.config import instance_settings, save_instance_settings
     from scaffold_lib.evaluation.handles import EvaluationHandle
-    from scaffold_lib.pipeline import summary
+    from scaffold_lib.runner import summary
     from scaffold_lib.store import registry
     from scaffold_lib.store.handles import load_handle
     from scaffold_lib.store.store import Store

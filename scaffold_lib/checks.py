@@ -1,5 +1,8 @@
-"""Quality gates over the store, as pure functions: Dagster's asset checks and the `scaffold run` pipeline evaluate the
-same ones, and a failed blocking gate stops what depends on it (and blocks promotion)."""
+"""The quality checks, as pure functions over the store: each takes the store and the handle of the stage it checks
+(None for a stage that writes tables only: its check reads the tables) and returns a `Finding`. Which check guards
+which stage, its name and whether it blocks is declared once, in the stage table (`scaffold_lib.stages`): Dagster's
+asset checks, `scaffold run` and the stage commands all evaluate them from there, and a failed blocking check stops
+what depends on it (and blocks promotion)."""
 
 from __future__ import annotations
 
@@ -7,9 +10,11 @@ import math
 from dataclasses import dataclass, field
 
 from scaffold_lib.data.collect import split_overlap
-from scaffold_lib.data.label import label_statistics
+from scaffold_lib.data.label_stats import label_statistics
 from scaffold_lib.data.signals import SIGNALS
 from scaffold_lib.evaluation.handles import EvaluationHandle
+from scaffold_lib.evaluation.suites import HELDOUT
+from scaffold_lib.store import data_tables
 from scaffold_lib.store.store import Store
 from scaffold_lib.student.handles import ModelHandle, ShardsHandle
 
@@ -18,7 +23,19 @@ MIN_KEYWORD_COVERAGE, MAX_FALLBACK_SHARE = 0.5, 0.3
 
 
 @dataclass(frozen=True)
+class Finding:
+    """What a check found: whether it passed, the figures, and (when it says more than the check's own description)
+    the result in words."""
+
+    passed: bool
+    metadata: dict = field(default_factory=dict)
+    description: str | None = None
+
+
+@dataclass(frozen=True)
 class Check:
+    """A check evaluated on one stage's output."""
+
     name: str
     asset: str
     passed: bool
@@ -31,87 +48,43 @@ class Check:
         return f"[{mark}] {self.asset}.{self.name}: {self.description} {self.metadata}"
 
 
-def problems_without_quarantine(store: Store) -> Check:
-    n = store.warehouse.scalar("SELECT count(*) FROM quarantine WHERE stage = 'problems'")
-    return Check(
-        "problems_without_quarantine",
-        "problems",
-        n == 0,
-        False,
-        "problem files had no malformed rows (quarantined rows are counted)",
-        {"quarantined_rows": n},
-    )
+def problems_without_quarantine(store: Store, _handle: None) -> Finding:
+    n = data_tables.quarantined(store.warehouse, "problems")
+    return Finding(n == 0, {"quarantined_rows": n})
 
 
-def splits_disjoint_by_group(store: Store) -> Check:
+def splits_disjoint_by_group(store: Store, _handle: None) -> Finding:
     """No group (arithmetic skeleton, template) has problems in more than one split: no test item is a reworded
     training item."""
     overlap = split_overlap(store)
     shared = sum(overlap.values())
-    return Check(
-        "splits_disjoint_by_group",
-        "problems",
-        shared == 0,
-        True,
-        "no group has problems in two splits",
-        {"shared_groups": shared, **overlap},
-    )
+    return Finding(shared == 0, {"shared_groups": shared, **overlap})
 
 
-def teacher_accuracy_above_floor(store: Store, floor: float = TEACHER_ACCURACY_FLOOR) -> Check:
-    acc = float(store.warehouse.scalar("SELECT coalesce(avg(is_correct::INT), 0) FROM teacher_traces"))
-    return Check(
-        "teacher_accuracy_above_floor",
-        "teacher_traces",
-        acc >= floor,
-        True,
-        f"teacher accuracy is above the floor ({floor})",
-        {"teacher_accuracy": round(acc, 4), "floor": floor},
-    )
+def teacher_accuracy_above_floor(store: Store, _handle: None, floor: float = TEACHER_ACCURACY_FLOOR) -> Finding:
+    acc = data_tables.teacher_accuracy(store.warehouse)
+    return Finding(acc >= floor, {"teacher_accuracy": round(acc, 4), "floor": floor})
 
 
-def no_empty_steps(store: Store) -> Check:
-    # DuckDB's trim() strips spaces only: a step of newlines/tabs must count as empty too
-    n = store.warehouse.scalar(r"SELECT count(*) FROM segmented_steps WHERE regexp_full_match(text, '[\s\p{Z}]*')")
-    return Check(
-        "no_empty_steps", "segmented_steps", n == 0, True, "no step is empty or whitespace", {"empty_steps": n}
-    )
+def no_empty_steps(store: Store, _handle: None) -> Finding:
+    n = data_tables.empty_steps(store.warehouse)
+    return Finding(n == 0, {"empty_steps": n})
 
 
-def one_row_per_step(store: Store) -> Check:
+def one_row_per_step(store: Store, _handle: None) -> Finding:
     """Each step id once in `segmented_steps` and at most once in `signal_labels`, and no label without its step: the
     step tables have no unique index (millions of rows), the stages keep them unique and this proves it."""
-    wh = store.warehouse
-    counts = {
-        "duplicate_step_ids": wh.scalar("SELECT count(*) - count(DISTINCT step_id) FROM segmented_steps"),
-        "duplicate_labels": wh.scalar("SELECT count(*) - count(DISTINCT step_id) FROM signal_labels"),
-        "labels_without_step": wh.scalar(
-            "SELECT count(*) FROM signal_labels ANTI JOIN segmented_steps USING (step_id)"
-        ),
-    }
-    return Check(
-        "one_row_per_step",
-        "signal_labels",
-        not any(counts.values()),
-        True,
-        "every step id once in segmented_steps, at most one label per step, no label without its step",
-        counts,
-    )
+    counts = data_tables.step_key_violations(store.warehouse)
+    return Finding(not any(counts.values()), counts)
 
 
 def label_coverage_in_bounds(
-    store: Store, min_coverage: float = MIN_KEYWORD_COVERAGE, max_fallback: float = MAX_FALLBACK_SHARE
-) -> Check:
+    store: Store, _handle: None, min_coverage: float = MIN_KEYWORD_COVERAGE, max_fallback: float = MAX_FALLBACK_SHARE
+) -> Finding:
     """Keywords and patterns label at least `min_coverage` of the steps, the fallback at most `max_fallback`."""
     stats = label_statistics(store)
-    ok = stats["rule_coverage"] >= min_coverage and stats["fallback_share"] <= max_fallback
-    return Check(
-        "label_coverage_in_bounds",
-        "signal_labels",
-        ok,
-        True,
-        f"keyword+pattern coverage >= {min_coverage:.0%} and fallback share <= {max_fallback:.0%} "
-        "(paper: 74 % keyword coverage)",
+    return Finding(
+        stats["rule_coverage"] >= min_coverage and stats["fallback_share"] <= max_fallback,
         {
             "keyword_coverage": stats["keyword_coverage"],
             "rule_coverage": stats["rule_coverage"],
@@ -121,49 +94,28 @@ def label_coverage_in_bounds(
     )
 
 
-def shard_fill_on_target(shards: ShardsHandle, target: float) -> Check:
+def shard_fill_on_target(_store: Store, shards: ShardsHandle) -> Finding:
     fill = min(s["fill_ratio"] for s in shards.stats.values())
-    return Check(
-        "shard_fill_on_target",
-        "packed_shards",
-        fill >= target,
-        True,
-        "every packed set fills its rows to the target",
-        {"min_fill_ratio": fill, "target": target},
-    )
+    return Finding(fill >= shards.fill_target, {"min_fill_ratio": fill, "target": shards.fill_target})
 
 
-def loss_finite_and_falling(model: ModelHandle) -> Check:
+def loss_finite_and_falling(_store: Store, model: ModelHandle) -> Finding:
     ok = math.isfinite(model.final_loss) and model.final_loss < model.first_loss
-    asset = "student_model" if model.kind == "scaffold" else "baseline_model"
-    return Check(
-        f"{'student' if model.kind == 'scaffold' else 'baseline'}_loss_finite_and_falling",
-        asset,
-        ok,
-        True,
-        "training loss is finite and fell",
-        {"first_loss": model.first_loss, "final_loss": model.final_loss},
-    )
+    return Finding(ok, {"first_loss": model.first_loss, "final_loss": model.final_loss})
 
 
-def scaffold_beats_baseline(evaluation: EvaluationHandle, suite: str, split: str) -> Check:
-    acc = {r["variant"]: r["accuracy"] for r in evaluation.rows if r["benchmark"] == suite and r["split"] == split}
+def scaffold_beats_baseline(_store: Store, evaluation: EvaluationHandle) -> Finding:
+    """Pass@1 of the scaffold student (predicted signals) against the CoT-SFT baseline on the held-out suite (or the
+    first suite scored), in the evaluation's split."""
+    suite = HELDOUT if HELDOUT in evaluation.suites else evaluation.suites[0]
+    acc = {
+        r["variant"]: r["accuracy"]
+        for r in evaluation.rows
+        if r["benchmark"] == suite and r["split"] == evaluation.split
+    }
     scaffold, baseline = acc.get("predicted", 0.0), acc.get("cot_sft", 0.0)
-    return Check(
-        "scaffold_beats_baseline",
-        "benchmark_scores",
+    return Finding(
         scaffold > baseline,
-        False,
-        f"scaffold {scaffold:.3f} vs baseline {baseline:.3f} (difference {scaffold - baseline:+.3f})",
         {"scaffold": scaffold, "baseline": baseline, "difference": scaffold - baseline},
+        f"scaffold {scaffold:.3f} vs baseline {baseline:.3f} (difference {scaffold - baseline:+.3f})",
     )
-
-
-DATA_CHECKS = (
-    problems_without_quarantine,
-    splits_disjoint_by_group,
-    teacher_accuracy_above_floor,
-    no_empty_steps,
-    one_row_per_step,
-    label_coverage_in_bounds,
-)

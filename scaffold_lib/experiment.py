@@ -13,8 +13,8 @@ confirmatory run:
 7. wrong answers by cause, and the signal head's calibration on validation.
 
 Everything lands in the warehouse (`experiment_scores`, item-level rows in `item_scores`) and in MLflow (a parent run
-with the report and the τ plot, the training runs as its children). `scaffold experiment` and the Dagster
-`experiment` job run `run_experiment`.
+with the report and the τ plot, the training runs as its children; the report is rendered by `experiment_report`).
+`scaffold experiment` and the Dagster `experiment` job run `run_experiment`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -33,44 +32,22 @@ from scaffold_lib.config import PipelineConfig
 from scaffold_lib.core.ids import content_id
 from scaffold_lib.evaluation import bed
 from scaffold_lib.evaluation.config import EvalConfig
-from scaffold_lib.evaluation.error_analysis import error_table, error_table_markdown
+from scaffold_lib.evaluation.error_analysis import error_table
 from scaffold_lib.evaluation.evaluate import evaluate_models, heldout_items, load_for_eval
 from scaffold_lib.evaluation.handles import EvaluationHandle
 from scaffold_lib.evaluation.metrics import serving_decode, signal_predictions
 from scaffold_lib.evaluation.stats import calibration, item_comparison, mean_sd, paired_comparison
 from scaffold_lib.evaluation.suites import HELDOUT, OOD_SUITES
-from scaffold_lib.store import data_tables, scores
+from scaffold_lib.experiment_report import COMPARISONS, PRIMARY, ExperimentResult, render_report, tau_plot
+from scaffold_lib.store import data_tables
+from scaffold_lib.store.scores import answers_with_questions, item_correctness
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.training_data import training_traces
 from scaffold_lib.student.handles import ModelHandle, ShardsHandle
 from scaffold_lib.student.pack import pack_shards
 from scaffold_lib.student.train import train_model
 
-PRIMARY = ("predicted", "cot_sft")
-SECONDARY = (("golden", "predicted"), ("predicted", "random"), ("summaries_only", "predicted"), ("golden", "cot_sft"))
-COMPARISONS = (PRIMARY, *SECONDARY)
 Log = Callable[[str], None]
-
-
-@dataclass
-class ExperimentResult:
-    experiment_id: str
-    tau: float
-    beta: float
-    injection: str
-    report: str
-    # "suite:a-b" -> ItemComparison as a dict (the primary is "heldout:predicted-cot_sft")
-    comparisons: dict[str, dict] = field(default_factory=dict)
-    per_seed: dict[str, dict[int, float]] = field(default_factory=dict)  # variant -> seed -> test Pass@1
-    diagnostics: dict = field(default_factory=dict)
-    efficiency: list[dict] = field(default_factory=list)
-    report_path: str = ""
-    plot_path: str = ""
-    minutes: float = 0.0
-
-    @property
-    def primary(self) -> dict:
-        return self.comparisons.get(f"{HELDOUT}:{'-'.join(PRIMARY)}", {})
 
 
 @dataclass
@@ -141,7 +118,7 @@ def run_experiment(
     progress: bool = False,
 ) -> ExperimentResult:
     """Tune on validation, train both arms over seeds, test once, compare item by item; the data stages must have run
-    (`pipeline.run_data_stages`)."""
+    (`runner.run_data_stages`)."""
     from scaffold_lib.store import registry
 
     started = time.perf_counter()
@@ -196,6 +173,12 @@ def _run(ctx: Context, preset: str) -> ExperimentResult:
     )
     out_dir = ctx.store.artifacts / "experiments" / ctx.experiment_id
     plot = tau_plot(sweep, tau, out_dir / "tau.png")
+    errors = error_table(_error_rows(ctx.store, [e for e in tests[HELDOUT].values()]))
+    models = [
+        {"seed": s, "arm": arm, "model": m.model_uri, "steps": m.steps, "tokens": m.train_tokens}
+        for s in exp.seeds
+        for arm, m in (("scaffold", students[s]), ("cot_sft", baselines[s]))
+    ]
     result = ExperimentResult(
         ctx.experiment_id,
         tau,
@@ -208,9 +191,15 @@ def _run(ctx: Context, preset: str) -> ExperimentResult:
         efficiency,
         str(out_dir / "report.md"),
         str(plot),
+        preset=preset,
+        seeds=list(exp.seeds),
+        traces=shards.traces,
+        sweep=sweep,
+        mcnemar=mcnemar,
+        errors=errors,
+        models=models,
     )
-    errors = error_table(_error_rows(ctx.store, [e for e in tests[HELDOUT].values()]))
-    result.report = render_report(ctx, preset, shards, result, sweep, mcnemar, errors, students, baselines)
+    result.report = render_report(result)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(result.report)
     summary = {k: getattr(result, k) for k in ("tau", "beta", "injection", "comparisons", "per_seed", "efficiency")}
@@ -358,7 +347,7 @@ def item_matrix(
     """[items, seeds] correctness of variants `a` and `b` over the items both answered under every seed."""
     by = {v: {} for v in (a, b)}
     for seed, evaluation in evaluations.items():
-        for r in scores.item_correctness(store.warehouse, evaluation.evaluation_id, [a, b]):
+        for r in item_correctness(store.warehouse, evaluation.evaluation_id, [a, b]):
             by[r["variant"]].setdefault(r["doc_id"], {})[seed] = r["correct"]
     seeds = sorted(evaluations)
     items = sorted(d for d in by[a] if d in by[b] and len(by[a][d]) == len(by[b][d]) == len(seeds))
@@ -444,175 +433,9 @@ def sample_efficiency(
     return points
 
 
-# --- 7. the report ---------------------------------------------------------------------------------------------------
+# --- 7. wrong answers ------------------------------------------------------------------------------------------------
 
 
 def _error_rows(store: Store, evaluations: list[EvaluationHandle]) -> list[dict]:
     ids = [e.evaluation_id for e in evaluations]
-    return scores.answers_with_questions(store.warehouse, ids, ["predicted", "cot_sft", "golden"])
-
-
-def tau_plot(sweep: dict[float, list[float]], chosen: float, path: Path) -> Path:
-    """Pass@1 on validation against τ (mean over seeds, with their spread)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    taus = sorted(sweep)
-    means = [mean_sd(sweep[t])[0] * 100 for t in taus]
-    sds = [mean_sd(sweep[t])[1] * 100 for t in taus]
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.errorbar(taus, means, yerr=sds, marker="o", capsize=3)
-    ax.axvline(chosen, color="grey", linestyle=":", label=f"chosen τ = {chosen}")
-    ax.set_xlabel("τ (confidence to write another step)")
-    ax.set_ylabel("Pass@1 on validation (%)")
-    ax.set_title("Scaffold student, predicted signals")
-    ax.legend(loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.1f}"
-
-
-def render_report(
-    ctx: Context,
-    preset: str,
-    shards: ShardsHandle,
-    result: ExperimentResult,
-    sweep: dict[float, list[float]],
-    mcnemar: list[str],
-    errors: dict,
-    students: dict[int, ModelHandle],
-    baselines: dict[int, ModelHandle],
-) -> str:
-    """The report in markdown: the answer to the primary question first, then everything that qualifies it."""
-    seeds = ctx.cfg.experiment.seeds
-    primary = result.primary
-    lines = [
-        f"# Experiment {result.experiment_id}",
-        "",
-        f"Preset `{preset or 'custom'}`; seeds {seeds}; {shards.traces} training traces; signal injection "
-        f"`{result.injection}`, β = {result.beta}, τ = {result.tau} (chosen on validation).",
-        "",
-        "## Primary: scaffold (predicted signals) − CoT-SFT, Pass@1 on test, the item as the unit",
-        "",
-        _comparison_sentence(primary) if primary else "(not scored)",
-        "",
-        "## Test Pass@1 per variant (mean ± sd over seeds)",
-        "",
-        "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |",
-        "|---|" + "---:|" * (len(seeds) + 1),
-    ]
-    for variant in [
-        v for v in ("base", "cot_sft", "golden", "predicted", "random", "summaries_only") if v in result.per_seed
-    ]:
-        values = [result.per_seed[variant].get(s) for s in seeds]
-        mean, sd = mean_sd([v for v in values if v is not None])
-        lines.append(f"| {variant} | " + " | ".join(_pct(v) for v in values) + f" | {_pct(mean)} ± {_pct(sd)} |")
-    lines += [
-        "",
-        "## Paired comparisons (item means over seeds; 95 % bootstrap interval over items; sign-flip p)",
-        "",
-        "| suite | comparison | A | B | A − B (points) | 95 % CI | items better A/B | p |",
-        "|---|---|---:|---:|---:|---|---:|---:|",
-    ]
-    for key, c in result.comparisons.items():
-        suite, pair = key.split(":")
-        a, b = pair.split("-")
-        lines.append(
-            f"| {suite} | {a} − {b} | {_pct(c['accuracy_a'])} | {_pct(c['accuracy_b'])} | {100 * c['difference']:+.1f} | "
-            f"{100 * c['ci_low']:+.1f} to {100 * c['ci_high']:+.1f} | {c['a_better']}/{c['b_better']} | {c['p_value']:.3g} |"
-        )
-    lines += ["", "Secondary, the primary comparison per seed (exact McNemar):", "", *mcnemar]
-    lines += _diagnostics_section(result.diagnostics)
-    lines += _efficiency_section(result.efficiency)
-    lines += ["", "## τ on validation (predicted signals, mean over seeds)", "", "| τ | Pass@1 |", "|---:|---:|"]
-    lines += [f"| {t} | {_pct(mean_sd(v)[0])} |" for t, v in sweep.items()]
-    lines += [
-        "",
-        "## Wrong answers on test, by cause (pooled over seeds)",
-        "",
-        error_table_markdown(errors) if errors else "(no synthetic problems to analyse)",
-        "",
-        "## Models and budgets",
-        "",
-        "| seed | arm | model | steps | tokens seen |",
-        "|---:|---|---|---:|---:|",
-    ]
-    for s in seeds:
-        for arm, m in (("scaffold", students[s]), ("cot_sft", baselines[s])):
-            lines.append(f"| {s} | {arm} | {m.model_uri} | {m.steps} | {m.train_tokens:,} |")
-    return "\n".join(lines) + "\n"
-
-
-def _comparison_sentence(c: dict) -> str:
-    verdict = "significant" if not (c["ci_low"] <= 0 <= c["ci_high"]) else "not significant"
-    return (
-        f"**{100 * c['difference']:+.1f} points** ({_pct(c['accuracy_a'])} % against {_pct(c['accuracy_b'])} %), "
-        f"95 % CI {100 * c['ci_low']:+.1f} to {100 * c['ci_high']:+.1f}, {verdict} (sign-flip p = {c['p_value']:.3g}; "
-        f"{c['n_items']} items × {c['n_seeds']} seed(s); items better {c['a_better']}/{c['b_better']})."
-    )
-
-
-def _diagnostics_section(d: dict) -> list[str]:
-    if not d:
-        return []
-    ex, nxt = d["step_execution"], d["next_signal"]
-    lines = [
-        "",
-        "## The bed's diagnostics (validation, first seed)",
-        "",
-        "(a) step execution, teacher-forced: of the teacher's calculations, the share whose result (operands) the "
-        "student predicts exactly",
-        "",
-        "| arm | calculations | result exact | operands exact |",
-        "|---|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {arm} | {v['calculations']} | {_pct(v['result_exact'])} % | {_pct(v['operands_exact'])} % |"
-        for arm, v in ex.items()
-    ]
-    lines += [
-        "",
-        f"(b) next-signal accuracy at {nxt['boundaries']} step boundaries",
-        "",
-        "| predictor | accuracy |",
-        "|---|---:|",
-        f"| position only | {_pct(nxt['position_only'])} % |",
-        f"| position + previous signal | {_pct(nxt['position_and_previous'])} % |",
-        f"| CoT-SFT student, implicit (its opening words, labelled) | {_pct(nxt['cot_sft_implicit'])} % |",
-        f"| scaffold student's signal head | {_pct(nxt['signal_head'])} % |",
-        "",
-        "Signals in the training flows: " + ", ".join(f"{k} {v}" for k, v in d["signals_in_training"].items()),
-    ]
-    if d.get("tuning"):
-        lines += ["", "Tuning on validation (first seed, τ = the grid's first):", ""]
-        lines += [
-            f"- injection `{t['injection']}`, β = {t['beta']}: {_pct(t['validation_pass_at_1'])} %" for t in d["tuning"]
-        ]
-    lines += ["", "Calibration of the signal head on validation:", "", d["calibration"].markdown()]
-    return lines
-
-
-def _efficiency_section(points: list[dict]) -> list[str]:
-    if len(points) < 2:
-        return []
-    lines = [
-        "",
-        "## Sample efficiency (first seed; test Pass@1 against the share of training data)",
-        "",
-        "| data | scaffold tokens | predicted | CoT-SFT tokens | cot_sft | difference (95 % CI) |",
-        "|---:|---:|---:|---:|---:|---|",
-    ]
-    lines += [
-        f"| {100 * p['fraction']:.0f} % | {p['scaffold_tokens']:,} | {_pct(p['accuracy_a'])} | {p['cot_sft_tokens']:,} | "
-        f"{_pct(p['accuracy_b'])} | {100 * p['difference']:+.1f} ({100 * p['ci_low']:+.1f} to {100 * p['ci_high']:+.1f}) |"
-        for p in points
-    ]
-    return lines
+    return answers_with_questions(store.warehouse, ids, ["predicted", "cot_sft", "golden"])

@@ -195,24 +195,29 @@ def test_help_lists_the_commands():
     ],
 )
 def test_the_command_is_found_past_global_options_and_their_values(argv, command):
-    from scaffold_lib.cli import command_of
+    from scaffold_lib.cli.flags import command_of
 
     assert command_of(argv) == command
 
 
-def test_only_the_command_being_run_resolves_config_flags(write_jsonl, tmp_path):
-    """A command without config flags (`import-model --help`) never resolves the configuration, which imports every
-    stage's settings and torch with them; `data` still has its flags, also after global options whose values look
-    like commands."""
+def test_help_imports_no_model_library_or_database_and_every_command_has_its_flags(tmp_path):
+    """`scaffold … --help` resolves the configuration to show each flag's default, and the configuration and the
+    stage table import no torch, transformers, DuckDB or MLflow: help answers at once. `data` still has its flags after
+    global options whose values look like commands."""
     probe = (
         "import sys; from scaffold_lib.cli import main\n"
         "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-        "print('torch imported:', 'torch' in sys.modules, file=sys.stderr)"
+        "print('heavy:', sorted(m for m in ('torch', 'transformers', 'duckdb', 'mlflow') if m in sys.modules), "
+        "file=sys.stderr)"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", probe, "import-model", "--help"], capture_output=True, text=True, timeout=120
-    )
-    assert "usage: scaffold import-model" in proc.stdout and "torch imported: False" in proc.stderr
+    for command in ("import-model", "train", "data"):
+        proc = subprocess.run(
+            [sys.executable, "-c", probe, command, "--help"], capture_output=True, text=True, timeout=120
+        )
+        assert f"usage: scaffold {command}" in proc.stdout and "heavy: []" in proc.stderr, (
+            command,
+            proc.stderr[-2000:],
+        )
     proc = scaffold("--home", tmp_path / "label", "--set", "problems.synthetic.seed=1", "data", "--help")
     assert proc.returncode == 0, proc.stderr
     assert "--n-problems" in proc.stdout and "problems.synthetic.n_problems" in proc.stdout
@@ -247,7 +252,8 @@ def test_every_cli_default_is_the_resolved_configuration(tmp_path):
     """Walks every subcommand's options on an instance whose settings differ from the library's (preset micro, τ
     overridden): a config flag's default is left to the configuration (argparse.SUPPRESS) and its help shows the
     resolved value; any other option defaults to "not given" unless listed in NOT_SETTINGS with its reason."""
-    from scaffold_lib.cli import FLAG_PREFIX, build_parser, config_value, settings
+    from scaffold_lib.cli import build_parser
+    from scaffold_lib.cli.flags import FLAG_PREFIX, config_value, settings
     from scaffold_lib.config import resolve, save_instance_settings
 
     save_instance_settings(

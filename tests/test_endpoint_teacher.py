@@ -17,7 +17,8 @@ import pytest
 
 from scaffold_lib.core.errors import StageFailed
 from scaffold_lib.data.config import EndpointConfig, EndpointConfigError, PromptConfig
-from scaffold_lib.data.label import label_statistics, validate_signal_labels
+from scaffold_lib.data.label import validate_signal_labels
+from scaffold_lib.data.label_stats import label_statistics
 from scaffold_lib.data.label_validation import LabelValidator, ValidatorConfig
 from scaffold_lib.data.llm_teachers import EndpointTeacher
 from scaffold_lib.data.signals import FALLBACK, KEYWORD, LLM, LLM_AGREE, LLM_OVERRIDE, PATTERN
@@ -288,7 +289,7 @@ def dagster_resources(home: Path, **secrets) -> dict:
 
 
 def test_dagster_assets_run_against_a_configured_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipelines.defs import data_assets
+    from pipelines.defs.stage_assets import ASSETS
 
     home = tmp_path / "home"
     monkeypatch.setenv("DAGSTER_HOME", str(home))
@@ -327,7 +328,7 @@ def test_dagster_assets_run_against_a_configured_endpoint(tmp_path: Path, monkey
         }
         instance = dg.DagsterInstance.ephemeral()
         result = dg.materialize(
-            [data_assets.problems, data_assets.teacher_traces, data_assets.segmented_steps, data_assets.signal_labels],
+            [ASSETS["problems"], ASSETS["teacher_traces"], ASSETS["segmented_steps"], ASSETS["signal_labels"]],
             resources=dagster_resources(
                 home,
                 teacher_api_key=dg.EnvVar("SCAFFOLD_TEST_API_KEY"),
@@ -356,14 +357,14 @@ def test_dagster_assets_run_against_a_configured_endpoint(tmp_path: Path, monkey
 def test_a_partition_backfill_fans_out_over_two_endpoints_and_a_failed_shard_reruns_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipelines.defs import data_assets
+    from pipelines.defs.stage_assets import ASSETS, TRACE_PARTITIONS
     from scaffold_lib.data.problems import partition_of
 
     home = tmp_path / "home"
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     home.mkdir()
     instance = dg.DagsterInstance.ephemeral()
-    keys = data_assets.TRACE_SHARDS.get_partition_keys()
+    keys = TRACE_PARTITIONS.get_partition_keys()
     down = FaultPlan(rate=1.0, kinds=("server_error",), max_faults_per_prompt=10_000)
     with ScriptedEndpoint() as even, ScriptedEndpoint(faults=down) as odd:
 
@@ -376,7 +377,7 @@ def test_a_partition_backfill_fans_out_over_two_endpoints_and_a_failed_shard_rer
             }
             config = (
                 {"problems": {"config": {"problems": {"synthetic": {"n_problems": 64}, "ood": {"n_problems": 0}}}}}
-                if data_assets.problems in assets
+                if ASSETS["problems"] in assets
                 else {"teacher_trace_shards": {"config": {"teacher": teacher}}}
             )
             return dg.materialize(
@@ -388,14 +389,14 @@ def test_a_partition_backfill_fans_out_over_two_endpoints_and_a_failed_shard_rer
                 run_config={"ops": config},
             )
 
-        assert run([data_assets.problems]).success
-        results = {key: run([data_assets.teacher_trace_shards], key) for key in keys}
+        assert run([ASSETS["problems"]]).success
+        results = {key: run([ASSETS["teacher_trace_shards"]], key) for key in keys}
         # odd shards hit the server that is down: those partitions fail, with their problems recorded
         assert {k for k, r in results.items() if not r.success} == set(keys[1::2])
         odd.faults = FaultPlan()  # the outage ends
         before = Warehouse(home / "warehouse.duckdb").query("SELECT trace_id FROM teacher_traces")
         even.reset_stats()
-        assert run([data_assets.teacher_trace_shards], keys[1]).success  # one failed shard re-runs alone
+        assert run([ASSETS["teacher_trace_shards"]], keys[1]).success  # one failed shard re-runs alone
         assert even.stats()["requests"] == 0  # nothing asked of the other shards' server
     wh = Warehouse(home / "warehouse.duckdb")
     rows = wh.query("SELECT t.problem_id, t.endpoint FROM teacher_traces t")

@@ -12,7 +12,7 @@ from scipy.stats import binomtest
 from scaffold_lib.config import load_preset
 from scaffold_lib.evaluation.stats import calibration, mcnemar_exact, paired_comparison
 from scaffold_lib.experiment import run_experiment
-from scaffold_lib.pipeline import PipelineResult, run_data_stages
+from scaffold_lib.runner import run_data_stages
 from scaffold_lib.store import registry
 from scaffold_lib.store.store import Store
 
@@ -72,8 +72,7 @@ MICRO_EXPERIMENT = {
 def _experiment(home) -> tuple[Store, object]:
     resolved = load_preset("micro", MICRO_EXPERIMENT)
     store = Store.at(home)
-    result = PipelineResult("experiment-micro")
-    run_data_stages(store, resolved.config, result.run_id, result, log=lambda _: None)
+    result = run_data_stages(store, resolved.config, "experiment-micro", log=lambda _: None)
     return store, run_experiment(store, resolved.config, result.run_id, preset="micro", log=lambda _: None)
 
 

@@ -273,18 +273,24 @@ def test_the_cli_and_dagster_write_the_same_rows(pipeline, tmp_path):
         assert ours == theirs, table
     # the same table layout as the demo prints
     assert "The comparison table (Pass@1):" in proc.stdout and "| variant | heldout (test) |" in proc.stdout
+    # and the same checks, with the same verdicts, as the Dagster run evaluated
+    evaluated = re.findall(r"^\[(ok |FAIL|warn)\] (\w+)\.(\w+):", proc.stdout, re.M)
+    dagster = {
+        (e.asset_key.to_user_string(), e.check_name): e.passed for e in pipeline.result.get_asset_check_evaluations()
+    }
+    assert {(asset, name): mark == "ok " for mark, asset, name in evaluated} == dagster
 
 
 def test_overlapping_runs_each_score_their_own_model(tmp_path, monkeypatch):
     """Run A trains v_a and, while it is about to evaluate, run B trains v_b (now the latest student_model). A's
     benchmark_scores still scores v_a: assets take their upstream's output from their own run."""
-    from pipelines.defs import student_assets
+    from scaffold_lib.evaluation import evaluate
 
     home = tmp_path / "home"
     instance = new_instance(home)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     cfg = micro()
-    original = student_assets.evaluate_models
+    original = evaluate.evaluate_models
     a_waiting, b_done = threading.Event(), threading.Event()
 
     def evaluate_after_b(*args, **kwargs):
@@ -292,7 +298,7 @@ def test_overlapping_runs_each_score_their_own_model(tmp_path, monkeypatch):
         assert b_done.wait(300), "run B did not finish"
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(student_assets, "evaluate_models", evaluate_after_b)
+    monkeypatch.setattr(evaluate, "evaluate_models", evaluate_after_b)
     upstream = [*DATA_ASSETS, "packed_shards"]
     shards_run = [
         dg.materialize(
@@ -729,10 +735,10 @@ def _steps_warehouse(path: Path, texts: list[list[str]]) -> Warehouse:
 
 
 def check(name: str, home: Path) -> dg.AssetCheckResult:
-    from pipelines.defs import data_assets
     from pipelines.defs.resources import StoreResource
+    from pipelines.defs.stage_assets import CHECKS
 
-    return getattr(data_assets, name)(store=StoreResource(home=str(home)))
+    return CHECKS[name](store=StoreResource(home=str(home)))
 
 
 def test_label_coverage_check_fails_without_keywords(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from scaffold_lib.config import load_preset
 from scaffold_lib.evaluation.evaluate import evaluate_models, load_for_eval
-from scaffold_lib.pipeline import PipelineResult, run_data_stages
+from scaffold_lib.runner import run_data_stages
 from scaffold_lib.store.store import Store
 from scaffold_lib.student.model import load_tokenizer
 from scaffold_lib.student.pack import pack_shards
@@ -30,8 +30,7 @@ MICRO = {
 def real(tmp_path_factory) -> dict:
     cfg = load_preset("real-small", MICRO).config
     store = Store.at(tmp_path_factory.mktemp("real-small"))
-    result = PipelineResult("real-micro")
-    run_data_stages(store, cfg, result.run_id, result, log=lambda _: None)
+    result = run_data_stages(store, cfg, "real-micro", log=lambda _: None)
     shards = pack_shards(store, cfg.shards, cfg.student, result.run_id)
     scaffold = train_model(store, shards, cfg.train, "scaffold", result.run_id, progress=False)
     baseline = train_model(store, shards, cfg.train, "baseline", result.run_id, progress=False)
@@ -39,7 +38,7 @@ def real(tmp_path_factory) -> dict:
     return {
         "cfg": cfg,
         "store": store,
-        "reports": result.reports,
+        "reports": result.outputs,
         "shards": shards,
         "scaffold": scaffold,
         "baseline": baseline,

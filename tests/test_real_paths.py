@@ -22,7 +22,7 @@ from scaffold_lib.data.signals import label_steps
 from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.data.teachers import ProgrammaticTeacher
 from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap
-from scaffold_lib.pipeline import run_pipeline
+from scaffold_lib.runner import run_pipeline
 from scaffold_lib.store.store import Store
 from scaffold_lib.student.config import ShardsConfig, TrainConfig
 from scaffold_lib.student.model import load_tokenizer, prepare_pretrained_base
@@ -196,18 +196,19 @@ def test_benchmark_questions_in_the_training_data_are_excluded_or_block_promotio
                 "promotion": {"suite": "gsm8k"},
             },
         ).config
-        result = run_pipeline(Store.at(home), run_cfg, log=lambda _: None, progress=False)
-        overlap = result.reports["decontamination"].details
+        out = run_pipeline(Store.at(home), run_cfg, log=lambda _: None, progress=False).outputs
+        overlap = out["decontamination"].details
         assert overlap["checked"]["gsm8k"] >= 3 and "math500" in overlap["not_checked"]
-        assert result.evaluation.contamination["gsm8k"]["overlapping"] >= 3
+        evaluation, shards, promotion = out["benchmark_scores"], out["packed_shards"], out["model_promotion"]
+        assert evaluation.contamination["gsm8k"]["overlapping"] >= 3
         if action == "exclude":
-            assert result.shards.excluded_contaminated >= 3
-            assert result.evaluation.contamination["gsm8k"]["trained_on"] == 0
-            assert result.promotion.promoted
+            assert shards.excluded_contaminated >= 3
+            assert evaluation.contamination["gsm8k"]["trained_on"] == 0
+            assert promotion.promoted
         else:
-            assert result.shards.excluded_contaminated == 0
-            assert result.evaluation.contamination["gsm8k"]["trained_on"] >= 3
-            assert not result.promotion.promoted and "overlap the promotion suite 'gsm8k'" in result.promotion.reason
+            assert shards.excluded_contaminated == 0
+            assert evaluation.contamination["gsm8k"]["trained_on"] >= 3
+            assert not promotion.promoted and "overlap the promotion suite 'gsm8k'" in promotion.reason
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from scaffold_lib.data.label_stats import LabelStats
 from scaffold_lib.data.signals import (
     ANSWER_SIGNAL,
     FALLBACK,
@@ -18,7 +19,6 @@ from scaffold_lib.data.signals import (
     KeywordLabellerConfig,
     KeywordTable,
     Label,
-    LabelStats,
     keyword_table,
     label_column,
     label_step,

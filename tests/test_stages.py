@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from scaffold_lib.core.errors import StageFailed, UserError
-from scaffold_lib.data.label import signal_distribution_markdown
+from scaffold_lib.data.label_stats import signal_distribution_markdown
 from scaffold_lib.data.problem_files import load_problem_file
 from scaffold_lib.data.problems import Problem, make_problem_id
 from scaffold_lib.data.segmentation import segment

@@ -282,7 +282,7 @@ def test_each_format_imports_through_the_cli_with_its_problems(fmt: str, tmp_pat
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_each_format_imports_through_dagster_with_its_problems(fmt: str, tmp_path: Path) -> None:
-    from pipelines.defs import data_assets
+    from pipelines.defs.stage_assets import ASSETS
 
     path = FORMATS[fmt][0](tmp_path)
     home = tmp_path / "home"
@@ -291,7 +291,7 @@ def test_each_format_imports_through_dagster_with_its_problems(fmt: str, tmp_pat
         problems={"source": "files"},
         teacher={"backend": "import", "import_source": str(path), "import_format": fmt},
     )
-    assets = [getattr(data_assets, name) for name in DATA_ASSETS]
+    assets = [ASSETS[name] for name in DATA_ASSETS]
     result = dg.materialize(
         assets,
         resources=resources(home),

@@ -2,14 +2,15 @@
 
 import dagster as dg
 
-from pipelines.defs.common import DATA_GROUP, EXPERIMENT_GROUP, FLEET_GROUP
+from pipelines.defs.stage_assets import PARTITIONED_TEACHER
 from scaffold_lib.core import paths
 from scaffold_lib.data.problem_files import PROBLEM_SUFFIXES, problem_files
+from scaffold_lib.stages import STAGES, of_command
 
-# the sharded teacher is for partition backfills over a fleet of endpoints (its own job): the other jobs trace
-# every problem in one step through `teacher_traces`
-SHARDED_TEACHER = dg.AssetSelection.groups(FLEET_GROUP)
-EXPERIMENT = dg.AssetSelection.groups(EXPERIMENT_GROUP)
+# the partitioned teacher is for backfills over a fleet of endpoints (its own job): the other jobs trace every
+# problem in one step through `teacher_traces`
+SHARDED_TEACHER = dg.AssetSelection.assets(PARTITIONED_TEACHER)
+EXPERIMENT = dg.AssetSelection.assets(*(s.name for s in STAGES if not s.in_pipeline))
 # the whole pipeline, in one run: what `make demo` launches
 full_pipeline_job = dg.define_asset_job(
     "full_pipeline",
@@ -19,14 +20,14 @@ full_pipeline_job = dg.define_asset_job(
 # new problems -> traces -> steps -> labels (incremental: only new problems reach the teacher)
 data_refresh_job = dg.define_asset_job(
     "data_refresh",
-    selection=dg.AssetSelection.groups(DATA_GROUP),
+    selection=dg.AssetSelection.assets(*(s.name for s in of_command("data"))),
     description="refresh problems, teacher traces, steps and labels",
 )
-# one run per problem shard (launch a backfill of it), each shard on its own endpoint when several are configured
+# one run per problem partition (launch a backfill of it), each on its own endpoint when several are configured
 trace_backfill_job = dg.define_asset_job(
     "trace_backfill",
     selection=SHARDED_TEACHER,
-    description="teacher traces by problem shard, fanned out over endpoints",
+    description="teacher traces by problem partition, fanned out over endpoints",
 )
 # the experiment on the data the pipeline holds: both arms over seeds, tuned on validation, tested once
 experiment_job = dg.define_asset_job(

@@ -1,4 +1,4 @@
-"""What the asset modules share: groups, pools, the instance's configuration, run-config classes derived from the
+"""What the Dagster modules share: pools, the instance's configuration, run-config classes derived from the
 library's config sections, and small metadata helpers.
 
 Run config is never typed here: each asset's config class is built from its section of
@@ -18,12 +18,11 @@ from scaffold_lib.checks import Check
 from scaffold_lib.config import PipelineConfig, Resolved, resolve
 from scaffold_lib.core import paths
 
-# DuckDB allows one writer process: every asset that writes the warehouse runs in this pool (limit 1)
-WAREHOUSE_POOL = "duckdb_writer"
-# one trainer at a time (the GPU op); its own pool so training never blocks the data stages' writes
-GPU_POOL = "gpu"
-
-DATA_GROUP, STUDENT_GROUP, FLEET_GROUP, EXPERIMENT_GROUP = "data", "student", "teacher_fleet", "experiment"
+# The stage table's pools as Dagster pools (limit 1 each, dagster_home/dagster.yaml): DuckDB allows one writer
+# process, so every stage that writes the warehouse runs in `duckdb_writer`; one trainer at a time (the GPU op) in
+# `gpu`, its own pool so training never blocks the data stages' writes
+POOLS = {"warehouse": "duckdb_writer", "accelerator": "gpu"}
+FLEET_GROUP = "teacher_fleet"  # the partitioned teacher of a fleet's backfill (Dagster only)
 
 
 def instance_config() -> Resolved:
@@ -93,11 +92,6 @@ def rounded(value):
     return value
 
 
-def materialized(metadata: dict) -> dg.MaterializeResult:
-    """An asset's result with its metadata `rounded`."""
-    return dg.MaterializeResult(metadata=rounded(metadata))
-
-
 def check_result(check: Check) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=check.passed,
@@ -111,10 +105,6 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def run_id(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> str:
-    return context.run.run_id
 
 
 SPARKS = "▁▂▃▄▅▆▇█"

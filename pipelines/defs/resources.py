@@ -5,6 +5,7 @@ import dagster as dg
 from pydantic import BaseModel, Field, SecretStr
 
 from scaffold_lib.core import paths
+from scaffold_lib.stages import stage
 from scaffold_lib.store.handles import load_handle, save_handle
 from scaffold_lib.store.store import MODEL_NAME, Store
 
@@ -44,7 +45,8 @@ class SecretsResource(dg.ConfigurableResource):
 
 
 class HandleIOManager(dg.ConfigurableIOManager):
-    """Stage handles (small pydantic documents: ids, paths, hashes, figures) as JSON files below
+    """Stage handles (small pydantic documents: ids, paths, hashes, figures; their class is the stage table's) as JSON
+    files below
     `<home>/handles/<asset>/<run id>.json`, the same files the `scaffold` CLI uses. An input produced in this run is
     read from this run's file, so two overlapping runs never train on or score each other's model; an input from an
     earlier run (a downstream-only materialisation) is the upstream's latest materialisation. Models are never
@@ -66,7 +68,7 @@ class HandleIOManager(dg.ConfigurableIOManager):
             if event is None:
                 raise dg.Failure(f"asset {key.to_user_string()!r} has never been materialised: materialise it first")
             upstream_run = event.run_id
-        return load_handle(self.home, key.to_user_string(), context.dagster_type.typing_type, upstream_run)
+        return load_handle(self.home, key.to_user_string(), stage(key.to_user_string()).handle, upstream_run)
 
 
 @dg.definitions

@@ -37,7 +37,16 @@ def iter_file_rows(
         return
     if suffix not in (".jsonl", ".json", ".ndjson"):
         raise DataFileError(f"{path}: unsupported file type {suffix!r}; use .jsonl or .parquet")
-    with path.open("rb") as fh:
+    yield from iter_jsonl_rows(path)
+
+
+def iter_jsonl_rows(path: Path) -> Iterator[tuple[int, dict | None, str, str | None]]:
+    """`iter_file_rows` of a file read as JSONL whatever its name: (line number, row or None, raw line, error)."""
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise DataFileError(f"{path}: cannot open: {exc.strerror}") from exc
+    with fh:
         for i, raw in enumerate(fh, start=1):
             try:
                 text = raw.decode("utf-8-sig" if i == 1 else "utf-8")  # a BOM may open the file

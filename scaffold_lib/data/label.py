@@ -15,17 +15,9 @@ from tqdm.auto import tqdm
 from scaffold_lib.core.errors import StageFailed
 from scaffold_lib.core.ids import content_id
 from scaffold_lib.data.config import LabellerConfig
+from scaffold_lib.data.label_stats import coverage_by_source, label_statistics
 from scaffold_lib.data.label_validation import LabelValidator, ValidatorConfig, Verdict, decide
-from scaffold_lib.data.signals import (
-    FALLBACK,
-    KEYWORD,
-    KEYWORD_MATCHED,
-    PATTERN,
-    SIGNALS,
-    LabelStats,
-    keyword_table,
-    label_column,
-)
+from scaffold_lib.data.signals import FALLBACK, KEYWORD, PATTERN, keyword_table, label_column
 from scaffold_lib.store import data_tables
 from scaffold_lib.store.handles import StageReport
 from scaffold_lib.store.store import Store
@@ -138,33 +130,3 @@ def validate_signal_labels(store: Store, validator: LabelValidator, run_id: str 
         "unparseable_after_reasks": unparseable,
         "errors": dict(Counter(e.split(":", 1)[0] for e in errors.values())),
     }
-
-
-def label_statistics(store: Store) -> dict:
-    stats = LabelStats()
-    for r in data_tables.label_counts(store.warehouse):
-        stats.steps += r["n"]
-        stats.by_signal[r["signal"]] += r["n"]
-        stats.by_labeller[r["labeller"]] += r["n"]
-    return stats.as_dict()
-
-
-def coverage_by_source(store: Store) -> dict[str, dict[str, float]]:
-    """Keyword, keyword+pattern and fallback shares per problem source (GSM8K-style worked solutions open
-    differently from R1 traces)."""
-    rows = data_tables.coverage_by_source(store.warehouse, KEYWORD_MATCHED, (*KEYWORD_MATCHED, PATTERN), FALLBACK)
-    return {
-        r["source"]: {
-            "keyword_coverage": round(r["keyword"], 4),
-            "rule_coverage": round(r["rules"], 4),
-            "fallback_share": round(r["fallback"], 4),
-        }
-        for r in rows
-    }
-
-
-def signal_distribution_markdown(by_signal: dict[str, int]) -> str:
-    total = sum(by_signal.values()) or 1
-    lines = ["| signal | steps | share |", "|---|---:|---:|"]
-    lines += [f"| {s} | {by_signal.get(s, 0)} | {by_signal.get(s, 0) / total:.1%} |" for s in SIGNALS]
-    return "\n".join(lines)

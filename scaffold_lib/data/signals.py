@@ -11,9 +11,8 @@ import dataclasses
 import re
 import string
 import tomllib
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
@@ -241,52 +240,6 @@ def label_steps(steps: list[str], config: KeywordLabellerConfig = KeywordLabelle
     table = keyword_table(config.keywords_path)
     last = len(steps) - 1
     return [label_step(s, i == last, table, config.fallback_signal) for i, s in enumerate(steps)]
-
-
-@dataclass
-class LabelStats:
-    """Counts like the paper reports them: keyword coverage (paper: 74 %), per-signal counts, fallback share."""
-
-    steps: int = 0
-    by_labeller: Counter = field(default_factory=Counter)
-    by_signal: Counter = field(default_factory=Counter)
-
-    def add(self, label: Label) -> None:
-        self.steps += 1
-        self.by_labeller[label.labeller] += 1
-        self.by_signal[label.signal] += 1
-
-    @property
-    def keyword_coverage(self) -> float:
-        """Share of steps an opening keyword labelled (the paper's figure: 74 %)."""
-        return sum(self.by_labeller[k] for k in KEYWORD_MATCHED) / self.steps if self.steps else 0.0
-
-    @property
-    def rule_coverage(self) -> float:
-        """Share of steps a keyword or a pattern labelled (the steps not left to the fallback or the final rule)."""
-        return self.keyword_coverage + (self.by_labeller[PATTERN] / self.steps if self.steps else 0.0)
-
-    @property
-    def fallback_share(self) -> float:
-        return self.by_labeller[FALLBACK] / self.steps if self.steps else 0.0
-
-    @property
-    def llm_agreement(self) -> float | None:
-        """Share of LLM-checked keyword labels the LLM confirmed (paper: 87 %); None before any was checked."""
-        checked = self.by_labeller[LLM_AGREE] + self.by_labeller[LLM_OVERRIDE]
-        return self.by_labeller[LLM_AGREE] / checked if checked else None
-
-    def as_dict(self) -> dict:
-        agreement = self.llm_agreement
-        return {
-            "steps": self.steps,
-            "keyword_coverage": round(self.keyword_coverage, 4),
-            "rule_coverage": round(self.rule_coverage, 4),
-            "fallback_share": round(self.fallback_share, 4),
-            "llm_agreement": None if agreement is None else round(agreement, 4),
-            "by_labeller": dict(self.by_labeller),
-            "by_signal": {s: self.by_signal.get(s, 0) for s in SIGNALS},
-        }
 
 
 # Python's str.split() also splits at these four; Arrow's ASCII split does not: a step opening with one is left to Python

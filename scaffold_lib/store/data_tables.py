@@ -5,10 +5,12 @@ parameters; the SQL text is written here and nowhere else in the data layer."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
+if TYPE_CHECKING:
+    import pyarrow as pa
 
-from scaffold_lib.store.warehouse import Warehouse
+    from scaffold_lib.store.warehouse import Warehouse
 
 PROBLEM_COLUMNS = "p.problem_id, p.source, p.split, p.question, p.answer, p.answer_type, p.group_id, p.solution"
 
@@ -39,6 +41,16 @@ def groups_shared_between_splits(wh: Warehouse, tested: Sequence[str]) -> dict[s
         [list(tested), list(tested)],
     )
     return {r["pair"]: r["n"] for r in rows}
+
+
+def problems_by_source(wh: Warehouse) -> list[dict]:
+    """Problems by source and split: `source`, `split`, `n`."""
+    return wh.query("SELECT source, split, count(*) AS n FROM problems GROUP BY ALL ORDER BY ALL")
+
+
+def first_problems(wh: Warehouse, n: int) -> list[dict]:
+    """The first `n` problems by id (a hash order: a fair sample), their question and answer."""
+    return wh.query("SELECT question, answer FROM problems ORDER BY problem_id LIMIT ?", [n])
 
 
 def problems_in_splits(wh: Warehouse, splits: Sequence[str]) -> int:

@@ -4,7 +4,10 @@
 
 from __future__ import annotations
 
-from scaffold_lib.store.warehouse import Warehouse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from scaffold_lib.store.warehouse import Warehouse
 
 
 def traces_of_model(wh: Warehouse, model_name: str, version: str) -> list[dict]:

@@ -4,8 +4,10 @@ what the paired comparisons and the error analysis read, and the table `scaffold
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from scaffold_lib.store.warehouse import Warehouse
+if TYPE_CHECKING:
+    from scaffold_lib.store.warehouse import Warehouse
 
 
 def best_accuracy(wh: Warehouse, model_name: str, version: str, variant: str, eval_config_hash: str) -> float | None:

@@ -6,9 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from scaffold_lib.core import paths
-from scaffold_lib.store.warehouse import Warehouse
+
+if TYPE_CHECKING:
+    from scaffold_lib.store.warehouse import Warehouse
 
 MODEL_NAME = "scaffold-student"
 
@@ -47,6 +50,8 @@ class Store:
 
     @cached_property
     def warehouse(self) -> Warehouse:
+        from scaffold_lib.store.warehouse import Warehouse  # DuckDB is imported only by what uses the warehouse
+
         return Warehouse(self.warehouse_path, self.lock_timeout_s)
 
     @property

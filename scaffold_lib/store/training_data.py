@@ -9,10 +9,12 @@ window (`PACK_WINDOW_CHARS`).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
-import duckdb
+if TYPE_CHECKING:
+    import duckdb
 
-from scaffold_lib.store.warehouse import Warehouse
+    from scaffold_lib.store.warehouse import Warehouse
 
 # characters of steps tokenised and packed together (about 2 M tokens): best-fit decreasing over a window fills rows
 # nearly as well as over everything, and memory stays bounded whatever the corpus

@@ -83,11 +83,11 @@ class TrainConfig(BaseModel):
         None, ge=0, description="default: a tenth of the steps, at most 20 (from scratch) or 50 (pretrained)"
     )
     max_steps: int = Field(200, ge=1, json_schema_extra={"flag": "steps"})
-    epochs: float | None = Field(
-        None,
-        gt=0,
-        description="passes over the arm's packed rows: when set, each arm's max_steps is derived from its own rows, so "
-        "both arms see every trace equally often (the scaffold's tag tokens make its rows more numerous)",
+    epochs: float = Field(
+        0.0,
+        ge=0,
+        description="passes over the arm's packed rows: when > 0, each arm's max_steps is derived from its own rows, so "
+        "both arms see every trace equally often (the scaffold's tag tokens make its rows more numerous); 0: max_steps",
     )
     batch_size: int = Field(8, ge=1, description="rows per micro-batch")
     grad_accum: int = Field(1, ge=1)
@@ -140,7 +140,7 @@ class TrainConfig(BaseModel):
 
     def for_rows(self, rows: int) -> TrainConfig:
         """The config with max_steps derived from `epochs` over the rows it trains on (unchanged without epochs)."""
-        if self.epochs is None:
+        if not self.epochs:
             return self
         per_step = self.batch_size * self.grad_accum * (self.nproc if self.launcher == "torchrun" else 1)
         return self.model_copy(update={"max_steps": max(1, math.ceil(self.epochs * self.rows_used(rows) / per_step))})

@@ -106,7 +106,7 @@ def test_the_label_command_names_file_and_line_for_non_utf8_and_nul(tmp_path: Pa
         env={**os.environ, "TQDM_DISABLE": "1"},
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert f"{path}:2: not UTF-8 text" in out.stderr
+    assert f"{path}:2: not UTF-8 (" in out.stderr and "re-encode the file as UTF-8" in out.stderr
     assert out.stdout.count("\n") == 2  # the first trace's steps were written before the error
 
 

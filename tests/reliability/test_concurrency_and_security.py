@@ -219,22 +219,20 @@ def test_the_uis_the_readme_starts_bind_to_localhost(tmp_path) -> None:
 
 
 SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|ALTER|CREATE|DROP|PRAGMA)\b")
-# names interpolated into SQL text: tables and columns from our own schema constants, never user values
+# what may be interpolated into SQL text
 ALLOWED_INTERPOLATIONS = {
+    # tables and columns from our own schema constants, never user values
     "table",
     "columns",
     "AUDIT_COLUMNS",
     "name",
     "type_",
-    "KEYWORD",
-    "FALLBACK",
-    "', '.join(columns)",
     "t",
+    "column",
     # SQL fragments written in the library itself (no value from outside reaches them)
     "PROBLEM_COLUMNS",
-    "column",
     "contamination",
-    "_eligible_traces(drop_contaminated)",
+    "eligible_traces_sql(drop_contaminated)",
     "members",
     "eligible",
 }

@@ -10,24 +10,15 @@ import dagster as dg
 
 from pipelines.definitions import defs as load_defs
 from pipelines.defs.resources import HandleIOManager, SecretsResource, StoreResource
+from pipelines.defs.stage_assets import PARTITIONED_TEACHER
 from scaffold_lib.config import PipelineConfig, load_preset
+from scaffold_lib.stages import PIPELINE, stage
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
-# the sections of PipelineConfig each asset's run config holds (see pipelines/defs/*_assets.py)
-ASSET_SECTIONS = {
-    "problems": ("problems", "teacher"),
-    "decontamination": ("decontamination",),
-    "teacher_traces": ("teacher",),
-    "teacher_trace_shards": ("teacher",),
-    "segmented_steps": ("segmentation",),
-    "signal_labels": ("labeller",),
-    "packed_shards": ("shards", "student"),
-    "student_model": ("train",),
-    "baseline_model": ("train",),
-    "benchmark_scores": ("eval",),
-    "model_promotion": ("promotion",),
-}
+# the sections of PipelineConfig each asset's run config holds: the stage table's (the partitioned teacher's are the
+# teacher stage's)
+ASSET_SECTIONS = {s.name: s.sections for s in PIPELINE} | {PARTITIONED_TEACHER: stage("teacher_traces").sections}
 
 
 def definitions() -> dg.Definitions:
@@ -38,8 +29,8 @@ def graph() -> list:
     """Every asset and check of `full_pipeline`: not the sharded teacher (one run cannot mix its partitioning with the
     others) nor the experiment (it trains a model per arm and seed)."""
     d = definitions()
-    optional = {dg.AssetKey("teacher_trace_shards"), dg.AssetKey("experiment_report")}
-    return [*(a for a in d.assets if not optional & set(a.keys)), *d.asset_checks]
+    wanted = {dg.AssetKey(s.name) for s in PIPELINE}
+    return [*(a for a in d.assets if set(a.keys) <= wanted), *d.asset_checks]
 
 
 def resources(home: Path, **secrets) -> dict:
@@ -53,7 +44,7 @@ def resources(home: Path, **secrets) -> dict:
 def run_config(config: PipelineConfig, assets=None) -> dict:
     """Run config that sets every section of every selected asset (default: the graph's) to `config`'s values."""
     dump = config.model_dump(mode="json")
-    assets = set(assets) if assets is not None else set(ASSET_SECTIONS) - {"teacher_trace_shards"}
+    assets = set(assets) if assets is not None else set(ASSET_SECTIONS) - {PARTITIONED_TEACHER}
     return {
         "ops": {
             asset: {"config": {section: dump[section] for section in sections}}

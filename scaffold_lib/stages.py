@@ -1,0 +1,461 @@
+"""The pipeline's stages, declared once. Each `Stage` names its function, the configuration sections it takes, what
+it takes from the stages before it and hands on, its quality checks and whether each blocks, and the `scaffold`
+command that runs it. Everything that runs stages is derived from this table:
+
+- `pipelines/defs/stage_assets.py` makes a Dagster asset of each stage (its run config built from the sections) and
+  an asset check of each of its checks;
+- `scaffold_lib.runner` runs them in order in one process (`scaffold run`, the stage commands), with the same checks;
+- `scaffold_lib.cli` makes a subcommand of each command, with the stage's settings as flags.
+
+Adding a stage or a check is one entry here (tests/test_stage_table.py holds the three entry points to it).
+
+The table imports nothing heavy: each stage's code is imported when the stage runs, so `scaffold --help` and
+`scaffold config` do not wait for torch, DuckDB or MLflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from scaffold_lib import checks
+from scaffold_lib.checks import Check, Finding
+from scaffold_lib.config import PipelineConfig
+from scaffold_lib.evaluation.handles import EvaluationHandle
+from scaffold_lib.store.store import Store
+from scaffold_lib.student.handles import ModelHandle, ShardsHandle
+
+RunCommand = Callable[[list[str], dict[str, str]], None]  # runs a launcher command (torchrun) with extra environment
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A quality check of one stage's output; a blocking one that fails stops what depends on it and promotion."""
+
+    name: str
+    measure: Callable[[Store, Any], Finding]
+    blocking: bool
+    description: str
+
+    def evaluate(self, store: Store, output: Any, stage: str) -> Check:
+        found = self.measure(store, output)
+        return Check(
+            self.name, stage, found.passed, self.blocking, found.description or self.description, found.metadata
+        )
+
+
+@dataclass
+class StageCall:
+    """What one run of a stage gets: the store, the whole configuration, the run's id, the handles of the stages it
+    takes, and the hooks of whoever runs it (Dagster, the runner, a command)."""
+
+    store: Store
+    config: PipelineConfig
+    run_id: str
+    inputs: dict[str, Any] = field(default_factory=dict)  # stage name -> its handle
+    progress: bool = True  # progress bars on the terminal
+    log: Callable[[str], None] | None = None  # progress lines of a long stage (training steps, the experiment)
+    run_command: RunCommand | None = None  # how a torchrun launch is started (Dagster: through Pipes)
+    tags: dict[str, str] | None = None  # MLflow tags of a training run
+    partition: tuple[int, int] | None = None  # (index, count) of a partitioned teacher backfill
+    failed_gates: Sequence[str] = ()  # blocking checks that failed upstream: promotion refuses
+    who: str = "scaffold"  # recorded on a promotion
+    preset: str = ""  # the preset's name, for the experiment report
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the Dagster asset key, the handle folder
+    run: Callable[[StageCall], Any]
+    sections: tuple[str, ...]  # the PipelineConfig sections it takes: its Dagster run config
+    group: str  # data / student / experiment (a Dagster group; `data` is the data refresh)
+    command: str  # the `scaffold` subcommand that runs it
+    description: str
+    inputs: tuple[str, ...] = ()  # stages whose handles it takes
+    after: tuple[str, ...] = ()  # stages it follows without taking their output
+    handle: type[BaseModel] | None = None  # what it hands on (saved per run); None: it writes tables only
+    gates: tuple[Gate, ...] = ()
+    flags: tuple[str, ...] = ()  # settings its command takes as flags (named by the field, or its `flag`)
+    kinds: tuple[str, ...] = ("python", "duckdb")  # what it works with (Dagster's kind tags)
+    pool: str | None = "warehouse"  # one at a time: "warehouse" (DuckDB's single writer), "accelerator" (training)
+    retries: int = 0  # a stage that talks to remote services may be retried: its writes are idempotent
+    in_pipeline: bool = True  # part of `scaffold run` and Dagster's full_pipeline job
+
+    @property
+    def upstream(self) -> tuple[str, ...]:
+        return (*self.inputs, *self.after)
+
+
+# --- how each stage calls its library function (imported when the stage runs) ----------------------------------------
+
+
+def _collect(call: StageCall):
+    from scaffold_lib.data.collect import build_problems
+
+    # the teacher section too: an imported trace file brings its own problems and gold answers
+    return build_problems(call.store, call.config.problems, call.run_id, call.config.teacher)
+
+
+def _decontaminate(call: StageCall):
+    from scaffold_lib.evaluation.decontaminate import decontaminate
+
+    return decontaminate(call.store, call.config.decontamination, call.run_id)
+
+
+def _trace(call: StageCall):
+    from scaffold_lib.data.trace import write_traces
+
+    return write_traces(call.store, call.config.teacher, call.run_id, call.partition)
+
+
+def _segment(call: StageCall):
+    from scaffold_lib.data.segment import segment_traces
+
+    return segment_traces(call.store, call.config.segmentation, call.run_id)
+
+
+def _label(call: StageCall):
+    from scaffold_lib.data.label import label_signals
+
+    return label_signals(call.store, call.config.labeller, call.run_id)
+
+
+def _pack(call: StageCall):
+    from scaffold_lib.student.pack import pack_shards
+
+    return pack_shards(call.store, call.config.shards, call.config.student, call.run_id)
+
+
+def _train(kind: str) -> Callable[[StageCall], ModelHandle]:
+    def train(call: StageCall) -> ModelHandle:
+        from scaffold_lib.evaluation.metrics import serving_decode
+        from scaffold_lib.student.train import train_model
+
+        shards, cfg = call.inputs["packed_shards"], call.config.train
+        log = call.log
+
+        def on_log(step: int, metrics: dict) -> None:
+            log(
+                f"{kind} step {step}/{cfg.max_steps}: loss {metrics['loss']:.4f}, {metrics['tokens_per_s']:,.0f} tokens/s"
+            )
+
+        return train_model(
+            call.store,
+            shards,
+            cfg,
+            kind,
+            call.run_id,
+            on_log=on_log if log is not None else None,
+            run_command=call.run_command,
+            tags=call.tags,
+            serving_decode=serving_decode(call.config.eval, shards.budget),  # what a served student decodes with
+            progress=call.progress,
+        )
+
+    return train
+
+
+def _evaluate(call: StageCall):
+    from scaffold_lib.evaluation.evaluate import evaluate_models
+
+    student, baseline, shards = (call.inputs.get(n) for n in ("student_model", "baseline_model", "packed_shards"))
+    return evaluate_models(call.store, student, baseline, shards, call.config.eval, call.run_id, progress=call.progress)
+
+
+def _promote(call: StageCall):
+    from scaffold_lib.evaluation.promote import promote_challenger
+
+    evaluation = call.inputs["benchmark_scores"]
+    return promote_challenger(call.store, evaluation, call.config.promotion, call.failed_gates, who=call.who)
+
+
+def _experiment(call: StageCall):
+    from scaffold_lib.experiment import run_experiment
+
+    return run_experiment(call.store, call.config, call.run_id, preset=call.preset, log=call.log or print)
+
+
+# --- the table --------------------------------------------------------------------------------------------------------
+
+TRAIN_FLAGS = (
+    "train.max_steps",
+    "train.beta",
+    "train.learning_rate",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.seed",
+    "train.checkpoint_every",
+    "train.device",
+    "train.launcher",
+    "train.nproc",
+    "train.lora_r",
+    "train.gradient_checkpointing",
+)
+LOSS_DESCRIPTION = "training loss is finite and fell"
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "problems",
+        _collect,
+        sections=("problems", "teacher"),
+        group="data",
+        command="data",
+        description="Questions with gold answers: the configured source (synthetic generator, reasoning-gym, or "
+        "problem files) plus any problem file dropped into the watched folder, plus an imported trace file's own "
+        "problems; keyed by content, split train/validation/test by group.",
+        gates=(
+            Gate(
+                "problems_without_quarantine",
+                checks.problems_without_quarantine,
+                blocking=False,
+                description="problem files had no malformed rows (quarantined rows are counted)",
+            ),
+            Gate(
+                "splits_disjoint_by_group",
+                checks.splits_disjoint_by_group,
+                blocking=True,
+                description="no group (arithmetic skeleton, template) has problems in two splits: no test item is a "
+                "reworded training item",
+            ),
+        ),
+        flags=("problems.source", "problems.synthetic.n_problems", "problems.synthetic.seed", "problems.lenient"),
+    ),
+    Stage(
+        "decontamination",
+        _decontaminate,
+        sections=("decontamination",),
+        group="data",
+        command="data",
+        after=("problems",),
+        description="Training problems sharing a word n-gram with a benchmark question (every suite whose file is "
+        "present), recorded and, by default, left out of training; suites without a file are listed as not checked.",
+    ),
+    Stage(
+        "teacher_traces",
+        _trace,
+        sections=("teacher",),
+        group="data",
+        command="data",
+        after=("problems",),
+        description="One teacher answer per problem, verified against the gold answer by the pipeline's scorer. Only "
+        "problems without a trace from this teacher are sent (trace ids are content hashes), so a refresh does only "
+        "the new work; a run in which the teacher answered nothing fails with the reason.",
+        retries=3,
+        gates=(
+            Gate(
+                "teacher_accuracy_above_floor",
+                checks.teacher_accuracy_above_floor,
+                blocking=True,
+                description=f"teacher accuracy is above the floor ({checks.TEACHER_ACCURACY_FLOOR})",
+            ),
+        ),
+        flags=(
+            "teacher.backend",
+            "teacher.endpoint.api_key_env",
+            "teacher.endpoint.concurrency",
+            "teacher.prompt.samples",
+            "teacher.endpoint.max_tokens",
+            "teacher.endpoint.temperature",
+            "teacher.journal_dir",
+            "teacher.import_format",
+        ),
+    ),
+    Stage(
+        "segmented_steps",
+        _segment,
+        sections=("segmentation",),
+        group="data",
+        command="data",
+        after=("teacher_traces",),
+        description="Each trace cut into steps by its teacher's segmenter (blank lines for R1-style traces, lines for "
+        "GSM8K-style solutions; recorded on each step); a trace with no step is quarantined and counted.",
+        gates=(Gate("no_empty_steps", checks.no_empty_steps, True, "no step is empty or whitespace"),),
+        flags=("segmentation.segmenter",),
+    ),
+    Stage(
+        "signal_labels",
+        _label,
+        sections=("labeller",),
+        group="data",
+        command="data",
+        after=("segmented_steps",),
+        description="One of the seven signals per step: keyword labeller (opening words), final step = answer, and a "
+        "counted deterministic fallback for steps with no keyword; then, when configured, an LLM confirms or corrects "
+        "each keyword label and labels the fallback steps (verdicts cached by step content).",
+        gates=(
+            Gate(
+                "one_row_per_step",
+                checks.one_row_per_step,
+                blocking=True,
+                description="every step id once in segmented_steps, at most one label per step, no label without its "
+                "step",
+            ),
+            Gate(
+                "label_coverage_in_bounds",
+                checks.label_coverage_in_bounds,
+                blocking=True,
+                description=f"keyword+pattern coverage >= {checks.MIN_KEYWORD_COVERAGE:.0%} and fallback share <= "
+                f"{checks.MAX_FALLBACK_SHARE:.0%} (paper: 74 % keyword coverage)",
+            ),
+        ),
+        flags=("labeller.keywords_path",),
+    ),
+    Stage(
+        "packed_shards",
+        _pack,
+        sections=("shards", "student"),
+        group="student",
+        command="pack",
+        after=("signal_labels", "decontamination"),
+        handle=ShardsHandle,
+        description="Correct training traces in the scaffold format (and plain CoT for the baseline), best-fit-"
+        "decreasing packed into fixed-length rows with per-example position ids, written as Parquet shards with a "
+        "manifest per arm. The backbone's tokenizer gets the signal tags here, so training and decoding use the same "
+        "ids.",
+        kinds=("python", "parquet", "duckdb"),
+        gates=(
+            Gate(
+                "shard_fill_on_target",
+                checks.shard_fill_on_target,
+                blocking=True,
+                description="every packed set fills its rows to the target",
+            ),
+        ),
+        flags=("student.base_model", "shards.pack.row_len", "shards.include_incorrect"),
+    ),
+    Stage(
+        "student_model",
+        _train("scaffold"),
+        sections=("train",),
+        group="student",
+        command="train",
+        inputs=("packed_shards",),
+        handle=ModelHandle,
+        description="The scaffold student trained with the multi-task loss on this run's shards, tracked live in "
+        "MLflow and registered as a new version with alias `challenger`. Device chosen at run time (CUDA + bf16 when "
+        "present).",
+        kinds=("pytorch", "mlflow"),
+        pool="accelerator",
+        gates=(Gate("student_loss_finite_and_falling", checks.loss_finite_and_falling, True, LOSS_DESCRIPTION),),
+        flags=TRAIN_FLAGS,
+    ),
+    Stage(
+        "baseline_model",
+        _train("baseline"),
+        sections=("train",),
+        group="student",
+        command="train",
+        inputs=("packed_shards",),
+        handle=ModelHandle,
+        description="The CoT-SFT baseline: same backbone, traces and budget as the student, plain text without "
+        "signals.",
+        kinds=("pytorch", "mlflow"),
+        pool="accelerator",
+        gates=(Gate("baseline_loss_finite_and_falling", checks.loss_finite_and_falling, True, LOSS_DESCRIPTION),),
+        flags=TRAIN_FLAGS,
+    ),
+    Stage(
+        "benchmark_scores",
+        _evaluate,
+        sections=("eval",),
+        group="student",
+        command="eval",
+        inputs=("student_model", "baseline_model", "packed_shards"),
+        handle=EvaluationHandle,
+        description="Pass@1 on every configured suite for this run's challenger (predicted / golden / random "
+        "signals, summaries-only), its CoT-SFT baseline and the untuned backbone, with next-signal accuracy, signal "
+        "fidelity and answer consistency: the paper's comparison table. Every variant answers the same items; rows "
+        "carry the eval-config hash, the model version and the evaluation they belong to.",
+        kinds=("pytorch", "duckdb"),
+        gates=(
+            Gate(
+                "scaffold_beats_baseline",
+                checks.scaffold_beats_baseline,
+                blocking=False,
+                description="the scaffold student (predicted signals) beats the CoT-SFT baseline; otherwise says by "
+                "how much it does not",
+            ),
+        ),
+        flags=(
+            "eval.suites",
+            "eval.split",
+            "eval.decode.tau",
+            "eval.limit",
+            "eval.variants",
+            "eval.include_base",
+            "eval.lenient",
+        ),
+    ),
+    Stage(
+        "model_promotion",
+        _promote,
+        sections=("promotion",),
+        group="student",
+        command="promote",
+        inputs=("benchmark_scores",),
+        description="Moves the `champion` alias to this run's challenger when every gate passed and its score on the "
+        "promotion suite beats the current champion's by the configured margin (same eval config); otherwise records "
+        "why on the version.",
+        kinds=("mlflow",),
+        pool=None,
+    ),
+    Stage(
+        "experiment_report",
+        _experiment,
+        sections=("shards", "student", "train", "eval", "experiment"),
+        group="experiment",
+        command="experiment",
+        after=("signal_labels", "decontamination"),
+        description="Does scaffolding beat CoT distillation? Both arms over the configured seeds, settings chosen on "
+        "validation, every variant scored once on test and the OOD suites, compared with the item as the unit "
+        "(bootstrap over items, sign-flip test; McNemar per seed), the bed's diagnostics, sample efficiency and an "
+        "error analysis; the report and the τ plot go to MLflow and the artifacts folder.",
+        kinds=("pytorch", "duckdb", "mlflow"),
+        pool="accelerator",
+        flags=(
+            "experiment.seeds",
+            "experiment.taus",
+            "experiment.betas",
+            "experiment.validation_limit",
+            "experiment.test_limit",
+        ),
+        in_pipeline=False,  # it trains six models or more: a job of its own
+    ),
+)
+
+BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+PIPELINE: tuple[Stage, ...] = tuple(s for s in STAGES if s.in_pipeline)
+PROMOTED = "student_model"  # promotion is about the scaffold student: the blocking checks it was made under
+
+
+def stage(name: str) -> Stage:
+    return BY_NAME[name]
+
+
+def of_command(command: str) -> tuple[Stage, ...]:
+    return tuple(s for s in STAGES if s.command == command)
+
+
+def commands() -> tuple[str, ...]:
+    """The stage commands, in the order of their first stage."""
+    return tuple(dict.fromkeys(s.command for s in STAGES))
+
+
+def upstream_of(name: str) -> list[Stage]:
+    """`name` and every stage it depends on, in table order."""
+    wanted, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        if current not in wanted:
+            wanted.add(current)
+            todo += BY_NAME[current].upstream
+    return [s for s in STAGES if s.name in wanted]
+
+
+def promotion_gates() -> list[tuple[str, str]]:
+    """(stage, check) of every blocking check upstream of the promoted student, itself included: promotion requires
+    all of them passing, in this run or (under Dagster) at their latest evaluation."""
+    return [(s.name, g.name) for s in upstream_of(PROMOTED) for g in s.gates if g.blocking]
