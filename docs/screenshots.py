@@ -22,8 +22,9 @@ from pathlib import Path
 
 import httpx
 
+from pipelines.ui import dagster_server, mlflow_server
+
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
@@ -84,41 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "DAGSTER_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db"}
     dagster_port, mlflow_port = free_port(), free_port()
     procs = [
-        subprocess.Popen(
-            [
-                str(BIN / "dagster-webserver"),
-                "-w",
-                str(REPO / "workspace.yaml"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(dagster_port),
-            ],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        ),
-        subprocess.Popen(
-            [
-                str(BIN / "mlflow"),
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(mlflow_port),
-                "--workers",
-                "1",
-                "--backend-store-uri",
-                f"sqlite:///{home}/mlflow.db",
-                "--default-artifact-root",
-                (home / "mlartifacts").as_uri(),
-            ],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        ),
+        subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for command in (dagster_server(dagster_port, dev=False), mlflow_server(home, mlflow_port))
     ]
     try:
         dagster, mlflow = f"http://127.0.0.1:{dagster_port}", f"http://127.0.0.1:{mlflow_port}"

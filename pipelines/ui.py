@@ -19,41 +19,41 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 GRACE_S = 20.0
 
 
+def mlflow_server(home: Path, port: int) -> list[str]:
+    """`mlflow server` on the home's tracking database and artifact folder (docs/screenshots.py and tests/test_uis.py
+    start the same)."""
+    return [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{home}/mlflow.db",
+        "--default-artifact-root",
+        (home / "mlartifacts").as_uri(),
+    ]
+
+
+def dagster_server(port: int, *, dev: bool = True) -> list[str]:
+    """Dagster on the workspace: `dagster dev` (webserver, daemon and code server: what `make ui` runs), or the
+    webserver alone (enough to read runs and assets: the screenshots, the UI test)."""
+    program = [str(BIN / "dagster"), "dev"] if dev else [str(BIN / "dagster-webserver")]
+    quiet = ["--log-level", "warning"] if dev else []
+    return [*program, "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port), *quiet]
+
+
 def commands(home: Path, dagster_port: int, mlflow_port: int) -> dict[str, list[str]]:
     """The two servers, both bound to 127.0.0.1 (nothing here is meant to be reachable from another machine)."""
-    bin_dir = Path(sys.executable).parent
-    return {
-        "mlflow": [
-            str(bin_dir / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(mlflow_port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{home}/mlflow.db",
-            "--default-artifact-root",
-            (home / "mlartifacts").as_uri(),
-        ],
-        "dagster": [
-            str(bin_dir / "dagster"),
-            "dev",
-            "-w",
-            str(REPO / "workspace.yaml"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(dagster_port),
-            "--log-level",
-            "warning",
-        ],
-    }
+    return {"mlflow": mlflow_server(home, mlflow_port), "dagster": dagster_server(dagster_port)}
 
 
 def _restore_sigint() -> None:

@@ -90,20 +90,35 @@ class Context:
         cfg: EvalConfig = self.cfg.eval.model_copy(update=update)
         return evaluate_models(self.store, student, baseline, shards, cfg, self.run_id)
 
-    def validate(self, student: ModelHandle, shards: ShardsHandle, tau: float) -> float:
-        exp = self.cfg.experiment
-        evaluation = self.evaluate(
+    def predicted(
+        self,
+        student: ModelHandle,
+        baseline: ModelHandle | None,
+        shards: ShardsHandle,
+        split: str,
+        limit: int | None,
+        tau: float,
+        **update,
+    ) -> EvaluationHandle:
+        """The student with its predicted signals at `tau` (and the baseline, when given) on the held-out suite's
+        `split`: tuning and the sample-efficiency points need no other variant."""
+        decode = self.cfg.eval.decode.model_copy(update={"tau": tau})
+        return self.evaluate(
             student,
-            None,
+            baseline,
             shards,
             suites=[HELDOUT],
-            split="validation",
-            limit=exp.validation_limit,
+            split=split,
+            limit=limit,
             variants=["predicted"],
             include_base=False,
-            export_samples=False,
-            decode=self.cfg.eval.decode.model_copy(update={"tau": tau}),
+            decode=decode,
+            **update,
         )
+
+    def validate(self, student: ModelHandle, shards: ShardsHandle, tau: float) -> float:
+        limit = self.cfg.experiment.validation_limit
+        evaluation = self.predicted(student, None, shards, "validation", limit, tau, export_samples=False)
         self.record(int(student.train_config["seed"]), evaluation, tau, "validation")
         return next(r["accuracy"] for r in evaluation.rows if r["variant"] == "predicted")
 
@@ -405,17 +420,7 @@ def sample_efficiency(
         else:
             student = ctx.train(shards, "scaffold", seed, beta, fraction)
             baseline = ctx.train(shards, "baseline", seed, beta, fraction)
-            evaluation = ctx.evaluate(
-                student,
-                baseline,
-                shards,
-                suites=[HELDOUT],
-                split="test",
-                limit=exp.test_limit,
-                variants=["predicted"],
-                include_base=False,
-                decode=ctx.cfg.eval.decode.model_copy(update={"tau": tau}),
-            )
+            evaluation = ctx.predicted(student, baseline, shards, "test", exp.test_limit, tau)
             ctx.record(seed, evaluation, tau, f"fraction-{fraction}")
         matrices = item_matrix(ctx.store, {seed: evaluation}, *PRIMARY)
         c = item_comparison(*matrices, exp.bootstrap).as_dict()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scaffold_lib.core.plots import png
 from scaffold_lib.evaluation.error_analysis import error_table_markdown
 from scaffold_lib.evaluation.stats import mean_sd
 from scaffold_lib.evaluation.suites import HELDOUT
@@ -54,25 +55,19 @@ class ExperimentResult:
 
 def tau_plot(sweep: dict[float, list[float]], chosen: float, path: Path) -> Path:
     """Pass@1 on validation against τ (mean over seeds, with their spread)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     taus = sorted(sweep)
     means = [mean_sd(sweep[t])[0] * 100 for t in taus]
     sds = [mean_sd(sweep[t])[1] * 100 for t in taus]
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.errorbar(taus, means, yerr=sds, marker="o", capsize=3)
-    ax.axvline(chosen, color="grey", linestyle=":", label=f"chosen τ = {chosen}")
-    ax.set_xlabel("τ (confidence to write another step)")
-    ax.set_ylabel("Pass@1 on validation (%)")
-    ax.set_title("Scaffold student, predicted signals")
-    ax.legend(loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    with png(
+        path,
+        (5, 3.2),
+        120,
+        title="Scaffold student, predicted signals",
+        xlabel="τ (confidence to write another step)",
+        ylabel="Pass@1 on validation (%)",
+    ) as ax:
+        ax.errorbar(taus, means, yerr=sds, marker="o", capsize=3)
+        ax.axvline(chosen, color="grey", linestyle=":", label=f"chosen τ = {chosen}")
     return path
 
 

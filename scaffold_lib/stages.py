@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from pydantic import BaseModel
@@ -194,15 +195,35 @@ TRAIN_FLAGS = (
     "train.lora_r",
     "train.gradient_checkpointing",
 )
-LOSS_DESCRIPTION = "training loss is finite and fell"
+
+
+def _training_stage(name: str, kind: str, description: str) -> Stage:
+    """The student's and the baseline's training: the same stage but for the arm (`kind`)."""
+    loss_check = f"{name.removesuffix('_model')}_loss_finite_and_falling"
+    return Stage(
+        name,
+        _train(kind),
+        sections=("train",),
+        group="student",
+        command="train",
+        inputs=("packed_shards",),
+        handle=ModelHandle,
+        description=description,
+        kinds=("pytorch", "mlflow"),
+        pool="accelerator",
+        gates=(Gate(loss_check, checks.loss_finite_and_falling, True, "training loss is finite and fell"),),
+        flags=TRAIN_FLAGS,
+    )
+
+
+# the data refresh: the stages of the `data` group and command
+_data_stage = partial(Stage, group="data", command="data")
 
 STAGES: tuple[Stage, ...] = (
-    Stage(
+    _data_stage(
         "problems",
         _collect,
         sections=("problems", "teacher"),
-        group="data",
-        command="data",
         description="Questions with gold answers: the configured source (synthetic generator, reasoning-gym, or "
         "problem files) plus any problem file dropped into the watched folder, plus an imported trace file's own "
         "problems; keyed by content, split train/validation/test by group.",
@@ -223,22 +244,18 @@ STAGES: tuple[Stage, ...] = (
         ),
         flags=("problems.source", "problems.synthetic.n_problems", "problems.synthetic.seed", "problems.lenient"),
     ),
-    Stage(
+    _data_stage(
         "decontamination",
         _decontaminate,
         sections=("decontamination",),
-        group="data",
-        command="data",
         after=("problems",),
         description="Training problems sharing a word n-gram with a benchmark question (every suite whose file is "
         "present), recorded and, by default, left out of training; suites without a file are listed as not checked.",
     ),
-    Stage(
+    _data_stage(
         "teacher_traces",
         _trace,
         sections=("teacher",),
-        group="data",
-        command="data",
         after=("problems",),
         description="One teacher answer per problem, verified against the gold answer by the pipeline's scorer. Only "
         "problems without a trace from this teacher are sent (trace ids are content hashes), so a refresh does only "
@@ -263,24 +280,20 @@ STAGES: tuple[Stage, ...] = (
             "teacher.import_format",
         ),
     ),
-    Stage(
+    _data_stage(
         "segmented_steps",
         _segment,
         sections=("segmentation",),
-        group="data",
-        command="data",
         after=("teacher_traces",),
         description="Each trace cut into steps by its teacher's segmenter (blank lines for R1-style traces, lines for "
         "GSM8K-style solutions; recorded on each step); a trace with no step is quarantined and counted.",
         gates=(Gate("no_empty_steps", checks.no_empty_steps, True, "no step is empty or whitespace"),),
         flags=("segmentation.segmenter",),
     ),
-    Stage(
+    _data_stage(
         "signal_labels",
         _label,
         sections=("labeller",),
-        group="data",
-        command="data",
         after=("segmented_steps",),
         description="One of the seven signals per step: keyword labeller (opening words), final step = answer, and a "
         "counted deterministic fallback for steps with no keyword; then, when configured, an LLM confirms or corrects "
@@ -326,36 +339,16 @@ STAGES: tuple[Stage, ...] = (
         ),
         flags=("student.base_model", "shards.pack.row_len", "shards.include_incorrect"),
     ),
-    Stage(
+    _training_stage(
         "student_model",
-        _train("scaffold"),
-        sections=("train",),
-        group="student",
-        command="train",
-        inputs=("packed_shards",),
-        handle=ModelHandle,
-        description="The scaffold student trained with the multi-task loss on this run's shards, tracked live in "
-        "MLflow and registered as a new version with alias `challenger`. Device chosen at run time (CUDA + bf16 when "
-        "present).",
-        kinds=("pytorch", "mlflow"),
-        pool="accelerator",
-        gates=(Gate("student_loss_finite_and_falling", checks.loss_finite_and_falling, True, LOSS_DESCRIPTION),),
-        flags=TRAIN_FLAGS,
+        "scaffold",
+        "The scaffold student trained with the multi-task loss on this run's shards, tracked live in MLflow and "
+        "registered as a new version with alias `challenger`. Device chosen at run time (CUDA + bf16 when present).",
     ),
-    Stage(
+    _training_stage(
         "baseline_model",
-        _train("baseline"),
-        sections=("train",),
-        group="student",
-        command="train",
-        inputs=("packed_shards",),
-        handle=ModelHandle,
-        description="The CoT-SFT baseline: same backbone, traces and budget as the student, plain text without "
-        "signals.",
-        kinds=("pytorch", "mlflow"),
-        pool="accelerator",
-        gates=(Gate("baseline_loss_finite_and_falling", checks.loss_finite_and_falling, True, LOSS_DESCRIPTION),),
-        flags=TRAIN_FLAGS,
+        "baseline",
+        "The CoT-SFT baseline: same backbone, traces and budget as the student, plain text without signals.",
     ),
     Stage(
         "benchmark_scores",

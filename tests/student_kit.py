@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from scaffold_lib.data.segmentation import segment
 from scaffold_lib.data.signals import label_steps
@@ -111,3 +112,23 @@ def tiny_world(tmp_path_factory) -> TinyWorld:
         world.data[kind] = load_rows(world.shard_paths[kind])
     _WORLD = world
     return world
+
+
+def tiny_llama(path: Path, tokenizer, layers: int = 1) -> Path:
+    """A tiny Llama checkpoint with `tokenizer`, saved like a hub model: a backbone that is not the embedded Qwen2."""
+    torch.manual_seed(0)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=512,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    ).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -146,25 +146,16 @@ def test_fsdp_shards_over_two_processes_follows_one_process_and_resumes(packed) 
 
 
 def test_student_model_launches_torchrun_through_pipes(tmp_path, monkeypatch) -> None:
-    import dagster as dg
-
     from scaffold_lib.store import registry
     from scaffold_lib.store.store import Store
-    from support.dagster_kit import failures, graph, metadata, micro, new_instance, resources, run_config
+    from support.dagster_kit import failures, materialize_stages, metadata, micro, new_instance
 
     home = tmp_path / "home"
     instance = new_instance(home)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     selection = ["problems", "teacher_traces", "segmented_steps", "signal_labels", "packed_shards", "student_model"]
     cfg = micro(train={"launcher": "torchrun", "nproc": 2, "max_steps": 6, "checkpoint_every": 3})
-    result = dg.materialize(
-        graph(),
-        selection=selection,
-        resources=resources(home),
-        run_config=run_config(cfg, selection),
-        instance=instance,
-        raise_on_error=False,
-    )
+    result = materialize_stages(selection, cfg, home, instance, raise_on_error=False)
     assert result.success, failures(result)
     meta = metadata(result, "student_model")
     assert meta["world_size"] == 2 and meta["model_version"] == "1"

@@ -1,48 +1,25 @@
 """A backbone that is not the embedded Qwen2: a tiny Llama checkpoint on disk, given by path like a hub model."""
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
-from scaffold_lib.data.teachers import ProgrammaticTeacher
+from scaffold_lib.data.synthetic import GeneratorConfig
 from scaffold_lib.evaluation.config import DecodeConfig
 from scaffold_lib.evaluation.decoding import ScaffoldDecoder
 from scaffold_lib.evaluation.evaluate import load_for_eval
-from scaffold_lib.store.store import Store
 from scaffold_lib.student.config import PackConfig, ShardsConfig, StudentConfig, TrainConfig
 from scaffold_lib.student.model import load_tokenizer
 from scaffold_lib.student.pack import pack_shards
 from scaffold_lib.student.train import fit_student
-from student_kit import tiny_world
-from support.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
+from student_kit import tiny_llama, tiny_world
+from support.stages import labelled_store
 
 
 def test_a_llama_checkpoint_trains_as_scaffold_student(tmp_path_factory, tmp_path):
     world = tiny_world(tmp_path_factory)
     llama_dir = tmp_path / "tiny-llama"
     tokenizer = load_tokenizer(world.base)  # any tokenizer: the step separator need not be one token here
-    torch.manual_seed(0)
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=512,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.eos_token_id,
-        )
-    ).save_pretrained(llama_dir)
-    tokenizer.save_pretrained(llama_dir)
+    tiny_llama(llama_dir, tokenizer, layers=2)
 
-    store = Store.at(tmp_path)
+    store = labelled_store(tmp_path, GeneratorConfig(n_problems=30, max_ops=2))
     wh = store.warehouse
-    store_problems(wh, generate_problems(GeneratorConfig(n_problems=30, max_ops=2)))
-    generate_teacher_traces(wh, ProgrammaticTeacher())
-    segment_traces(wh)
-    label_signals(wh)
     report = pack_shards(store, ShardsConfig(pack=PackConfig(row_len=512)), StudentConfig(base_model=str(llama_dir)))
     assert report.source_model == str(llama_dir) and report.pretrained
     # prepared beside the artifacts (tokenizer with the signal tags), the given checkpoint left as it was

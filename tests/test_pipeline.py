@@ -38,6 +38,7 @@ from support.dagster_kit import (
     definitions,
     failures,
     graph,
+    materialize_stages,
     metadata,
     micro,
     new_instance,
@@ -300,39 +301,18 @@ def test_overlapping_runs_each_score_their_own_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(evaluate, "evaluate_models", evaluate_after_b)
     upstream = [*DATA_ASSETS, "packed_shards"]
-    shards_run = [
-        dg.materialize(
-            graph(),
-            selection=upstream,
-            resources=resources(home),
-            run_config=run_config(cfg, upstream),
-            instance=instance,
-        )
-    ]
+    shards_run = [materialize_stages(upstream, cfg, home, instance)]
     results: dict[str, dg.ExecuteInProcessResult] = {}
 
     def run_a() -> None:
         selection = ["student_model", "baseline_model", "benchmark_scores"]
-        results["a"] = dg.materialize(
-            graph(),
-            selection=selection,
-            resources=resources(home),
-            run_config=run_config(cfg, selection),
-            instance=instance,
-            raise_on_error=False,
-        )
+        results["a"] = materialize_stages(selection, cfg, home, instance, raise_on_error=False)
 
     a = threading.Thread(target=run_a)
     a.start()
     assert a_waiting.wait(300), "run A never reached its evaluation"
     other_seed = micro(train={"seed": 1})
-    results["b"] = dg.materialize(
-        graph(),
-        selection=["student_model"],
-        resources=resources(home),
-        run_config=run_config(other_seed, ["student_model"]),
-        instance=instance,
-    )
+    results["b"] = materialize_stages(["student_model"], other_seed, home, instance)
     b_done.set()
     a.join(300)
     assert shards_run[0].success and results["b"].success and results["a"].success, failures(results["a"])
@@ -585,14 +565,7 @@ def test_promotion_refused_when_margin_not_met(pipeline):
     champion stays on version 1 and the refusal is recorded on the new version."""
     selection = ["student_model", "baseline_model", "benchmark_scores", "model_promotion"]
     cfg = micro(promotion={"margin": 1.0})
-    result = dg.materialize(
-        graph(),
-        selection=selection,
-        resources=resources(pipeline.home),
-        run_config=run_config(cfg, selection),
-        instance=pipeline.instance,
-        raise_on_error=False,
-    )
+    result = materialize_stages(selection, cfg, pipeline.home, pipeline.instance, raise_on_error=False)
     assert result.success, failures(result)
     assert metadata(result, "student_model")["model_version"] == "2"
     promo = metadata(result, "model_promotion")
@@ -631,14 +604,7 @@ def test_promotion_refused_when_a_blocking_check_failed_in_an_earlier_run(pipeli
     )
     assert check_results(bad)["teacher_accuracy_above_floor"] is False
     promote = ["model_promotion"]
-    result = dg.materialize(
-        graph(),
-        selection=promote,
-        resources=resources(pipeline.home),
-        run_config=run_config(micro(), promote),
-        instance=pipeline.instance,
-        raise_on_error=False,
-    )
+    result = materialize_stages(promote, micro(), pipeline.home, pipeline.instance, raise_on_error=False)
     assert result.success, failures(result)
     promo = metadata(result, "model_promotion")
     assert promo["promoted"] is False and promo["champion_version"] == "1"
@@ -655,13 +621,7 @@ def test_promotion_refused_when_a_blocking_check_failed_in_an_earlier_run(pipeli
         instance=pipeline.instance,
     )
     assert check_results(good)["teacher_accuracy_above_floor"] is True
-    result = dg.materialize(
-        graph(),
-        selection=promote,
-        resources=resources(pipeline.home),
-        run_config=run_config(micro(), promote),
-        instance=pipeline.instance,
-    )
+    result = materialize_stages(promote, micro(), pipeline.home, pipeline.instance)
     promo = metadata(result, "model_promotion")
     assert promo["promoted"] is True and promo["champion_version"] == "2", promo["reason"]
     assert (
@@ -830,14 +790,7 @@ def test_a_user_gsm8k_file_is_scored_as_its_own_suite(pipeline, tmp_path, capsys
     )
     selection = ["benchmark_scores"]
     cfg = micro(eval={"suites": ["gsm8k"], "suite_files": {"gsm8k": str(tmp_path / "my_gsm8k.jsonl")}, "limit": 3})
-    result = dg.materialize(
-        graph(),
-        selection=selection,
-        run_config=run_config(cfg, selection),
-        resources=resources(pipeline.home),
-        instance=pipeline.instance,
-        raise_on_error=False,
-    )
+    result = materialize_stages(selection, cfg, pipeline.home, pipeline.instance, raise_on_error=False)
     assert result.success, failures(result)
     meta = metadata(result, "benchmark_scores")
     assert meta["suites"] == "gsm8k" and "| variant | gsm8k |" in meta["comparison_table"]

@@ -9,18 +9,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from scaffold_lib.config import load_preset
 from scaffold_lib.core.errors import StageFailed
 from scaffold_lib.data.segmentation import segment
 from scaffold_lib.data.signals import label_steps
 from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
-from scaffold_lib.data.teachers import ProgrammaticTeacher
 from scaffold_lib.data.trace_import import ImportedTeacher, TraceFieldMap
 from scaffold_lib.runner import run_pipeline
 from scaffold_lib.store.store import Store
@@ -28,8 +25,8 @@ from scaffold_lib.student.config import ShardsConfig, TrainConfig
 from scaffold_lib.student.model import load_tokenizer, prepare_pretrained_base
 from scaffold_lib.student.pack import pack_shards
 from scaffold_lib.student.train import ShardTokenizerMismatch, fit_student
-from student_kit import TINY
-from support.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
+from student_kit import TINY, tiny_llama
+from support.stages import generate_teacher_traces, labelled_store, store_problems
 
 GSM8K_SOLUTION = (
     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether in April "
@@ -54,33 +51,9 @@ def test_gsm8k_style_solutions_get_a_step_per_line_and_computations_are_labelled
     ]
 
 
-def tiny_llama(path: Path, tokenizer) -> Path:
-    torch.manual_seed(0)
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=512,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.eos_token_id,
-        )
-    ).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory) -> tuple[Store, object]:
-    store = Store.at(tmp_path_factory.mktemp("packed"))
-    wh = store.warehouse
-    store_problems(wh, generate_problems(GeneratorConfig(n_problems=30, seed=4)))
-    generate_teacher_traces(wh, ProgrammaticTeacher())
-    segment_traces(wh)
-    label_signals(wh)
+    store = labelled_store(tmp_path_factory.mktemp("packed"), GeneratorConfig(n_problems=30, seed=4))
     return store, pack_shards(store, ShardsConfig(), TINY)
 
 
@@ -257,29 +230,20 @@ def test_import_model_and_a_local_hf_teacher_from_the_cli(tmp_path):
         assert data.returncode == 1 and "teacher_accuracy_above_floor failed" in data.stderr, data.stderr[-2000:]
 
 
-def test_scaffold_score_scores_any_models_outputs(tmp_path):
-    suite = tmp_path / "gsm8k_test.jsonl"
-    suite.write_text(
-        "".join(
-            json.dumps(r) + "\n"
-            for r in [
-                {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "#### 7"},
-                {"question": "A box holds 12 pens. How many pens are in 2 boxes?", "answer": "#### 24"},
-            ]
-        )
+def test_scaffold_score_scores_any_models_outputs(tmp_path, write_jsonl):
+    suite = write_jsonl(
+        [
+            {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "#### 7"},
+            {"question": "A box holds 12 pens. How many pens are in 2 boxes?", "answer": "#### 24"},
+        ],
+        "gsm8k_test.jsonl",
     )
-    predictions = tmp_path / "preds.jsonl"
-    predictions.write_text(
-        "".join(
-            json.dumps(r) + "\n"
-            for r in [
-                {"question": "Tom has 3 apples and buys 4 more.  How many?", "output": "3 + 4 = 7\n#### 7"},
-                {
-                    "question": "A box holds 12 pens. How many pens are in 2 boxes?",
-                    "output": "The answer is 12 * 2 = 25.",
-                },
-            ]
-        )
+    predictions = write_jsonl(
+        [
+            {"question": "Tom has 3 apples and buys 4 more.  How many?", "output": "3 + 4 = 7\n#### 7"},
+            {"question": "A box holds 12 pens. How many pens are in 2 boxes?", "output": "The answer is 12 * 2 = 25."},
+        ],
+        "preds.jsonl",
     )
     out = tmp_path / "rows.jsonl"
     cli = [

@@ -12,13 +12,13 @@ import pytest
 from scaffold_lib.core.errors import StageFailed, UserError
 from scaffold_lib.data.label_stats import signal_distribution_markdown
 from scaffold_lib.data.problem_files import load_problem_file
-from scaffold_lib.data.problems import Problem, make_problem_id
+from scaffold_lib.data.problems import Problem
 from scaffold_lib.data.segmentation import segment
 from scaffold_lib.data.signals import SIGNALS
 from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.data.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig
 from scaffold_lib.store.warehouse import Warehouse
-from support.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
+from support.stages import FOREIGN, generate_teacher_traces, label_signals, segment_traces, store_problems
 
 DATA_TABLES = ("problems", "teacher_traces", "segmented_steps", "signal_labels")
 
@@ -212,19 +212,11 @@ def test_lenient_loader_quarantine_lands_in_the_table(warehouse_path, write_json
 
 def test_teacher_failures_are_recorded_and_retried(warehouse_path):
     wh = Warehouse(warehouse_path)
-    foreign = Problem(
-        make_problem_id("What is the capital of France?", "Paris"),
-        "gsm8k",
-        "train",
-        "What is the capital of France?",
-        "Paris",
-        "text",
-    )
-    store_problems(wh, [foreign, *problems(3)])
+    store_problems(wh, [FOREIGN, *problems(3)])
     report = generate_teacher_traces(wh, ProgrammaticTeacher())
     assert report.details["asked"] == 4 and report.details["failed"] == 1 and report.new_rows == 3
     failure = wh.query("SELECT problem_id, error FROM teacher_failures")
-    assert len(failure) == 1 and failure[0]["problem_id"] == foreign.problem_id
+    assert len(failure) == 1 and failure[0]["problem_id"] == FOREIGN.problem_id
     # no trace exists for it, so the next run asks again; answering nothing at all fails loudly, with the reason,
     # and the failure is recorded (once, not duplicated)
     with pytest.raises(StageFailed, match=r"answered none of 1 problems: 1 x .*only solves the built-in synthetic"):

@@ -5,32 +5,20 @@ from __future__ import annotations
 
 import fsspec
 
-from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
-from scaffold_lib.data.teachers import ProgrammaticTeacher
-from scaffold_lib.store.store import Store
-from scaffold_lib.student.config import PackConfig, ShardsConfig, StudentConfig, TrainConfig
+from scaffold_lib.data.synthetic import GeneratorConfig
+from scaffold_lib.student.config import PackConfig, ShardsConfig, TrainConfig
 from scaffold_lib.student.pack import pack_shards
 from scaffold_lib.student.shards import load_rows
 from scaffold_lib.student.train import fit_student
-from support.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
+from student_kit import TINY as TINY_STUDENT
+from support.stages import labelled_store
 
-TINY = StudentConfig(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    vocab_size=300,
-)
+TINY = TINY_STUDENT.model_copy(update={"vocab_size": 300})
 
 
 def test_shards_at_an_fsspec_url_are_written_whole_read_in_place_and_trained_on(tmp_path):
-    store = Store.at(tmp_path)
+    store = labelled_store(tmp_path, GeneratorConfig(n_problems=60, seed=2))
     wh = store.warehouse
-    store_problems(wh, generate_problems(GeneratorConfig(n_problems=60, seed=2)))
-    generate_teacher_traces(wh, ProgrammaticTeacher())
-    segment_traces(wh)
-    label_signals(wh)
     cfg = ShardsConfig(pack=PackConfig(row_len=512, rows_per_shard=4), storage_url="memory://bucket/run1")
     report = pack_shards(store, cfg, TINY)
     paths = [r["path"] for r in wh.query("SELECT path FROM shards ORDER BY path")]

@@ -405,21 +405,15 @@ def test_tiny_config_is_tiny(world):
 
 
 def test_student_stages_on_a_tiny_warehouse(tmp_path):
-    from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
-    from scaffold_lib.data.teachers import ProgrammaticTeacher
+    from scaffold_lib.data.synthetic import GeneratorConfig
     from scaffold_lib.evaluation.evaluate import heldout_items
-    from scaffold_lib.store.store import Store
     from scaffold_lib.student.config import ShardsConfig
     from scaffold_lib.student.pack import pack_shards
     from scaffold_lib.student.train import fit_student
-    from support.stages import generate_teacher_traces, label_signals, segment_traces, store_problems
+    from support.stages import labelled_store
 
-    store = Store.at(tmp_path)
+    store = labelled_store(tmp_path, GeneratorConfig(n_problems=30, seed=1))
     wh = store.warehouse
-    store_problems(wh, generate_problems(GeneratorConfig(n_problems=30, seed=1)))
-    generate_teacher_traces(wh, ProgrammaticTeacher())
-    segment_traces(wh)
-    label_signals(wh)
     sc = ShardsConfig(pack=PackConfig(row_len=512, rows_per_shard=4))
 
     report = pack_shards(store, sc, TINY, run_id="run-1")

@@ -8,10 +8,11 @@ from collections import Counter
 
 import pytest
 
-from scaffold_lib.data.problems import Problem, make_problem_id
+from scaffold_lib.data.problems import Problem
 from scaffold_lib.data.segmentation import segment
 from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
 from scaffold_lib.data.teachers import ProgrammaticTeacher, ProgrammaticTeacherConfig
+from support.stages import FOREIGN
 
 CORRECTIONS = ("Wait", "Actually", "But that is not right")
 
@@ -124,21 +125,13 @@ def test_trace_ids(problems):
 
 
 def test_non_synthetic_problem_is_a_failure_record(problems):
-    foreign = Problem(
-        make_problem_id("What is the capital of France?", "Paris"),
-        "gsm8k",
-        "train",
-        "What is the capital of France?",
-        "Paris",
-        "text",
-    )
     teacher = ProgrammaticTeacher()
-    result = teacher.generate([problems[0], foreign, problems[1]])
+    result = teacher.generate([problems[0], FOREIGN, problems[1]])
     assert [t.problem_id for t in result.traces] == [problems[0].problem_id, problems[1].problem_id]
     assert len(result.failures) == 1
     failure = result.failures[0]
-    assert failure.problem_id == foreign.problem_id
-    assert failure.trace_id == teacher.trace_id_for(foreign)
+    assert failure.problem_id == FOREIGN.problem_id
+    assert failure.trace_id == teacher.trace_id_for(FOREIGN)
     assert "synthetic" in failure.error
     assert set(failure.as_row()) == {"trace_id", "problem_id", "teacher", "error"}
 

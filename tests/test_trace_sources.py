@@ -218,19 +218,12 @@ def test_hf_teacher_generates_from_a_saved_checkpoint_and_resumes_from_its_journ
 ) -> None:
     from scaffold_lib.data.config import HFTeacherConfig
     from scaffold_lib.data.llm_teachers import HFTeacher
-    from scaffold_lib.student.config import StudentConfig
     from scaffold_lib.student.model import build_embedded_base
+    from student_kit import TINY
 
     problems = _synthetic(5)
     checkpoint = build_embedded_base(
-        StudentConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            vocab_size=300,
-        ),
+        TINY.model_copy(update={"vocab_size": 300}),
         [p.question for p in problems] * 4,
         tmp_path / "tiny-teacher",
     )

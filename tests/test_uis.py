@@ -21,6 +21,7 @@ import httpx
 import pytest
 from screenshots import free_port, wait_for  # docs/screenshots.py starts the same servers
 
+from pipelines.ui import dagster_server, mlflow_server
 from scaffold_lib.data.signals import ANSWER_SIGNAL, SIGNALS
 from scaffold_lib.store import registry
 from scaffold_lib.store.store import Store
@@ -69,37 +70,8 @@ def demo(tmp_path_factory) -> Iterator[dict]:
     run_id = out.stdout.split("run ", 1)[1].split(" ", 1)[0]
     dagster_port, mlflow_port = free_port(), free_port()
     servers = [
-        serve(
-            [
-                str(BIN / "dagster-webserver"),
-                "-w",
-                str(REPO / "workspace.yaml"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(dagster_port),
-            ],
-            env,
-            home / "webserver.log",
-        ),
-        serve(
-            [
-                str(BIN / "mlflow"),
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(mlflow_port),
-                "--workers",
-                "1",
-                "--backend-store-uri",
-                f"sqlite:///{home}/mlflow.db",
-                "--default-artifact-root",
-                (home / "mlartifacts").as_uri(),
-            ],
-            env,
-            home / "mlflow.log",
-        ),
+        serve(dagster_server(dagster_port, dev=False), env, home / "webserver.log"),
+        serve(mlflow_server(home, mlflow_port), env, home / "mlflow.log"),
     ]
     try:
         wait_for(f"http://127.0.0.1:{dagster_port}/server_info")

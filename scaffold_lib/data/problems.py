@@ -46,8 +46,15 @@ class SplitConfig(BaseModel):
         return self
 
 
+class FlatRow:
+    """A dataclass whose fields are its warehouse row, as they are (problems, quarantined rows, traces, failures)."""
+
+    def as_row(self) -> dict:
+        return dict(vars(self))  # flat fields: asdict() would deep-copy each (a corpus of long traces)
+
+
 @dataclass(frozen=True)
-class Problem:
+class Problem(FlatRow):
     problem_id: str
     source: str
     split: str
@@ -56,9 +63,6 @@ class Problem:
     answer_type: str = "number"
     group_id: str | None = None
     solution: str | None = None  # a worked solution shipped with the problem (GSM8K, reasoning-gym): a reference trace
-
-    def as_row(self) -> dict:
-        return dict(vars(self))  # flat fields: asdict() would deep-copy each (a corpus of long traces)
 
 
 class Gold(NamedTuple):
@@ -102,7 +106,7 @@ OOD_SPLITS = ("ood_longer", "ood_distractor", "ood_shuffled")
 
 
 @dataclass(frozen=True)
-class Quarantined:
+class Quarantined(FlatRow):
     """A row that could not become a problem, kept with why (written to the `quarantine` table)."""
 
     source_file: str
@@ -110,9 +114,6 @@ class Quarantined:
     field: str
     error: str
     raw: str
-
-    def as_row(self) -> dict:
-        return dict(vars(self))  # flat fields: asdict() would deep-copy each (a corpus of long traces)
 
 
 @dataclass

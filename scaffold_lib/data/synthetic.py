@@ -189,14 +189,15 @@ def ood_problems(cfg: GeneratorConfig, ood: OODConfig, split: SplitConfig) -> li
     return out
 
 
-def _one_problem(rng: random.Random, cfg: GeneratorConfig, split: SplitConfig) -> Problem:
-    if cfg.style == "timeline":
-        return _timeline_problem(rng, cfg, split)
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+def _story(
+    rng: random.Random, cfg: GeneratorConfig, name: str, item: str, interleave_distractors: bool
+) -> tuple[list[str], int]:
+    """The starting amount and the operations on it, in order, and the value they leave; the operations stop early
+    where none keeps the value in range. `interleave_distractors`: a distractor may come before each operation."""
     value = rng.randint(2, cfg.max_number)
     sentences = [rng.choice(START_TEMPLATES).format(name=name, n=value, item=item)]
     for _ in range(rng.randint(cfg.min_ops, cfg.max_ops)):
-        if rng.random() < cfg.distractor_prob / max(1, cfg.max_ops):
+        if interleave_distractors and rng.random() < cfg.distractor_prob / max(1, cfg.max_ops):
             sentences.append(_distractor(rng, name, item))
         choice = _choose_op(rng, value, cfg)
         if choice is None:
@@ -204,6 +205,14 @@ def _one_problem(rng: random.Random, cfg: GeneratorConfig, split: SplitConfig) -
         op, n = choice
         sentences.append(rng.choice(OP_TEMPLATES[op]).format(name=name, n=n, item=item))
         value = apply_op(op, value, n)
+    return sentences, value
+
+
+def _one_problem(rng: random.Random, cfg: GeneratorConfig, split: SplitConfig) -> Problem:
+    if cfg.style == "timeline":
+        return _timeline_problem(rng, cfg, split)
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    sentences, value = _story(rng, cfg, name, item, interleave_distractors=True)
     if rng.random() < cfg.distractor_prob:
         sentences.insert(rng.randint(1, len(sentences)), _distractor(rng, name, item))
     sentences.append(rng.choice(QUESTION_TEMPLATES).format(name=name, item=item))
@@ -218,15 +227,7 @@ def _timeline_problem(rng: random.Random, cfg: GeneratorConfig, split: SplitConf
     """Facts on consecutive days, the first the start; distractors (another person's or another item's facts) on days
     of their own; told in order but for `moved_facts` (or, `shuffled`, in any order)."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    value = rng.randint(2, cfg.max_number)
-    facts = [rng.choice(START_TEMPLATES).format(name=name, n=value, item=item)]
-    for _ in range(rng.randint(cfg.min_ops, cfg.max_ops)):
-        choice = _choose_op(rng, value, cfg)
-        if choice is None:
-            break
-        op, n = choice
-        facts.append(rng.choice(OP_TEMPLATES[op]).format(name=name, n=n, item=item))
-        value = apply_op(op, value, n)
+    facts, value = _story(rng, cfg, name, item, interleave_distractors=False)
     for _ in range(cfg.max_distractors):
         if rng.random() < cfg.distractor_prob:
             facts.insert(rng.randint(1, len(facts)), _distractor(rng, name, item))

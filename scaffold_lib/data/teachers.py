@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from scaffold_lib.core.answers import committed_answer, is_correct
 from scaffold_lib.core.ids import content_id
-from scaffold_lib.data.problems import Gold, Problem, Quarantined
+from scaffold_lib.data.problems import FlatRow, Gold, Problem, Quarantined
 from scaffold_lib.data.synthetic import ParsedQuestion, parse_question
 
 DEFAULT_PROMPT = (
@@ -26,7 +26,7 @@ DEFAULT_PROMPT = (
 
 
 @dataclass(frozen=True)
-class Trace:
+class Trace(FlatRow):
     trace_id: str
     problem_id: str
     teacher: str
@@ -43,21 +43,15 @@ class Trace:
     finish_reason: str | None = None
     recorded_correct: bool | None = None  # an imported dataset's own verdict, kept beside ours (`is_correct`)
 
-    def as_row(self) -> dict:
-        return dict(vars(self))  # flat fields: asdict() would deep-copy each (a corpus of long traces)
-
 
 @dataclass(frozen=True)
-class TeacherFailure:
+class TeacherFailure(FlatRow):
     """A problem the teacher could not answer; recorded (and retried on the next run), never dropped."""
 
     trace_id: str
     problem_id: str
     teacher: str
     error: str
-
-    def as_row(self) -> dict:
-        return dict(vars(self))  # flat fields: asdict() would deep-copy each (a corpus of long traces)
 
 
 @dataclass

@@ -102,6 +102,21 @@ def _quarantine(name: str, line: int, row: dict | None, raw: str, error: RowErro
     return Quarantined(name, line, error.field, error.error, error.raw or raw_of(row or {}, raw))
 
 
+def _readable_rows(name: str, rows, cols, second, lenient: bool) -> Iterator[tuple | Quarantined]:
+    """(line, row, raw, question, `second(row, cols)`) of each row whose question and second field (its problem id, its
+    gold answer) read; a quarantined row for each that does not."""
+    for line, row, raw, error in rows:
+        if error is not None:
+            yield _quarantine(name, line, row, raw, RowError("<row>", error), lenient)
+            continue
+        question, other = row_question(row, cols), second(row, cols)
+        bad = next((v for v in (question, other) if isinstance(v, RowError)), None)
+        if bad is not None:
+            yield _quarantine(name, line, row, raw, bad, lenient)
+            continue
+        yield line, row, raw, question, other
+
+
 def read_trace_rows(
     source: str,
     fields: TraceFieldMap = TraceFieldMap(),
@@ -120,15 +135,11 @@ def read_trace_rows(
         cols, rows = open_source(src, format, fields, split, wanted=wanted)
         if chosen is not None:
             chosen[src.name] = cols.label
-        for line, row, raw, error in rows:
-            if error is not None:
-                yield _quarantine(src.name, line, row, raw, RowError("<row>", error), lenient)
+        for read in _readable_rows(src.name, rows, cols, row_problem_id, lenient):
+            if isinstance(read, Quarantined):
+                yield read
                 continue
-            question, problem_id = row_question(row, cols), row_problem_id(row, cols)
-            bad = next((v for v in (question, problem_id) if isinstance(v, RowError)), None)
-            if bad is not None:
-                yield _quarantine(src.name, line, row, raw, bad, lenient)
-                continue
+            line, row, raw, question, problem_id = read
             if not wanted(problem_id, question):
                 continue
             samples = row_samples(row, cols)
@@ -172,15 +183,11 @@ def iter_trace_problems(
         info.update(format=cols.label, gold_column=cols.gold)
     if cols.gold is None or cols.problem_id is not None:
         return
-    for line, row, raw, error in rows:
-        if error is not None:
-            yield _quarantine(src.name, line, row, raw, RowError("<row>", error), lenient)
+    for read in _readable_rows(src.name, rows, cols, row_gold, lenient):
+        if isinstance(read, Quarantined):
+            yield read
             continue
-        question, gold = row_question(row, cols), row_gold(row, cols)
-        bad = next((v for v in (question, gold) if isinstance(v, RowError)), None)
-        if bad is not None:
-            yield _quarantine(src.name, line, row, raw, bad, lenient)
-            continue
+        *_, question, gold = read
         answer, answer_type = trace_gold(gold)
         group_id = content_id("question", normalise_question(question))  # as a problem file without a group column
         yield Problem(

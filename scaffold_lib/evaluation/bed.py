@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from scaffold_lib.data.signals import SIGNALS, keyword_table, label_step
-from scaffold_lib.evaluation.decoding import left_padded
+from scaffold_lib.evaluation.decoding import greedy_continuations
 from scaffold_lib.evaluation.metrics import signal_predictions
 from scaffold_lib.evaluation.suites import EvalItem
 from scaffold_lib.student.examples import STEP_SEPARATOR, Formatter
@@ -115,7 +115,6 @@ def implicit_signal_accuracy(
     """(b) the CoT-SFT student's next signal: at every boundary of the teacher's trace, its greedy opening words,
     labelled by the keyword labeller (a boundary whose opening no keyword starts counts as wrong)."""
     table = keyword_table()
-    device = next(model.parameters()).device
     prompts, targets = [], []
     for item in items:
         if not item.golden_steps:
@@ -128,16 +127,8 @@ def implicit_signal_accuracy(
             context += fmt.tokenizer(step, add_special_tokens=False)["input_ids"] + list(fmt.sep_ids)
     hits = 0
     for at in range(0, len(prompts), batch_size):
-        ids, mask = left_padded(prompts[at : at + batch_size], fmt.eos_id)
-        out = model.backbone.generate(
-            ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=OPENING_TOKENS,
-            do_sample=False,
-            eos_token_id=fmt.eos_id,
-            pad_token_id=fmt.eos_id,
-        )
-        for row, target in zip(out[:, ids.size(1) :].tolist(), targets[at : at + batch_size]):
+        openings = greedy_continuations(model, prompts[at : at + batch_size], OPENING_TOKENS, fmt.eos_id)
+        for row, target in zip(openings, targets[at : at + batch_size]):
             text = fmt.tokenizer.decode(row, skip_special_tokens=True).split(STEP_SEPARATOR)[0]
             label = label_step(text, False, table, fallback_signal="")
             hits += label.signal == target

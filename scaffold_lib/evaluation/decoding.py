@@ -230,6 +230,25 @@ def _cache_keyword(decoder: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(type(decoder).forward).parameters else "past_key_values"
 
 
+@torch.no_grad()
+def greedy_continuations(
+    model: ScaffoldStudent, prompts: Sequence[list[int]], max_new_tokens: int, eos_id: int
+) -> list[list[int]]:
+    """The backbone's greedy continuation of each prompt (HF `generate`, one left-padded batch, until EOS): the new
+    tokens only, EOS and the padding after it included."""
+    ids, mask = left_padded(prompts, eos_id)
+    device = next(model.parameters()).device
+    out = model.backbone.generate(
+        ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+    return out[:, ids.size(1) :].tolist()
+
+
 def plain_generate_batch(
     model: ScaffoldStudent,
     tokenizer: PreTrainedTokenizerBase,
@@ -239,20 +258,8 @@ def plain_generate_batch(
 ) -> list[Generation]:
     """The CoT-SFT baseline's decoding: HF `generate`, greedy, left-padded batch, until EOS."""
     fmt = fmt or Formatter(tokenizer, signal_tags())
-    device = next(model.parameters()).device
-    ids, mask = left_padded([fmt.question_ids(q) for q in questions], fmt.eos_id)
-    width = ids.size(1)
-    with torch.no_grad():
-        out = model.backbone.generate(
-            ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=fmt.eos_id,
-            pad_token_id=fmt.eos_id,
-        )
     gens = []
-    for row in out[:, width:].tolist():
+    for row in greedy_continuations(model, [fmt.question_ids(q) for q in questions], max_new_tokens, fmt.eos_id):
         new = row[: row.index(fmt.eos_id) + 1] if fmt.eos_id in row else row
         parts = [p.strip() for p in tokenizer.decode(new, skip_special_tokens=True).split(STEP_SEPARATOR) if p.strip()]
         gen = Generation(new_tokens=len(new), stopped_by="eos" if fmt.eos_id in new else "max_tokens")

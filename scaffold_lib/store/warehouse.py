@@ -96,6 +96,11 @@ AUDIT_COLUMNS = "dagster_run_id VARCHAR, created_at TIMESTAMP DEFAULT current_ti
 # columns added to a table after its first release must be nullable: older warehouse files get them by ALTER
 
 
+def _known(table: str) -> None:
+    if table not in SCHEMA:
+        raise KeyError(f"unknown table {table!r}")
+
+
 def _arrow(rows: Sequence[dict] | pa.Table, dagster_run_id: str | None) -> pa.Table:
     """Rows as an Arrow table, column by column (a key a row lacks is null there), with the writing run's id. An Arrow
     table (a stage's batch, built column-wise) only gets the run id."""
@@ -276,8 +281,7 @@ class Warehouse:
     def insert_new(self, table: str, rows: Sequence[dict] | pa.Table, dagster_run_id: str | None = None) -> int:
         """Insert rows whose key is not there yet (nor earlier in the batch); returns how many were new. Re-running is
         a no-op. Keyed by the primary key, or for the step tables by an anti-join on their unindexed key."""
-        if table not in SCHEMA:
-            raise KeyError(f"unknown table {table!r}")
+        _known(table)
         if not len(rows):
             return 0
         data = _arrow(rows, dagster_run_id)
@@ -303,8 +307,7 @@ class Warehouse:
         rows cost more than the write itself (docs/benchmarks.md). Only inside `session()`, where no other process can
         write between the stage's own pending query and this write; the stage's query must exclude every key already
         there, and the `one_row_per_step` check counts duplicates should one ever get through."""
-        if table not in SCHEMA:
-            raise KeyError(f"unknown table {table!r}")
+        _known(table)
         if self._held is None:
             raise RuntimeError("Warehouse.append writes rows found new in this session: call it inside session()")
         if not len(rows):
@@ -318,8 +321,7 @@ class Warehouse:
 
     def upsert(self, table: str, rows: Sequence[dict] | pa.Table, dagster_run_id: str | None = None) -> int:
         """Insert rows, replacing those with the same key (a later labelling stage refining a row)."""
-        if table not in SCHEMA:
-            raise KeyError(f"unknown table {table!r}")
+        _known(table)
         if not len(rows):
             return 0
         data = _arrow(rows, dagster_run_id)
@@ -398,8 +400,7 @@ class Warehouse:
 
     def count(self, table: str) -> int:
         """Rows of one of the warehouse's tables."""
-        if table not in SCHEMA:
-            raise KeyError(f"unknown table {table!r}")
+        _known(table)
         return self.scalar(f"SELECT count(*) FROM {table}")
 
     def counts(self) -> dict[str, int]:

@@ -11,6 +11,9 @@ kernel or FlexAttention with a document mask on CUDA).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -25,31 +28,47 @@ def example_bounds(position_ids: torch.Tensor) -> list[int]:
     return sorted({0, *starts}) + [int(position_ids.shape[-1])]
 
 
-def packed_documents_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    position_ids: torch.Tensor | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Causal attention inside each example of each row; anything else (a padding mask, a KV cache, no position ids)
-    goes to transformers' SDPA unchanged."""
-    if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
-        return sdpa_attention_forward(
-            module,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=dropout,
-            scaling=scaling,
-            position_ids=position_ids,
-            **kwargs,
-        )
+DocumentKernel = Callable[..., torch.Tensor]  # (module, query, key, value, dropout, scaling, position_ids) -> output
+
+
+def within_examples(kernel: DocumentKernel) -> Callable[..., tuple[torch.Tensor, None]]:
+    """An attention function for transformers' interface that runs `kernel` (causal attention inside each example of
+    each row, output in (batch, heads, length, dim)) on packed rows; anything else (a padding mask, a KV cache, no
+    position ids) goes to transformers' SDPA unchanged."""
+
+    @functools.wraps(kernel)
+    def attention(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
+            return sdpa_attention_forward(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=dropout,
+                scaling=scaling,
+                position_ids=position_ids,
+                **kwargs,
+            )
+        out = kernel(module, query, key, value, dropout, scaling, position_ids)
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+@within_examples
+def packed_documents_attention(module, query, key, value, dropout, scaling, position_ids) -> torch.Tensor:
+    """Causal SDPA on each example's slice of each row."""
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
@@ -73,7 +92,7 @@ def packed_documents_attention(
                 dim=2,
             )
         )
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+    return torch.cat(rows, dim=0)
 
 
 AttentionInterface.register(PACKED_DOCUMENTS, packed_documents_attention)

@@ -18,9 +18,8 @@ import importlib.util
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from scaffold_lib.student.attention import PACKED_DOCUMENTS
+from scaffold_lib.student.attention import PACKED_DOCUMENTS, within_examples
 
 FLEX_DOCUMENTS = "flex_documents"
 _state: dict = {}  # the compiled kernel, and the last block mask with the position ids it was built from
@@ -79,37 +78,14 @@ def _flex(device: torch.device):
     return _state["kernel"]
 
 
-def flex_documents_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    position_ids: torch.Tensor | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Causal attention inside each example of each row (FlexAttention, document block mask); a padding mask, a KV
-    cache or missing position ids go to transformers' SDPA unchanged, as in `packed_documents`."""
-    if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
-        return sdpa_attention_forward(
-            module,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=dropout,
-            scaling=scaling,
-            position_ids=position_ids,
-            **kwargs,
-        )
+@within_examples
+def flex_documents_attention(module, query, key, value, dropout, scaling, position_ids) -> torch.Tensor:
+    """FlexAttention with the document block mask."""
     if dropout:
         raise ValueError("flex_documents has no attention dropout; train with attention_dropout 0 or another kernel")
     batch, heads, length, _ = query.shape
     mask = document_block_mask(position_ids, batch, length)
-    out = _flex(query.device)(query, key, value, block_mask=mask, scale=scaling, enable_gqa=heads != key.shape[1])
-    return out.transpose(1, 2).contiguous(), None
+    return _flex(query.device)(query, key, value, block_mask=mask, scale=scaling, enable_gqa=heads != key.shape[1])
 
 
 AttentionInterface.register(FLEX_DOCUMENTS, flex_documents_attention)

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from scaffold_lib.core.plots import png
 from scaffold_lib.store import registry
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.warehouse import Warehouse
@@ -128,23 +129,12 @@ def record_lineage(
 
 def loss_plot(result: TrainResult, kind: str, path: Path) -> Path:
     """The loss curves of a training run as a small PNG (total, token and, for the scaffold student, signal loss)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = range(1, len(result.losses) + 1)
-    fig, ax = plt.subplots(figsize=(5, 3), dpi=110)
-    ax.plot(steps, result.losses, label="loss")
-    if kind == "scaffold" and result.signal_losses and any(result.signal_losses):
-        ax.plot(steps, result.token_losses, label="token loss", alpha=0.7)
-        ax.plot(steps, result.signal_losses, label="signal loss", alpha=0.7)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats)")
-    ax.set_title(f"{kind} training")
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    with png(
+        path, (5, 3), 110, title=f"{kind} training", xlabel="step", ylabel="loss (nats)", legend="upper right"
+    ) as ax:
+        ax.plot(steps, result.losses, label="loss")
+        if kind == "scaffold" and result.signal_losses and any(result.signal_losses):
+            ax.plot(steps, result.token_losses, label="token loss", alpha=0.7)
+            ax.plot(steps, result.signal_losses, label="signal loss", alpha=0.7)
     return path

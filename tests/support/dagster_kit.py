@@ -54,6 +54,20 @@ def run_config(config: PipelineConfig, assets=None) -> dict:
     }
 
 
+def materialize_stages(
+    selection, cfg: PipelineConfig, home: Path, instance: dg.DagsterInstance, raise_on_error: bool = True
+) -> dg.ExecuteInProcessResult:
+    """The `selection` of the whole graph materialised with `cfg` on `home`'s store."""
+    return dg.materialize(
+        graph(),
+        selection=selection,
+        resources=resources(home),
+        run_config=run_config(cfg, selection),
+        instance=instance,
+        raise_on_error=raise_on_error,
+    )
+
+
 def micro(**overrides) -> PipelineConfig:
     """The micro preset, with overrides (`{"eval": {"limit": 3}}`)."""
     return load_preset("micro", overrides).config

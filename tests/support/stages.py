@@ -4,15 +4,27 @@ Problems are written the way the problems stage writes every source's (`collect.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from scaffold_lib.data import collect, label, segment, trace
 from scaffold_lib.data.config import TeacherConfig
-from scaffold_lib.data.problems import Problem, Quarantined
+from scaffold_lib.data.problems import Problem, Quarantined, make_problem_id
+from scaffold_lib.data.synthetic import GeneratorConfig, generate_problems
+from scaffold_lib.data.teachers import ProgrammaticTeacher
 from scaffold_lib.store.handles import StageReport
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.warehouse import Warehouse
 
 ALL_SPLITS = ("train", "validation", "test")
+# a problem the programmatic teacher cannot answer (it solves only the generator's arithmetic)
+FOREIGN = Problem(
+    make_problem_id("What is the capital of France?", "Paris"),
+    "gsm8k",
+    "train",
+    "What is the capital of France?",
+    "Paris",
+    "text",
+)
 
 
 def store_of(wh: Warehouse) -> Store:
@@ -43,3 +55,15 @@ def segment_traces(wh: Warehouse, run_id: str | None = None) -> StageReport:
 
 def label_signals(wh: Warehouse, run_id: str | None = None) -> StageReport:
     return label.label_signals(store_of(wh), run_id=run_id)
+
+
+def labelled_store(root: Path, problems: GeneratorConfig) -> Store:
+    """A store whose warehouse holds generated problems with the programmatic teacher's traces, their steps and
+    labels: what packing starts from."""
+    store = Store.at(root)
+    wh = store.warehouse
+    store_problems(wh, generate_problems(problems))
+    generate_teacher_traces(wh, ProgrammaticTeacher())
+    segment_traces(wh)
+    label_signals(wh)
+    return store
