@@ -47,6 +47,44 @@ def watch(instance, run_id: str, started: float, timeout_s: float = 3600):
     raise TimeoutError(f"run {run_id} did not finish in {timeout_s:.0f} s")
 
 
+def run_job(home: Path, env: dict[str, str], run_id: str, started: float):
+    """The job launched through the workspace as `run_id` and run by a daemon started for it (stopped after, with
+    the run workers it started); the finished run, or None when the launch failed (said on stderr)."""
+    import dagster as dg
+
+    # not below $DAGSTER_HOME/logs: Dagster moves that folder away (its telemetry queue)
+    with (home / "daemon.log").open("ab") as log:
+        # its own session, so stopping it stops the run workers it started too
+        daemon = subprocess.Popen(
+            [_bin("dagster-daemon"), "run", "-w", str(WORKSPACE)],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        launched = subprocess.run(
+            [_bin("dagster"), "job", "launch", "-w", str(WORKSPACE), "-j", JOB, "--run-id", run_id],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        if launched.returncode != 0:
+            print(launched.stderr[-3000:], file=sys.stderr)
+            return None
+        print(f"run {run_id} of job {JOB} queued; the daemon launches it (log: {home / 'daemon.log'})")
+        with dg.DagsterInstance.get() as instance:
+            return watch(instance, run_id, started)
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        try:
+            daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -75,37 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         pass  # create the instance's storage here: the daemon and the launcher would race to create its tables
     run_id = str(uuid.uuid4())
     started = time.perf_counter()
-    # not below $DAGSTER_HOME/logs: Dagster moves that folder away (its telemetry queue)
-    with (home / "daemon.log").open("ab") as log:
-        # its own session, so stopping it stops the run workers it started too
-        daemon = subprocess.Popen(
-            [_bin("dagster-daemon"), "run", "-w", str(WORKSPACE)],
-            env=env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        launched = subprocess.run(
-            [_bin("dagster"), "job", "launch", "-w", str(WORKSPACE), "-j", JOB, "--run-id", run_id],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        )
-        if launched.returncode != 0:
-            print(launched.stderr[-3000:], file=sys.stderr)
-            return 1
-        print(f"run {run_id} of job {JOB} queued; the daemon launches it (log: {home / 'daemon.log'})")
-        with dg.DagsterInstance.get() as instance:
-            run = watch(instance, run_id, started)
-    finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        try:
-            daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
+    run = run_job(home, env, run_id, started)
+    if run is None:
+        return 1
     elapsed = time.perf_counter() - started
     if run.status != dg.DagsterRunStatus.SUCCESS:
         print(

@@ -13,8 +13,9 @@ confirmatory run:
 7. wrong answers by cause, and the signal head's calibration on validation.
 
 Everything lands in the warehouse (`experiment_scores`, item-level rows in `item_scores`) and in MLflow (a parent run
-with the report and the τ plot, the training runs as its children; the report is rendered by `experiment_report`).
-`scaffold experiment` and the Dagster `experiment` job run `run_experiment`.
+with the report and the τ plot, the training runs as its children). Beside this module: `experiment_context` (what
+every step shares: training an arm, evaluating, recording), `experiment_comparison` (step 5) and `experiment_report`
+(the rendered report). `scaffold experiment` and the Dagster `experiment` job run `run_experiment`.
 """
 
 from __future__ import annotations
@@ -23,104 +24,25 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
-import numpy as np
 
 from scaffold_lib.config import PipelineConfig
 from scaffold_lib.core.ids import content_id
 from scaffold_lib.evaluation import bed
-from scaffold_lib.evaluation.config import EvalConfig
 from scaffold_lib.evaluation.error_analysis import error_table
-from scaffold_lib.evaluation.evaluate import evaluate_models, heldout_items, load_for_eval
+from scaffold_lib.evaluation.evaluate import heldout_items, load_for_eval
 from scaffold_lib.evaluation.handles import EvaluationHandle
-from scaffold_lib.evaluation.metrics import serving_decode, signal_predictions
-from scaffold_lib.evaluation.stats import calibration, item_comparison, mean_sd, paired_comparison
+from scaffold_lib.evaluation.metrics import signal_predictions
+from scaffold_lib.evaluation.stats import calibration, item_comparison, mean_sd
 from scaffold_lib.evaluation.suites import HELDOUT, OOD_SUITES
-from scaffold_lib.experiment_report import COMPARISONS, PRIMARY, ExperimentResult, render_report, tau_plot
+from scaffold_lib.experiment_comparison import compare, item_matrix
+from scaffold_lib.experiment_context import Context, Log
+from scaffold_lib.experiment_report import PRIMARY, ExperimentResult, render_report, tau_plot
 from scaffold_lib.store import data_tables
-from scaffold_lib.store.scores import answers_with_questions, item_correctness
+from scaffold_lib.store.scores import answers_with_questions
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.training_data import training_traces
 from scaffold_lib.student.handles import ModelHandle, ShardsHandle
 from scaffold_lib.student.pack import pack_shards
-from scaffold_lib.student.train import train_model
-
-Log = Callable[[str], None]
-
-
-@dataclass
-class Context:
-    """What every part of one experiment shares."""
-
-    store: Store
-    cfg: PipelineConfig
-    run_id: str
-    experiment_id: str
-    tags: dict[str, str]
-    log: Log
-    progress: bool
-    rows: list[dict] = field(default_factory=list)  # experiment_scores rows
-
-    def record(self, seed: int, evaluation: EvaluationHandle, tau: float, purpose: str) -> None:
-        self.rows += [
-            {
-                "experiment_id": self.experiment_id,
-                "seed": seed,
-                "tau": tau,
-                "purpose": purpose,
-                "evaluation_id": evaluation.evaluation_id,
-                **{k: r[k] for k in ("model_name", "version", "variant", "split", "n", "accuracy", "mean_steps")},
-            }
-            for r in evaluation.rows
-        ]
-
-    def train(self, shards: ShardsHandle, kind: str, seed: int, beta: float, fraction: float = 1.0) -> ModelHandle:
-        train = self.cfg.train.model_copy(update={"seed": seed, "beta": beta, "data_fraction": fraction})
-        serving = serving_decode(self.cfg.eval, shards.budget)
-        tags = {**self.tags, "seed": str(seed), "data_fraction": str(fraction)}
-        return train_model(
-            self.store, shards, train, kind, self.run_id, tags=tags, serving_decode=serving, progress=self.progress
-        )
-
-    def evaluate(
-        self, student: ModelHandle, baseline: ModelHandle | None, shards: ShardsHandle, **update
-    ) -> EvaluationHandle:
-        cfg: EvalConfig = self.cfg.eval.model_copy(update=update)
-        return evaluate_models(self.store, student, baseline, shards, cfg, self.run_id)
-
-    def predicted(
-        self,
-        student: ModelHandle,
-        baseline: ModelHandle | None,
-        shards: ShardsHandle,
-        split: str,
-        limit: int | None,
-        tau: float,
-        **update,
-    ) -> EvaluationHandle:
-        """The student with its predicted signals at `tau` (and the baseline, when given) on the held-out suite's
-        `split`: tuning and the sample-efficiency points need no other variant."""
-        decode = self.cfg.eval.decode.model_copy(update={"tau": tau})
-        return self.evaluate(
-            student,
-            baseline,
-            shards,
-            suites=[HELDOUT],
-            split=split,
-            limit=limit,
-            variants=["predicted"],
-            include_base=False,
-            decode=decode,
-            **update,
-        )
-
-    def validate(self, student: ModelHandle, shards: ShardsHandle, tau: float) -> float:
-        limit = self.cfg.experiment.validation_limit
-        evaluation = self.predicted(student, None, shards, "validation", limit, tau, export_samples=False)
-        self.record(int(student.train_config["seed"]), evaluation, tau, "validation")
-        return next(r["accuracy"] for r in evaluation.rows if r["variant"] == "predicted")
 
 
 def run_experiment(
@@ -351,49 +273,6 @@ def score_on_test(
             ctx.record(seed, evaluation, tau, "test" if suite == HELDOUT else suite)
             out.setdefault(suite, {})[seed] = evaluation
     return out
-
-
-# --- 5. comparisons, the item as the unit -----------------------------------------------------------------------------
-
-
-def item_matrix(
-    store: Store, evaluations: dict[int, EvaluationHandle], a: str, b: str
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """[items, seeds] correctness of variants `a` and `b` over the items both answered under every seed."""
-    by = {v: {} for v in (a, b)}
-    for seed, evaluation in evaluations.items():
-        for r in item_correctness(store.warehouse, evaluation.evaluation_id, [a, b]):
-            by[r["variant"]].setdefault(r["doc_id"], {})[seed] = r["correct"]
-    seeds = sorted(evaluations)
-    items = sorted(d for d in by[a] if d in by[b] and len(by[a][d]) == len(by[b][d]) == len(seeds))
-    if not items:
-        return None
-    return tuple(np.array([[by[v][d][s] for s in seeds] for d in items], dtype=bool) for v in (a, b))
-
-
-def compare(ctx: Context, tests: dict[str, dict[int, EvaluationHandle]]) -> tuple[dict, dict, list[str]]:
-    """(comparisons "suite:a-b" -> ItemComparison dict, variant -> seed -> test Pass@1, McNemar lines per seed of the
-    primary comparison)."""
-    exp = ctx.cfg.experiment
-    comparisons, mcnemar = {}, []
-    for suite, evaluations in tests.items():
-        pairs = COMPARISONS if suite == HELDOUT else (PRIMARY, ("golden", "predicted"))
-        for a, b in pairs:
-            matrices = item_matrix(ctx.store, evaluations, a, b)
-            if matrices is None:
-                continue
-            comparisons[f"{suite}:{a}-{b}"] = item_comparison(*matrices, exp.bootstrap).as_dict()
-            if suite == HELDOUT and (a, b) == PRIMARY:
-                mcnemar = [
-                    f"- seed {seed}: "
-                    + paired_comparison(matrices[0][:, j], matrices[1][:, j], exp.bootstrap, seed).line(a, b)
-                    for j, seed in enumerate(sorted(evaluations))
-                ]
-    per_seed: dict[str, dict[int, float]] = {}
-    for seed, evaluation in tests[HELDOUT].items():
-        for r in evaluation.rows:
-            per_seed.setdefault(r["variant"], {})[seed] = r["accuracy"]
-    return comparisons, per_seed, mcnemar
 
 
 # --- 6. sample efficiency --------------------------------------------------------------------------------------------

@@ -9,27 +9,26 @@ command that runs it. Everything that runs stages is derived from this table:
 
 Adding a stage or a check is one entry here (tests/test_stage_table.py holds the three entry points to it).
 
-The table imports nothing heavy: each stage's code is imported when the stage runs, so `scaffold --help` and
-`scaffold config` do not wait for torch, DuckDB or MLflow.
+The table imports nothing heavy: each stage's code is imported when the stage runs (its adapter in
+`scaffold_lib.stage_calls`), so `scaffold --help` and `scaffold config` do not wait for torch, DuckDB or MLflow.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from pydantic import BaseModel
 
 from scaffold_lib import checks
+from scaffold_lib import stage_calls as calls
 from scaffold_lib.checks import Check, Finding
-from scaffold_lib.config import PipelineConfig
 from scaffold_lib.evaluation.handles import EvaluationHandle
+from scaffold_lib.stage_calls import StageCall
 from scaffold_lib.store.store import Store
 from scaffold_lib.student.handles import ModelHandle, ShardsHandle
-
-RunCommand = Callable[[list[str], dict[str, str]], None]  # runs a launcher command (torchrun) with extra environment
 
 
 @dataclass(frozen=True)
@@ -46,25 +45,6 @@ class Gate:
         return Check(
             self.name, stage, found.passed, self.blocking, found.description or self.description, found.metadata
         )
-
-
-@dataclass
-class StageCall:
-    """What one run of a stage gets: the store, the whole configuration, the run's id, the handles of the stages it
-    takes, and the hooks of whoever runs it (Dagster, the runner, a command)."""
-
-    store: Store
-    config: PipelineConfig
-    run_id: str
-    inputs: dict[str, Any] = field(default_factory=dict)  # stage name -> its handle
-    progress: bool = True  # progress bars on the terminal
-    log: Callable[[str], None] | None = None  # progress lines of a long stage (training steps, the experiment)
-    run_command: RunCommand | None = None  # how a torchrun launch is started (Dagster: through Pipes)
-    tags: dict[str, str] | None = None  # MLflow tags of a training run
-    partition: tuple[int, int] | None = None  # (index, count) of a partitioned teacher backfill
-    failed_gates: Sequence[str] = ()  # blocking checks that failed upstream: promotion refuses
-    who: str = "scaffold"  # recorded on a promotion
-    preset: str = ""  # the preset's name, for the experiment report
 
 
 @dataclass(frozen=True)
@@ -90,95 +70,6 @@ class Stage:
         return (*self.inputs, *self.after)
 
 
-# --- how each stage calls its library function (imported when the stage runs) ----------------------------------------
-
-
-def _collect(call: StageCall):
-    from scaffold_lib.data.collect import build_problems
-
-    # the teacher section too: an imported trace file brings its own problems and gold answers
-    return build_problems(call.store, call.config.problems, call.run_id, call.config.teacher)
-
-
-def _decontaminate(call: StageCall):
-    from scaffold_lib.evaluation.decontaminate import decontaminate
-
-    return decontaminate(call.store, call.config.decontamination, call.run_id)
-
-
-def _trace(call: StageCall):
-    from scaffold_lib.data.trace import write_traces
-
-    return write_traces(call.store, call.config.teacher, call.run_id, call.partition)
-
-
-def _segment(call: StageCall):
-    from scaffold_lib.data.segment import segment_traces
-
-    return segment_traces(call.store, call.config.segmentation, call.run_id)
-
-
-def _label(call: StageCall):
-    from scaffold_lib.data.label import label_signals
-
-    return label_signals(call.store, call.config.labeller, call.run_id)
-
-
-def _pack(call: StageCall):
-    from scaffold_lib.student.pack import pack_shards
-
-    return pack_shards(call.store, call.config.shards, call.config.student, call.run_id)
-
-
-def _train(kind: str) -> Callable[[StageCall], ModelHandle]:
-    def train(call: StageCall) -> ModelHandle:
-        from scaffold_lib.evaluation.metrics import serving_decode
-        from scaffold_lib.student.train import train_model
-
-        shards, cfg = call.inputs["packed_shards"], call.config.train
-        log = call.log
-
-        def on_log(step: int, metrics: dict) -> None:
-            log(
-                f"{kind} step {step}/{cfg.max_steps}: loss {metrics['loss']:.4f}, {metrics['tokens_per_s']:,.0f} tokens/s"
-            )
-
-        return train_model(
-            call.store,
-            shards,
-            cfg,
-            kind,
-            call.run_id,
-            on_log=on_log if log is not None else None,
-            run_command=call.run_command,
-            tags=call.tags,
-            serving_decode=serving_decode(call.config.eval, shards.budget),  # what a served student decodes with
-            progress=call.progress,
-        )
-
-    return train
-
-
-def _evaluate(call: StageCall):
-    from scaffold_lib.evaluation.evaluate import evaluate_models
-
-    student, baseline, shards = (call.inputs.get(n) for n in ("student_model", "baseline_model", "packed_shards"))
-    return evaluate_models(call.store, student, baseline, shards, call.config.eval, call.run_id, progress=call.progress)
-
-
-def _promote(call: StageCall):
-    from scaffold_lib.evaluation.promote import promote_challenger
-
-    evaluation = call.inputs["benchmark_scores"]
-    return promote_challenger(call.store, evaluation, call.config.promotion, call.failed_gates, who=call.who)
-
-
-def _experiment(call: StageCall):
-    from scaffold_lib.experiment import run_experiment
-
-    return run_experiment(call.store, call.config, call.run_id, preset=call.preset, log=call.log or print)
-
-
 # --- the table --------------------------------------------------------------------------------------------------------
 
 TRAIN_FLAGS = (
@@ -202,7 +93,7 @@ def _training_stage(name: str, kind: str, description: str) -> Stage:
     loss_check = f"{name.removesuffix('_model')}_loss_finite_and_falling"
     return Stage(
         name,
-        _train(kind),
+        calls.train(kind),
         sections=("train",),
         group="student",
         command="train",
@@ -222,7 +113,7 @@ _data_stage = partial(Stage, group="data", command="data")
 STAGES: tuple[Stage, ...] = (
     _data_stage(
         "problems",
-        _collect,
+        calls.collect,
         sections=("problems", "teacher"),
         description="Questions with gold answers: the configured source (synthetic generator, reasoning-gym, or "
         "problem files) plus any problem file dropped into the watched folder, plus an imported trace file's own "
@@ -246,7 +137,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     _data_stage(
         "decontamination",
-        _decontaminate,
+        calls.decontaminate,
         sections=("decontamination",),
         after=("problems",),
         description="Training problems sharing a word n-gram with a benchmark question (every suite whose file is "
@@ -254,7 +145,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     _data_stage(
         "teacher_traces",
-        _trace,
+        calls.trace,
         sections=("teacher",),
         after=("problems",),
         description="One teacher answer per problem, verified against the gold answer by the pipeline's scorer. Only "
@@ -282,7 +173,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     _data_stage(
         "segmented_steps",
-        _segment,
+        calls.segment,
         sections=("segmentation",),
         after=("teacher_traces",),
         description="Each trace cut into steps by its teacher's segmenter (blank lines for R1-style traces, lines for "
@@ -292,7 +183,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     _data_stage(
         "signal_labels",
-        _label,
+        calls.label,
         sections=("labeller",),
         after=("segmented_steps",),
         description="One of the seven signals per step: keyword labeller (opening words), final step = answer, and a "
@@ -318,7 +209,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "packed_shards",
-        _pack,
+        calls.pack,
         sections=("shards", "student"),
         group="student",
         command="pack",
@@ -352,7 +243,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "benchmark_scores",
-        _evaluate,
+        calls.evaluate,
         sections=("eval",),
         group="student",
         command="eval",
@@ -384,7 +275,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "model_promotion",
-        _promote,
+        calls.promote,
         sections=("promotion",),
         group="student",
         command="promote",
@@ -397,7 +288,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "experiment_report",
-        _experiment,
+        calls.experiment,
         sections=("shards", "student", "train", "eval", "experiment"),
         group="experiment",
         command="experiment",

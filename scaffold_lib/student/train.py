@@ -25,13 +25,14 @@ from scaffold_lib.core.ids import content_id
 from scaffold_lib.store import registry, training_data
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.warehouse import Warehouse
+from scaffold_lib.student.checkpoints import full_model_state
 from scaffold_lib.student.config import SignalInjection, TrainConfig
 from scaffold_lib.student.examples import text_format
 from scaffold_lib.student.handles import KINDS, LaunchJob, ModelHandle, ShardsHandle
 from scaffold_lib.student.model import ScaffoldStudent, load_tokenizer, tokenizer_hash
-from scaffold_lib.student.register import open_training_run, record_lineage, register_student
+from scaffold_lib.student.register import TrainingRun, open_training_run, record_lineage, register_student
 from scaffold_lib.student.shards import load_rows
-from scaffold_lib.student.training import LossNotFinite, TrainResult, full_model_state, init_distributed, train
+from scaffold_lib.student.training import LossNotFinite, TrainResult, init_distributed, train
 
 
 class ShardTokenizerMismatch(UserError):
@@ -247,16 +248,30 @@ def train_model(
         raise
     registry.finish_run(reg, run.run_id)
     record_lineage(store.warehouse, run, version, cfg, result.final_loss, [s["shard_id"] for s in shard_rows], run_id)
+    return _handle(reg, run, version, plot, trained, shards, cfg)
+
+
+def _handle(
+    reg: registry.RegistryConfig,
+    run: TrainingRun,
+    version: str,
+    plot: Path,
+    trained: TrainedStudent,
+    shards: ShardsHandle,
+    cfg: TrainConfig,
+) -> ModelHandle:
+    """What the training stage hands on: the registered version, what it was trained on and how it went."""
+    result = trained.result
     return ModelHandle(
         mlflow_experiment_id=registry.experiment_id(reg),
         loss_plot=str(plot),
         model_name=run.model_name,
         version=version,
-        kind=kind,
+        kind=cfg.kind,
         mlflow_run_id=run.run_id,
         model_uri=f"models:/{run.model_name}/{version}",
         path=trained.path,
-        manifest_hash=manifest,
+        manifest_hash=shards.manifests[cfg.kind],
         base_model=shards.base_model,
         tokenizer_hash=shards.tokenizer_hash,
         train_config=cfg.model_dump(),

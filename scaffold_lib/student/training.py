@@ -9,21 +9,26 @@ exactly the batches an uninterrupted run would.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from scaffold_lib.core.devices import pick_device
 from scaffold_lib.core.errors import RunFailed
+from scaffold_lib.student.checkpoints import (
+    full_state,
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    shard,
+)
 from scaffold_lib.student.config import TrainConfig
 from scaffold_lib.student.gpu_attention import document_attention
 from scaffold_lib.student.model import ScaffoldStudent
@@ -102,22 +107,9 @@ def _batch(data: dict[str, torch.Tensor], idx: torch.Tensor, device: torch.devic
     return b
 
 
-def train(
-    model: ScaffoldStudent,
-    data: dict[str, torch.Tensor],
-    cfg: TrainConfig,
-    checkpoint_dir: str | Path | None = None,
-    on_log: Callable[[int, dict], None] | None = None,
-    progress: bool = True,
-) -> TrainResult:
-    if cfg.learning_rate is None or cfg.warmup_steps is None:
-        raise ValueError("the learning rate and warm-up depend on the backbone: pass cfg.resolved(pretrained=...)")
-    device = pick_device(cfg.device)
-    dist = init_distributed(device)
-    if device.type == "cuda" and dist.world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    model.to(device).train()
-    # attention within each packed example (the backbone's own is restored below, before the model is saved)
+def _prepare_backbone(model: ScaffoldStudent, cfg: TrainConfig, device: torch.device) -> str:
+    """Attention within each packed example, gradient checkpointing and LoRA adapters, as configured; returns the
+    backbone's own attention implementation, which `train` restores before the model is saved."""
     backbone_config = model.decoder.config
     own_attention = backbone_config._attn_implementation
     backbone_config._attn_implementation = cfg.attn_implementation or document_attention(device) or own_attention
@@ -139,7 +131,98 @@ def train(
                 task_type="CAUSAL_LM",
             ),
         )
-    use_token, use_signal = cfg.kind == "baseline" or cfg.beta < 1.0, cfg.kind == "scaffold" and cfg.beta > 0.0
+    return own_attention
+
+
+def _loss_terms(cfg: TrainConfig) -> tuple[bool, bool]:
+    """Which loss terms train: the token term unless β = 1, the signal term for the scaffold student unless β = 0."""
+    return cfg.kind == "baseline" or cfg.beta < 1.0, cfg.kind == "scaffold" and cfg.beta > 0.0
+
+
+def _accumulate(
+    forward: torch.nn.Module,
+    data: dict[str, torch.Tensor],
+    cfg: TrainConfig,
+    dist: Distributed,
+    n_rows: int,
+    step: int,
+    device: torch.device,
+    autocast: torch.autocast,
+) -> tuple[float, float, int]:
+    """One optimiser step's forward and backward passes over its `grad_accum` micro-batches (gradients accumulate on
+    the parameters): this rank's token and signal loss terms, and the label tokens it saw."""
+    use_token, use_signal = _loss_terms(cfg)
+    tokens_seen = 0
+    # the global micro-batch comes from the same pure (seed, step) mapping whatever the world size, and each
+    # rank takes its slice: 2 ranks x B rows see exactly the rows 1 rank x 2B sees, and a checkpoint resumes
+    # under any world size (a DistributedSampler's order would depend on the world size)
+    batches = [
+        _batch(
+            data,
+            micro_batch_indices(n_rows, cfg.batch_size * dist.world, cfg.seed, step * cfg.grad_accum + m)[
+                dist.rank * cfg.batch_size : (dist.rank + 1) * cfg.batch_size
+            ],
+            device,
+        )
+        for m in range(cfg.grad_accum)
+    ]
+    # each term is normalised by its own count over the whole accumulated (global) batch
+    n_tok, n_sig = (
+        max(1.0, n)
+        for n in dist.sum(
+            sum(int((b["labels"] != -100).sum()) for b in batches),
+            sum(int((b["signal_positions"] >= 0).sum()) for b in batches),
+        )
+    )
+    tok_total = sig_total = 0.0
+    for b in batches:
+        with autocast:
+            out = forward(
+                b["input_ids"],
+                b["labels"],
+                b["position_ids"],
+                b["signal_ids"],
+                b["signal_positions"],
+                b["signal_targets"],
+                token_loss=use_token,
+                signal_loss=use_signal,
+            )
+        loss = 0.0
+        if use_token:
+            weight = 1.0 if cfg.kind == "baseline" else 1.0 - cfg.beta
+            loss = loss + weight * out["token_loss_sum"] / n_tok
+            tok_total += out["token_loss_sum"].detach().item() / n_tok
+        if use_signal:
+            loss = loss + cfg.beta * out["signal_loss_sum"] / n_sig
+            sig_total += out["signal_loss_sum"].detach().item() / n_sig
+        (loss * dist.world).backward()
+        tokens_seen += int((b["labels"] != -100).sum())
+    return tok_total, sig_total, tokens_seen
+
+
+def train(
+    model: ScaffoldStudent,
+    data: dict[str, torch.Tensor],
+    cfg: TrainConfig,
+    checkpoint_dir: str | Path | None = None,
+    on_log: Callable[[int, dict], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `model` on packed rows (in this process, or as one rank of a torchrun launch), resuming from the latest
+    checkpoint in `checkpoint_dir`; hands the model back in eval mode with the backbone's own attention.
+
+    Longer than 80 lines on purpose: the set-up (sharding, optimiser, scheduler, resume, the DDP wrap) and the loop
+    share that state, and the order of the collectives under DDP and FSDP (loss counts, checkpoints, barriers) must
+    be read in one place; a step's forward and backward passes are `_accumulate`."""
+    if cfg.learning_rate is None or cfg.warmup_steps is None:
+        raise ValueError("the learning rate and warm-up depend on the backbone: pass cfg.resolved(pretrained=...)")
+    device = pick_device(cfg.device)
+    dist = init_distributed(device)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    model.to(device).train()
+    own_attention = _prepare_backbone(model, cfg, device)
+    use_token, use_signal = _loss_terms(cfg)
     sharded = cfg.fsdp and dist.world > 1
     if sharded and (cfg.lora_r or not (use_token and use_signal)):
         raise ValueError(
@@ -189,50 +272,8 @@ def train(
     )
     t0, tokens_seen = time.perf_counter(), 0
     for step in range(start_step, cfg.max_steps):
-        # the global micro-batch comes from the same pure (seed, step) mapping whatever the world size, and each
-        # rank takes its slice: 2 ranks x B rows see exactly the rows 1 rank x 2B sees, and a checkpoint resumes
-        # under any world size (a DistributedSampler's order would depend on the world size)
-        batches = [
-            _batch(
-                data,
-                micro_batch_indices(n_rows, cfg.batch_size * dist.world, cfg.seed, step * cfg.grad_accum + m)[
-                    dist.rank * cfg.batch_size : (dist.rank + 1) * cfg.batch_size
-                ],
-                device,
-            )
-            for m in range(cfg.grad_accum)
-        ]
-        # each term is normalised by its own count over the whole accumulated (global) batch
-        n_tok, n_sig = (
-            max(1.0, n)
-            for n in dist.sum(
-                sum(int((b["labels"] != -100).sum()) for b in batches),
-                sum(int((b["signal_positions"] >= 0).sum()) for b in batches),
-            )
-        )
-        tok_total = sig_total = 0.0
-        for b in batches:
-            with autocast:
-                out = forward(
-                    b["input_ids"],
-                    b["labels"],
-                    b["position_ids"],
-                    b["signal_ids"],
-                    b["signal_positions"],
-                    b["signal_targets"],
-                    token_loss=use_token,
-                    signal_loss=use_signal,
-                )
-            loss = 0.0
-            if use_token:
-                weight = 1.0 if cfg.kind == "baseline" else 1.0 - cfg.beta
-                loss = loss + weight * out["token_loss_sum"] / n_tok
-                tok_total += out["token_loss_sum"].detach().item() / n_tok
-            if use_signal:
-                loss = loss + cfg.beta * out["signal_loss_sum"] / n_sig
-                sig_total += out["signal_loss_sum"].detach().item() / n_sig
-            (loss * dist.world).backward()
-            tokens_seen += int((b["labels"] != -100).sum())
+        tok_total, sig_total, step_tokens = _accumulate(forward, data, cfg, dist, n_rows, step, device, autocast)
+        tokens_seen += step_tokens
         tok_total, sig_total, global_tokens = dist.sum(tok_total, sig_total, tokens_seen)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
@@ -275,133 +316,3 @@ def train(
     model.decoder.config._attn_implementation = own_attention
     model.eval()
     return result
-
-
-# --- checkpoints ---------------------------------------------------------------------------------------
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    if not root.exists():
-        return None
-    done = sorted(
-        (p for p in root.glob("step-*") if (p / "trainer_state.json").exists()), key=lambda p: int(p.name.split("-")[1])
-    )
-    return done[-1] if done else None
-
-
-def shard(model: ScaffoldStudent) -> None:
-    """FSDP2: each transformer block is its own unit (all-gathered only while it runs), the rest is the root's."""
-    from torch.distributed.fsdp import fully_shard
-
-    blocks = set(getattr(model.backbone, "_no_split_modules", None) or [])
-    for module in [m for m in model.modules() if type(m).__name__ in blocks]:
-        fully_shard(module)
-    fully_shard(model)
-
-
-def _full_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    # gathered on rank 0, in CPU memory; keyed by parameter name, so any number of ranks can load it
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def full_model_state(model: ScaffoldStudent, sharded: bool) -> dict:
-    """The unsharded weights. Under FSDP every rank must call it (it gathers) and rank 0 receives them."""
-    if not sharded:
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    return get_model_state_dict(model, options=_full_options())
-
-
-def full_state(model: ScaffoldStudent, optimizer, sharded: bool) -> tuple[dict, dict]:
-    """Unsharded model and optimizer state for a checkpoint (a collective under FSDP, like full_model_state)."""
-    if not sharded:
-        return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    return full_model_state(model, sharded), get_optimizer_state_dict(model, optimizer, options=_full_options())
-
-
-def save_checkpoint(
-    root: Path,
-    step: int,
-    model_state: dict,
-    optim_state: dict,
-    scheduler,
-    result: TrainResult,
-    keep: int,
-    sharded: bool = False,
-) -> Path:
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
-    # tied weights share storage: safetensors wants each tensor once
-    seen, unique = {}, {}
-    for k, v in state.items():
-        key = (v.data_ptr(), v.shape)
-        if key not in seen:
-            seen[key] = k
-            unique[k] = v
-    save_file(unique, str(tmp / "model.safetensors"))
-    torch.save(
-        {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
-        tmp / "optim.pt",
-    )
-    (tmp / "trainer_state.json").write_text(
-        json.dumps(
-            {
-                "step": step,
-                "optimizer_format": "full" if sharded else "local",
-                "losses": result.losses,
-                "token_losses": result.token_losses,
-                "signal_losses": result.signal_losses,
-                "tied": {k: seen[(v.data_ptr(), v.shape)] for k, v in state.items()},
-            }
-        )
-    )
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_weights(path: Path, model: ScaffoldStudent) -> None:
-    meta = json.loads((path / "trainer_state.json").read_text())
-    tensors = load_file(str(path / "model.safetensors"))
-    model.load_state_dict({k: tensors[src] for k, src in meta["tied"].items()})
-
-
-def load_checkpoint(
-    path: Path, model: ScaffoldStudent, optimizer, scheduler, result: TrainResult, sharded: bool = False
-) -> int:
-    meta = json.loads((path / "trainer_state.json").read_text())
-    written = meta.get("optimizer_format", "local")
-    if written != ("full" if sharded else "local"):
-        raise ValueError(
-            f"{path} was written {'with' if written == 'full' else 'without'} fsdp; resume it with the "
-            "same fsdp setting (any number of processes)"
-        )
-    if not sharded:  # under FSDP the weights went in before sharding (load_weights)
-        load_weights(path, model)
-    # weights_only: the optimizer file holds tensors and plain containers; nothing is unpickled as code
-    extra = torch.load(path / "optim.pt", weights_only=True)
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        # every rank read the same full file: no broadcast needed
-        set_optimizer_state_dict(model, optimizer, extra["optimizer"], options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(extra["optimizer"])
-    scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["torch_rng"])
-    result.losses, result.token_losses, result.signal_losses = (
-        meta["losses"],
-        meta["token_losses"],
-        meta["signal_losses"],
-    )
-    return int(meta["step"])

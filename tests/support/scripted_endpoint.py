@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from scaffold_lib.data.synthetic import parse_question
-from scaffold_lib.data.teachers import ProgrammaticTeacherConfig, write_trace
+from scaffold_lib.data.teachers import ProgrammaticTeacherConfig
+from scaffold_lib.data.worked_traces import write_trace
 
 FAULT_KINDS = ("rate_limit", "server_error", "slow", "drop", "malformed_json", "empty_content")
 
