@@ -10,7 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 LIB = REPO / "scaffold_lib"
 LAYERS = {"core": 0, "store": 1, "data": 2, "student": 3, "evaluation": 4}
-TOP = 5  # config, checks, pipeline, cli
+TOP = 5  # serving, config, checks, stages, runner, experiment, cli
 
 
 def layer_of(module: str) -> int:
