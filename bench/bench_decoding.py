@@ -4,7 +4,7 @@
 Both are forced to produce the same number of tokens per question (an untrained model never stops on its own,
 so every sequence runs to its budget). Metric: generated tokens per second.
 
-    .venv/bin/python bench/bench_decoding.py [--questions 64] [--tokens 128]
+    .venv/bin/python -m bench.bench_decoding [--questions 64] [--tokens 128]     # a module: it imports bench.common
 """
 
 import argparse

@@ -4,7 +4,7 @@ Metric: non-pad tokens per second (tokens of real examples the model ran forward
 Baseline (same run): `transformers.Trainer` with dynamic padding to the longest example of each batch
 (`DataCollatorForSeq2Seq`), same backbone, batch of 8 examples, CPU.
 
-    .venv/bin/python bench/bench_training.py [--steps 40]
+    .venv/bin/python -m bench.bench_training [--steps 40]     # a module: it imports bench.common
 """
 
 import argparse
