@@ -38,7 +38,18 @@ def _run(cmd: list[str], home: Path) -> dict:
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory) -> dict:
     home = tmp_path_factory.mktemp("ddp")
-    cli = [sys.executable, "-m", "scaffold_lib.cli", "--home", str(home), "--preset", "demo"]
+    # 80 problems fill the demo's rows less than its 0.9 gate asks; these tests are about the launcher, not packing
+    cli = [
+        sys.executable,
+        "-m",
+        "scaffold_lib.cli",
+        "--home",
+        str(home),
+        "--preset",
+        "demo",
+        "--set",
+        "shards.min_fill=0.5",
+    ]
     assert subprocess.run([*cli, "data", "--n-problems", "80"], env=_env(home), capture_output=True).returncode == 0
     pack = subprocess.run([*cli, "pack"], env=_env(home), capture_output=True, text=True)
     assert pack.returncode == 0, pack.stderr

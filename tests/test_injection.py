@@ -10,7 +10,7 @@ import torch
 from scaffold_lib.data.signals import ANSWER_SIGNAL, SIGNAL_INDEX
 from scaffold_lib.evaluation.config import DecodeConfig
 from scaffold_lib.evaluation.decoding import ScaffoldDecoder
-from scaffold_lib.student.config import TrainConfig
+from scaffold_lib.student.config import StudentConfig, TrainConfig
 from scaffold_lib.student.model import NO_SIGNAL, ScaffoldStudent, StudentLoadError, input_signal_ids
 from scaffold_lib.student.training import train
 from student_kit import TinyWorld, tiny_world
@@ -66,6 +66,41 @@ def test_input_injection_conditions_the_step_but_not_the_heads_reading_before_it
             out.hidden_states(ids, None, input_signal_ids(signals)),
             out.hidden_states(ids, None, input_signal_ids(changed)),
         )
+
+
+def logit_shift(model: ScaffoldStudent, world: TinyWorld) -> torch.Tensor:
+    """How the next-token logits over the third step's tokens move when that step's signal changes."""
+    ex = world.scaffold_examples[1]
+    ids = torch.from_numpy(ex.input_ids).long()[None]
+    signals = torch.from_numpy(ex.signal_ids).long()[None]
+    first, end = int(ex.signal_positions[2]) + 1, int(ex.signal_positions[3]) + 1
+    changed = signals.clone()
+    changed[0, first - 1 : end - 1] = (signals[0, first] + 1) % 7
+
+    def logits(s: torch.Tensor) -> torch.Tensor:
+        step = input_signal_ids(s) if model.injects_input else None
+        return model.token_logits(model.hidden_states(ids, None, step), s)[0]
+
+    with torch.no_grad():
+        return (logits(changed) - logits(signals))[first : end - 1]
+
+
+def test_output_injection_is_one_bias_on_the_logits_whatever_the_context(world):
+    """The first bed's digit deficit (docs/results.md): added after the final norm, the signal vector moves every
+    position's logits by the same vector, E·e_s — it cannot depend on what the step has written so far — and its
+    gradient lands on the tied token embeddings. Added at the input, its effect depends on the context."""
+    output = logit_shift(student(world, "output"), world)
+    assert output.abs().max() > 0.1  # the signal does move the logits
+    assert torch.allclose(output, output[:1].expand_as(output), atol=1e-5)  # by one fixed vector
+    inputs = logit_shift(student(world, "input"), world)
+    assert not torch.allclose(inputs, inputs[:1].expand_as(inputs), atol=1e-4)
+
+
+def test_the_default_student_conditions_its_steps_through_the_context(world):
+    """The test that would have caught the first bed's deficit at design time: the pipeline's default student must
+    not condition a step on its signal by a context-free logit bias."""
+    shift = logit_shift(student(world, StudentConfig().signal_injection), world)
+    assert not torch.allclose(shift, shift[:1].expand_as(shift), atol=1e-4)
 
 
 def reference(model: ScaffoldStudent, world: TinyWorld, question: str, signals: list[str], limit: int) -> list[str]:

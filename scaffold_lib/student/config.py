@@ -38,9 +38,10 @@ class StudentConfig(BaseModel):
     max_position_embeddings: int = 1024
     seed: int = 0
     signal_injection: SignalInjection = Field(
-        "output",
-        description="where the scaffold student adds its signal embedding: output (the last hidden state before the "
-        "LM head), input (the input embedding of every token of the step), both, or none (the tag token only)",
+        "input",
+        description="where the scaffold student adds its signal embedding: input (the input embedding of every token "
+        "of the step), output (the last hidden state before the LM head: a fixed per-signal bias on the logits, which "
+        "left the first bed's student 30 points behind CoT-SFT, docs/results.md), both, or none (the tag token only)",
     )
     chat_template: bool | None = Field(
         None,
