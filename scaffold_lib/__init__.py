@@ -4,9 +4,4 @@ problems -> teachers -> segmentation -> signals -> examples/packing -> model/tra
 with warehouse (DuckDB stage tables + row-level lineage) and registry (MLflow). No Dagster import here.
 """
 
-from scaffold_lib.core.devices import spread_malloc_arenas
-
 __version__ = "0.1.0"
-
-# before any DuckDB, Arrow, torch or tokenizer thread exists: glibc fixes its arena cap when first reached
-spread_malloc_arenas()

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from scaffold_lib.core.devices import pick_device
+from scaffold_lib.core.devices import pick_device, spread_malloc_arenas
 from scaffold_lib.store.warehouse import Warehouse
 from scaffold_lib.student.handles import LaunchJob
 from scaffold_lib.student.train import fit_student
@@ -70,6 +70,7 @@ def run(job: LaunchJob) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    spread_malloc_arenas()  # before training starts DataLoader, tokenizer and DuckDB threads
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m scaffold_lib.student.launch JOB.json", file=sys.stderr)
