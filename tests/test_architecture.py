@@ -1,10 +1,14 @@
 """The layering docs/architecture.md describes, checked: scaffold_lib imports only go down (core <- store <- data <-
 student <- evaluation <- top-level modules), the library never imports Dagster, and pipelines/ holds no stage logic
-(no warehouse writes, no registry calls: those are the stage functions' job)."""
+(no warehouse writes, no registry calls: those are the stage functions' job); every package imported is declared."""
 
 from __future__ import annotations
 
 import ast
+import importlib.metadata
+import re
+import sys
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,6 +55,27 @@ def test_the_library_never_imports_dagster():
         if any((t == "dagster" or t.startswith(("dagster.", "dagster_"))) and t != "dagster_pipes" for t in imports(p))
     ]
     assert not offenders
+
+
+def distribution(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_imported_package_is_declared():
+    """A package scaffold_lib or pipelines imports is in pyproject's dependencies (or an optional group), not merely
+    brought in by another one that may drop it."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    specs = project["dependencies"] + [s for group in project["optional-dependencies"].values() for s in group]
+    declared = {distribution(re.split(r"[\s<>=!~;\[]", spec, maxsplit=1)[0]) for spec in specs}
+    providers = importlib.metadata.packages_distributions()
+    undeclared = set()
+    for path in [*LIB.rglob("*.py"), *(REPO / "pipelines").rglob("*.py")]:
+        for top in {target.split(".")[0] for target in imports(path)}:
+            if top in sys.stdlib_module_names or top in {"scaffold_lib", "pipelines"}:
+                continue
+            if not {distribution(d) for d in providers.get(top, [top])} & declared:
+                undeclared.add(f"{module_name(path)} imports {top}")
+    assert not undeclared, "\n".join(sorted(undeclared))
 
 
 WRITES = (
