@@ -9,8 +9,6 @@ safetensors weights, tokenizer, heads and config as artifacts) and registered as
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import getpass
 import hashlib
 import json
@@ -18,11 +16,12 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import mlflow
 import yaml
+from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
@@ -304,8 +303,7 @@ def record_refusal(cfg: RegistryConfig, version: str, reason: str) -> None:
     client(cfg).set_model_version_tag(cfg.model_name, version, "promotion_refused", reason[:5000])
 
 
-@contextlib.contextmanager
-def promotion_lock(cfg: RegistryConfig) -> Iterator[None]:
+def promotion_lock(cfg: RegistryConfig) -> FileLock:
     """One promotion at a time per registry: reading the champion, deciding and moving the alias are one step, so
     two racing promotions cannot both see the old champion and leave the worse candidate on top. The lock file
     sits beside a sqlite registry (else in the temp dir, keyed by the tracking URI: one host only)."""
@@ -317,12 +315,7 @@ def promotion_lock(cfg: RegistryConfig) -> Iterator[None]:
             / f"scaffold-promotion-{hashlib.sha256(cfg.tracking_uri.encode()).hexdigest()[:16]}.lock"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return FileLock(path)
 
 
 def promote_if_better(

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import duckdb
 import fsspec
 import pyarrow as pa
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from scaffold_lib.core.errors import UserError
 
@@ -135,6 +135,10 @@ TRACE_ROW_GROUP_ROWS = 2_048
 ATTACHED_AS = "warehouse_file"  # the file's name in a connection that attached it (`row_group_rows`)
 
 
+def _locked_by_another_process(exc: BaseException) -> bool:
+    return isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower()
+
+
 class WarehouseBusyError(RuntimeError):
     """Another process held the DuckDB file for longer than the configured wait."""
 
@@ -218,20 +222,20 @@ class Warehouse:
             finally:
                 cursor.close()
             return
-        deadline, delay = time.monotonic() + self.lock_timeout_s, 0.05
-        while True:
-            try:
-                con = self._open(row_group_rows)
-                break
-            except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
-                    if "lock" in str(exc).lower():
-                        raise WarehouseBusyError(
-                            f"{self.path} stayed locked by another process for {self.lock_timeout_s:.0f}s: {exc}"
-                        ) from exc
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        retrying = Retrying(
+            retry=retry_if_exception(_locked_by_another_process),
+            stop=stop_after_delay(self.lock_timeout_s),
+            wait=wait_exponential(multiplier=0.05, max=2.0),
+            reraise=True,
+        )
+        try:
+            con = retrying(self._open, row_group_rows)
+        except duckdb.IOException as exc:
+            if _locked_by_another_process(exc):
+                raise WarehouseBusyError(
+                    f"{self.path} stayed locked by another process for {self.lock_timeout_s:.0f}s: {exc}"
+                ) from exc
+            raise
         try:
             with self._memory_hint():
                 yield con
