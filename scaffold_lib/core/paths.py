@@ -14,10 +14,6 @@ def dagster_home() -> Path:
     return Path(home).resolve() if home else REPO_ROOT / "dagster_home"
 
 
-def default_warehouse() -> Path:
-    return dagster_home() / "warehouse.duckdb"
-
-
 class PathOutsideRoot(ValueError):
     """A path built from configuration or data would land outside the folder it must stay in."""
 
