@@ -42,8 +42,8 @@ def write_trace(parsed: ParsedQuestion, rng: random.Random, cfg: ProgrammaticTea
     """The v1 style's trace: an operation step with a keyword opening (or, `bare_step_prob`, none), corrected
     mistakes and examples or remarks at random, a conclusion and the answer.
 
-    Longer than 80 lines for its phrase tables: each step kind's wordings stand where the step is written, in the
-    order the random stream draws them (reordering them would change every generated trace)."""
+    Longer than 80 lines because of its phrase tables: each step kind's wordings stand where the step is written, in
+    the order the random stream draws them (reordering them would change every generated trace)."""
     name, item = parsed.name, parsed.item
     ops = [s for s in parsed.steps if s.kind not in ("start", "distractor")]
     wrong_at = rng.randrange(len(ops)) if ops and rng.random() < cfg.wrong_fraction else -1

@@ -148,7 +148,7 @@ class ScaffoldDecoder:
     ) -> list[Generation]:
         """Every question decoded in one batch, step by step, under `variant`'s signals (module docstring).
 
-        Longer than 80 lines on purpose: the prefill, the token loop and the step boundaries share the batch's
+        Longer than 80 lines because the prefill, the token loop and the step boundaries share the batch's
         cache, mask and positions, which one forward pass per token advances for every sequence together;
         `_begin_step` holds what a new step decides."""
         if variant == "golden" and (goldens is None or any(g is None for g in goldens)):

@@ -58,8 +58,8 @@ def pack_bfd(lengths: Sequence[int] | np.ndarray, capacity: int) -> list[np.ndar
     each (length, bucket) step is O(1) Python work plus numpy work linear in the items it places, and a length
     visits each non-empty bucket at most once. For a fixed capacity this is O(N log N).
 
-    Longer than 80 lines with this docstring, and one function on purpose: the buckets, their sizes and the
-    non-empty mask are one structure that the hot loop updates together.
+    Longer than 80 lines because, with this docstring, it is one function on purpose: the buckets, their sizes and
+    the non-empty mask are one structure that the hot loop updates together.
     """
     capacity = _check_capacity(capacity)
     arr = _as_lengths(lengths)

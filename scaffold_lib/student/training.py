@@ -211,7 +211,7 @@ def train(
     """Train `model` on packed rows (in this process, or as one rank of a torchrun launch), resuming from the latest
     checkpoint in `checkpoint_dir`; hands the model back in eval mode with the backbone's own attention.
 
-    Longer than 80 lines on purpose: the set-up (sharding, optimiser, scheduler, resume, the DDP wrap) and the loop
+    Longer than 80 lines because the set-up (sharding, optimiser, scheduler, resume, the DDP wrap) and the loop
     share that state, and the order of the collectives under DDP and FSDP (loss counts, checkpoints, barriers) must
     be read in one place; a step's forward and backward passes are `_accumulate`."""
     if cfg.learning_rate is None or cfg.warmup_steps is None:
