@@ -4,6 +4,7 @@ under races; secrets, pickles, UI bindings, SQL and config paths are handled saf
 from __future__ import annotations
 
 import ast
+import json
 import os
 import pickle
 import re
@@ -87,7 +88,7 @@ def test_a_query_beyond_duckdbs_memory_limit_names_the_setting_and_keeps_the_row
 
 
 RACE = """
-import sys, time
+import json, sys, time
 from scaffold_lib.store import registry
 cfg = registry.RegistryConfig(tracking_uri=sys.argv[1], artifact_location=sys.argv[2])
 scores = {"1": 0.2, "2": 0.3, "3": 0.5}
@@ -95,7 +96,7 @@ def accuracy(v):
     time.sleep(0.3)  # a slow read: without the lock both racers would see the old champion
     return scores.get(v)
 out = registry.promote_if_better(cfg, sys.argv[3], accuracy, 0.0, [], who="race test")
-print(out.promoted)
+print(json.dumps({"version": sys.argv[3], "saw": out.previous_champion, "promoted": out.promoted}))
 """
 
 
@@ -126,9 +127,15 @@ def test_racing_promotions_leave_exactly_one_champion_the_better_one(tmp_path: P
         ]
         results = [p.communicate(timeout=120)[0].strip() for p in procs]
         assert all(p.returncode == 0 for p in procs), results
+        seen = {r["version"]: r for r in (json.loads(line.splitlines()[-1]) for line in results)}
+        first, second = sorted(seen, key=lambda v: seen[v]["saw"] != "1")
+        # serialised: the second racer decided against the first's promotion (unlocked, both would see v1)
+        assert seen[first] == {"version": first, "saw": "1", "promoted": True}, seen
+        assert seen[second]["saw"] == first, seen
         assert registry.alias_version(race_cfg, registry.CHAMPION) == "3"
         v2 = MlflowClient(cfg.tracking_uri).get_model_version(name, "2")
-        assert ("promotion_refused" in v2.tags) != ("promoted_by" in v2.tags)  # decided once, one way
+        # v2 wins only when it decides first, against v1; after v3 it is refused
+        assert ("promoted_by" in v2.tags) == (first == "2") and ("promotion_refused" in v2.tags) == (first == "3")
     print(f"\n[reliability] {races} promotion races: champion always the better version")
 
 
