@@ -18,7 +18,7 @@ from scaffold_lib.core.answers import committed_answer, is_correct
 from scaffold_lib.core.ids import content_id
 from scaffold_lib.data.problems import FlatRow, Gold, Problem, Quarantined
 from scaffold_lib.data.synthetic import parse_question
-from scaffold_lib.data.worked_traces import write_flow_trace, write_trace
+from scaffold_lib.data.worked_traces import flow_trace_text, v1_trace_text
 
 DEFAULT_PROMPT = (
     "Solve the problem. Think step by step in short paragraphs separated by blank lines, "
@@ -199,7 +199,7 @@ class ProgrammaticTeacher:
                 )
                 continue
             rng = random.Random(f"{self.config.seed}:{problem.problem_id}")
-            text = (write_flow_trace if self.config.style == "flow" else write_trace)(parsed, rng, self.config)
+            text = (flow_trace_text if self.config.style == "flow" else v1_trace_text)(parsed, rng, self.config)
             answer, correct = verify(text, problem)
             prompt = DEFAULT_PROMPT.format(question=problem.question)
             result.traces.append(

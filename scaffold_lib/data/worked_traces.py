@@ -38,7 +38,7 @@ OP_PHRASES = {
 SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 
 
-def write_trace(parsed: ParsedQuestion, rng: random.Random, cfg: ProgrammaticTeacherConfig) -> str:
+def v1_trace_text(parsed: ParsedQuestion, rng: random.Random, cfg: ProgrammaticTeacherConfig) -> str:
     """The v1 style's trace: an operation step with a keyword opening (or, `bare_step_prob`, none), corrected
     mistakes and examples or remarks at random, a conclusion and the answer.
 
@@ -151,7 +151,7 @@ FLOW_OPENINGS = {
 }
 
 
-def write_flow_trace(parsed: ParsedQuestion, rng: random.Random, cfg: ProgrammaticTeacherConfig) -> str:
+def flow_trace_text(parsed: ParsedQuestion, rng: random.Random, cfg: ProgrammaticTeacherConfig) -> str:
     """An R1-style trace whose flow follows the solution: an operation step (an addition step elaborates, the other
     operations are analysis); after a product or a quotient a check ("Hmm, let me check: …", or for a product with
     `illustrate_products` an example); a slip is always followed by the check that catches it ("Wait, …"), so a

@@ -31,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from scaffold_lib.data.synthetic import parse_question
 from scaffold_lib.data.teachers import ProgrammaticTeacherConfig
-from scaffold_lib.data.worked_traces import write_trace
+from scaffold_lib.data.worked_traces import v1_trace_text
 
 FAULT_KINDS = ("rate_limit", "server_error", "slow", "drop", "malformed_json", "empty_content")
 
@@ -82,7 +82,7 @@ def scripted_reasoning(request: dict, reasoning_mode: str = "field") -> Reply:
         paragraphs = ["Let me think about this question.", "So I cannot work it out exactly.", "The answer is 0."]
     else:
         seed = int(hashlib.sha256(question.encode()).hexdigest()[:8], 16)
-        paragraphs = write_trace(parsed, random.Random(seed), ProgrammaticTeacherConfig()).split("\n\n")
+        paragraphs = v1_trace_text(parsed, random.Random(seed), ProgrammaticTeacherConfig()).split("\n\n")
     reasoning, answer = "\n\n".join(paragraphs[:-1]), paragraphs[-1]
     if reasoning_mode == "think_tags":
         return Reply(f"<think>\n{reasoning}\n</think>\n\n{answer}")
