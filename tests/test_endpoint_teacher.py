@@ -354,7 +354,7 @@ def test_dagster_assets_run_against_a_configured_endpoint(tmp_path: Path, monkey
         assert SENTINEL not in journal.read_text()
 
 
-def test_a_partition_backfill_fans_out_over_two_endpoints_and_a_failed_shard_reruns_alone(
+def test_a_partition_backfill_fans_out_over_two_endpoints_and_a_failed_partition_reruns_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pipelines.defs.stage_assets import ASSETS, TRACE_PARTITIONS
@@ -391,19 +391,19 @@ def test_a_partition_backfill_fans_out_over_two_endpoints_and_a_failed_shard_rer
 
         assert run([ASSETS["problems"]]).success
         results = {key: run([ASSETS["teacher_trace_shards"]], key) for key in keys}
-        # odd shards hit the server that is down: those partitions fail, with their problems recorded
+        # odd partitions hit the server that is down: they fail, with their problems recorded
         assert {k for k, r in results.items() if not r.success} == set(keys[1::2])
         odd.faults = FaultPlan()  # the outage ends
         before = Warehouse(home / "warehouse.duckdb").query("SELECT trace_id FROM teacher_traces")
         even.reset_stats()
-        assert run([ASSETS["teacher_trace_shards"]], keys[1]).success  # one failed shard re-runs alone
-        assert even.stats()["requests"] == 0  # nothing asked of the other shards' server
+        assert run([ASSETS["teacher_trace_shards"]], keys[1]).success  # one failed partition re-runs alone
+        assert even.stats()["requests"] == 0  # nothing asked of the other partitions' server
     wh = Warehouse(home / "warehouse.duckdb")
     rows = wh.query("SELECT t.problem_id, t.endpoint FROM teacher_traces t")
     assert len(rows) == len(before) + sum(
         1 for p in wh.query("SELECT problem_id FROM problems") if partition_of(p["problem_id"], 8) == 1
     )
-    for r in rows:  # every trace names the server of its shard
+    for r in rows:  # every trace names the server of its partition
         assert r["endpoint"] == (even.base_url if partition_of(r["problem_id"], 8) % 2 == 0 else odd.base_url)
     failed = wh.scalar("SELECT count(DISTINCT problem_id) FROM teacher_failures")
     assert failed == sum(1 for p in wh.query("SELECT problem_id FROM problems") if partition_of(p["problem_id"], 8) % 2)

@@ -9,12 +9,12 @@ from scaffold_lib.stages import STAGES, of_command
 
 # the partitioned teacher is for backfills over a fleet of endpoints (its own job): the other jobs trace every
 # problem in one step through `teacher_traces`
-SHARDED_TEACHER = dg.AssetSelection.assets(PARTITIONED_TEACHER)
+PARTITIONED = dg.AssetSelection.assets(PARTITIONED_TEACHER)
 EXPERIMENT = dg.AssetSelection.assets(*(s.name for s in STAGES if not s.in_pipeline))
 # the whole pipeline, in one run: what `make demo` launches
 full_pipeline_job = dg.define_asset_job(
     "full_pipeline",
-    selection=dg.AssetSelection.all() - SHARDED_TEACHER - EXPERIMENT,
+    selection=dg.AssetSelection.all() - PARTITIONED - EXPERIMENT,
     description="every stage, from problems to promotion",
 )
 # new problems -> traces -> steps -> labels (incremental: only new problems reach the teacher)
@@ -26,13 +26,13 @@ data_refresh_job = dg.define_asset_job(
 # one run per problem partition (launch a backfill of it), each on its own endpoint when several are configured
 trace_backfill_job = dg.define_asset_job(
     "trace_backfill",
-    selection=SHARDED_TEACHER,
+    selection=PARTITIONED,
     description="teacher traces by problem partition, fanned out over endpoints",
 )
 # the experiment on the data the pipeline holds: both arms over seeds, tuned on validation, tested once
 experiment_job = dg.define_asset_job(
     "experiment",
-    selection=EXPERIMENT.upstream() - SHARDED_TEACHER,
+    selection=EXPERIMENT.upstream() - PARTITIONED,
     description="does scaffolding beat CoT-SFT? seeds x arms, τ on validation, paired tests on test",
 )
 # shards -> students -> scores -> promotion
