@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from scaffold_lib.config import load_preset
+from scaffold_lib.core.devices import spread_malloc_arenas
 from scaffold_lib.runner import run_data_stages
 from scaffold_lib.store.store import Store
 from scaffold_lib.store.training_data import training_traces
@@ -97,6 +98,7 @@ def untie(model: ScaffoldStudent) -> None:
 
 
 def main() -> None:
+    spread_malloc_arenas()  # one long process runs the data stages, packing and training, as the CLI would
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, help="scratch folder (data are built once and reused)")
     ap.add_argument("--variants", nargs="+", default=["cot_sft", "scaffold", "no_embedding", "no_tags", "input"])

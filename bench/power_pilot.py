@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from scaffold_lib.config import load_preset, parse_assignments
+from scaffold_lib.core.devices import spread_malloc_arenas
 from scaffold_lib.evaluation.stats import item_comparison, required_items
 from scaffold_lib.evaluation.suites import HELDOUT
 from scaffold_lib.experiment import Context, diagnose_bed, item_matrix
@@ -25,6 +26,7 @@ from scaffold_lib.student.pack import pack_shards
 
 
 def main() -> None:
+    spread_malloc_arenas()  # one long process runs the data stages, packing and training, as the CLI would
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, help="scratch instance folder (data are built once and reused)")
     ap.add_argument("--preset", default="experiment")

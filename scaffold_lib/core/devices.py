@@ -23,7 +23,7 @@ def spread_malloc_arenas(arenas: int = 64) -> None:
     torch's threads use them all up in a long process, and the tokenizer's workers, started last, share an arena and
     queue on its lock (bench/bench_scale.py: tokenizing 3x slower). Effective only before the cap is first reached,
     hence called first thing by each entry point that runs stages (the CLI, the Dagster code location, the
-    training launcher), never on import of the library. No-op off glibc."""
+    training launcher, the benches that run stages), never on import of the library. No-op off glibc."""
     try:
         ctypes.CDLL(None).mallopt(M_ARENA_MAX, arenas)
     except (AttributeError, OSError):
