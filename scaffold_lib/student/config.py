@@ -83,7 +83,13 @@ class TrainConfig(BaseModel):
     warmup_steps: int | None = Field(
         None, ge=0, description="default: a tenth of the steps, at most 20 (from scratch) or 50 (pretrained)"
     )
-    max_steps: int = Field(200, ge=1, json_schema_extra={"flag": "steps"})
+    max_steps: int = Field(
+        200,
+        ge=1,
+        description="optimiser steps when epochs is 0; with epochs > 0 (the demo) the steps follow from the rows: "
+        "--set train.epochs=0 to count steps",
+        json_schema_extra={"flag": "steps"},
+    )
     epochs: float = Field(
         0.0,
         ge=0,
