@@ -114,6 +114,19 @@ def tiny_world(tmp_path_factory) -> TinyWorld:
     return world
 
 
+def sharpen(model: ScaffoldStudent) -> ScaffoldStudent:
+    """Make a random student sensitive: peaked attention (so positions and padding matter) and large signal vectors
+    (so the conditioning signal changes what it predicts). A freshly initialised tiny model is too flat for a wrong
+    position or a changed signal to move its argmax."""
+    with torch.no_grad():
+        for layer in model.backbone.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+        model.signal_embedding.weight.normal_(std=1.0)
+        model.signal_embedding.weight[-1].zero_()
+    return model
+
+
 def tiny_llama(path: Path, tokenizer, layers: int = 1) -> Path:
     """A tiny Llama checkpoint with `tokenizer`, saved like a hub model: a backbone that is not the embedded Qwen2."""
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from scaffold_lib.student.examples import STEP_SEPARATOR
 from scaffold_lib.student.model import ScaffoldStudent
 from scaffold_lib.student.shards import load_rows, pack_rows, write_shards
 from scaffold_lib.student.training import train
-from student_kit import TinyWorld, tiny_world
+from student_kit import TinyWorld, sharpen, tiny_world
 
 
 @pytest.fixture(scope="session")
@@ -44,17 +44,8 @@ def untrained(world) -> ScaffoldStudent:
 
 @pytest.fixture(scope="module")
 def sharp(world) -> ScaffoldStudent:
-    """Random backbone made sensitive: peaked attention (so positions and padding matter) and large signal vectors
-    (so the conditioning signal changes the greedy tokens). A freshly initialised tiny model is too flat for a
-    wrong position or a missing signal to change its argmax."""
-    model = world.student(seed=1)
-    with torch.no_grad():
-        for layer in model.backbone.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
-        model.signal_embedding.weight.normal_(std=1.0)
-        model.signal_embedding.weight[-1].zero_()
-    return biased(model, "reasoning_analysis")
+    """A sensitive random student (`sharpen`) biased towards one signal."""
+    return biased(sharpen(world.student(seed=1)), "reasoning_analysis")
 
 
 def memorise(world: TinyWorld, kind: str, steps: int = 150) -> ScaffoldStudent:

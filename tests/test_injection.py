@@ -13,7 +13,7 @@ from scaffold_lib.evaluation.decoding import ScaffoldDecoder
 from scaffold_lib.student.config import StudentConfig, TrainConfig
 from scaffold_lib.student.model import NO_SIGNAL, ScaffoldStudent, StudentLoadError, input_signal_ids
 from scaffold_lib.student.training import train
-from student_kit import TinyWorld, tiny_world
+from student_kit import TinyWorld, sharpen, tiny_world
 
 
 @pytest.fixture(scope="session")
@@ -24,14 +24,7 @@ def world(tmp_path_factory) -> TinyWorld:
 def student(world: TinyWorld, injection: str, seed: int = 1) -> ScaffoldStudent:
     """A fresh student whose signal vectors are large enough to change what it predicts."""
     torch.manual_seed(seed)
-    model = ScaffoldStudent.from_pretrained(world.base, kind="scaffold", injection=injection).float()
-    with torch.no_grad():
-        for layer in model.backbone.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
-        model.signal_embedding.weight.normal_(std=1.0)
-        model.signal_embedding.weight[-1].zero_()
-    return model.eval()
+    return sharpen(ScaffoldStudent.from_pretrained(world.base, kind="scaffold", injection=injection).float()).eval()
 
 
 def test_input_signal_ids_are_the_signal_of_the_step_each_token_belongs_to(world):
