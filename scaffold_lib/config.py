@@ -58,6 +58,13 @@ class ExperimentConfig(BaseModel):
     validation_limit: int | None = Field(None, ge=1, description="validation items (default: all)")
     test_limit: int | None = Field(None, ge=1, description="test items (default: all)")
     bootstrap: int = Field(10_000, ge=100, description="paired bootstrap resamples")
+    smallest_effect: float = Field(
+        0.03,
+        gt=0,
+        le=1,
+        description="smallest effect of interest (Pass@1 share): a primary interval wholly inside ± it reads "
+        "'equivalent', one that straddles 0 and reaches past it 'inconclusive'",
+    )
 
 
 class PipelineConfig(BaseModel):

@@ -135,6 +135,7 @@ def _run(ctx: Context, preset: str) -> ExperimentResult:
         mcnemar=mcnemar,
         errors=errors,
         models=models,
+        smallest_effect=exp.smallest_effect,
     )
     result.report = render_report(result)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ class ExperimentResult:
     mcnemar: list[str] = field(default_factory=list)
     errors: dict = field(default_factory=dict)
     models: list[dict] = field(default_factory=list)
+    smallest_effect: float = 0.03
 
     @property
     def primary(self) -> dict:
@@ -87,6 +88,8 @@ def render_report(result: ExperimentResult) -> str:
         "## Primary: scaffold (predicted signals) − CoT-SFT, Pass@1 on test, the item as the unit",
         "",
         _comparison_sentence(primary) if primary else "(not scored)",
+        *(["", registered_verdict(primary, result.smallest_effect)] if primary else []),
+        *(["", note] if (note := seed_spread_note(result.per_seed, primary)) else []),
         *_per_variant_section(seeds, result.per_seed),
         *_comparisons_section(result.comparisons, result.mcnemar),
         *_diagnostics_section(result.diagnostics),
@@ -150,6 +153,38 @@ def _comparison_sentence(c: dict) -> str:
         f"**{100 * c['difference']:+.1f} points** ({_pct(c['accuracy_a'])} % against {_pct(c['accuracy_b'])} %), "
         f"95 % CI {100 * c['ci_low']:+.1f} to {100 * c['ci_high']:+.1f}, {verdict} (sign-flip p = {c['p_value']:.3g}; "
         f"{c['n_items']} items × {c['n_seeds']} seed(s); items better {c['a_better']}/{c['b_better']})."
+    )
+
+
+def registered_verdict(c: dict, smallest_effect: float) -> str:
+    """The pre-registered decision rule on the primary interval: better or worse when it excludes 0, equivalent when
+    it lies wholly inside ± the smallest effect of interest, inconclusive otherwise."""
+    low, high, sesoi = c["ci_low"], c["ci_high"], smallest_effect
+    if low > 0:
+        verdict = "the scaffold is **better** (the interval lies above 0)"
+    elif high < 0:
+        verdict = "the scaffold is **worse** (the interval lies below 0)"
+    elif -sesoi < low and high < sesoi:
+        verdict = f"the arms are **equivalent within ±{100 * sesoi:g} points** (the interval lies inside it)"
+    else:
+        verdict = f"**inconclusive** (the interval holds 0 and reaches past ±{100 * sesoi:g} points: underpowered)"
+    return f"Decision rule: {verdict}."
+
+
+def seed_spread_note(per_seed: dict[str, dict[int, float]], c: dict) -> str:
+    """A warning when the seeds' own primary differences spread wider than the item-level interval: that interval
+    treats the trained models as fixed, so it does not cover the variation between training runs."""
+    a, b = PRIMARY
+    seeds = sorted(set(per_seed.get(a, {})) & set(per_seed.get(b, {})))
+    if len(seeds) < 2 or not c:
+        return ""
+    diffs = [per_seed[a][s] - per_seed[b][s] for s in seeds]
+    if max(diffs) - min(diffs) <= c["ci_high"] - c["ci_low"]:
+        return ""
+    return (
+        f"**Seeds disagree**: {a} − {b} per seed ranges from {100 * min(diffs):+.1f} to {100 * max(diffs):+.1f} "
+        f"points, wider than the interval above ({100 * (c['ci_high'] - c['ci_low']):.1f} points). The interval "
+        f"covers the items for these {len(seeds)} trained pairs, not a new training run; more seeds bound that."
     )
 
 

@@ -12,6 +12,7 @@ from scipy.stats import binomtest
 from scaffold_lib.config import load_preset
 from scaffold_lib.evaluation.stats import calibration, mcnemar_exact, paired_comparison
 from scaffold_lib.experiment import run_experiment
+from scaffold_lib.experiment_report import registered_verdict, seed_spread_note
 from scaffold_lib.runner import run_data_stages
 from scaffold_lib.store import registry
 from scaffold_lib.store.store import Store
@@ -39,6 +40,25 @@ def test_paired_comparison_counts_discordant_items_and_brackets_the_difference()
     assert (same.difference, same.ci_low, same.ci_high, same.p_value) == (0.0, 0.0, 0.0, 1.0)
     with pytest.raises(ValueError, match="equal, non-empty"):
         paired_comparison(a, b[:-1])
+
+
+def test_the_registered_decision_rule_reads_the_primary_interval_against_the_smallest_effect():
+    def verdict(low, high):
+        return registered_verdict({"ci_low": low, "ci_high": high}, 0.03)
+
+    assert "**better**" in verdict(0.001, 0.05) and "**worse**" in verdict(-0.05, -0.001)
+    assert "**equivalent within ±3 points**" in verdict(-0.018, 0.014)
+    assert "**inconclusive**" in verdict(-0.01, 0.04) and "**inconclusive**" in verdict(-0.03, 0.01)  # edge: not inside
+
+
+def test_seeds_that_disagree_more_than_the_item_interval_is_wide_are_flagged():
+    primary = {"ci_low": -0.018, "ci_high": 0.014}
+    apart = {"predicted": {0: 0.189, 1: 0.151}, "cot_sft": {0: 0.149, 1: 0.194}}
+    note = seed_spread_note(apart, primary)
+    assert "-4.3 to +4.0 points" in note and "3.2 points" in note
+    close = {"predicted": {0: 0.170, 1: 0.172}, "cot_sft": {0: 0.171, 1: 0.170}}
+    assert seed_spread_note(close, primary) == ""
+    assert seed_spread_note({"predicted": {0: 0.2}, "cot_sft": {0: 0.1}}, primary) == ""  # one seed: nothing to compare
 
 
 def test_calibration_bins_and_expected_calibration_error():
@@ -133,6 +153,7 @@ def test_the_experiment_tunes_on_validation_tests_once_compares_items_and_repeat
     assert "report.md" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     report = (tmp_path / "a" / "artifacts" / "experiments" / result.experiment_id / "report.md").read_text()
     assert "the item as the unit" in report and "McNemar" in report and "step execution" in report
+    assert "Decision rule: " in report
 
     # the same configuration on a fresh instance: the same numbers
     _, again = _experiment(tmp_path / "b")
