@@ -58,13 +58,14 @@ serve: $(STAMP)
 		$(BIN)/mlflow models serve -m models:/scaffold-student@champion --env-manager local -h 127.0.0.1 -p 5001
 
 # every benchmark in bench/ (bench_*.py, at its defaults; figures in docs/benchmarks.md), one after another, stopping
-# at the first that fails. Not run here, and said so: the studies that train for hours in a scratch folder of their
-# own (ablate_scaffold.py, power_pilot.py: `--work` required) and the GPU check (device_check.py: `make device-check`).
+# at the first that fails. Not run here, and said so: the studies that train for long in a scratch folder or instance
+# of their own (ablate_scaffold.py, power_pilot.py: `--work` required; bed_budget.py: `--home` required) and the GPU
+# check (device_check.py: `make device-check`).
 BENCHMARKS := $(sort $(wildcard bench/bench_*.py))
 bench: $(STAMP)
 	$(BIN)/pip install -q torch==2.13.0 -e ".[bench]" 2>&1 | grep -v "is ignored: it is neither" || true
 	@echo "make bench runs: $(BENCHMARKS)"
-	@echo "skipped: bench/ablate_scaffold.py, bench/power_pilot.py (hours of training, need --work: run by hand, see their docstrings); bench/device_check.py (make device-check)"
+	@echo "skipped: bench/ablate_scaffold.py, bench/power_pilot.py, bench/bed_budget.py (tens of minutes to hours of training, need --work or --home: run by hand, see their docstrings); bench/device_check.py (make device-check)"
 	# as modules (python -m bench.NAME): bench_decoding and bench_training import bench.common, which a script path
 	# would not find
 	set -e; for b in $(basename $(notdir $(BENCHMARKS))); do echo "== bench/$$b.py"; $(BIN)/python -m bench.$$b; done
