@@ -8,6 +8,7 @@ browser over the same pages."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -217,6 +218,7 @@ def test_make_ui_started_in_the_background_stops_on_sigterm(tmp_path):
     home.mkdir()
     shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
     dagster_port, mlflow_port = free_port(), free_port()
+    pids: list[int] = []
     make = subprocess.Popen(
         [
             "make",
@@ -243,10 +245,17 @@ def test_make_ui_started_in_the_background_stops_on_sigterm(tmp_path):
         wait_for(f"http://127.0.0.1:{dagster_port}/server_info", timeout_s=240)
         wait_for(f"http://127.0.0.1:{mlflow_port}/health")
         os.kill(make.pid, signal.SIGTERM)  # `kill $!`: make only, not its process group
-        make.wait(timeout=90)
+        try:
+            make.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            log = (home / "ui.log").read_text(errors="replace")[-3000:]
+            pytest.fail(f"make ui still running 90 s after SIGTERM; servers {pids}; ui.log ends:\n{log}")
     finally:
         if make.poll() is None:
             os.killpg(make.pid, signal.SIGKILL)
+            for pid in pids:  # the servers run in sessions of their own: a failed stop must not leave them running
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
     for pid in pids:  # each server ran in its own session: nothing of it may remain
         with pytest.raises(ProcessLookupError):
             os.killpg(pid, 0)
