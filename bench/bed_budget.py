@@ -2,7 +2,8 @@
 trained for more epochs on the same traces, with their validation Pass@1 beside it: if (a) and Pass@1 climb with
 epochs, the bed's errors are under-training, and a longer budget makes the in-step work learnable.
 
-    python -m bench.bed_budget --home /tmp/exp3 --epochs 6 9        # an instance the experiment has run on
+    python -m bench.bed_budget --home /tmp/exp3 --epochs 3 6        # an instance the experiment has run on
+    python -m bench.bed_budget --home /tmp/exp3 --epochs 6 --arms scaffold --injection none
 
 Needs an instance whose data stages have run (`scaffold --preset experiment experiment` leaves one). Each arm is
 trained with seed 0 at each epoch count on the instance's shards (the experiment preset otherwise; the models land in
@@ -31,23 +32,36 @@ def main() -> None:
     parser.add_argument("--preset", default="experiment", help="the configuration the instance was built with")
     parser.add_argument("--epochs", type=float, nargs="+", default=[6.0, 9.0], help="epoch counts to train")
     parser.add_argument("--limit", type=int, default=400, help="validation items")
+    parser.add_argument("--arms", nargs="+", choices=["scaffold", "cot_sft"], default=["scaffold", "cot_sft"])
+    parser.add_argument(
+        "--injection",
+        choices=["input", "output", "both", "none"],
+        help="the scaffold's signal injection (default: the preset's)",
+    )
     args = parser.parse_args()
+    if "scaffold" not in args.arms:
+        parser.error("--arms needs scaffold: the baseline is scored beside it")
 
     cfg = load_preset(args.preset).config
     store = Store.at(args.home)
     run_id = f"bed-budget-{uuid.uuid4()}"
     shards = pack_shards(store, cfg.shards, cfg.student, run_id)
+    if args.injection:
+        shards = shards.model_copy(update={"signal_injection": args.injection})
     items = heldout_items(store.warehouse, "validation", args.limit)
     rows = []
     for epochs in args.epochs:
         run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
         ctx = Context(store, run_cfg, run_id, "bed-budget", {"study": "bed_budget"}, print, False)
         started = time.perf_counter()
-        student = ctx.train(shards, "scaffold", 0, cfg.train.beta)
-        baseline = ctx.train(shards, "baseline", 0, cfg.train.beta)
+        arms = {
+            arm: ctx.train(shards, "scaffold" if arm == "scaffold" else "baseline", 0, cfg.train.beta)
+            for arm in args.arms
+        }
+        student, baseline = arms.get("scaffold"), arms.get("cot_sft")
         evaluation = ctx.predicted(student, baseline, shards, "validation", args.limit, 0.0, export_samples=False)
         accuracy = {r["variant"]: r["accuracy"] for r in evaluation.rows}
-        for arm, handle in (("scaffold", student), ("cot_sft", baseline)):
+        for arm, handle in arms.items():
             model, fmt = load_for_eval(handle.path)
             execution = bed.step_execution(model, fmt, items)
             rows.append(
