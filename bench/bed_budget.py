@@ -4,6 +4,7 @@ epochs, the bed's errors are under-training, and a longer budget makes the in-st
 
     python -m bench.bed_budget --home /tmp/exp3 --epochs 3 6        # an instance the experiment has run on
     python -m bench.bed_budget --home /tmp/exp3 --epochs 6 --arms scaffold --injection none
+    python -m bench.bed_budget --home /tmp/exp3 --epochs 6 --arms scaffold --beta 0
 
 Needs an instance whose data stages have run (`scaffold --preset experiment experiment` leaves one). Each arm is
 trained with seed 0 at each epoch count on the instance's shards (the experiment preset otherwise; the models land in
@@ -38,11 +39,13 @@ def main() -> None:
         choices=["input", "output", "both", "none"],
         help="the scaffold's signal injection (default: the preset's)",
     )
+    parser.add_argument("--beta", type=float, help="the signal loss weight (default: the preset's)")
     args = parser.parse_args()
     if "scaffold" not in args.arms:
         parser.error("--arms needs scaffold: the baseline is scored beside it")
 
     cfg = load_preset(args.preset).config
+    beta = cfg.train.beta if args.beta is None else args.beta
     store = Store.at(args.home)
     run_id = f"bed-budget-{uuid.uuid4()}"
     shards = pack_shards(store, cfg.shards, cfg.student, run_id)
@@ -54,10 +57,7 @@ def main() -> None:
         run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
         ctx = Context(store, run_cfg, run_id, "bed-budget", {"study": "bed_budget"}, print, False)
         started = time.perf_counter()
-        arms = {
-            arm: ctx.train(shards, "scaffold" if arm == "scaffold" else "baseline", 0, cfg.train.beta)
-            for arm in args.arms
-        }
+        arms = {arm: ctx.train(shards, "scaffold" if arm == "scaffold" else "baseline", 0, beta) for arm in args.arms}
         student, baseline = arms.get("scaffold"), arms.get("cot_sft")
         evaluation = ctx.predicted(student, baseline, shards, "validation", args.limit, 0.0, export_samples=False)
         accuracy = {r["variant"]: r["accuracy"] for r in evaluation.rows}
