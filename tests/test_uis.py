@@ -211,6 +211,14 @@ def test_the_champion_loads_through_pyfunc_and_predicts(demo):
     assert "student trained" in version.description and "promotion" in version.description.lower()
 
 
+def _as_a_background_job() -> None:
+    """What `make ui &` from a script starts with: SIGINT ignored, SIGTERM at its default. This worker's own SIGTERM
+    may be ignored (a Dagster run in-process gives SIGTERM SIGINT's disposition, and xdist workers ignore SIGINT), and
+    make keeps an inherited ignored SIGTERM ignored, so it is reset here rather than inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def test_make_ui_started_in_the_background_stops_on_sigterm(tmp_path):
     """`make ui &` from a script: the children inherit an ignored SIGINT, and a SIGTERM reaches make alone. Both
     servers, with everything they started, must be gone afterwards, and the printed MLflow link opens the runs."""
@@ -234,7 +242,7 @@ def test_make_ui_started_in_the_background_stops_on_sigterm(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # what a non-interactive `&` does
+        preexec_fn=_as_a_background_job,
     )
     try:
         first = next(line for line in make.stdout if line.startswith("Dagster:"))
@@ -249,7 +257,10 @@ def test_make_ui_started_in_the_background_stops_on_sigterm(tmp_path):
             make.wait(timeout=90)
         except subprocess.TimeoutExpired:
             log = (home / "ui.log").read_text(errors="replace")[-3000:]
-            pytest.fail(f"make ui still running 90 s after SIGTERM; servers {pids}; ui.log ends:\n{log}")
+            pytest.fail(
+                f"make ui still running 90 s after SIGTERM (this process's SIGTERM: {signal.getsignal(signal.SIGTERM)}); "
+                f"servers {pids}; ui.log ends:\n{log}"
+            )
     finally:
         if make.poll() is None:
             os.killpg(make.pid, signal.SIGKILL)
