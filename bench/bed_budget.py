@@ -26,6 +26,9 @@ from scaffold_lib.experiment_context import Context
 from scaffold_lib.store.store import Store
 from scaffold_lib.student.pack import pack_shards
 
+# arm -> (the kind it trains as, the variant its validation Pass@1 is scored under)
+ARMS = {"scaffold": ("scaffold", "predicted"), "cot_sft": ("baseline", "cot_sft")}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -33,7 +36,7 @@ def main() -> None:
     parser.add_argument("--preset", default="experiment", help="the configuration the instance was built with")
     parser.add_argument("--epochs", type=float, nargs="+", default=[6.0, 9.0], help="epoch counts to train")
     parser.add_argument("--limit", type=int, default=400, help="validation items")
-    parser.add_argument("--arms", nargs="+", choices=["scaffold", "cot_sft"], default=["scaffold", "cot_sft"])
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument(
         "--injection",
         choices=["input", "output", "both", "none"],
@@ -57,7 +60,7 @@ def main() -> None:
         run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
         ctx = Context(store, run_cfg, run_id, "bed-budget", {"study": "bed_budget"}, print, False)
         started = time.perf_counter()
-        arms = {arm: ctx.train(shards, "scaffold" if arm == "scaffold" else "baseline", 0, beta) for arm in args.arms}
+        arms = {arm: ctx.train(shards, ARMS[arm][0], 0, beta) for arm in args.arms}
         student, baseline = arms.get("scaffold"), arms.get("cot_sft")
         evaluation = ctx.predicted(student, baseline, shards, "validation", args.limit, 0.0, export_samples=False)
         accuracy = {r["variant"]: r["accuracy"] for r in evaluation.rows}
@@ -69,7 +72,7 @@ def main() -> None:
                     "epochs": epochs,
                     "arm": arm,
                     "steps": handle.steps,
-                    "validation_pass_at_1": accuracy["predicted" if arm == "scaffold" else "cot_sft"],
+                    "validation_pass_at_1": accuracy[ARMS[arm][1]],
                     **execution,
                 }
             )
