@@ -2,14 +2,16 @@
 trained for more epochs on the same traces, with their validation Pass@1 beside it: if (a) and Pass@1 climb with
 epochs, the bed's errors are under-training, and a longer budget makes the in-step work learnable.
 
-    python -m bench.bed_budget --home /tmp/exp3 --epochs 3 6        # an instance the experiment has run on
-    python -m bench.bed_budget --home /tmp/exp3 --epochs 6 --arms scaffold --injection none
-    python -m bench.bed_budget --home /tmp/exp3 --epochs 6 --arms scaffold --beta 0
+    python -m bench.bed_budget --home H --preset experiment-v2 --epochs 3 6     # an instance the experiment ran on
+    python -m bench.bed_budget --home H --preset experiment-v2 --epochs 6 --arms scaffold --injection none
+    python -m bench.bed_budget --home H --preset experiment-v2 --epochs 6 --arms scaffold --beta 0.1
 
 Needs an instance whose data stages have run (`scaffold --preset experiment experiment` leaves one). Each arm is
 trained with seed 0 at each epoch count on the instance's shards (the experiment preset otherwise; the models land in
 its MLflow registry like any other), then measured on validation only: (a) teacher-forced, as the experiment's
-diagnostics measure it, and Pass@1 (the scaffold with its predicted signals, τ = 0). Test is never scored.
+diagnostics measure it, and Pass@1 (the scaffold with its predicted signals and with the teacher's, τ = 0; with
+--beta 0 the signal head is untrained and only the teacher's signals say what the steps can do). Test is never scored.
+`scaffold --home H --preset experiment-v2 data` builds the data stages of a fresh instance in seconds.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import uuid
 from scaffold_lib.config import load_preset
 from scaffold_lib.evaluation import bed
 from scaffold_lib.evaluation.evaluate import heldout_items, load_for_eval
+from scaffold_lib.evaluation.suites import HELDOUT
 from scaffold_lib.experiment_context import Context
 from scaffold_lib.store.store import Store
 from scaffold_lib.student.pack import pack_shards
@@ -62,7 +65,19 @@ def main() -> None:
         started = time.perf_counter()
         arms = {arm: ctx.train(shards, ARMS[arm][0], 0, beta) for arm in args.arms}
         student, baseline = arms.get("scaffold"), arms.get("cot_sft")
-        evaluation = ctx.predicted(student, baseline, shards, "validation", args.limit, 0.0, export_samples=False)
+        # golden too: with --beta 0 the signal head is untrained, and the teacher's signals show what the steps can do
+        evaluation = ctx.evaluate(
+            student,
+            baseline,
+            shards,
+            suites=[HELDOUT],
+            split="validation",
+            limit=args.limit,
+            variants=["predicted", "golden"],
+            include_base=False,
+            decode=cfg.eval.decode.model_copy(update={"tau": 0.0}),
+            export_samples=False,
+        )
         accuracy = {r["variant"]: r["accuracy"] for r in evaluation.rows}
         for arm, handle in arms.items():
             model, fmt = load_for_eval(handle.path)
@@ -73,16 +88,18 @@ def main() -> None:
                     "arm": arm,
                     "steps": handle.steps,
                     "validation_pass_at_1": accuracy[ARMS[arm][1]],
+                    **({"golden_pass_at_1": accuracy["golden"]} if arm == "scaffold" else {}),
                     **execution,
                 }
             )
         print(f"{epochs:g} epochs: {time.perf_counter() - started:.0f} s", flush=True)
-    print("| epochs | arm | steps | result exact | operands exact | validation Pass@1 |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print("| epochs | arm | steps | result exact | operands exact | validation Pass@1 | with the teacher's signals |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['epochs']:g} | {r['arm']} | {r['steps']} | {100 * r['result_exact']:.1f} % | "
-            f"{100 * r['operands_exact']:.1f} % | {100 * r['validation_pass_at_1']:.1f} % |"
+            f"{100 * r['operands_exact']:.1f} % | {100 * r['validation_pass_at_1']:.1f} % | "
+            + (f"{100 * r['golden_pass_at_1']:.1f} % |" if "golden_pass_at_1" in r else "– |")
         )
     print(json.dumps(rows))
 

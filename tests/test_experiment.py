@@ -12,7 +12,7 @@ from scipy.stats import binomtest
 from scaffold_lib.config import load_preset
 from scaffold_lib.evaluation.stats import calibration, mcnemar_exact, paired_comparison
 from scaffold_lib.experiment import run_experiment
-from scaffold_lib.experiment_report import registered_verdict, seed_spread_note
+from scaffold_lib.experiment_report import execution_gap_note, registered_verdict, seed_spread_note
 from scaffold_lib.runner import run_data_stages
 from scaffold_lib.store import registry
 from scaffold_lib.store.store import Store
@@ -59,6 +59,18 @@ def test_seeds_that_disagree_more_than_the_item_interval_is_wide_are_flagged():
     close = {"predicted": {0: 0.170, 1: 0.172}, "cot_sft": {0: 0.171, 1: 0.170}}
     assert seed_spread_note(close, primary) == ""
     assert seed_spread_note({"predicted": {0: 0.2}, "cot_sft": {0: 0.1}}, primary) == ""  # one seed: nothing to compare
+
+
+def test_a_scaffold_that_executes_the_teachers_calculations_worse_than_cot_sft_is_flagged():
+    # the timeline bed at 6 epochs, validation (bench/bed_budget.py): β = 0.3 against CoT-SFT, then β = 0 (tags only)
+    cot = {"calculations": 1232, "result_exact": 0.920, "operands_exact": 0.968}
+    note = execution_gap_note({"scaffold": {"result_exact": 0.905, "operands_exact": 0.877}, "cot_sft": cot})
+    assert "operands 9.1 points fewer exact" in note and "results" not in note.split(":")[1]
+    assert execution_gap_note({"scaffold": {"result_exact": 0.9002, "operands_exact": 0.9627}, "cot_sft": cot}) == ""
+    both = execution_gap_note({"scaffold": {"result_exact": 0.688, "operands_exact": 0.832}, "cot_sft": cot})
+    assert "results 23.2 points" in both and "operands 13.6 points" in both
+    assert execution_gap_note({"scaffold": {"result_exact": None, "operands_exact": None}, "cot_sft": cot}) == ""
+    assert execution_gap_note({"cot_sft": cot}) == ""
 
 
 def test_calibration_bins_and_expected_calibration_error():
