@@ -6,7 +6,7 @@ epochs, the bed's errors are under-training, and a longer budget makes the in-st
     python -m bench.bed_budget --home H --preset experiment-v2 --epochs 6 --arms scaffold --injection none
     python -m bench.bed_budget --home H --preset experiment-v2 --epochs 6 --arms scaffold --beta 0.1
 
-Needs an instance whose data stages have run (`scaffold --preset experiment experiment` leaves one). Each arm is
+Needs an instance whose data stages have run (`scaffold --preset experiment-v2 experiment` leaves one). Each arm is
 trained with seed 0 at each epoch count on the instance's shards (the experiment preset otherwise; the models land in
 its MLflow registry like any other), then measured on validation only: (a) teacher-forced, as the experiment's
 diagnostics measure it, and Pass@1 (the scaffold with its predicted signals and with the teacher's, τ = 0; with
