@@ -9,7 +9,7 @@ import math
 import pytest
 from scipy.stats import binomtest
 
-from scaffold_lib.config import load_preset
+from scaffold_lib.config import load_preset, preset_names
 from scaffold_lib.evaluation.stats import calibration, mcnemar_exact, paired_comparison
 from scaffold_lib.experiment import run_experiment
 from scaffold_lib.experiment_report import execution_gap_note, registered_verdict, seed_spread_note
@@ -71,6 +71,21 @@ def test_a_scaffold_that_executes_the_teachers_calculations_worse_than_cot_sft_i
     assert "results 23.2 points" in both and "operands 13.6 points" in both
     assert execution_gap_note({"scaffold": {"result_exact": None, "operands_exact": None}, "cot_sft": cot}) == ""
     assert execution_gap_note({"cot_sft": cot}) == ""
+
+
+@pytest.mark.parametrize(
+    ("preset", "version", "epochs", "beta", "injection", "grid"),
+    [("experiment-v2", 2, 3.0, 0.3, "input", ["input", "output"]), ("experiment", 3, 6.0, 0.1, "input", [])],
+)
+def test_the_registered_experiments_presets_stay_as_registered(preset, version, epochs, beta, injection, grid):
+    """docs/preregistration.md fixes these before each run; `scaffold --preset P experiment` reproduces a run only
+    while they hold (a change is a new preset version, not an edit)."""
+    resolved = load_preset(preset)
+    cfg = resolved.config
+    assert preset in preset_names() and resolved.preset_version == version
+    assert (cfg.train.epochs, cfg.train.beta, cfg.student.signal_injection) == (epochs, beta, injection)
+    assert cfg.experiment.injections == grid and cfg.experiment.seeds == [0, 1] and cfg.experiment.taus == [0.0, 0.9]
+    assert cfg.problems.synthetic.n_problems == 8000 and cfg.problems.synthetic.style == "timeline"
 
 
 def test_calibration_bins_and_expected_calibration_error():
