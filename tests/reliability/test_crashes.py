@@ -89,9 +89,15 @@ def test_kill_9_during_the_data_stages_then_rerun_gives_the_uninterrupted_tables
     rng = random.Random(7)
     landed = 0
     for point in range(CRASH_POINTS):
-        home = tmp_path / f"crash-{point}"
         # from just after start-up (imports) to the end: every stage gets hit
-        landed += kill_after(data_cmd(home, *data), env_for(tmp_path), rng.uniform(0.25, 1.0) * duration)
+        delay = rng.uniform(0.25, 1.0) * duration
+        for attempt in range(3):
+            home = tmp_path / f"crash-{point}-{attempt}"
+            if kill_after(data_cmd(home, *data), env_for(tmp_path), delay):
+                landed += 1
+                break
+            # the run beat the reference's time (the reference shared the cores with other test workers): aim earlier
+            delay *= 0.6
         run_ok(data_cmd(home, *data), env_for(tmp_path))
         wh = Warehouse(home / "warehouse.duckdb")
         for table in DATA_TABLES:
