@@ -24,7 +24,6 @@ import uuid
 from scaffold_lib.config import load_preset
 from scaffold_lib.evaluation import bed
 from scaffold_lib.evaluation.evaluate import heldout_items, load_for_eval
-from scaffold_lib.evaluation.suites import HELDOUT
 from scaffold_lib.experiment_context import Context
 from scaffold_lib.store.store import Store
 from scaffold_lib.student.pack import pack_shards
@@ -66,17 +65,8 @@ def main() -> None:
         arms = {arm: ctx.train(shards, ARMS[arm][0], 0, beta) for arm in args.arms}
         student, baseline = arms.get("scaffold"), arms.get("cot_sft")
         # golden too: with --beta 0 the signal head is untrained, and the teacher's signals show what the steps can do
-        evaluation = ctx.evaluate(
-            student,
-            baseline,
-            shards,
-            suites=[HELDOUT],
-            split="validation",
-            limit=args.limit,
-            variants=["predicted", "golden"],
-            include_base=False,
-            decode=cfg.eval.decode.model_copy(update={"tau": 0.0}),
-            export_samples=False,
+        evaluation = ctx.predicted(
+            student, baseline, shards, "validation", args.limit, 0.0, ("predicted", "golden"), export_samples=False
         )
         accuracy = {r["variant"]: r["accuracy"] for r in evaluation.rows}
         for arm, handle in arms.items():

@@ -3,7 +3,7 @@ parent run, and the three things each part does: train an arm, evaluate, record 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from scaffold_lib.config import PipelineConfig
@@ -67,10 +67,11 @@ class Context:
         split: str,
         limit: int | None,
         tau: float,
+        variants: Sequence[str] = ("predicted",),
         **update,
     ) -> EvaluationHandle:
         """The student with its predicted signals at `tau` (and the baseline, when given) on the held-out suite's
-        `split`: tuning and the sample-efficiency points need no other variant."""
+        `split`: tuning and the sample-efficiency points need no other variant (a study may add some)."""
         decode = self.cfg.eval.decode.model_copy(update={"tau": tau})
         return self.evaluate(
             student,
@@ -79,7 +80,7 @@ class Context:
             suites=[HELDOUT],
             split=split,
             limit=limit,
-            variants=["predicted"],
+            variants=list(variants),
             include_base=False,
             decode=decode,
             **update,
